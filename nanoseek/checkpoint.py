@@ -1,0 +1,252 @@
+"""Hugging Face model directories in and out: `load_model` and `save_model`.
+
+A model directory is what DeepSeek, transformers, vLLM and SGLang use: `config.json` (model_type deepseek_v3),
+`model.safetensors` or shards plus `model.safetensors.index.json`, `generation_config.json`. Our module names are the
+HF parameter names, with one exception kept in `hf_names()`: routed experts are stacked in one (E, out, in) tensor
+per projection here and stored one matrix per expert on disk (`mlp.experts.{e}.gate_proj.weight`).
+MTP layers are written with the embedding and output head copies DeepSeek ships (`layers.{L+k}.embed_tokens`,
+`layers.{L+k}.shared_head.head`); on load those copies are recognised and skipped, since the modules share them.
+
+Loading streams one tensor at a time from safetensors into a model built on the meta device, so a checkpoint never
+sits in memory twice. FP8 checkpoints (e4m3 weights + float32 `weight_scale_inv`) are dequantised on the fly;
+`iter_tensors(path, dequantize=False)` yields the raw FP8 form. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .model.fp8 import BLOCK, FP8_DTYPE, dequantize_block, quantize_block
+from .model.transformer import Transformer, build_model
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_SHARED = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+class CheckpointError(Exception):
+    """A model directory we cannot read; the message names the file and the tensor."""
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return {name: path / fname for name, fname in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+    out = {}
+    for f in files:
+        with _open(f) as sf:
+            out.update({name: f for name in sf.keys()})
+    return out
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+
+
+def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) one at a time, file by file. With `dequantize`, FP8 weights come out as real
+    weights in `dtype` and their `weight_scale_inv` companions are not yielded."""
+    path = Path(path)
+    files = _tensor_files(path)
+    block = BLOCK
+    qc = read_config(path).quantization_config
+    if qc and qc.get("weight_block_size"):
+        block = int(qc["weight_block_size"][0])
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the index but missing")
+        with _open(f) as sf:
+            for name in names:
+                if dequantize and name.endswith("_scale_inv"):
+                    continue
+                try:
+                    t = sf.get_tensor(name)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{f}: tensor {name} is unreadable, the file may be truncated ({e})") from None
+                if dequantize and t.dtype == FP8_DTYPE:
+                    sname = name + "_scale_inv"
+                    if sname not in files:
+                        raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname}")
+                    if files[sname] == f:
+                        scale = sf.get_tensor(sname)
+                    else:
+                        with _open(files[sname]) as sf2:
+                            scale = sf2.get_tensor(sname)
+                    t = dequantize_block(t, scale, dtype, block)
+                yield name, t
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool = True) -> Transformer:
+    """Read any deepseek_v3 HF directory (ours or DeepSeek's; single file or sharded; bf16/fp16/fp32/FP8)."""
+    path = Path(path)
+    cfg = read_config(path)
+    cfg.quantization_config = None  # weights are dequantised into `dtype`
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    expected: dict[str, tuple] = {}  # every tensor we need: name -> shape
+    for name, p in params.items():
+        if name.endswith("mlp.experts.gate_proj") or name.endswith("mlp.experts.up_proj") or name.endswith(
+            "mlp.experts.down_proj"
+        ):
+            base, proj = name.rsplit(".", 1)
+            for e in range(p.shape[0]):
+                expected[f"{base}.{e}.{proj}.weight"] = tuple(p.shape[1:])
+        elif not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            expected[name] = tuple(p.shape)
+    seen: set[str] = set()
+    L = cfg.num_hidden_layers
+    n_layers = L + cfg.num_nextn_predict_layers
+    files = _tensor_files(path)
+    for name, t in iter_tensors(path, dequantize=True, dtype=dtype):
+        where = f"{path / files[name].name}: tensor {name}"
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        m = _MTP_SHARED.match(name)
+        if m and int(m.group(1)) >= L:
+            continue  # MTP's copies of the shared embedding / output head
+        layer = re.match(r"^model\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= n_layers and not strict:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{where} is not part of this model (config.json does not describe it)")
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{where} has shape {tuple(t.shape)}, config.json implies {expected[name]}")
+        em = _EXPERT.match(name)
+        with torch.no_grad():
+            if em:
+                params[f"{em.group(1)}.{em.group(3)}"][int(em.group(2))].copy_(t)
+            else:
+                params[name].copy_(t)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint{more}")
+    model.eval()
+    return model
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+def _quantizable(name: str) -> bool:
+    """The weights DeepSeek stores in FP8: attention and FFN projections; not the router, norms, embedding, head."""
+    return (".self_attn." in name or ".mlp." in name) and name.endswith("proj.weight") and ".gate." not in name
+
+
+def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor of the model, experts split, MTP shared copies added."""
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith(("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")):
+            base, proj = name.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                yield f"{base}.{e}.{proj}.weight", t[e]
+        else:
+            yield name, t
+    for k in range(cfg.num_nextn_predict_layers):
+        idx = cfg.num_hidden_layers + k
+        yield f"model.layers.{idx}.embed_tokens.weight", model.model.embed_tokens.weight.detach()
+        yield f"model.layers.{idx}.shared_head.head.weight", model.lm_head.weight.detach()
+
+
+def save_model(
+    model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30, dtype=None
+) -> Path:
+    """Write an HF model directory that transformers / vLLM / SGLang load. `fp8` stores attention and FFN weights
+    as e4m3 with 128×128 block scales (DeepSeek's format); `dtype` casts the rest (default: as in the model)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.replace()
+    if fp8:
+        cfg.quantization_config = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [BLOCK, BLOCK],
+        }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf_state_dict(model):
+        t = t.detach().to("cpu")
+        if fp8 and _quantizable(name) and t.dim() == 2:
+            q, s = quantize_block(t)
+            pieces = {name: q, name + "_scale_inv": s}
+        else:
+            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                t = t.to(dtype)
+            pieces = {name: t}
+        nbytes = sum(p.numel() * p.element_size() for p in pieces.values())
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1].update({k: v.contiguous().clone() for k, v in pieces.items()})
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / "model.safetensors", meta)
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, path / fname, meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
+        _atomic_write(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    hf_cfg = cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    _atomic_write(path / "config.json", hf_cfg)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+           "temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
+    _atomic_write(path / "generation_config.json", gen)
+    return path
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, meta: dict) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, dest)
+
+
+def _atomic_write(dest: Path, obj) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, dest)

@@ -1,0 +1,284 @@
+"""Model configuration: one dataclass with Hugging Face `deepseek_v3` field names, plus named presets.
+
+`ModelConfig.from_hf(dict)` reads any `deepseek_v3` (or `deepseek_v2`) `config.json`, old style
+(`rope_theta` + `rope_scaling`) or new style (`rope_parameters`); `to_hf()` writes one that `transformers`,
+vLLM and SGLang read. The defaults are DeepSeek-V3 (671B); `PRESETS` holds the named sizes we train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
+
+class ConfigError(ValueError):
+    """A config.json or preset we cannot use; the message is meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes -------------------------------------------------------------------------------------------
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    intermediate_size: int = 18432  # dense SwiGLU width (first_k_dense_replace layers)
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    # --- Multi-head Latent Attention -----------------------------------------------------------------------
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128  # MLA has no GQA; kept for HF compatibility
+    q_lora_rank: int | None = 1536  # None: queries come from one full-rank q_proj (V2-Lite)
+    kv_lora_rank: int = 512  # width of the cached latent c_kv
+    qk_nope_head_dim: int = 128  # per-head query/key width without position
+    qk_rope_head_dim: int = 64  # per-head query width (and shared key width) that carries RoPE
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # --- RoPE ----------------------------------------------------------------------------------------------
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+        }
+    )
+    rope_interleave: bool = True  # DeepSeek's (2i, 2i+1) pairs; False: HF rotate-half pairs (i, i + d/2)
+    # --- DeepSeekMoE ---------------------------------------------------------------------------------------
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    moe_intermediate_size: int = 2048
+    first_k_dense_replace: int = 3  # layers [0, k) use a dense MLP, the rest MoE
+    moe_layer_freq: int = 1
+    n_group: int | None = 8  # experts are split into groups; tokens may use only topk_group of them
+    topk_group: int | None = 4
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
+    topk_method: str = "noaux_tc"  # "noaux_tc" (V3, biased choice), "group_limited_greedy" (V2), "greedy"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 0.0001  # weight of the sequence-wise balance loss (0 turns it off)
+    seq_aux: bool = True
+    # --- multi-token prediction ----------------------------------------------------------------------------
+    num_nextn_predict_layers: int = 1
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict | None = None  # e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """MTP layers (index >= num_hidden_layers) follow the same rule, as in DeepSeek-V3."""
+        return (
+            bool(self.n_routed_experts)
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times mscale² when YaRN sets mscale_all_dim (DeepSeek's long-context correction)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling or {}
+        if rs.get("type", rs.get("rope_type", "default")) not in ("default", None) and rs.get("mscale_all_dim"):
+            m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
+            scale *= m * m
+        return scale
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.hidden_size > 0 and self.num_hidden_layers > 0 and self.vocab_size > 0, "sizes must be positive")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
+        need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func {self.scoring_func!r} is not sigmoid/softmax")
+        need(
+            self.topk_method in ("noaux_tc", "group_limited_greedy", "greedy"),
+            f"topk_method {self.topk_method!r} is not noaux_tc/group_limited_greedy/greedy",
+        )
+        if self.n_routed_experts:
+            g = self.n_group or 1
+            need(self.n_routed_experts % g == 0, "n_routed_experts must be divisible by n_group")
+            need(1 <= (self.topk_group or 1) <= g, "topk_group must be in [1, n_group]")
+            need(
+                (self.num_experts_per_tok or 0) <= (self.topk_group or 1) * (self.n_routed_experts // g),
+                "num_experts_per_tok exceeds the experts in topk_group groups",
+            )
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("type", rs.get("rope_type"))
+            need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (yarn only)")
+
+    # --- Hugging Face config.json ---------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"model_type {mt!r} is not a DeepSeek-V3 architecture (expected one of {SUPPORTED_MODEL_TYPES})")
+        d = dict(d)
+        # New-style transformers configs keep theta and scaling together in rope_parameters.
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            if kind != "default" and not d.get("rope_scaling"):
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")} | {"type": kind}
+        if d.get("rope_scaling"):
+            rs = dict(d["rope_scaling"])
+            rs.setdefault("type", rs.pop("rope_type", "default"))
+            rs.pop("rope_type", None)
+            d["rope_scaling"] = None if rs["type"] == "default" else rs
+        else:
+            d["rope_scaling"] = None
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if "dtype" in d and "torch_dtype" not in d:
+            d["torch_dtype"] = d["dtype"]
+        if mt == "deepseek_v2":  # V2 defaults differ from V3's where V2 configs leave fields out
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("num_nextn_predict_layers", 0)
+            d.setdefault("rope_interleave", True)
+        d.setdefault("num_nextn_predict_layers", 0)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        if kwargs.get("torch_dtype") is not None:
+            kwargs["torch_dtype"] = str(kwargs["torch_dtype"]).replace("torch.", "")
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
+        return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# --- presets --------------------------------------------------------------------------------------------------
+# cpu-tiny: a few million parameters, every V3 feature switched on (MLA with q_lora, grouped sigmoid routing,
+# shared expert, a dense first layer, one MTP module); trains on 2 CPU cores in minutes.
+PRESETS: dict[str, ModelConfig] = {
+    "cpu-tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=192,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=512,
+        rope_scaling=None,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=1,
+        torch_dtype="float32",
+    ),
+    # small: ~250M total / ~100M active, for one GPU.
+    "small": ModelConfig(
+        vocab_size=32768,
+        hidden_size=768,
+        num_hidden_layers=12,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_position_embeddings=2048,
+        rope_scaling=None,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        moe_intermediate_size=384,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V2-Lite's shapes (16B total / 2.4B active) in the V3 architecture's vocabulary of fields.
+    "v2-lite": ModelConfig(
+        vocab_size=102400,
+        hidden_size=2048,
+        num_hidden_layers=27,
+        intermediate_size=10944,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_position_embeddings=163840,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+        },
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        moe_intermediate_size=1408,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    ),
+    "v3-671b": ModelConfig(),  # the dataclass defaults are DeepSeek-V3's config.json
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

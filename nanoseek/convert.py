@@ -1,0 +1,37 @@
+"""`nanoseek convert IN OUT`: re-write a deepseek_v3 model directory, e.g. DeepSeek's FP8 release to bf16 for
+training, or a trained model to DeepSeek's FP8 block format for serving. Weights stream through `load_model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="model directory to read (any deepseek_v3 HF directory, FP8 ones included)")
+    p.add_argument("output", help="model directory to write")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights (default bfloat16)")
+    p.add_argument("--fp8", action="store_true", help="store attention/FFN weights as e4m3 with 128x128 block scales")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, save_model
+    from .cli import UserError
+
+    src, dst = Path(args.input), Path(args.output)
+    if dst.resolve() == src.resolve():
+        raise UserError("output must differ from input (the input would be overwritten while it is read)")
+    model = load_model(src, dtype=DTYPES[args.dtype])
+    save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    print(json.dumps({"output": str(dst), "fp8": args.fp8, "dtype": args.dtype}))
+    return 0

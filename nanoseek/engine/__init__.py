@@ -1,0 +1,1 @@
+"""Inference: the latent KV cache (and, later, batched generation on token ids)."""

@@ -1,0 +1,31 @@
+"""Latent KV cache for MLA decoding: per layer, per sequence slot, only the normalised latent c (R values) and the
+rotated rope key k_pe (Dr values) of every position are kept. Preallocated; the caller passes the absolute
+position of each new token, so sequences in one batch may have different lengths."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class LatentCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # MTP layers attend too
+        self.max_len = max_len
+        self.kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+        """Cache bytes one token costs across the main model's layers."""
+        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
+
+    def update(self, layer: int, positions: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor, span: int):
+        """Write c (B, T, R) and k_pe (B, T, Dr) at positions (B, T) of rows [0, B); return rows [0, B) of the
+        first `span` positions: (B, span, R), (B, span, Dr)."""
+        B = c.shape[0]
+        kv, pe = self.kv[layer, :B], self.pe[layer, :B]
+        kv.scatter_(1, positions[..., None].expand_as(c), c.to(kv.dtype))
+        pe.scatter_(1, positions[..., None].expand_as(k_pe), k_pe.to(pe.dtype))
+        return kv[:, :span], pe[:, :span]

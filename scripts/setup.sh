@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install nanoseek into it. Needs only python3 (>= 3.11) and pip.
+# On a machine without an NVIDIA GPU it installs the CPU build of torch 2.13.0 (never the multi-GB CUDA wheels);
+# with `nvidia-smi` present it installs the default (CUDA) torch build.
+# Usage: bash scripts/setup.sh [extra]   e.g. `bash scripts/setup.sh test` adds the test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install -q "torch>=2.9"
+  else
+    .venv/bin/pip install -q torch==2.13.0
+  fi
+fi
+extra=${1:-}
+if [ -n "$extra" ]; then
+  .venv/bin/pip install -q -e ".[$extra]"
+else
+  .venv/bin/pip install -q -e .
+fi
