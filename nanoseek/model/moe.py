@@ -12,7 +12,8 @@ V2's `softmax` scoring with `greedy` / `group_limited_greedy` (group score = max
 
 Experts: the N·K (token, expert) pairs are sorted by expert, so each expert's tokens are one contiguous block, and
 one `torch.nn.functional.grouped_mm` per projection runs all experts at once (no per-expert Python loop, no host
-synchronisation). Where grouped_mm is unavailable (CUDA float32, old PyTorch) a per-expert loop over the same
+synchronisation). Where grouped_mm is unavailable (CUDA float32, widths not a multiple of 16 bytes, old
+PyTorch) a per-expert loop over the same
 sorted blocks is the fallback.
 
 Balancing: the per-expert token counts of every forward are accumulated in `load` (float32, no gradient);
@@ -80,7 +81,8 @@ class Gate(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x (M, in) rows sorted by group; w (E, in, out); offsets (E,) int32 cumulative row ends -> (M, out)."""
-    native = hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-2], w.shape[-1]))
+    native = hasattr(F, "grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
     if native:
         return F.grouped_mm(x, w, offs=offsets)
     out, start = [], 0

@@ -1,0 +1,87 @@
+"""Bad model directories give one clear line naming the file and the tensor, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.checkpoint import CheckpointError
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    return nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny")), tmp_path / "m")
+
+
+def rewrite(d, fn):
+    tensors = load_file(str(d / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(d / "model.safetensors"))
+
+
+def test_unknown_model_type(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json.*model_type 'llama'"):
+        nanoseek.load_model(model_dir)
+
+
+def test_missing_tensor(model_dir):
+    rewrite(model_dir, lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight is missing"):
+        nanoseek.load_model(model_dir)
+
+
+def test_extra_tensor(model_dir):
+    rewrite(model_dir, lambda t: t.__setitem__("model.layers.1.self_attn.mystery.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.mystery"):
+        nanoseek.load_model(model_dir)
+
+
+def test_wrong_shape(model_dir):
+    rewrite(model_dir, lambda t: t.__setitem__("model.norm.weight", torch.ones(7)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.norm\.weight has shape \(7,\)"):
+        nanoseek.load_model(model_dir)
+
+
+def test_truncated_file(model_dir):
+    f = model_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        nanoseek.load_model(model_dir)
+
+
+def test_no_pickle_bin_only(tmp_path, model_dir):
+    (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled"):
+        nanoseek.load_model(model_dir)
+
+
+def test_cli_prints_one_line(model_dir, tmp_path):
+    rewrite(model_dir, lambda t: t.pop("lm_head.weight"))
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "convert", str(model_dir), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "lm_head.weight is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_convert_fp8_round_trip(model_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "convert", str(model_dir), str(tmp_path / "o"), "--fp8",
+                        "--dtype", "float32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["fp8"] is True
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    a, b = nanoseek.load_model(model_dir), nanoseek.load_model(tmp_path / "o")
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        rel = (a(ids) - b(ids)).norm() / a(ids).norm()
+    assert rel < 0.05  # e4m3 keeps ~3 significant bits per weight; logits stay close

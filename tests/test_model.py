@@ -1,0 +1,157 @@
+"""Model internals: the two MLA paths agree, cached decoding equals a full forward, MoE routing and balancing
+follow DeepSeek-V3's rules, MTP trains, and the V3 shape counts 671B / 37B."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.engine.cache import LatentCache
+from nanoseek.model import build_model, param_counts
+from nanoseek.model.moe import Gate, MoE, grouped_mm
+from nanoseek.model.mtp import mtp_loss
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = nanoseek.get_preset("cpu-tiny").replace(**kw)
+    model = build_model(cfg)
+    with torch.no_grad():  # larger weights than init so that differences would show
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("q_lora_rank", [96, None])
+def test_absorbed_equals_naive_attention(q_lora_rank):
+    model = tiny(q_lora_rank=q_lora_rank)
+    attn = model.main_layers[1].self_attn
+    x = torch.randn(2, 12, model.config.hidden_size)
+    cos, sin = model.rotary(torch.arange(12).expand(2, 12))
+    with torch.no_grad():
+        naive = attn(x, cos, sin, absorb=False)
+        absorbed = attn(x, cos, sin, absorb=True)
+    assert (naive - absorbed).abs().max().item() < 1e-5
+
+
+def test_cached_decode_equals_full_forward():
+    model = tiny()
+    B, T = 3, 14
+    ids = torch.randint(0, model.config.vocab_size, (B, T))
+    with torch.no_grad():
+        full = model(ids)
+        cache = LatentCache(model.config, B, 32)
+        prefix = 5
+        pos = torch.arange(prefix).expand(B, prefix)
+        step_logits = [model(ids[:, :prefix], positions=pos, cache=cache)]
+        for t in range(prefix, T):
+            step_logits.append(model(ids[:, t : t + 1], positions=torch.full((B, 1), t), cache=cache))
+    assert (torch.cat(step_logits, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_cache_handles_ragged_lengths():
+    """Right-padded prompts of different lengths: each row's logits equal its own unpadded forward."""
+    model = tiny()
+    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 4))
+    padded = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)])
+    cache = LatentCache(model.config, 2, 16)
+    with torch.no_grad():
+        out = model(padded, positions=torch.arange(9).expand(2, 9), cache=cache)
+        # next token for row 1 goes to position 4, overwriting its padding
+        nxt = torch.tensor([[7], [7]])
+        step = model(nxt, positions=torch.tensor([[9], [4]]), cache=cache)
+        ref_a = model(torch.cat([a, nxt[:1]], 1))
+        ref_b = model(torch.cat([b, nxt[:1]], 1))
+    assert (out[0] - ref_a[0, :9]).abs().max() < 1e-4 and (out[1, :4] - ref_b[0, :4]).abs().max() < 1e-4
+    assert (step[0, 0] - ref_a[0, 9]).abs().max() < 1e-4 and (step[1, 0] - ref_b[0, 4]).abs().max() < 1e-4
+
+
+def test_v3_671b_parameter_count_on_meta():
+    counts = param_counts(build_model(nanoseek.get_preset("v3-671b"), device="meta"))
+    assert abs(counts["total"] / 671e9 - 1) < 0.01
+    assert abs(counts["active"] / 37e9 - 1) < 0.03
+    assert 11e9 < counts["mtp"] < 12e9  # one full MoE layer + eh_proj + norms (embedding/head shared)
+
+
+def test_presets_sizes():
+    tiny_total = param_counts(build_model(nanoseek.get_preset("cpu-tiny"), device="meta"))["total"]
+    small_total = param_counts(build_model(nanoseek.get_preset("small"), device="meta"))["total"]
+    assert 1e6 < tiny_total < 10e6 and 100e6 <= small_total <= 300e6
+
+
+def test_gate_group_limited_routing_by_hand():
+    """4 experts in 2 groups, 1 group kept, top-2: group choice and expert choice use biased scores, weights
+    the unbiased ones, normalised and scaled."""
+    cfg = nanoseek.get_preset("cpu-tiny").replace(
+        hidden_size=4, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5
+    )
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(4))
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    x = torch.tensor([[2.0, 1.0, 0.0, 0.0]])  # unbiased favours group 0, bias flips it to group 1
+    w, idx, scores = gate(x)
+    assert sorted(idx[0].tolist()) == [2, 3]
+    s = torch.sigmoid(torch.tensor(0.0))
+    assert torch.allclose(w[0], torch.tensor([1.25, 1.25])) and torch.allclose(scores[0, 2], s)
+
+
+@pytest.mark.parametrize("width", [6, 8])  # 6: unaligned, the loop fallback; 8: native grouped_mm
+def test_grouped_mm_matches_loop(width):
+    x = torch.randn(10, width)
+    w = torch.randn(3, width, 4)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no tokens
+    ref = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+    assert torch.allclose(grouped_mm(x, w, offsets), ref, atol=1e-5)
+
+
+def test_aux_free_bias_update_and_float32_bias():
+    model = tiny()
+    moe = model.moe_layers()[0]
+    model.train()
+    model(torch.randint(0, 512, (2, 16)))
+    load = moe.load.clone()
+    before = moe.gate.e_score_correction_bias.clone()
+    model.update_routing_bias(0.001)
+    expected = before + 0.001 * torch.sign(load.mean() - load)
+    assert torch.equal(moe.gate.e_score_correction_bias, expected) and moe.load is None
+    assert load.sum().item() == 2 * 16 * model.config.num_experts_per_tok
+    assert not any(b.requires_grad for b in model.buffers())
+    model.to(torch.bfloat16)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_sequence_balance_loss_by_hand():
+    cfg = nanoseek.get_preset("cpu-tiny").replace(aux_loss_alpha=0.5)
+    moe = MoE(cfg)
+    scores = torch.tensor([[[0.2, 0.2, 0.6, 0.0, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0, 0, 0, 0]]])  # (1, T=2, E=8)
+    idx = torch.tensor([[2, 0, 0, 1]])  # top-2 per token
+    # f = E/(K·T)·counts = 8/4·[2,1,1,0,...]; P = mean_t s/sum s = [0.35, 0.35, 0.3, 0...]
+    expected = 0.5 * (2 * 2 * 0.35 + 2 * 1 * 0.35 + 2 * 1 * 0.3)
+    assert math.isclose(moe._sequence_balance_loss(scores, idx).item(), expected, rel_tol=1e-6)
+
+
+def test_mtp_and_main_loss_fall():
+    model = tiny()
+    model.train()
+    ids = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(0))
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        logits, mtp = model(inputs, return_mtp=True)
+        main = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        extra = mtp_loss(mtp, labels)
+        loss = main + 0.3 * extra + model.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_routing_bias(0.001)
+        losses.append((main.item(), extra.item()))
+    assert mtp[0].shape == (4, 31, 512)
+    assert losses[-1][0] < 0.5 * losses[0][0] and losses[-1][1] < 0.7 * losses[0][1]
+    assert model.model.layers[-1].eh_proj.weight.grad is not None
