@@ -86,12 +86,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, Dn+Dr)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)
-        if positions is None:  # keys are exactly the T queries' own tokens
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=T > 1, scale=self.scale)
-        else:
-            mask = self._mask(positions, S)[:, None]  # (B, 1, T, S)
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2)  # (B, T, H, Dv)
+        # Fused (flash) SDPA kernels want equal q/k and v widths: pad v with zeros, slice the output back.
+        pad = q.shape[-1] - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
+        mask = None if positions is None else self._mask(positions, S)[:, None]  # (B, 1, T, S)
+        causal = positions is None and T > 1  # without positions the keys are exactly the T queries' own tokens
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale)
+        return out[..., : self.v_dim].transpose(1, 2)  # (B, T, H, Dv)
 
     def _absorbed(self, q_nope, q_pe, c, k_pe, positions) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
