@@ -13,6 +13,10 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with DeepSeek's special tokens and chat template"),
+    "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3-architecture model (NTP + MTP, aux-loss-free MoE)"),
+    "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat data (loss on assistant turns only), e.g. R1's cold start"),
+    "eval": ("nanoseek.eval.evaluate", "pass@1 / maj@k of a model on held-out task-suite problems or GSM8K-format JSONL"),
     "convert": ("nanoseek.convert", "re-write a model directory: dtype, FP8 block quantisation, or dequantisation"),
 }
 
@@ -24,8 +28,9 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .tokenizer import TokenizerError
 
-    return (UserError, CheckpointError, ConfigError, FileNotFoundError)
+    return (UserError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

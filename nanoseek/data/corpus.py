@@ -1,0 +1,341 @@
+"""Corpora: JSONL/Parquet readers, token shards on disk, and a packed, resumable, data-parallel batch loader.
+
+Records are `{"text": ...}` (pretraining) or `{"messages": [...]}` (chat, rendered with the tokenizer's template).
+
+Token shards (`build_shards`) are a directory of flat `.bin` files (numpy uint16, or uint32 for vocabularies above
+65535) holding every document as `bos + ids + eos`, back to back, plus `meta.json`:
+    {"version", "dtype", "shards": [{"file", "tokens"}], "total_tokens", "n_docs", "vocab_size", "bos_id", "eos_id",
+     "fingerprint"}
+The fingerprint hashes the tokenizer and every text, so a cache is reused exactly when it holds the same tokens.
+The directory is built under a temporary name and renamed into place: a killed build never leaves a half cache.
+
+`PackedLoader` cuts the concatenated stream into chunks of seq_len + 1 tokens (inputs and labels shifted by one),
+visits them in a seeded per-epoch permutation, and gives data-parallel rank r chunks r, r + W, r + 2W, ... of each
+global batch, so the ranks together see exactly what one process with batch_size × W would see. Its state (epoch,
+chunks consumed in the epoch) is the same on every rank, JSON-serialisable, and resumes batch for batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+META = "meta.json"
+FORMAT_VERSION = 1
+ENCODE_BATCH = 512  # documents tokenized per call (the Rust tokenizer parallelises within a call)
+
+
+# --- reading records -----------------------------------------------------------------------------------------------
+def read_records(path) -> Iterator[dict]:
+    """Records of a JSONL (.jsonl/.json, one object a line) or Parquet (.parquet) file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; expected .jsonl, .json or .parquet")
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg}") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield record
+
+
+def _read_parquet(path: Path) -> Iterator[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    for batch in pq.ParquetFile(path).iter_batches():
+        yield from batch.to_pylist()
+
+
+def _paths(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def render_messages(messages: list[dict], tokenizer=None) -> str:
+    """A chat as training text: the tokenizer's chat template, or `role: content` lines without one."""
+    if tokenizer is not None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    return "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages)
+
+
+def read_texts(paths, tokenizer=None) -> Iterator[str]:
+    """Training texts from one path or many: `text` records as they are, `messages` records rendered."""
+    for path in _paths(paths):
+        for i, record in enumerate(read_records(path)):
+            if isinstance(record.get("text"), str):
+                yield record["text"]
+            elif isinstance(record.get("messages"), list):
+                yield render_messages(record["messages"], tokenizer)
+            else:
+                raise ValueError(f"{path}: record {i + 1} has neither a 'text' string nor a 'messages' list")
+
+
+# --- token shards --------------------------------------------------------------------------------------------------
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class _Fingerprint:
+    """sha256 over the tokenizer and every text (length-prefixed, so boundaries count)."""
+
+    def __init__(self, tokenizer):
+        self.h = hashlib.sha256(f"nanoseek-shards-v{FORMAT_VERSION}\0".encode())
+        self.h.update(tokenizer.hf.to_str().encode())
+        self.h.update(f"\0{tokenizer.bos_id}\0{tokenizer.eos_id}\0".encode())
+
+    def update(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        self.h.update(len(data).to_bytes(8, "little"))
+        self.h.update(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def read_meta(shard_dir) -> dict | None:
+    """A shard directory's meta.json, or None if there is no complete cache there."""
+    try:
+        return json.loads((Path(shard_dir) / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cache_matches(out_dir: Path, fingerprint: str) -> bool:
+    meta = read_meta(out_dir)
+    return meta is not None and meta.get("fingerprint") == fingerprint
+
+
+class _ShardWriter:
+    """Appends token arrays and cuts them into files of `shard_tokens` tokens."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.dir, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.shards: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        self.pending.append(ids.astype(self.dtype, copy=False))
+        self.n_pending += len(ids)
+        while self.n_pending >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> list[dict]:
+        if self.n_pending:
+            self._flush(self.n_pending)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        data = np.concatenate(self.pending)
+        name = f"shard-{len(self.shards):05d}.bin"
+        data[:n].tofile(self.dir / name)
+        self.shards.append({"file": name, "tokens": int(n)})
+        rest = data[n:]
+        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _remove_stale_builds(out_dir: Path) -> None:
+    """Temporary build directories left by killed processes (their pid is in the name)."""
+    for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):  # a replaced cache whose removal was cut short
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move a finished build into place, replacing an outdated cache."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _digest(texts: Iterable[str], tokenizer) -> str:
+    fp = _Fingerprint(tokenizer)
+    for text in texts:
+        fp.update(text)
+    return fp.hexdigest()
+
+
+def build_shards(texts: Iterable[str], tokenizer, out_dir, shard_tokens: int = 1 << 20,
+                 progress: bool = True) -> Path:
+    """Tokenize documents (bos + ids + eos each) into `.bin` shards under `out_dir`; returns `out_dir`.
+
+    An existing cache with the same fingerprint is reused. With a list (any Sequence) of texts that is decided
+    before tokenizing; a one-shot iterator is hashed while it is tokenized, and the finished build is dropped in
+    favour of an identical cache already in place (so readers of that cache are never disturbed).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if shard_tokens < 1:
+        raise ValueError("shard_tokens must be positive")
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    if bos is None or eos is None:
+        raise ValueError("build_shards needs a tokenizer with bos and eos tokens")
+    digest = None
+    if isinstance(texts, Sequence) and not isinstance(texts, str):
+        digest = _digest(texts, tokenizer)
+        if _cache_matches(out_dir, digest):
+            return out_dir
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        dtype = shard_dtype(tokenizer.vocab_size)
+        writer = _ShardWriter(tmp, dtype, shard_tokens)
+        fingerprint = _Fingerprint(tokenizer) if digest is None else None
+        n_docs = 0
+        total = len(texts) if isinstance(texts, Sequence) else None
+        with tqdm(total=total, desc="tokenize", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            for batch in _batches(texts, ENCODE_BATCH):
+                if fingerprint is not None:
+                    for text in batch:
+                        fingerprint.update(text)
+                for ids in tokenizer.encode_batch(batch):
+                    writer.add(np.array([bos, *ids, eos], dtype=np.int64))
+                n_docs += len(batch)
+                bar.update(len(batch))
+        shards = writer.close()
+        digest = digest or fingerprint.hexdigest()
+        meta = {"version": FORMAT_VERSION, "dtype": dtype.name, "shards": shards,
+                "total_tokens": sum(s["tokens"] for s in shards), "n_docs": n_docs,
+                "vocab_size": tokenizer.vocab_size, "bos_id": bos, "eos_id": eos, "fingerprint": digest}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if _cache_matches(out_dir, digest):
+            shutil.rmtree(tmp)
+        else:
+            _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --- packed batches ------------------------------------------------------------------------------------------------
+class PackedLoader:
+    """Fixed-length (inputs, labels) batches over memory-mapped token shards; seeded, rank-sharded, resumable.
+
+    Chunk k is tokens [k·T, k·T + T + 1) of the concatenated stream: inputs its first T tokens, labels its last T.
+    Every step consumes batch_size × world_size chunks of the epoch's permutation; this rank takes positions
+    rank, rank + world_size, ... of them. An epoch ends when fewer than a global batch of chunks remain.
+    """
+
+    def __init__(self, shard_dir, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError("batch_size and seq_len must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.dir = Path(shard_dir)
+        meta = read_meta(self.dir)
+        if meta is None:
+            raise FileNotFoundError(f"{self.dir / META}: no token shards here (build them with build_shards)")
+        self.meta = meta
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.shards = [np.memmap(self.dir / s["file"], dtype=meta["dtype"], mode="r", shape=(s["tokens"],))
+                       for s in meta["shards"] if s["tokens"]]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.total_tokens = int(self.starts[-1])
+        self.n_chunks = max(self.total_tokens - 1, 0) // seq_len
+        self.global_batch = batch_size * world_size
+        if self.n_chunks < self.global_batch:
+            raise ValueError(f"{self.dir}: {self.total_tokens} tokens make {self.n_chunks} sequences of "
+                             f"{seq_len}+1, fewer than one global batch of {self.global_batch}")
+        self.epoch, self.position = 0, 0
+        self._order = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_chunks // self.global_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of chunk indices for an epoch (the same on every rank)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
+
+    def _tokens(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of the concatenated stream, across shard boundaries."""
+        out = np.empty(n, dtype=np.int64)
+        i, done = int(np.searchsorted(self.starts, start, side="right")) - 1, 0
+        while done < n:
+            offset = start + done - int(self.starts[i])
+            piece = self.shards[i][offset: offset + n - done]
+            out[done: done + len(piece)] = piece
+            done += len(piece)
+            i += 1
+        return out
+
+    def next_batch(self):
+        """(inputs, labels): int64 tensors of shape (batch_size, seq_len)."""
+        import torch
+
+        if self.position + self.global_batch > self.n_chunks:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self.order(self.epoch)
+        chunks = self._order[self.position: self.position + self.global_batch][self.rank:: self.world_size]
+        self.position += self.global_batch
+        rows = np.stack([self._tokens(int(c) * self.seq_len, self.seq_len + 1) for c in chunks])
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "n_chunks": self.n_chunks}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "n_chunks"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"loader state is for {key}={state[key]}, this loader has {getattr(self, key)}")
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None

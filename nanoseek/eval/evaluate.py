@@ -1,0 +1,164 @@
+"""`nanoseek eval`: accuracy of a model on verifiable problems, batched through the engine.
+
+Problems come from the task suite's held-out split (`--task arithmetic`, `--task word:2`, `--task all`) or from any
+GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or just `N`, optional `level`).
+Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
+drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
+"answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
+maj@K is the accuracy of the most common extracted answer. Numbers are compared as numbers (`math-verify` is used
+for free-form math answers when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion, or None."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    for pattern in (r"answer is[:\s]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):
+        m = re.findall(pattern, text, flags=re.IGNORECASE)
+        if m:
+            return m[-1].strip().rstrip(".")
+    nums = re.findall(NUMBER, text)
+    return nums[-1] if nums else None
+
+
+@dataclass
+class EvalResult:
+    problem: object
+    completions: list[str]
+    answers: list[str | None]
+    correct: list[bool]
+
+
+def prompts_for(problems, tok, style: str) -> list[list[int]]:
+    """chat: the directory's chat template with the generation prompt; plain: BOS + question + newline."""
+    if style == "chat":
+        return [tok.apply_chat_template([{"role": "user", "content": p.question}]) for p in problems]
+    return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
+
+
+def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
+             style: str = "chat", seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[EvalResult]:
+    from ..data.tasks import check
+
+    prompts = prompts_for(problems, tok, style)
+    stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
+    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
+    outs: list[list[int]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(flat), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    for start in range(0, len(flat), batch_size):
+        chunk = [p for _, p in flat[start : start + batch_size]]
+        outs += engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=None if temperature == 0 else seed + start, stop_token_ids=[t for t in stop if t is not None])
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    results = []
+    for i, p in enumerate(problems):
+        texts = [tok.decode(o, skip_special_tokens=False) for o in outs[i * samples : (i + 1) * samples]]
+        if style == "plain":  # a base model continues with the next document: keep the first one
+            texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
+        answers = [extract_answer(t) for t in texts]
+        results.append(EvalResult(p, texts, answers, [a is not None and check(p, a) for a in answers]))
+    return results
+
+
+def summarize(results: list[EvalResult]) -> dict:
+    """pass@1 (mean over samples), maj@K when K > 1, and the same per level and per family."""
+    def score(rs):
+        out = {"n": len(rs), "pass@1": round(sum(sum(r.correct) / len(r.correct) for r in rs) / max(1, len(rs)), 4)}
+        k = len(rs[0].correct) if rs else 1
+        if k > 1:
+            maj = 0
+            for r in rs:
+                votes = Counter(a for a in r.answers if a is not None)
+                if votes:
+                    best = votes.most_common(1)[0][0]
+                    maj += r.correct[r.answers.index(best)]
+            out[f"maj@{k}"] = round(maj / len(rs), 4)
+        return out
+
+    summary = score(results)
+    by_level, by_family = defaultdict(list), defaultdict(list)
+    for r in results:
+        by_level[r.problem.level].append(r)
+        by_family[r.problem.family].append(r)
+    if len(by_level) > 1 or any(lvl for lvl in by_level):
+        summary["levels"] = {str(k): score(v) for k, v in sorted(by_level.items())}
+    if len(by_family) > 1:
+        summary["families"] = {k: score(v) for k, v in sorted(by_family.items())}
+    return summary
+
+
+def load_problems(task: str | None, data: str | None, n: int, seed: int):
+    """--task FAMILY[:LEVEL] | all, from the held-out split; or --data FILE.jsonl in GSM8K format."""
+    from ..data import tasks
+
+    if data:
+        from ..data.corpus import read_records
+
+        return [tasks.from_record(rec) for rec in read_records(data)][:n] if n else [
+            tasks.from_record(rec) for rec in read_records(data)]
+    family, _, level = (task or "all").partition(":")
+    families = tasks.FAMILIES if family == "all" else (family,)
+    for f in families:
+        if f not in tasks.FAMILIES:
+            from ..cli import UserError
+
+            raise UserError(f"unknown task {f!r}; choose from {', '.join(tasks.FAMILIES)} or all")
+    levels = [int(level)] if level else None
+    return tasks.mixture(n, seed=seed, split="eval", families=list(families), levels=levels)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF format, with tokenizer files)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
+    src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
+    p.add_argument("--n", type=int, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
+    p.add_argument("--samples", type=int, default=1, help="K samples per problem (pass@1 is their mean; maj@K too)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--prompt", choices=["chat", "plain"], default="chat", help="chat template (default) or plain text for base models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write per-problem results (JSONL) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..engine.engine import Engine
+    from ..tokenizer import Tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tok = Tokenizer.from_dir(args.model)
+    engine = Engine.from_pretrained(args.model, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)
+    results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in results:
+                f.write(json.dumps({"question": r.problem.question, "answer": r.problem.answer,
+                                    "completions": r.completions, "extracted": r.answers, "correct": r.correct}) + "\n")
+    print(json.dumps(summarize(results)))
+    return 0

@@ -1,0 +1,1 @@
+"""Training stages: pretraining, SFT, GRPO, distillation, and the loop helpers they share."""

@@ -1,0 +1,403 @@
+"""What every training stage shares: distributed set-up, the optimiser and LR schedule, atomic checkpoints with exact
+resume, the metrics file, and the cost table.
+
+Run directory layout (DESIGN §3):
+    RUN/model          -> current/model          an HF model directory (+ tokenizer files)
+    RUN/train_state    -> current/train_state    optimizer.safetensors + state.json (step, data position, RNG, config)
+    RUN/current        -> ckpt/step-000123       switched with one atomic rename, so a run killed at any moment
+                                                 resumes from a complete checkpoint (model and state always agree)
+    RUN/metrics.jsonl                            one JSON object per logged step
+Nothing is pickled: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import save_model
+from ..flops import flops_per_token
+from ..model.mtp import mtp_loss
+
+KEEP_CHECKPOINTS = 2
+
+
+# --- distributed ---------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(device if device != "cuda" else "cuda:0"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return Dist(rank, world, local, torch.device("cuda", local))
+    dist.init_process_group("gloo")
+    return Dist(rank, world, local, torch.device("cpu"))
+
+
+# --- optimiser and schedule ------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and embeddings), none on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
+          decay_frac: float = 0.2) -> float:
+    """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, linear decay over the last decay_frac)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    if schedule == "wsd":
+        decay_start = int(total * (1 - decay_frac))
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1, total - decay_start)
+        return peak * (1 - (1 - min_ratio) * frac)
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"{idx}.{k}": v.detach().cpu().contiguous() for idx, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return tensors, {"python": _jsonable(random.getstate())}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tuplify(meta["python"]))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(run: Path, model, opt, step: int, state: dict, extra_files: list[Path] = ()) -> Path:
+    """Write ckpt/step-N/{model,train_state} under a temporary name, then switch RUN/current to it atomically."""
+    run = Path(run)
+    name = f"step-{step:06d}"
+    final = run / "ckpt" / name
+    tmp = run / "ckpt" / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp / "model")
+    for f in extra_files:
+        shutil.copy2(f, tmp / "model" / Path(f).name)
+    (tmp / "train_state").mkdir(parents=True)
+    opt_t, opt_meta = _optimizer_tensors(opt)
+    save_file(opt_t, str(tmp / "train_state" / "optimizer.safetensors"))
+    rng_t, rng_meta = rng_state()
+    save_file(rng_t, str(tmp / "train_state" / "rng.safetensors"))
+    state = {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
+    (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    link_tmp = run / ".current.tmp"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(Path("ckpt") / name)
+    os.replace(link_tmp, run / "current")  # the atomic switch
+    for sub in ("model", "train_state"):
+        if not (run / sub).is_symlink():
+            (run / sub).symlink_to(Path("current") / sub)
+    for old in sorted((run / "ckpt").glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (Path(run) / "train_state" / "state.json").is_file()
+
+
+def load_train_state(run: Path, opt) -> dict:
+    """Restore optimizer and RNG from RUN/train_state; return the JSON state (step, data position, config)."""
+    ts = Path(run) / "train_state"
+    state = json.loads((ts / "state.json").read_text())
+    _load_optimizer(opt, load_file(str(ts / "optimizer.safetensors")), state["optimizer"])
+    set_rng_state(load_file(str(ts / "rng.safetensors")), state["rng"])
+    return state
+
+
+# --- metrics and cost ----------------------------------------------------------------------------------------------
+class Metrics:
+    """Appends one JSON object per logged step to RUN/metrics.jsonl; on resume, drops lines past the checkpoint so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU on GPUs.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                 "4090": 165e12}
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for MFU."""
+    from ..flops import measured_peak_flops
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} datasheet bf16 dense"
+        return measured_peak_flops(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
+    return measured_peak_flops("cpu"), f"CPU ({torch.get_num_threads()} threads) measured fp32 matmul"
+
+
+def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price_per_hour: float, device: str) -> dict:
+    """DeepSeek-V3-style cost table row: device-hours, FLOPs, MFU and dollars at `price_per_hour` per device."""
+    hours = wall_s * n_devices / 3600
+    return {
+        "device": device,
+        "devices": n_devices,
+        "wall_s": round(wall_s, 1),
+        "device_hours": round(hours, 5),
+        "flops": float(f"{flops:.4g}"),
+        "mfu": round(flops / max(wall_s, 1e-9) / (peak * n_devices), 4),
+        "price_per_device_hour": price_per_hour,
+        "dollars": round(hours * price_per_hour, 4),
+    }
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# --- the optimisation loop -------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings every training stage shares; stages subclass it with their data and model options."""
+
+    out: str
+    steps: int = 600
+    batch_size: int = 32  # sequences per optimiser step, over all ranks and micro-batches
+    micro_batch_size: int = 32  # sequences per forward on one rank
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 30
+    schedule: str = "cosine"  # cosine | wsd | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    mtp_weight: float = 0.3  # λ
+    bias_gamma: float = 0.001  # γ, aux-loss-free bias update speed
+    seed: int = 0
+    save_every: int = 100
+    stop_at: int | None = None  # end this process after that step (the schedule still spans `steps`)
+    log_every: int = 1
+    resume: bool = False
+    device: str = "auto"
+    price_per_hour: float = 2.0  # dollars per device-hour for the cost table (DeepSeek used $2 per H800 hour)
+    progress: bool = True
+
+    @property
+    def end(self) -> int:
+        return min(self.steps, self.stop_at or self.steps)
+
+
+# Fields a resumed run may change; everything else comes from the run's saved config.
+RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "device", "out")
+
+
+def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
+    """With --resume and a checkpoint in cfg.out: the saved config, with the RESUMABLE_CHANGES taken from cfg."""
+    from ..cli import UserError
+
+    run = Path(cfg.out)
+    if not has_checkpoint(run):
+        return cfg, False
+    if not cfg.resume:
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
+    saved = json.loads((run / "train_state" / "state.json").read_text())["config"]
+    return dataclasses.replace(type(cfg)(**saved), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES}), True
+
+
+def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
+    from ..cli import UserError
+
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise UserError(f"batch size {cfg.batch_size} is not a multiple of micro-batch {cfg.micro_batch_size} "
+                        f"x {d.world_size} processes")
+    return cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+
+
+def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, extra_files=()) -> dict | None:
+    """Run optimiser steps [start, cfg.end): loss = CE + λ·MTP CE + balance loss on labels (-100 = ignored),
+    gradient accumulation (DDP synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
+    with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
+    (inputs, labels) and state_dict()/load_state_dict(). Returns the result dict on rank 0."""
+    run = Path(cfg.out)
+    accum = grad_accum_steps(cfg, d)
+    mc = model.config
+    model.train()
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start, prior_wall, prior_flops = 0, 0.0, 0.0
+    if resuming:
+        state = load_train_state(run, opt)
+        start, prior_wall, prior_flops = state["step"], state["wall_s"], state["flops"]
+        loader.load_state_dict(state["data"])
+    ddp = model
+    if d.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
+    peak, peak_how = device_peak_flops(d.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    moes = model.moe_layers()
+    zero = torch.zeros((), device=d.device)
+    bar = None
+    if d.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.end, initial=start, desc=stage, unit="step", dynamic_ncols=True, file=sys.stderr)
+    timer, last, total_flops = Timer(), {}, 0.0
+    for step in range(start, cfg.end):
+        t0 = timer.elapsed()
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(3, device=d.device)  # main CE, MTP CE, balance loss
+        tokens = flops = 0.0
+        for micro in range(accum):
+            inputs, labels = (t.to(d.device) for t in loader.next_batch())
+            tokens += inputs.numel()
+            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=cfg.mtp_weight > 0) * inputs.numel()
+            last_micro = micro == accum - 1
+            with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
+                if cfg.mtp_weight > 0:
+                    logits, mtp_logits = ddp(inputs, return_mtp=True)
+                    l_mtp = mtp_loss(mtp_logits, labels)
+                else:
+                    logits, l_mtp = ddp(inputs), zero
+                l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                aux = model.aux_loss() if model.aux_loss() is not None else zero
+                ((l_main + cfg.mtp_weight * l_mtp + aux) / accum).backward()
+            sums += torch.stack([l_main.detach(), l_mtp.detach(), aux.detach()]) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loads = [d.all_reduce_sum_(m.load.clone()) if m.load is not None else None for m in moes]
+        model.update_routing_bias(cfg.bias_gamma, loads)
+        sums = d.all_reduce_mean(sums)
+        dt = timer.elapsed() - t0
+        tokens, flops = tokens * d.world_size, flops * d.world_size
+        total_flops += flops
+        if step % cfg.log_every == 0 or step == cfg.end - 1:
+            main_l, mtp_l, aux_l = sums.tolist()
+            imbalance = [round((l.max() / l.mean()).item(), 3) for l in loads[: len(moes) - len(model.mtp_layers)] if l is not None]
+            last = {
+                "step": step + 1, "loss": round(main_l, 5), "mtp_loss": round(mtp_l, 5), "aux_loss": round(aux_l, 7),
+                "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens / dt, 1),
+                "mfu": round(flops / dt / (peak * d.world_size), 4), "expert_imbalance": imbalance,
+                "wall_s": round(prior_wall + timer.elapsed(), 2),
+            }
+            metrics.log(last)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums[0].item():.3f}", tok_s=f"{tokens / dt:.0f}")
+        done = step + 1
+        if done % cfg.save_every == 0 or done == cfg.end:
+            if d.is_main:
+                state = {"data": loader.state_dict(), "wall_s": prior_wall + timer.elapsed(),
+                         "flops": prior_flops + total_flops,
+                         "config": dataclasses.asdict(cfg)}
+                save_checkpoint(run, model, opt, done, state, extra_files)
+            d.barrier()
+    if bar is not None:
+        bar.close()
+    if not d.is_main:
+        return None
+    wall = prior_wall + timer.elapsed()
+    cost = cost_summary(wall, d.world_size, prior_flops + total_flops, peak, cfg.price_per_hour, peak_how)
+    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    print(f"cost: {cost['device_hours']} device-hours, {cost['flops']:.3g} FLOPs, MFU {cost['mfu']:.1%} "
+          f"({peak_how}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
+    return {"stage": stage, "model": str(run / "model"), "steps": cfg.end, "final": last, "cost": cost}

@@ -1,0 +1,183 @@
+"""`nanoseek pretrain`: next-token + multi-token-prediction pretraining of a DeepSeek-V3-architecture model.
+
+Loss per step (DeepSeek-V3 §2–3):
+    L = CE(main) + λ·mean_k CE(MTP depth k) + α·(sequence-wise balance loss, summed over MoE layers)
+then, after the optimiser step, every MoE layer's routing bias moves by γ·sign(mean load − load) with the loads
+summed over all micro-batches and ranks (aux-loss-free balancing). AdamW (β 0.9/0.95, weight decay 0.1 on
+matrices), linear warmup then cosine or WSD, gradient clipping at 1.0, gradient accumulation, bf16 autocast on GPU.
+
+With no --data the run trains on the verifiable task suite (nothing to download). Under
+`torchrun --nproc_per_node=N` the same command trains data-parallel (DDP): the global batch is split over ranks, so
+a run's losses do not depend on N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..config import ModelConfig, get_preset
+from ..model import build_model, param_counts
+from . import loop
+
+# Training defaults per preset (flags override): sized so `cpu-tiny` learns level-1 arithmetic in ~5 CPU minutes.
+TRAIN_PRESETS = {
+    "cpu-tiny": dict(steps=600, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3, warmup=30, n_docs=40000),
+    "small": dict(steps=3000, batch_size=64, micro_batch_size=16, seq_len=1024, lr=1.5e-3, warmup=100, n_docs=400000),
+    "v2-lite": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=4.2e-4, warmup=100, n_docs=100000),
+    "v3-671b": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=2.2e-4, warmup=100, n_docs=100000),
+}
+
+
+@dataclass
+class PretrainConfig(loop.TrainConfig):
+    preset: str = "cpu-tiny"
+    aux_alpha: float | None = None  # α; None keeps the preset's aux_loss_alpha
+    data: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    n_docs: int = 40000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu-tiny", help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
+    p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default per preset; cpu-tiny 600)")
+    p.add_argument("--data", nargs="*", default=[], help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its last checkpoint left it")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (e.g. a job time limit); continue with --resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="global sequences per step")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (gradient accumulation fills the rest)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
+    p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
+    p.add_argument("--aux-alpha", type=float, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for this run")
+    p.add_argument("--n-docs", type=int, help="task-suite documents to generate when no --data is given")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    from ..cli import UserError
+
+    if args.preset not in TRAIN_PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
+    d = dict(TRAIN_PRESETS[args.preset])
+    for key in ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup", "n_docs"):
+        if getattr(args, key) is not None:
+            d[key] = getattr(args, key)
+    d["micro_batch_size"] = min(d["micro_batch_size"], d["batch_size"])
+    return PretrainConfig(
+        out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
+        seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight, bias_gamma=args.bias_gamma,
+        aux_alpha=args.aux_alpha, tokenizer=args.tokenizer, vocab_size=args.vocab_size, device=args.device,
+        price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    result = pretrain(config_from_args(args))
+    if result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
+    """Pretraining documents from the task suite's train split: every problem as plain text (question, worked
+    steps, answer), and every fourth also in the chat format, so the base model has seen `<think>` turns."""
+    from ..data.tasks import mixture, to_chat, to_text
+
+    docs = []
+    for i, p in enumerate(mixture(n_docs, seed=seed, split="train")):
+        docs.append(to_text(p))
+        if i % 4 == 0:
+            chat = tok.apply_chat_template(to_chat(p)["messages"], add_generation_prompt=False, tokenize=False)
+            docs.append(chat.removeprefix(tok.decode([tok.bos_id])))  # build_shards adds BOS itself
+    return docs
+
+
+def read_user_texts(paths: list[str], tok=None) -> list[str]:
+    from ..cli import UserError
+    from ..data.corpus import read_texts
+
+    try:
+        return list(read_texts(paths, tokenizer=tok))
+    except ValueError as e:  # a bad JSON line, an unknown suffix, no pyarrow for Parquet
+        raise UserError(str(e)) from None
+
+
+def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist):
+    """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them."""
+    from ..data.corpus import build_shards
+    from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
+
+    tok_dir, shard_dir = run / "tokenizer", run / "data"
+    if d.is_main and not (tok_dir / "tokenizer.json").is_file():
+        if cfg.tokenizer:
+            tok = Tokenizer.from_dir(cfg.tokenizer)
+        else:
+            texts = read_user_texts(cfg.data) if cfg.data else task_suite_texts(min(cfg.n_docs, 10000), cfg.seed)
+            tok = train_tokenizer(texts, vocab_size=cfg.vocab_size or get_preset(cfg.preset).vocab_size)
+        tmp = run / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        os.replace(tmp, tok_dir)
+    d.barrier()
+    tok = Tokenizer.from_dir(tok_dir)
+    if d.is_main:
+        texts = read_user_texts(cfg.data, tok) if cfg.data else task_suite_corpus(cfg.n_docs, cfg.seed, tok)
+        build_shards(texts, tok, shard_dir, progress=cfg.progress)
+    d.barrier()
+    return tok, shard_dir
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+def model_config(cfg: PretrainConfig, tok) -> ModelConfig:
+    mc = get_preset(cfg.preset)
+    vocab = -(-tok.vocab_size // 64) * 64  # round up: tidy matmul shapes; unused rows never get a token
+    changes = dict(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                   max_position_embeddings=max(mc.max_position_embeddings, cfg.seq_len), torch_dtype="float32")
+    if cfg.aux_alpha is not None:
+        changes["aux_loss_alpha"] = cfg.aux_alpha
+    return mc.replace(**changes)
+
+
+def pretrain(cfg: PretrainConfig) -> dict | None:
+    from ..data.corpus import PackedLoader
+
+    d = loop.init_distributed(cfg.device)
+    cfg, resuming = loop.restore_config(cfg)
+    loop.grad_accum_steps(cfg, d)  # validate the batch split before any work
+    run = Path(cfg.out)
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    torch.manual_seed(cfg.seed)
+    tok, shard_dir = prepare_tokenizer_and_data(cfg, run, d)
+    if resuming:
+        model = load_model(run / "model", device=d.device)
+    else:
+        model = build_model(model_config(cfg, tok), device=d.device)
+    loader = PackedLoader(shard_dir, batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                          rank=d.rank, world_size=d.world_size)
+    extra_files = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
+    result = loop.fit(cfg, model, loader, d, resuming, "pretrain", extra_files)
+    if result is not None:
+        result["params"] = param_counts(model)
+    return result

@@ -1,0 +1,169 @@
+"""`nanoseek sft`: supervised fine-tuning on chat data, e.g. R1's cold start (`<think>\\n…\\n</think>\\n\\nanswer`).
+
+Each conversation is rendered with the model directory's own chat template; the loss covers only the assistant
+turns (their content and the end-of-sentence token that closes them), never the prompt. With no --data, the
+training split of the task suite is rendered in R1's reasoning format. Same run directory, resume, metrics and
+multi-process behaviour as pretraining (shared `loop.fit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from . import loop
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig(loop.TrainConfig):
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    n_samples: int = 4000  # task-suite conversations when no --data is given
+    steps: int = 300
+    lr: float = 1e-3
+    warmup: int = 10
+    seq_len: int = 256  # longer conversations are truncated
+    mtp_weight: float = 0.1  # keeps the MTP draft in step with the model (V3 used 0.1 late in training)
+
+
+class ChatLoader:
+    """Padded batches of tokenised conversations in a seeded order per epoch; rank r takes every world-th one.
+    Resumable: state_dict() is the (epoch, position) of the next conversation in the global order."""
+
+    def __init__(self, samples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.samples, self.batch_size, self.seq_len, self.pad_id = samples, batch_size, seq_len + 1, pad_id
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> inputs (B, T) and labels (B, T), labels = next token on assistant positions, else -100."""
+        global_batch = self.batch_size * self.world
+        if self.position + global_batch > len(self.samples):
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order()[self.position : self.position + global_batch]
+        self.position += global_batch
+        picked = [self.samples[i] for i in order[self.rank :: self.world]]
+        T = min(self.seq_len, max(len(ids) for ids, _ in picked))
+        ids = torch.full((len(picked), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(picked), T), dtype=torch.bool)
+        for row, (x, m) in enumerate(picked):
+            x, m = x[:T], m[:T]
+            ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
+        return ids[:, :-1], labels
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def default_conversations(n: int, seed: int) -> list[dict]:
+    from ..data.tasks import mixture, to_chat
+
+    return [to_chat(p) for p in mixture(n, seed=seed, split="train")]
+
+
+def load_conversations(cfg: SFTConfig) -> list[dict]:
+    from ..cli import UserError
+    from ..data.corpus import read_records
+
+    if not cfg.data:
+        return default_conversations(cfg.n_samples, cfg.seed + 1)  # other problems than pretraining's
+    convs = []
+    try:
+        for path in cfg.data:
+            for i, rec in enumerate(read_records(path), start=1):
+                if not isinstance(rec.get("messages"), list) or not rec["messages"]:
+                    raise UserError(f"{path}: record {i} has no 'messages' list (expected the OpenAI chat shape)")
+                convs.append(rec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not convs:
+        raise UserError("no conversations in " + ", ".join(cfg.data))
+    return convs
+
+
+def tokenize_conversations(convs: list[dict], tok) -> list[tuple[list[int], list[int]]]:
+    samples = [tok.chat_sample(c["messages"]) for c in convs]
+    return [(ids, mask) for ids, mask in samples if any(mask)]  # nothing to learn from prompt-only records
+
+
+def sft(cfg: SFTConfig) -> dict | None:
+    from ..cli import UserError
+    from ..tokenizer import Tokenizer
+
+    d = loop.init_distributed(cfg.device)
+    cfg, resuming = loop.restore_config(cfg)
+    loop.grad_accum_steps(cfg, d)
+    run = Path(cfg.out)
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    torch.manual_seed(cfg.seed)
+    source = run / "model" if resuming else Path(cfg.model)
+    if not (source / "tokenizer.json").is_file():
+        raise UserError(f"{source}: no tokenizer.json (SFT renders chats with the model directory's own tokenizer)")
+    tok = Tokenizer.from_dir(source)
+    model = load_model(source, device=d.device)
+    samples = tokenize_conversations(load_conversations(cfg), tok)
+    loader = ChatLoader(samples, cfg.micro_batch_size, cfg.seq_len, tok.pad_id if tok.pad_id is not None else tok.eos_id,
+                        cfg.seed, d.rank, d.world_size)
+    extra = [source / f for f in ("tokenizer.json", "tokenizer_config.json")]
+    if resuming:  # the checkpoint switch replaces RUN/model; keep the tokenizer files from a stable place
+        extra = [run / "tokenizer" / f.name for f in extra]
+    elif d.is_main:
+        (run / "tokenizer").mkdir(exist_ok=True)
+        for f in extra:
+            (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
+        extra = [run / "tokenizer" / f.name for f in extra]
+    return loop.fit(cfg, model, loader, d, resuming, "sft", extra)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="starting model directory (e.g. RUN/model of a pretraining run)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--data", nargs="*", default=[], help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
+    p.add_argument("--n-samples", type=int, default=4000, help="task-suite conversations when no --data (default 4000)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32, help="global conversations per step")
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="truncate conversations to this many tokens")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--mtp-weight", type=float, default=0.1)
+    p.add_argument("--bias-gamma", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--stop-at", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--price-per-hour", type=float, default=2.0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    keys = ("model", "out", "data", "n_samples", "steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup",
+            "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device", "price_per_hour")
+    cfg = SFTConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress)
+    cfg.micro_batch_size = min(cfg.micro_batch_size, cfg.batch_size)
+    result = sft(cfg)
+    if result is not None:
+        print(json.dumps(result))
+    return 0

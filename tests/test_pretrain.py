@@ -1,0 +1,120 @@
+"""Pretraining runs: the loss falls, a stopped or kill -9'd run resumes bit-identically, and 2 gloo processes
+match one process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY = ["--preset", "cpu-tiny", "--batch-size", "8", "--micro-batch-size", "4", "--seq-len", "48", "--n-docs", "600",
+        "--vocab-size", "320", "--warmup", "3", "--no-progress"]
+
+
+def pretrain(out, *extra, steps=24, env=None, check=True):
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", str(steps), *TINY, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    r = pretrain(out, "--save-every", "12")
+    return out, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_run_directory_and_loss_falls(full_run):
+    out, result = full_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    for key in ("loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_imbalance"):
+        assert key in rows[-1]
+    assert len(rows[-1]["expert_imbalance"]) == 3  # cpu-tiny: 4 layers, the first dense
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and (out / "model" / "tokenizer.json").is_file()
+    assert (out / "train_state" / "optimizer.safetensors").is_file()
+    assert result["cost"]["flops"] > 0 and result["cost"]["device_hours"] > 0
+
+
+def test_loadable_by_transformers(full_run):
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    import nanoseek
+
+    out, _ = full_run
+    ours, hf = nanoseek.load_model(out / "model"), DeepseekV3ForCausalLM.from_pretrained(out / "model").eval()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    ids = torch.tensor([tok("12 + 7 =")["input_ids"]])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_stop_and_resume_is_bit_identical(full_run, tmp_path):
+    full, _ = full_run
+    out = tmp_path / "run"
+    pretrain(out, "--save-every", "12", "--stop-at", "12")
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 12
+    pretrain(out, "--resume", "--save-every", "12")
+    a, b = weights(full), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(full)]
+
+
+def test_kill_9_then_resume_is_bit_identical(full_run, tmp_path):
+    full, _ = full_run
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", "24", "--save-every", "3", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill somewhere after the first checkpoints, mid-run
+        m = out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] < 24
+    pretrain(out, "--resume", "--save-every", "3")
+    a, b = weights(full), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(full_run):
+    out, _ = full_run
+    r = pretrain(out, check=False)
+    assert r.returncode == 1 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    single = tmp_path / "one"
+    pretrain(single, steps=4)
+    multi = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "nanoseek",
+           "pretrain", "--out", str(multi), "--steps", "4", *TINY]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics(single), metrics(multi)
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["loss"], b["loss"])

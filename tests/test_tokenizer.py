@@ -1,0 +1,261 @@
+"""Tokenizer: BPE training, special tokens, the R1 chat template, and parity with transformers' AutoTokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+import pytest
+
+from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+
+WORDS = "the a cat dog sat ran on mat sum of and is total apples each box how many step first then answer".split()
+
+
+def synthetic_texts(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15)))
+        if i % 3 == 0:
+            texts.append(f"{SPECIAL_TOKENS['user']}What is {a} + {b}?{SPECIAL_TOKENS['assistant']}<think>\n"
+                         f"{words}, {a} plus {b}\n</think>\n\n{a + b}{SPECIAL_TOKENS['eos']}")
+        else:
+            texts.append(f"{words.capitalize()}. Then {a} and {b} make {a + b}. Ünïcödé ✓ 日本")
+    return texts
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(synthetic_texts(), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(d)
+    return AutoTokenizer.from_pretrained(d)
+
+
+SYSTEM = {"role": "system", "content": "You are concise."}
+Q1 = {"role": "user", "content": "What is 12 + 30?"}
+A1 = {"role": "assistant", "content": "<think>\nadd the tens: 12 plus 30\n</think>\n\n42"}
+Q2 = {"role": "user", "content": "And 7 × 6?"}
+A2 = {"role": "assistant", "content": "<think>\nseven sixes\n</think>\n\n42 again"}
+CHATS = {
+    "single": [Q1],
+    "system": [SYSTEM, Q1],
+    "multi": [SYSTEM, Q1, A1, Q2],
+    "multi_answered": [Q1, A1, Q2, A2],
+    "no_reasoning": [Q1, {"role": "assistant", "content": "42"}, Q2],
+}
+
+
+def hf_ids(hf, messages, **kw):
+    return list(hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+
+# --- vocabulary ----------------------------------------------------------------------------------------------------
+def test_vocab_and_ids(tok):
+    assert tok.vocab_size <= 400
+    assert [tok.bos_id, tok.eos_id, tok.think_id, tok.end_think_id] == [0, 1, 4, 5]
+    assert tok.pad_id == tok.eos_id
+
+
+def test_digits_are_single_tokens(tok):
+    for text in ["12345", "x = 9876543210", "3.14159"]:
+        for token_id in tok.encode(text):
+            piece = tok.decode([token_id])
+            assert not (any(c.isdigit() for c in piece) and len(piece.strip()) > 1), (text, piece)
+    assert len(tok.encode("0123456789")) == 10
+
+
+def test_special_tokens_are_single_ids(tok):
+    for name, s in SPECIAL_TOKENS.items():
+        ids = tok.encode(s)
+        assert len(ids) == 1, name
+        assert tok.decode(ids) == s
+    ids = tok.encode("<think>\nhmm\n</think>\n\n7")
+    assert ids[0] == tok.think_id and tok.end_think_id in ids
+    assert tok.encode("hi", add_bos=True)[0] == tok.bos_id
+
+
+def test_round_trip(tok):
+    user, asst, eos = SPECIAL_TOKENS["user"], SPECIAL_TOKENS["assistant"], SPECIAL_TOKENS["eos"]
+    for text in ["Hello world", "  leading and trailing  \n\n", "Ünïcödé ✓ 日本語 🙂", "tabs\tand\r\nnewlines",
+                 f"{user}hi{asst}<think>\nx\n</think>\n\ny{eos}"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_skip_special_tokens_keeps_reasoning_tags(tok):
+    ids = tok.encode(f"{SPECIAL_TOKENS['bos']}<think>\nr\n</think>\n\nanswer{SPECIAL_TOKENS['eos']}")
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>\nr\n</think>\n\nanswer"
+
+
+def test_vocab_size_too_small():
+    with pytest.raises(ValueError):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+# --- chat template -------------------------------------------------------------------------------------------------
+def test_template_text(tok):
+    bos, eos, user, asst = (SPECIAL_TOKENS[k] for k in ("bos", "eos", "user", "assistant"))
+    text = tok.apply_chat_template(CHATS["multi"], tokenize=False)
+    assert text == f"{bos}You are concise.{user}What is 12 + 30?{asst}42{eos}{user}And 7 × 6?{asst}<think>\n"
+    assert tok.apply_chat_template(CHATS["multi"], thinking=False, tokenize=False).endswith(f"{user}And 7 × 6?{asst}")
+    assert tok.apply_chat_template([Q1], add_generation_prompt=False, tokenize=False) == f"{bos}{user}What is 12 + 30?"
+
+
+def test_old_reasoning_stripped_last_kept(tok):
+    text = tok.apply_chat_template(CHATS["multi_answered"], add_generation_prompt=False, tokenize=False)
+    assert "add the tens" not in text
+    asst, eos = SPECIAL_TOKENS["assistant"], SPECIAL_TOKENS["eos"]
+    assert text.endswith(f"{asst}<think>\nseven sixes\n</think>\n\n42 again{eos}")
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_transformers_parity(tok, hf_tok, name, add_generation_prompt):
+    messages = CHATS[name]
+    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert hf_ids(hf_tok, messages, add_generation_prompt=add_generation_prompt) == ours
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False) == \
+        tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert hf_ids(hf_tok, messages, add_generation_prompt=True, thinking=False) == \
+        tok.apply_chat_template(messages, thinking=False)
+    assert hf_tok.decode(ours) == tok.decode(ours)
+
+
+def test_transformers_encode_parity(tok, hf_tok):
+    for text in synthetic_texts(20, seed=1):
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf_tok.bos_token == SPECIAL_TOKENS["bos"] and hf_tok.eos_token == SPECIAL_TOKENS["eos"]
+    assert hf_tok.pad_token_id == tok.pad_id
+
+
+# --- SFT samples ---------------------------------------------------------------------------------------------------
+def test_chat_sample_mask(tok, hf_tok):
+    messages = [SYSTEM] + CHATS["multi_answered"]
+    ids, mask = tok.chat_sample(messages)
+    assert ids == tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert len(mask) == len(ids) and set(mask) <= {0, 1}
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    eos = SPECIAL_TOKENS["eos"]
+    assert trained == f"42{eos}<think>\nseven sixes\n</think>\n\n42 again{eos}"
+    prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert SPECIAL_TOKENS["assistant"] in prompt and "42" not in prompt
+    r = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(r["assistant_masks"]) == mask
+
+
+def test_chat_sample_without_generation_blocks(tok):
+    """Another model's template: each assistant message's whole turn (what it adds to the render) is trained on."""
+    bos, eos, user, asst = (SPECIAL_TOKENS[k] for k in ("bos", "eos", "user", "assistant"))
+    plain = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}" + user + "{{ m['content'] }}"
+             "{% else %}" + asst + "{{ m['content'] }}" + eos + "{% endif %}{% endfor %}")
+    other = Tokenizer(tok.hf, chat_template=plain)
+    messages = CHATS["multi_answered"]
+    ids, mask = other.chat_sample(messages)
+    assert ids == other.apply_chat_template(messages, add_generation_prompt=False)
+    trained = other.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == f"{asst}{A1['content']}{eos}{asst}{A2['content']}{eos}"
+    with pytest.raises(TokenizerError, match="generation"):  # R1's stripping without markers: no consistent prefixes
+        Tokenizer(tok.hf, chat_template=CHAT_TEMPLATE.replace("{%- generation %}", "").replace(
+            "{% endgeneration %}", "")).chat_sample(messages)
+
+
+# --- directories ---------------------------------------------------------------------------------------------------
+def test_save_and_from_dir(tok, tmp_path):
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_bos_token"] is False
+    assert config["chat_template"] == CHAT_TEMPLATE
+    again = Tokenizer.from_dir(tmp_path)
+    assert again.vocab_size == tok.vocab_size and again.bos_id == tok.bos_id
+    assert again.apply_chat_template(CHATS["multi"]) == tok.apply_chat_template(CHATS["multi"])
+
+
+def test_from_dir_uses_the_directorys_own_template(tok, hf_tok, tmp_path):
+    custom = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    hf_tok.chat_template = custom
+    try:
+        hf_tok.save_pretrained(tmp_path)  # transformers' own layout (template may land in chat_template.jinja)
+    finally:
+        hf_tok.chat_template = CHAT_TEMPLATE
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.apply_chat_template([Q1], tokenize=False) == f"{SPECIAL_TOKENS['bos']}[user]What is 12 + 30?"
+
+
+def test_from_dir_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_from_dir_bad_config(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[oops")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+def cli_args(*argv):
+    from nanoseek import tokenizer
+
+    parser = argparse.ArgumentParser()
+    tokenizer.add_arguments(parser)
+    return tokenizer, parser.parse_args(list(argv))
+
+
+def test_cli_train(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": t}) for t in synthetic_texts(200)]
+    lines.append(json.dumps({"messages": [Q1, A1]}))
+    data.write_text("\n".join(lines) + "\n")
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(data), "--vocab-size", "300")
+    assert module.run(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["out"] == str(tmp_path / "tok") and result["vocab_size"] <= 300
+    assert Tokenizer.from_dir(tmp_path / "tok").think_id is not None
+
+
+def test_cli_train_on_task_suite(tmp_path, monkeypatch, capsys):
+    """Without --data the verb trains on plain and chat renderings of the task suite (stubbed here)."""
+    import types
+
+    def mixture(n, seed=0, split="train"):
+        rng = random.Random(seed)
+        return [(rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n)]
+
+    stub = types.SimpleNamespace(
+        mixture=mixture, to_text=lambda p: f"Question: {p[0]} + {p[1]}. Answer: {p[0] + p[1]}",
+        to_chat=lambda p: {"messages": [{"role": "user", "content": f"{p[0]} + {p[1]}?"},
+                                        {"role": "assistant", "content": f"<think>\nadd\n</think>\n\n{sum(p)}"}]},
+    )
+    monkeypatch.setitem(sys.modules, "nanoseek.data.tasks", stub)
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--n-docs", "200", "--vocab-size", "300")
+    texts = module.task_suite_texts(4, 0)
+    assert len(texts) == 8 and texts[-1].startswith(SPECIAL_TOKENS["bos"]) and "</think>" in texts[-1]
+    assert module.run(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["vocab_size"] <= 300
+
+
+def test_cli_user_errors(tmp_path):
+    from nanoseek.cli import UserError
+
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match="missing.jsonl"):
+        module.run(args)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{broken\n')
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(bad))
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        module.run(args)
