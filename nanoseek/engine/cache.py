@@ -29,3 +29,26 @@ class LatentCache:
         kv.scatter_(1, positions[..., None].expand_as(c), c.to(kv.dtype))
         pe.scatter_(1, positions[..., None].expand_as(k_pe), k_pe.to(pe.dtype))
         return kv[:, :span], pe[:, :span]
+
+    # --- added for the engine (rows are sequence slots; nothing above changes) ---------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    def rows(self, start: int, end: int) -> "LatentCache":
+        """A cache sharing this one's storage whose rows [0, end - start) are rows [start, end) here, so a forward
+        on a sub-batch (e.g. the prefill of newly admitted requests) writes straight into those slots."""
+        view = LatentCache.__new__(LatentCache)
+        view.max_len = self.max_len
+        view.kv, view.pe = self.kv[:, start:end], self.pe[:, start:end]
+        return view
+
+    def copy_rows(self, src, dst, length: int | None = None) -> None:
+        """Copy positions [0, length) of row(s) `src` into row(s) `dst` in every layer (MTP layers included).
+        src/dst: ints or equal-length int lists/tensors."""
+        n = self.max_len if length is None else length
+        if not isinstance(src, int):
+            src = torch.as_tensor(src, device=self.kv.device)
+            dst = torch.as_tensor(dst, device=self.kv.device)
+        self.kv[:, dst, :n] = self.kv[:, src, :n]
+        self.pe[:, dst, :n] = self.pe[:, src, :n]

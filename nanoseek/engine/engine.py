@@ -1,0 +1,369 @@
+"""Batched generation on token ids over the latent KV cache: `generate()` for scripts and RL, and a continuous-
+batching API (`submit` / `step` / `cancel` / `force_next`) that an HTTP server drives from one background thread.
+
+Cache layout: one preallocated `LatentCache` of `max_batch_size` rows × `max_seq_len` positions. Active requests
+always occupy the compact rows [0, n) (row = index in `self._active`), so the model's "write rows [0, B)"
+convention is the whole slot table. A finished or cancelled request's row is refilled by moving the last active
+row into it (one copy of that row's valid positions, all layers); newcomers are prefilled straight into rows
+[n, n + k) through a `LatentCache.rows` view.
+
+One `step()`:
+1. admit waiting requests into free rows: a right-padded prefill over the distinct prompts, one forward per
+   `prefill_chunk` positions (identical prompts, e.g. GRPO's G samples of one prompt, are prefilled once and
+   their cache rows copied), then each newcomer's first token is chosen from its prompt's last logits;
+2. one joint decode forward for every active request (newcomers included): feed each request's last token at
+   its own position, choose the next token.
+Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason)`. A request finishes with
+reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
+transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
+
+Choosing a token: forced tokens (`force_next`) first, else `sampling.sample` with the request's own temperature /
+top-p / top-k and its own seeded generator (so a seeded request's tokens do not depend on its batch-mates).
+
+Speculative decoding (`SamplingParams.speculative`, greedy only, needs an MTP module): the request carries a draft
+d of the token after next, made by MTP module 1 from the last verified hidden state. A step feeds [t, d] at
+positions [p, p+1]; the main model's greedy token y0 at p is always right; if y0 == d the draft is accepted and the
+greedy token y1 at p+1 is right too (2 tokens from one forward), otherwise the stale slot p+1 is overwritten by the
+next step. The MTP module then runs on the same two positions (hidden h_p, h_p+1 with embeddings of y0, y1) to
+draft again from the last verified one. The tokens are exactly those of plain greedy decoding. Speculative steps
+run batched when every active request is speculative; the scheduler never mixes the two kinds in one batch.
+`engine.stats` counts "drafted" / "accepted" (plus "prefill_tokens", "decode_steps"); see `acceptance_rate`.
+
+Threads: submit / cancel / force_next may be called from any thread; they and step() serialise on one lock, so a
+cancel waits for the step in flight. generate() runs the same steps itself and needs an idle engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import LatentCache
+from .sampling import sample
+
+Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, finish_reason)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: the global torch RNG
+    stop_token_ids: Sequence[int] | None = None  # emitted, then the request finishes with "stop"
+    speculative: bool = False  # MTP draft + verify; greedy only
+
+
+@dataclass(eq=False)  # compared by identity
+class _Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int  # max_new_tokens clipped to the cache row
+    stop: frozenset
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    forced: deque = field(default_factory=deque)
+    pos: int = 0  # slots [0, pos) of its row hold this request's latents; out[-1] is fed at pos next
+    draft: int | None = None  # speculative: draft for position pos + 1
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model, max_batch_size: int = 32, max_seq_len: int | None = None, prefill_chunk: int = 512):
+        self.model = model  # a model in training mode (GRPO) is switched to eval for each step, then back
+        self.cfg = cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
+        self.cache = LatentCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        self.share_prefix = True  # prefill identical prompts once (results are the same either way)
+        self.prefill_chunk = prefill_chunk  # positions per prefill forward
+        self.stats = {"drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_steps": 0}
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []  # index == cache row
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, **kw) -> "Engine":
+        """dtype None: bfloat16 on an accelerator, float32 on the CPU."""
+        from ..checkpoint import load_model
+
+        if dtype is None:
+            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        return cls(load_model(path, device=device, dtype=dtype), **kw)
+
+    # --- public API ---------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. It is admitted by a later `step()` when a cache row is free."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len}")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if params.speculative:
+            if params.temperature > 0:
+                raise ValueError("speculative decoding is greedy only (temperature=0)")
+            if len(self.model.mtp_layers) == 0:
+                raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
+        gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+            req = _Request(rid, prompt, params, min(params.max_new_tokens, self.max_seq_len - len(prompt)),
+                           frozenset(params.stop_token_ids or ()), gen)
+            self._requests[rid] = req
+            self._waiting.append(req)
+        return rid
+
+    def force_next(self, request_id: int, token_ids: Sequence[int]) -> bool:
+        """The request's next emitted tokens will be exactly `token_ids` (fed through the model like sampled ones,
+        one per step, counted against max_new_tokens; a stop token among them still stops it). False if the
+        request is unknown or already finished."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is not None:
+                req.forced.extend(int(t) for t in token_ids)
+            return req is not None
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request and free its cache row; False if it is unknown or already done."""
+        with self._lock:
+            req = self._requests.pop(request_id, None)
+            if req is None:
+                return False
+            if req in self._waiting:
+                self._waiting.remove(req)
+            else:
+                req.done = True
+                self._release([req])
+            return True
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._active or self._waiting)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted MTP drafts so far (speculative decoding)."""
+        return self.stats["accepted"] / max(self.stats["drafted"], 1)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests (prefill), then one joint decode step. Returns the tokens emitted, in order."""
+        with self._lock:
+            training = self.model.training
+            if training:
+                self.model.eval()
+            try:
+                events: list[Event] = []
+                self._admit(events)
+                if self._active:
+                    if self._active[0].params.speculative:
+                        self._speculative_step(events)
+                    else:
+                        self._decode_step(events)
+                return events
+            finally:
+                if training:
+                    self.model.train()
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        speculative: bool = False,
+    ) -> list[list[int]]:
+        """New tokens only, per prompt; a stop token that ends a completion is its last element. Prompt i is
+        seeded with seed + i (so repeated prompts give different samples). Uses the step machinery, so it needs an
+        idle engine (do not mix with server requests). `speculative` requires temperature 0."""
+        if max_new_tokens < 1:
+            return [[] for _ in prompts]
+        with self._lock:
+            if self.has_work():
+                raise RuntimeError("generate() needs an idle engine (requests are in flight)")
+            rids = [
+                self.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k,
+                                              None if seed is None else seed + i, stop_token_ids, speculative))
+                for i, p in enumerate(prompts)
+            ]
+            reqs = [self._requests[rid] for rid in rids]
+            try:
+                while self.has_work():
+                    self.step()
+            finally:
+                for rid in rids:
+                    self.cancel(rid)
+            return [r.out for r in reqs]
+
+    # --- internals ----------------------------------------------------------------------------------------------
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """logits (n, V) float -> one token per request: forced, else sampled/greedy."""
+        temps = [r.params.temperature for r in reqs]
+        if any(t > 0 for t in temps):
+            toks = sample(logits, temps, [r.params.top_p for r in reqs], [r.params.top_k for r in reqs],
+                          [r.generator for r in reqs]).tolist()
+        else:
+            toks = logits.argmax(dim=-1).tolist()
+        return [r.forced.popleft() if r.forced else t for r, t in zip(reqs, toks)]
+
+    def _emit(self, req: _Request, tok: int, events: list[Event]) -> None:
+        req.out.append(tok)
+        reason = "stop" if tok in req.stop else "length" if len(req.out) >= req.max_new else None
+        req.done = reason is not None
+        events.append((req.rid, tok, req.done, reason))
+        if req.done:
+            self._requests.pop(req.rid, None)
+
+    def _release(self, reqs: list[_Request]) -> None:
+        """Free the rows of finished/cancelled active requests, keeping rows compact (highest row first)."""
+        rows = sorted((self._active.index(r) for r in reqs if r in self._active), reverse=True)
+        for row in rows:
+            last = len(self._active) - 1
+            if row != last:
+                mover = self._active[last]
+                self.cache.copy_rows(last, row, length=mover.pos)
+                self._active[row] = mover
+            self._active.pop()
+
+    def _admit(self, events: list[Event]) -> None:
+        """Move waiting requests (FIFO, same speculative mode as the running ones) into free rows: prefill the
+        distinct prompts, copy rows for repeated ones, choose each newcomer's first token."""
+        free = self.max_batch_size - len(self._active)
+        if free <= 0 or not self._waiting:
+            return
+        spec = (self._active or self._waiting)[0].params.speculative
+        new: list[_Request] = []
+        while self._waiting and len(new) < free and self._waiting[0].params.speculative == spec:
+            new.append(self._waiting.popleft())
+        # distinct prompts first (they are prefilled), repeats after (their rows are copies)
+        keys = [tuple(r.prompt) if self.share_prefix else r.rid for r in new]
+        first: dict = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        order = [i for i, k in enumerate(keys) if first[k] == i] + [i for i, k in enumerate(keys) if first[k] != i]
+        new, keys = [new[i] for i in order], [keys[i] for i in order]
+        u = len(first)
+        slot = {k: j for j, k in enumerate(keys[:u])}
+        src = torch.tensor([slot[k] for k in keys], device=self.device)  # (k,) prefill row of each newcomer
+        n0 = len(self._active)
+        lens = torch.tensor([len(r.prompt) for r in new], device=self.device)  # (k,)
+        T = int(lens[:u].max())
+        ids = torch.zeros(u, T, dtype=torch.long, device=self.device)  # right-padded distinct prompts
+        for i, r in enumerate(new[:u]):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
+        h = self._prefill(ids, self.cache.rows(n0, n0 + u))  # (u, T, D)
+        self.stats["prefill_tokens"] += int(lens[:u].sum())
+        if len(new) > u:
+            self.cache.copy_rows((n0 + src[u:]).tolist(), list(range(n0 + u, n0 + len(new))), length=T)
+        h_last = h[src, lens - 1]  # (k, D)
+        toks = self._choose(new, self.model.lm_head(h_last).float())
+        if spec:
+            self._draft_prompts(new, h[src], ids[src], lens, toks, self.cache.rows(n0, n0 + len(new)))
+        for r, t in zip(new, toks):
+            r.pos = len(r.prompt)
+            self._active.append(r)
+            self._emit(r, t, events)
+        self._release([r for r in new if r.done])
+
+    def _prefill(self, ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """ids (u, T) right-padded -> final hidden (u, T, D), writing the latents of positions [0, T) into the
+        cache rows. Chunks of `prefill_chunk` positions bound the (u, H, chunk, S) attention scores; the padding
+        slots [len, T) of a row get stale latents, each overwritten before any query of that row reads it."""
+        u, T = ids.shape
+        pos = torch.arange(T, device=self.device).expand(u, T)
+        c = self.prefill_chunk
+        return torch.cat([self.model.hidden_states(ids[:, a : a + c], pos[:, a : a + c], cache)[0]
+                          for a in range(0, T, c)], dim=1)
+
+    def _decode_step(self, events: list[Event]) -> None:
+        act = self._active
+        ids = torch.tensor([[r.out[-1]] for r in act], device=self.device)  # (n, 1)
+        pos = torch.tensor([[r.pos] for r in act], device=self.device)  # (n, 1)
+        h, _, _ = self.model.hidden_states(ids, pos, self.cache)  # (n, 1, D); writes rows [0, n)
+        toks = self._choose(act, self.model.lm_head(h[:, 0]).float())
+        self.stats["decode_steps"] += 1
+        for r, t in zip(act, toks):
+            r.pos += 1
+            self._emit(r, t, events)
+        self._release([r for r in act if r.done])
+
+    # --- speculative (MTP) --------------------------------------------------------------------------------------
+    def _mtp_draft(self, cache, h, next_ids, pos, pick) -> list[int]:
+        """MTP module 1 over rows [0, n) of the cache: h (n, T, D) main hiddens at positions pos (n, T), next_ids
+        (n, T) the tokens one ahead; returns the greedy draft at index pick (n,) of each row."""
+        layer = self.model.mtp_layers[0]
+        cos, sin = self.model.rotary(pos)
+        emb = self.model.model.embed_tokens(next_ids)
+        out = layer(h, emb, cos, sin, pos, cache, int(pos.max()) + 1)  # (n, T, D)
+        last = out[torch.arange(out.shape[0], device=out.device), pick]  # (n, D)
+        return self.model.lm_head(layer.shared_head.norm(last)).argmax(-1).tolist()
+
+    def _draft_prompts(self, new, h, ids, lens, toks, cache) -> None:
+        """Fill the MTP cache rows of the newcomers over their prompts (position i sees h_i (k, T, D) and token
+        i+1, at the last position the first generated token) and make each newcomer's first draft."""
+        k, T = ids.shape
+        nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # (k, T)
+        nxt[torch.arange(k, device=self.device), lens - 1] = torch.tensor(toks, device=self.device)
+        pos = torch.arange(T, device=self.device).expand(k, T)
+        c, drafts = self.prefill_chunk, torch.zeros(k, dtype=torch.long)
+        for a in range(0, T, c):  # chunked like the prefill; a row's draft comes from the chunk holding len-1
+            last = (lens - 1 - a).clamp(0, min(c, T - a) - 1)
+            d = self._mtp_draft(cache, h[:, a : a + c], nxt[:, a : a + c], pos[:, a : a + c], last)
+            inside = ((lens - 1 >= a) & (lens - 1 < a + c)).cpu()
+            drafts = torch.where(inside, torch.tensor(d), drafts)
+        for r, d in zip(new, drafts.tolist()):
+            r.draft = d
+
+    def _speculative_step(self, events: list[Event]) -> None:
+        act = self._active
+        ids = torch.tensor([[r.out[-1], r.draft] for r in act], device=self.device)  # (n, 2): [verified, draft]
+        pos = torch.tensor([[r.pos, r.pos + 1] for r in act], device=self.device)  # (n, 2)
+        h, _, _ = self.model.hidden_states(ids, pos, self.cache)  # (n, 2, D)
+        greedy = self.model.lm_head(h).argmax(-1).tolist()  # (n, 2)
+        self.stats["decode_steps"] += 1
+        nxt, pick = [], []
+        for r, (g0, g1) in zip(act, greedy):
+            y0 = r.forced.popleft() if r.forced else g0
+            accept = y0 == r.draft
+            self.stats["drafted"] += 1
+            self.stats["accepted"] += int(accept)
+            r.pos += 1
+            self._emit(r, y0, events)
+            y1 = y0
+            if accept and not r.done:
+                y1 = r.forced.popleft() if r.forced else g1
+                r.pos += 1
+                self._emit(r, y1, events)
+            nxt.append([y0, y1])
+            pick.append(1 if accept else 0)
+        nxt_t, pick_t = torch.tensor(nxt, device=self.device), torch.tensor(pick, device=self.device)
+        drafts = self._mtp_draft(self.cache, h, nxt_t, pos, pick_t)  # from h_p+1 if accepted, else h_p
+        for r, d in zip(act, drafts):
+            r.draft = d
+        self._release([r for r in act if r.done])
