@@ -27,6 +27,9 @@ from .layers import RMSNorm
 from .rope import apply_rope
 
 
+ABSORB_MAX_NEW_TOKENS = 8
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -58,7 +61,7 @@ class MLA(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T), needed with a cache
         cache=None,  # engine.cache.LatentCache
         span: int | None = None,  # cached positions to attend over (max position + 1)
-        absorb: bool | None = None,  # default: absorbed iff a cache is given
+        absorb: bool | None = None,  # default: absorbed for a few new tokens over a cache (decode), else naive
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
@@ -71,8 +74,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # (B, T, Dr)
         if cache is not None:
             c, k_pe = cache.update(self.layer_idx, positions, c, k_pe, span)  # (B, S, R), (B, S, Dr)
-        if absorb is None:
-            absorb = cache is not None
+        if absorb is None:  # prefill expands the latent once; decoding a few tokens is cheaper in latent space
+            absorb = cache is not None and T <= ABSORB_MAX_NEW_TOKENS
         if absorb:
             out = self._absorbed(q_nope, q_pe, c, k_pe, positions)
         else:

@@ -14,7 +14,8 @@ Experts: the N·K (token, expert) pairs are sorted by expert, so each expert's t
 one `torch.nn.functional.grouped_mm` per projection runs all experts at once (no per-expert Python loop, no host
 synchronisation). Where grouped_mm is unavailable (CUDA float32, widths not a multiple of 16 bytes, old
 PyTorch) a per-expert loop over the same
-sorted blocks is the fallback.
+sorted blocks is the fallback; on the CPU a decode-sized batch (fewer pairs than experts) loops over only the
+experts it hits, since grouped_mm visits every expert.
 
 Balancing: the per-expert token counts of every forward are accumulated in `load` (float32, no gradient);
 `update_bias(γ)` applies DeepSeek-V3's aux-loss-free rule b_i += γ·sign(mean load − load_i) and resets `load`.
@@ -107,12 +108,26 @@ class Experts(nn.Module):
         N, K = indices.shape
         order = indices.flatten().argsort(stable=True)  # (N·K,) pair ids sorted by expert
         token = order // K  # source token of each sorted pair
-        offsets = counts.cumsum(0).to(torch.int32)
         xs = x[token]  # (N·K, D)
-        h = F.silu(grouped_mm(xs, self.gate_proj.mT, offsets)) * grouped_mm(xs, self.up_proj.mT, offsets)
-        ys = grouped_mm(h, self.down_proj.mT, offsets)  # (N·K, D)
+        if x.device.type == "cpu" and N * K < counts.numel():
+            ys = self._hit_experts_only(xs, counts)  # decode-sized batch: most experts are idle
+        else:
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = F.silu(grouped_mm(xs, self.gate_proj.mT, offsets)) * grouped_mm(xs, self.up_proj.mT, offsets)
+            ys = grouped_mm(h, self.down_proj.mT, offsets)  # (N·K, D)
         ys = ys * weights.flatten()[order, None]  # float32 weights promote, as transformers does
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+    def _hit_experts_only(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Per-expert loop over the experts that received tokens (on the CPU reading counts costs no sync)."""
+        out, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h = F.silu(xs[start : start + n] @ self.gate_proj[e].T) * (xs[start : start + n] @ self.up_proj[e].T)
+                out.append(h @ self.down_proj[e].T)
+                start += n
+        return torch.cat(out)
 
 
 class MoE(nn.Module):
