@@ -13,10 +13,16 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "speedrun": ("nanoseek.speedrun", "the whole recipe in one command: pretrain, SFT, GRPO, distill, evaluate, report"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with DeepSeek's special tokens and chat template"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3-architecture model (NTP + MTP, aux-loss-free MoE)"),
     "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat data (loss on assistant turns only), e.g. R1's cold start"),
+    "grpo": ("nanoseek.train.grpo", "reasoning RL with verifiable rewards: GRPO, Dr. GRPO or DAPO (R1 / R1-Zero recipes)"),
+    "distill": ("nanoseek.train.distill", "distill a teacher (model dir or OpenAI-compatible URL) into a student via verified traces"),
+    "serve": ("nanoseek.serve", "OpenAI-compatible server (chat/completions, reasoning split) with a private web chat"),
+    "chat": ("nanoseek.chat", "chat with a model in the terminal, thinking shown dimmed"),
     "eval": ("nanoseek.eval.evaluate", "pass@1 / maj@k of a model on held-out task-suite problems or GSM8K-format JSONL"),
+    "report": ("nanoseek.eval.report", "report card (markdown + PNG plots + cost table) of a run or speedrun directory"),
     "convert": ("nanoseek.convert", "re-write a model directory: dtype, FP8 block quantisation, or dequantisation"),
 }
 

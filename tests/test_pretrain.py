@@ -111,7 +111,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     pretrain(single, steps=4)
     multi = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "nanoseek",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek",
            "pretrain", "--out", str(multi), "--steps", "4", *TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

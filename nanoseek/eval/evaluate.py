@@ -44,10 +44,22 @@ class EvalResult:
     correct: list[bool]
 
 
+# DeepSeek-R1-Zero's template (R1 paper, Table 1), with the answer after </think> instead of in <answer> tags.
+R1_ZERO_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process is enclosed within <think> </think> tags and the answer follows, i.e., <think> reasoning process here "
+    "</think> answer here. User: {question}. Assistant:"
+)
+
+
 def prompts_for(problems, tok, style: str) -> list[list[int]]:
-    """chat: the directory's chat template with the generation prompt; plain: BOS + question + newline."""
+    """chat: the directory's chat template with the generation prompt; plain: BOS + question + newline (base
+    models); r1-zero: R1-Zero's plain-text template."""
     if style == "chat":
         return [tok.apply_chat_template([{"role": "user", "content": p.question}]) for p in problems]
+    if style == "r1-zero":
+        return [tok.encode(R1_ZERO_PROMPT.format(question=p.question), add_bos=True) for p in problems]
     return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
 
 
@@ -75,7 +87,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     results = []
     for i, p in enumerate(problems):
         texts = [tok.decode(o, skip_special_tokens=False) for o in outs[i * samples : (i + 1) * samples]]
-        if style == "plain":  # a base model continues with the next document: keep the first one
+        if style != "chat":  # a base model continues with the next document: keep the first one
             texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
         answers = [extract_answer(t) for t in texts]
         results.append(EvalResult(p, texts, answers, [a is not None and check(p, a) for a in answers]))
@@ -138,7 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1, help="K samples per problem (pass@1 is their mean; maj@K too)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--prompt", choices=["chat", "plain"], default="chat", help="chat template (default) or plain text for base models")
+    p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
+                   help="chat template (default), plain text for base models, or R1-Zero's template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write per-problem results (JSONL) here")

@@ -310,11 +310,22 @@ def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
     return cfg.batch_size // (cfg.micro_batch_size * d.world_size)
 
 
-def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, extra_files=()) -> dict | None:
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over supervised positions (labels != -100) of KL(teacher ‖ student) over the vocabulary."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (B, T)
+    mask = (labels != -100).float()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, extra_files=(), teacher=None,
+        kd_weight: float = 0.0) -> dict | None:
     """Run optimiser steps [start, cfg.end): loss = CE + λ·MTP CE + balance loss on labels (-100 = ignored),
     gradient accumulation (DDP synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
     with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
-    (inputs, labels) and state_dict()/load_state_dict(). Returns the result dict on rank 0."""
+    (inputs, labels) and state_dict()/load_state_dict(). With a `teacher` model (same vocabulary), kd_weight ·
+    KL(teacher ‖ student) on the supervised positions joins the loss. Returns the result dict on rank 0."""
     run = Path(cfg.out)
     accum = grad_accum_steps(cfg, d)
     mc = model.config
@@ -359,6 +370,10 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                     logits, l_mtp = ddp(inputs), zero
                 l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                 aux = model.aux_loss() if model.aux_loss() is not None else zero
+                if teacher is not None and kd_weight > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(inputs)
+                    aux = aux + kd_weight * distill_kl(logits, t_logits, labels)
                 ((l_main + cfg.mtp_weight * l_mtp + aux) / accum).backward()
             sums += torch.stack([l_main.detach(), l_mtp.detach(), aux.detach()]) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

@@ -30,6 +30,7 @@ from . import loop
 # Training defaults per preset (flags override): sized so `cpu-tiny` learns level-1 arithmetic in ~5 CPU minutes.
 TRAIN_PRESETS = {
     "cpu-tiny": dict(steps=600, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3, warmup=30, n_docs=40000),
+    "cpu-student": dict(steps=400, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3, warmup=30, n_docs=40000),
     "small": dict(steps=3000, batch_size=64, micro_batch_size=16, seq_len=1024, lr=1.5e-3, warmup=100, n_docs=400000),
     "v2-lite": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=4.2e-4, warmup=100, n_docs=100000),
     "v3-671b": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=2.2e-4, warmup=100, n_docs=100000),

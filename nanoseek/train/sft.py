@@ -105,7 +105,8 @@ def tokenize_conversations(convs: list[dict], tok) -> list[tuple[list[int], list
     return [(ids, mask) for ids, mask in samples if any(mask)]  # nothing to learn from prompt-only records
 
 
-def sft(cfg: SFTConfig) -> dict | None:
+def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
+    """Fine-tune; with a `teacher` model sharing the vocabulary, add kd_weight · KL(teacher ‖ student)."""
     from ..cli import UserError
     from ..tokenizer import Tokenizer
 
@@ -133,7 +134,7 @@ def sft(cfg: SFTConfig) -> dict | None:
         for f in extra:
             (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
         extra = [run / "tokenizer" / f.name for f in extra]
-    return loop.fit(cfg, model, loader, d, resuming, "sft", extra)
+    return loop.fit(cfg, model, loader, d, resuming, "sft", extra, teacher=teacher, kd_weight=kd_weight)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,178 @@
+"""`nanoseek chat --model DIR`: talk to a model in the terminal, in process (no server).
+
+Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint; NO_COLOR turns styling off) and
+the answer in normal text. Earlier turns stay in the conversation without their reasoning, as R1 expects; when the
+conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts over, `/exit` (or EOF,
+Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+# control characters a model might emit (escape sequences could restyle or rewrite the terminal); \t and \n stay
+CONTROLS = {c: None for c in [*range(0x20), 0x7F] if chr(c) not in "\t\n"}
+HELP = "commands: /clear (start over), /exit (quit)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 = greedy (default: the model's generation_config.json, else 1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: generation_config.json)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per answer, reasoning included")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, ≤ 4096)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+
+
+class Printer:
+    """Writes reasoning deltas dimmed and answer deltas plain, switching style only when the section changes."""
+
+    def __init__(self, out=sys.stdout, color: bool = True):
+        self.out, self.color, self.section = out, color, None
+
+    def write(self, section: str, text: str) -> None:
+        if not text:
+            return
+        if section != self.section and self.color:
+            self.out.write(DIM if section == "reasoning" else RESET)
+        if section == "content" and self.section == "reasoning":
+            self.out.write("\n\n")
+        self.section = section
+        self.out.write(text.translate(CONTROLS))
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write((RESET if self.color and self.section == "reasoning" else "") + "\n")
+        self.out.flush()
+        self.section = None
+
+
+class ChatSession:
+    """A conversation with one model: `reply(text, printer)` streams the answer and keeps the turn."""
+
+    def __init__(self, rt, temperature: float, top_p: float, max_tokens: int, system: str | None = None):
+        self.rt, self.temperature, self.top_p, self.max_tokens = rt, temperature, top_p, max_tokens
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict] = []
+
+    def clear(self) -> None:
+        self.turns = []
+
+    def _prompt(self, messages: list[dict]) -> list[int] | None:
+        """The prompt ids, dropping the oldest turns until there is room to answer; None if even one turn won't fit."""
+        tok, limit = self.rt.tokenizer, self.rt.max_model_len
+        while True:
+            ids = tok.apply_chat_template(self.system + messages, add_generation_prompt=True)
+            if len(ids) < limit:
+                return ids
+            if len(messages) <= 1:
+                return None
+            messages[:] = messages[2:] if len(messages) > 2 else messages[1:]
+
+    def reply(self, text: str, printer: Printer) -> None:
+        from .engine.engine import SamplingParams
+        from .serve.reasoning import CompletionDecoder, starts_in_reasoning
+
+        rt = self.rt
+        messages = self.turns + [{"role": "user", "content": text}]
+        prompt = self._prompt(messages)
+        if prompt is None:
+            print(f"(that message is longer than the context of {rt.max_model_len} tokens)")
+            return
+        tok = rt.tokenizer
+        dec = CompletionDecoder(tok, in_reasoning=starts_in_reasoning(prompt, tok.think_id, tok.end_think_id),
+                                end_ids=rt.stop_ids)
+        params = SamplingParams(max_new_tokens=min(self.max_tokens, rt.max_model_len - len(prompt)),
+                                temperature=self.temperature, top_p=self.top_p, top_k=rt.defaults["top_k"],
+                                stop_token_ids=rt.stop_ids)
+        rid = rt.engine.submit(prompt, params)
+        try:
+            completed = self._stream(rid, dec, printer)
+        finally:
+            rt.engine.cancel(rid)  # a no-op once finished; frees the row after Ctrl-C
+            printer.end()
+        if not completed:
+            print("(stopped)")
+        self.turns = messages + [{"role": "assistant", "content": dec.content_text}]  # what was shown stays
+
+    def _stream(self, rid: int, dec, printer: Printer) -> bool:
+        """Step the engine, printing deltas, until the answer ends (True) or Ctrl-C stops it (False). Ctrl-C only
+        sets a flag here, so the engine is never interrupted halfway through a step."""
+        interrupted: list[bool] = []
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        try:
+            while not interrupted:
+                for r, token, finished, _ in self.rt.engine.step():
+                    if r != rid:
+                        continue
+                    delta = dec.feed(token)
+                    if finished:
+                        delta = delta + dec.finish()
+                    printer.write("reasoning", delta.reasoning)
+                    printer.write("content", delta.content)
+                    if finished:
+                        return True
+            return False
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _read(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import UserError
+    from .serve.runtime import load_runtime
+
+    if args.max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len, max_batch_size=1)
+    if rt.tokenizer.chat_template is None:
+        raise UserError(f"{args.model}: the tokenizer has no chat template")
+    temperature = rt.defaults["temperature"] if args.temperature is None else args.temperature
+    top_p = rt.defaults["top_p"] if args.top_p is None else args.top_p
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
+    session = ChatSession(rt, temperature, top_p, args.max_tokens, args.system)
+    printer = Printer(color=not os.environ.get("NO_COLOR"))
+    print(f"nanoseek chat with {args.model} on {rt.engine.device}. {HELP}; Ctrl-C stops an answer.")
+    while (line := _read("> ")) is not None:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/clear":
+            session.clear()
+            print("(conversation cleared)")
+        elif text.startswith("/"):
+            print(HELP)
+        elif text:
+            session.reply(text, printer)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nanoseek.chat ...`: the same as `nanoseek chat ...`."""
+    from .cli import _user_errors
+
+    parser = argparse.ArgumentParser(prog="nanoseek chat", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv)) or 0
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: corpora, token shards and loaders (`corpus`), and the verifiable task suite (`tasks`)."""

@@ -1,0 +1,151 @@
+"""`nanoseek report RUN_OR_SPEEDRUN_DIR`: a report card (report.md + PNG plots) from the files runs leave behind.
+
+Reads every stage directory it finds (a run directory has metrics.jsonl; a speedrun directory has one per stage and
+a summary.json): loss curves (main and MTP), expert load imbalance per MoE layer over time, GRPO reward /
+accuracy / response length, held-out accuracy by stage and by level, and a cost table in the style of
+DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price), plus the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def stage_dirs(root: Path) -> dict[str, Path]:
+    if (root / "metrics.jsonl").is_file():
+        return {root.name: root}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "metrics.jsonl").is_file()}
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    steps = [r["step"] for r in rows if "loss" in r]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="main loss")
+        if any(r.get("mtp_loss") for r in rows):
+            ax.plot(steps, [r.get("mtp_loss", 0) for r in rows if "loss" in r], label="MTP loss")
+        ax.set(xlabel="step", ylabel="cross-entropy", title=f"{name}: loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_loss.png", dpi=110)
+        plt.close(fig)
+        made.append(f"{name}_loss.png")
+    imb = [(r["step"], r["expert_imbalance"]) for r in rows if r.get("expert_imbalance")]
+    if imb:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for layer in range(len(imb[0][1])):
+            ax.plot([s for s, _ in imb], [v[layer] if layer < len(v) else None for _, v in imb], label=f"MoE layer {layer}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set(xlabel="step", ylabel="max load / mean load", title=f"{name}: expert load imbalance")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_experts.png", dpi=110)
+        plt.close(fig)
+        made.append(f"{name}_experts.png")
+    rl = [r for r in rows if "reward" in r]
+    if rl:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        for ax, key in zip(axes, ("reward", "accuracy", "response_length")):
+            ax.plot([r["step"] for r in rl], [r[key] for r in rl])
+            ax.set(xlabel="step", title=key)
+        evals = [(r["step"], r["eval"]["pass@1"]) for r in rows if "eval" in r]
+        if evals:
+            axes[1].plot([s for s, _ in evals], [v for _, v in evals], "o--", label="held-out pass@1")
+            axes[1].legend(fontsize=7)
+        fig.suptitle(f"{name}: GRPO")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_rl.png", dpi=110)
+        plt.close(fig)
+        made.append(f"{name}_rl.png")
+    return made
+
+
+def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
+    rows = []
+    for name, d in dirs.items():
+        cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").is_file() else None
+        if cost is None:
+            metrics = read_jsonl(d / "metrics.jsonl")
+            wall = metrics[-1].get("wall_s", 0.0) if metrics else 0.0
+            cost = {"device_hours": round(wall / 3600, 5), "flops": None, "mfu": None, "dollars": None,
+                    "price_per_device_hour": price or 2.0}
+        p = price if price is not None else cost.get("price_per_device_hour", 2.0)
+        rows.append({"stage": name, **cost, "dollars": round(cost["device_hours"] * p, 4), "price": p})
+    return rows
+
+
+def write_report(root: Path, price: float | None = None) -> Path:
+    dirs = stage_dirs(root)
+    summary = json.loads((root / "summary.json").read_text()) if (root / "summary.json").is_file() else {}
+    lines = [f"# nanoseek report: {root}", "", f"Machine: {machine()}", ""]
+    stages = summary.get("stages", {})
+    if stages:
+        lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels |", "|---|---|---|"]
+        for name, s in stages.items():
+            if "pass@1" in s:
+                levels = ", ".join(f"L{k}: {v['pass@1']:.2f}" for k, v in (s.get("levels") or {}).items())
+                lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} |")
+        lines.append("")
+    rows = cost_rows(dirs, price)
+    if rows:
+        total_h = sum(r["device_hours"] for r in rows)
+        lines += ["## Cost (DeepSeek-V3 style)", "", "| stage | device-hours | FLOPs | MFU | dollars |", "|---|---|---|---|---|"]
+        for r in rows:
+            flops = f"{r['flops']:.3g}" if r.get("flops") else "–"
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
+            lines.append(f"| {r['stage']} | {r['device_hours']:.4f} | {flops} | {mfu} | ${r['dollars']:.4f} |")
+        lines += [f"| **total** | {total_h:.4f} | | | ${sum(r['dollars'] for r in rows):.4f} |", "",
+                  f"Dollars at ${rows[0]['price']}/device-hour (DeepSeek-V3: 2.788M H800 GPU-hours = $5.576M at $2).", ""]
+    for name, d in dirs.items():
+        for png in plot_training(name, read_jsonl(d / "metrics.jsonl"), root):
+            lines += [f"![{png}]({png})", ""]
+    out = root / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory (with metrics.jsonl) or a speedrun directory")
+    p.add_argument("--price-per-hour", type=float, help="dollars per device-hour (default: what each run recorded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+
+    root = Path(args.run)
+    if not root.is_dir() or not stage_dirs(root):
+        raise UserError(f"{root}: no run here (expected metrics.jsonl in it or in its stage directories)")
+    out = write_report(root, args.price_per_hour)
+    print(json.dumps({"report": str(out)}))
+    return 0

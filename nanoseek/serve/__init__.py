@@ -1,0 +1,34 @@
+"""Self-hosting: `nanoseek serve`, an OpenAI-compatible server with a local web chat (see app.py).
+
+This module is the CLI entry (`add_arguments` / `run`) and stays cheap to import: FastAPI, uvicorn and the model are
+loaded only when the server runs. Layout: app.py (HTTP endpoints), generation.py (requests on the event loop),
+runtime.py (model loading, the engine thread), reasoning.py (token ids -> reasoning / answer text), schemas.py
+(request bodies, errors), webui.py + static/ (the web chat), history.py (its SQLite history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, else no key)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens, prompt + answer (default: the model's, at most 4096)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    p.add_argument("--history", default=None,
+                   help="SQLite file for the web chat's conversations (default ~/.nanoseek/history.sqlite3)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .app import run as run_server
+
+    return run_server(args)

@@ -1,0 +1,430 @@
+"""`nanoseek serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with a local web chat.
+
+Endpoints: `GET /health` (public), `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, the web
+chat's history under `/api/conversations` (see webui.py) and the page itself at `/`.
+
+Chat prompts are rendered with the model directory's own chat template (`add_generation_prompt=True`); the answer's
+`<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
+in `content` (reasoning.py). Sampling defaults come from the directory's generation_config.json. Bad input never
+gives a 500: every error is a 4xx with OpenAI's `{"error": {...}}` body. With `--api-key` (or NANOSEEK_API_KEY) every
+endpoint but `/health` and the static page needs `Authorization: Bearer KEY`. Bound to a loopback address, requests
+must also name a loopback host (so a web page elsewhere cannot reach the server through DNS rebinding).
+
+One background thread owns the engine (runtime.EngineWorker); each request's tokens reach the event loop through an
+asyncio queue (generation.py). A client that disconnects mid-stream has its requests cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import add_arguments
+from .generation import Generation, GenerationError
+from .runtime import EngineWorker, Runtime
+from .schemas import ApiError, ChatRequest, CompletionRequest, error_body
+
+log = logging.getLogger("nanoseek.serve")
+MAX_CHOICES = 256  # prompts × n in one request
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+def _validation_error(exc: RequestValidationError, content_type: str) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({first.get('msg', '')})")
+    if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type:
+        # FastAPI parses only JSON-typed bodies (which also keeps cross-site form posts out)
+        return ApiError(400, "send the body as JSON with 'Content-Type: application/json'")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return ApiError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        err = _validation_error(exc, request.headers.get("content-type", ""))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def bad_json(request: Request, exc: json.JSONDecodeError):
+        return JSONResponse(error_body(f"the request body is not valid JSON ({exc})"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):  # a bug in the server, not the client's fault
+        log.exception("internal error")
+        return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
+
+
+# --- access control --------------------------------------------------------------------------------------------------
+def bearer_checker(api_key: str | None):
+    """A dependency that lets a request through only with `Authorization: Bearer <api_key>` (if a key is set)."""
+    expected = api_key.encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    return check
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):  # [::1]:8000
+        return header[1 : header.find("]")]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class LoopbackHostOnly:
+    """ASGI middleware: refuse HTTP requests whose Host header is not a loopback name (DNS-rebinding guard)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host and not is_loopback(_host_name(host)):
+                body = error_body("this server only answers requests addressed to a loopback host")
+                await JSONResponse(body, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- building engine requests ----------------------------------------------------------------------------------------
+def _message_text(message, index: int) -> str:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise ApiError(400, f"only text content is supported (got a {part.type!r} part)",
+                           param=f"messages.{index}.content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
+    """The directory's chat template over the messages; old reasoning fields are dropped (not fed back)."""
+    import jinja2
+
+    from ..tokenizer import TokenizerError
+
+    if not req.messages:
+        raise ApiError(400, "messages must contain at least one message", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
+                for i, m in enumerate(req.messages)]
+    kwargs = req.chat_template_kwargs or {}
+    thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", True)))
+    try:
+        return rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+    except (TokenizerError, jinja2.TemplateError) as e:
+        raise ApiError(400, f"cannot apply the model's chat template: {e}", param="messages") from None
+
+
+def completion_prompts(rt: Runtime, prompt) -> list[list[int]]:
+    """A completions `prompt`: text (BOS prepended, as HF tokenizers do), texts, token ids, or lists of ids."""
+    tok = rt.tokenizer
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            add_bos = tok.bos_id is not None and not p.startswith(tok.bos_token)
+            ids = tok.encode(p, add_bos=add_bos)
+        else:
+            ids = list(p)
+            if any(not 0 <= t < rt.engine.cfg.vocab_size for t in ids):
+                raise ApiError(400, f"token ids must be in [0, {rt.engine.cfg.vocab_size})", param="prompt")
+        if not ids:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        out.append(ids)
+    return out
+
+
+def sampling_params(rt: Runtime, req, prompt_len: int, *, max_tokens: int | None, max_tokens_param: str,
+                    prompt_param: str, n: int):
+    """SamplingParams for the n choices of one prompt; 400 if prompt + max_tokens does not fit the context."""
+    from ..engine.engine import SamplingParams
+
+    limit = rt.max_model_len
+    if prompt_len >= limit:
+        raise ApiError(400, f"the prompt has {prompt_len} tokens but this server's context is {limit} tokens "
+                            f"(--max-model-len), which leaves no room for an answer", param=prompt_param,
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = limit - prompt_len
+    elif prompt_len + max_tokens > limit:
+        raise ApiError(400, f"{max_tokens_param}={max_tokens} plus the prompt's {prompt_len} tokens exceeds this "
+                            f"server's context of {limit} tokens", param=max_tokens_param,
+                       code="context_length_exceeded")
+    d = rt.defaults
+    temperature = d["temperature"] if req.temperature is None else req.temperature
+    top_p = d["top_p"] if req.top_p is None else req.top_p
+    top_k = d["top_k"] if req.top_k is None else max(req.top_k, 0)
+    return [SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           seed=None if req.seed is None else req.seed + i, stop_token_ids=rt.stop_ids)
+            for i in range(n)]
+
+
+# --- responses -------------------------------------------------------------------------------------------------------
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _chat_delta(event) -> list[dict]:
+    deltas = []
+    if event.reasoning:
+        deltas.append({"reasoning_content": event.reasoning, "reasoning": event.reasoning})
+    if event.content:
+        deltas.append({"content": event.content})
+    return deltas
+
+
+async def stream_chat(gen: Generation, head: dict, include_usage: bool):
+    """SSE chunks: a role chunk per choice, reasoning deltas, answer deltas, a finish chunk, [usage], [DONE]."""
+    usage = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage})
+
+    try:
+        for i in range(len(gen.jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for ev in gen.events():
+            for delta in _chat_delta(ev):
+                yield chunk(ev.index, delta)
+            if ev.finish_reason:
+                yield chunk(ev.index, {}, ev.finish_reason)
+        if include_usage:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": gen.usage()})
+    except GenerationError as e:
+        yield sse(error_body(str(e), type="server_error"))
+    finally:
+        gen.cancel()
+    yield "data: [DONE]\n\n"
+
+
+async def stream_completion(gen: Generation, head: dict, include_usage: bool):
+    usage = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str, finish: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return sse({**head, "object": "text_completion", "choices": [choice], **usage})
+
+    try:
+        async for ev in gen.events():
+            if ev.content or ev.reasoning:
+                yield chunk(ev.index, ev.reasoning + ev.content)
+            if ev.finish_reason:
+                yield chunk(ev.index, "", ev.finish_reason)
+        if include_usage:
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": gen.usage()})
+    except GenerationError as e:
+        yield sse(error_body(str(e), type="server_error"))
+    finally:
+        gen.cancel()
+    yield "data: [DONE]\n\n"
+
+
+async def _collect(gen: Generation, request: Request):
+    """All choices of a non-streamed request; gives up (freeing the slots) if the client goes away meanwhile."""
+    task = asyncio.ensure_future(gen.collect())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        return task.result()
+    except GenerationError as e:
+        raise ApiError(500, str(e), type="server_error") from None
+    finally:
+        if not task.done():
+            task.cancel()  # its generator's cleanup cancels the engine requests
+
+
+def _event_stream(body) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- the app ---------------------------------------------------------------------------------------------------------
+def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, history=None,
+               restrict_host: bool = True) -> FastAPI:
+    """The FastAPI app over a loaded runtime. `history`: a HistoryStore for the web chat (None: in memory)."""
+    from .history import HistoryStore
+    from .webui import add_web_routes
+
+    worker = EngineWorker(rt.engine)
+    history = history if history is not None else HistoryStore(":memory:")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+            history.close()
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime, app.state.worker, app.state.history = rt, worker, history
+    _install_error_handlers(app)
+    if restrict_host:
+        app.add_middleware(LoopbackHostOnly)
+    auth = [Depends(bearer_checker(api_key))]
+    created = int(time.time())
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def head(prefix: str) -> dict:
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **worker.counts()}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=auth)
+    async def model(name: str):
+        check_model(name)
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek",
+                "root": str(rt.model_dir), "max_model_len": rt.max_model_len}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(req: ChatRequest, request: Request):
+        check_model(req.model)
+        prompt = chat_prompt(rt, req)
+        max_tokens, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                             else (req.max_tokens, "max_tokens"))
+        params = sampling_params(rt, req, len(prompt), max_tokens=max_tokens, max_tokens_param=param,
+                                 prompt_param="messages", n=req.n)
+        gen = Generation(rt, worker, [prompt] * req.n, params, prompt_tokens=len(prompt), split=True,
+                         stop=req.stop_list, budget=req.thinking_token_budget)
+        h = head("chatcmpl")
+        if req.stream:
+            return _event_stream(stream_chat(gen, h, req.include_usage))
+        choices = await _collect(gen, request)
+        return {**h, "object": "chat.completion", "usage": gen.usage(), "choices": [
+            {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason,
+             "message": {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning,
+                         "reasoning": c.reasoning}}
+            for c in choices]}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        prompts = completion_prompts(rt, req.prompt)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"at most {MAX_CHOICES} completions per request (prompts × n)", param="n")
+        all_prompts, all_params = [], []
+        for p in prompts:
+            max_tokens = req.max_tokens
+            if "max_tokens" not in req.model_fields_set or max_tokens is None:
+                max_tokens = max(1, min(16, rt.max_model_len - len(p)))
+            all_params += sampling_params(rt, req, len(p), max_tokens=max_tokens, max_tokens_param="max_tokens",
+                                          prompt_param="prompt", n=req.n)
+            all_prompts += [p] * req.n
+        gen = Generation(rt, worker, all_prompts, all_params, prompt_tokens=sum(map(len, prompts)), split=False,
+                         stop=req.stop_list)
+        h = head("cmpl")
+        if req.stream:
+            return _event_stream(stream_completion(gen, h, req.include_usage))
+        choices = await _collect(gen, request)
+        return {**h, "object": "text_completion", "usage": gen.usage(), "choices": [
+            {"index": c.index, "text": c.content, "logprobs": None, "finish_reason": c.finish_reason}
+            for c in choices]}
+
+    add_web_routes(app, history, auth)
+    return app
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..cli import UserError
+    from .history import HistoryStore, default_path
+    from .runtime import load_runtime
+
+    if not 0 <= args.port < 65536:
+        raise UserError("--port must be in 0..65535")
+    rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
+                      max_batch_size=args.max_batch_size)
+    history = HistoryStore(args.history or default_path())
+    name = args.served_model_name or args.model
+    app = create_app(rt, model_name=name, api_key=args.api_key, history=history, restrict_host=is_loopback(args.host))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{args.port}"
+    print(f"nanoseek: serving {name!r} on {rt.engine.device} (context {rt.max_model_len} tokens)\n"
+          f"  web chat: {url}/\n  API:      {url}/v1" + ("  (API key required)" if args.api_key else ""),
+          flush=True)
+    if not is_loopback(args.host) and not args.api_key:
+        print("warning: listening beyond this machine without --api-key", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nanoseek.serve ...`: the same as `nanoseek serve ...`."""
+    from ..cli import _user_errors
+
+    parser = argparse.ArgumentParser(prog="nanoseek serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args) or 0
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1

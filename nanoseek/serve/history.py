@@ -1,0 +1,124 @@
+"""The web chat's conversation history: a local SQLite file (stdlib sqlite3), nothing leaves the machine.
+
+Two tables: `conversations(id, title, created_at, updated_at)` and `messages(id, conversation_id, role, content,
+reasoning, created_at)`; deleting a conversation deletes its messages. The file is created private (mode 0600) at
+`--history`, default `~/.nanoseek/history.sqlite3`, and survives server restarts. One connection, guarded by a lock,
+is shared by the server's threads. `HistoryStore(":memory:")` keeps nothing on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+DEFAULT_PATH = Path("~/.nanoseek/history.sqlite3")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    reasoning TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+"""
+
+
+class HistoryStore:
+    def __init__(self, path):
+        self.path = Path(path).expanduser() if str(path) != ":memory:" else Path(":memory:")
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                self.path.touch(mode=0o600)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> int:
+        """Run statements in one transaction; returns the row count of the last."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                cur = None
+                for sql, args in statements:
+                    cur = self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return cur.rowcount if cur is not None else 0
+
+    # --- conversations ----------------------------------------------------------------------------------------
+    def list_conversations(self) -> list[dict]:
+        return self._query("SELECT id, title, created_at, updated_at FROM conversations "
+                           "ORDER BY updated_at DESC, created_at DESC")
+
+    def create_conversation(self, title: str) -> dict:
+        now = time.time()
+        conv = {"id": uuid.uuid4().hex, "title": title.strip() or "New chat", "created_at": now, "updated_at": now}
+        self._write([("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                      (conv["id"], conv["title"], now, now))])
+        return conv
+
+    def get_conversation(self, conv_id: str) -> dict | None:
+        rows = self._query("SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?", (conv_id,))
+        if not rows:
+            return None
+        conv = rows[0]
+        conv["messages"] = self._query("SELECT id, role, content, reasoning, created_at FROM messages "
+                                       "WHERE conversation_id = ? ORDER BY id", (conv_id,))
+        return conv
+
+    def rename_conversation(self, conv_id: str, title: str) -> bool:
+        return self._write([("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                             (title.strip() or "New chat", time.time(), conv_id))]) > 0
+
+    def delete_conversation(self, conv_id: str) -> bool:
+        return self._write([("DELETE FROM conversations WHERE id = ?", (conv_id,))]) > 0
+
+    # --- messages ---------------------------------------------------------------------------------------------
+    def add_message(self, conv_id: str, role: str, content: str, reasoning: str | None = None) -> dict | None:
+        """Append a message; None if the conversation does not exist."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                if self._db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                                    (now, conv_id)).rowcount == 0:
+                    self._db.execute("ROLLBACK")
+                    return None
+                cur = self._db.execute("INSERT INTO messages (conversation_id, role, content, reasoning, created_at) "
+                                       "VALUES (?, ?, ?, ?, ?)", (conv_id, role, content, reasoning, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {"id": cur.lastrowid, "role": role, "content": content, "reasoning": reasoning, "created_at": now}
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("NANOSEEK_HISTORY", str(DEFAULT_PATH))).expanduser()

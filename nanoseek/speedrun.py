@@ -1,0 +1,139 @@
+"""`nanoseek speedrun`: the whole DeepSeek-V3 → R1 → distillation recipe with one command.
+
+    tokenizer → pretrain (NTP + MTP, aux-loss-free MoE) → cold-start SFT (R1 format) → GRPO (verifiable rewards)
+    → distill into a student with at most half the teacher's active parameters → held-out evaluation of every
+    stage → report card
+
+Each stage writes its own run directory under OUT (pretrain/, sft/, grpo/, student_base/, distill/), so any stage
+can be rerun or inspected with the per-stage commands. Re-running the same command resumes: finished stages are
+skipped. The `cpu` preset is sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Per-preset stage settings. cpu: cpu-tiny teacher, cpu-student (half its active parameters) student.
+PRESETS = {
+    "cpu": {
+        "pretrain": dict(preset="cpu-tiny", steps=600),
+        "student_base": dict(preset="cpu-student", steps=400),
+        "sft": dict(steps=300, batch_size=32, micro_batch_size=32, seq_len=192, lr=1e-3),
+        "grpo": dict(steps=40, prompts_per_step=16, group_size=8, max_new_tokens=96, lr=5e-5, eval_every=20, eval_n=100),
+        "distill": dict(n=1500, steps=300, batch_size=32, lr=1e-3),
+        "eval_n": 300,
+    },
+    "gpu": {
+        "pretrain": dict(preset="small", steps=1200),
+        "student_base": dict(preset="cpu-tiny", steps=1200, batch_size=64, micro_batch_size=64, seq_len=256),
+        "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=256, lr=5e-4),
+        "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=160, lr=2e-5, eval_every=20, eval_n=200),
+        "distill": dict(n=6000, steps=400, batch_size=64, lr=5e-4),
+        "eval_n": 500,
+    },
+}
+TASKS = ["arithmetic", "word", "countdown"]
+
+
+def log(msg: str) -> None:
+    print(f"[speedrun] {msg}", file=sys.stderr, flush=True)
+
+
+def done(stage_dir: Path) -> bool:
+    return (stage_dir / "done.json").is_file()
+
+
+def mark_done(stage_dir: Path, result: dict) -> dict:
+    (stage_dir / "done.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
+    from .data.tasks import mixture
+    from .engine.engine import Engine
+    from .eval.evaluate import run_eval, summarize
+    from .tokenizer import Tokenizer
+
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+                                    max_batch_size=64)
+    problems = mixture(n, seed=4242, split="eval", families=TASKS)
+    return summarize(run_eval(engine, Tokenizer.from_dir(model_dir), problems, max_new_tokens=160, style=style,
+                              progress=False))
+
+
+def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
+    from .train.distill import DistillConfig, distill
+    from .train.grpo import GRPOConfig, grpo
+    from .train.pretrain import PretrainConfig, TRAIN_PRESETS, pretrain
+    from .train.sft import SFTConfig, sft
+
+    p = PRESETS[preset]
+    t0 = time.perf_counter()
+    stages: dict[str, dict] = {}
+    out.mkdir(parents=True, exist_ok=True)
+
+    def stage(name: str, fn):
+        d = out / name
+        if done(d):
+            log(f"{name}: already done, skipping")
+            return json.loads((d / "done.json").read_text())
+        log(f"{name} ...")
+        start = time.perf_counter()
+        result = fn(d)
+        result["stage_wall_s"] = round(time.perf_counter() - start, 1)
+        log(f"{name} done in {result['stage_wall_s']} s")
+        return mark_done(d, result)
+
+    def pretrain_stage(name, settings, tokenizer=None):
+        s = {**TRAIN_PRESETS[settings["preset"]], **settings}
+        cfg = PretrainConfig(out=str(out / name), seed=seed, device=device, resume=True, tokenizer=tokenizer,
+                             save_every=max(50, s["steps"] // 4), **s)
+        return stage(name, lambda d: pretrain(cfg))
+
+    pre = pretrain_stage("pretrain", p["pretrain"])
+    stages["pretrain"] = evaluate(out / "pretrain" / "model", p["eval_n"], device, style="plain")
+    sft_res = stage("sft", lambda d: sft(SFTConfig(out=str(d), model=str(out / "pretrain" / "model"), seed=seed,
+                                                   device=device, resume=True, **p["sft"])))
+    stages["sft"] = evaluate(out / "sft" / "model", p["eval_n"], device)
+    stage("grpo", lambda d: grpo(GRPOConfig(out=str(d), model=str(out / "sft" / "model"), tasks=TASKS, seed=seed,
+                                            device=device, resume=True, **p["grpo"])))
+    stages["grpo"] = evaluate(out / "grpo" / "model", p["eval_n"], device)
+    teacher = out / "grpo" / "model"
+    pretrain_stage("student_base", p["student_base"], tokenizer=str(out / "pretrain" / "tokenizer"))
+    dist = stage("distill", lambda d: distill(DistillConfig(teacher=str(teacher), out=str(d), tasks=TASKS, seed=seed,
+                                                             student=str(out / "student_base" / "model"),
+                                                             device=device, eval_n=p["eval_n"], **p["distill"])))
+    stages["distill"] = evaluate(out / "distill" / "student" / "model", p["eval_n"], device)
+    stages["distill"]["teacher_pass@1"] = stages["grpo"]["pass@1"]
+    stages["distill"]["params_active"] = dist["student"]["params_active"]
+    stages["distill"]["teacher_params_active"] = dist.get("teacher", {}).get("params_active")
+    stages["pretrain"]["cost"] = pre.get("cost")
+    best = max(("sft", "grpo", "distill"), key=lambda s: stages[s]["pass@1"])
+    final = {"sft": out / "sft" / "model", "grpo": out / "grpo" / "model", "distill": out / "distill" / "student" / "model"}[best]
+    summary = {"stages": stages, "final_model": str(final), "wall_s": round(time.perf_counter() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from .eval.report import write_report
+
+    write_report(out)
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (2 cores, ~20 min) or gpu (1 H100, ~10 min)")
+    p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    summary = speedrun(Path(args.out), args.preset, device, args.seed)
+    log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")
+    print(json.dumps(summary, default=str))
+    return 0

@@ -1,0 +1,235 @@
+"""`nanoseek distill`: teach a student the teacher's reasoning (DeepSeek-R1 §2.4: distilled students get SFT on the
+teacher's verified traces only).
+
+1. traces   the teacher (a model directory or any OpenAI-compatible URL) answers task-suite problems from the
+            train split; every trace is appended to RUN/traces.jsonl as it arrives, so an interrupted run resumes
+            without asking again.
+2. filter   rejection sampling: keep a trace only if it ended by itself, is well formed (`<think>` reasoning then
+            an answer) and the task's checker verifies its answer; drop exact duplicates. The kept set is chat JSONL
+            (RUN/kept.jsonl) that `nanoseek sft` also accepts.
+3. student  SFT of the student (RUN/student) on the kept set; with a local teacher that shares the student's
+            vocabulary, `--kd-weight` adds KL(teacher ‖ student) on the answer tokens (logit distillation).
+4. report   teacher vs student: held-out pass@1, parameters (total and active), decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .rewards import judge
+from .teacher import LocalTeacher, make_teacher
+
+
+@dataclass
+class DistillConfig:
+    teacher: str
+    out: str
+    student: str | None = None  # a model directory with tokenizer files
+    student_preset: str | None = None  # or a fresh model of this preset, with the teacher's tokenizer
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "word", "countdown"])
+    n: int = 2000  # problems
+    samples: int = 1  # traces per problem
+    max_tokens: int = 160
+    temperature: float = 0.6  # R1's recommended sampling
+    concurrency: int = 8
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    kd_weight: float = 0.0
+    eval_n: int = 200
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def trace_problems(cfg: DistillConfig):
+    from ..data.tasks import FAMILIES, mixture
+
+    families = [t.partition(":")[0] for t in cfg.tasks]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        from ..cli import UserError
+
+        raise UserError(f"unknown task {bad[0]!r}; choose from {', '.join(FAMILIES)}")
+    return mixture(cfg.n, seed=cfg.seed + 2, split="train", families=families)
+
+
+def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
+    """Ask the teacher for every (problem, sample) not yet in `path`; append each answer as it arrives."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[(rec["uid"], rec["sample"])] = rec
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by an interruption
+    todo = [(p, s) for p in problems for s in range(cfg.samples) if (p.uid, s) not in done]
+    bar = None
+    if cfg.progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="teacher traces", unit="trace", file=sys.stderr, dynamic_ncols=True)
+    with path.open("a") as f:
+        for i, trace in teacher.traces([p.question for p, _ in todo], cfg.max_tokens, cfg.temperature, cfg.seed):
+            p, s = todo[i]
+            rec = {"uid": p.uid, "sample": s, "question": p.question, "reasoning": trace.reasoning,
+                   "answer": trace.answer, "finished": trace.finished}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            done[(p.uid, s)] = rec
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return list(done.values())
+
+
+def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
+    """Rejection sampling -> chat records, and counts of what was dropped and why."""
+    by_uid = {p.uid: p for p in problems}
+    kept, seen = [], set()
+    counts = {"total": len(records), "malformed": 0, "wrong": 0, "duplicate": 0, "kept": 0}
+    for rec in records:
+        p = by_uid.get(rec["uid"])
+        if p is None:
+            continue
+        text = f"<think>\n{rec['reasoning']}\n</think>\n\n{rec['answer']}"
+        j = judge(text, p, finished=rec["finished"])
+        if not j.format:
+            counts["malformed"] += 1
+            continue
+        if not j.accuracy:
+            counts["wrong"] += 1
+            continue
+        key = (rec["uid"], rec["reasoning"], rec["answer"])
+        if key in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(key)
+        kept.append({"messages": [{"role": "user", "content": rec["question"]},
+                                  {"role": "assistant", "content": text}]})
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def fresh_student(cfg: DistillConfig, teacher, run: Path) -> Path:
+    """A newly initialised model of `student_preset` with the (local) teacher's tokenizer."""
+    from ..checkpoint import save_model
+    from ..cli import UserError
+    from ..config import get_preset
+    from ..model import build_model
+
+    if not isinstance(teacher, LocalTeacher):
+        raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass --student DIR")
+    tok = teacher.tok
+    mc = get_preset(cfg.student_preset).replace(vocab_size=teacher.model.config.vocab_size, bos_token_id=tok.bos_id,
+                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, torch_dtype="float32")
+    torch.manual_seed(cfg.seed)
+    out = run / "student_init"
+    save_model(build_model(mc), out)
+    tok.save(out)
+    return out
+
+
+def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tokens: int = 64) -> float:
+    from ..engine.engine import Engine
+
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    prompts = [[engine.cfg.bos_token_id or 0] + [5 + i] * 8 for i in range(n_prompts)]
+    engine.generate(prompts[:1], max_new_tokens=4)  # warm-up
+    t = time.perf_counter()
+    outs = engine.generate(prompts, max_new_tokens=new_tokens)
+    return sum(len(o) for o in outs) / (time.perf_counter() - t)
+
+
+def describe(model_dir: str, device: str, eval_n: int, families, seed: int) -> dict:
+    from ..engine.engine import Engine
+    from ..eval.evaluate import run_eval, summarize
+    from ..model import param_counts
+    from ..tokenizer import Tokenizer
+    from ..data.tasks import mixture
+
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    tok = Tokenizer.from_dir(model_dir)
+    problems = mixture(eval_n, seed=seed, split="eval", families=families)
+    summary = summarize(run_eval(engine, tok, problems, max_new_tokens=256, progress=False))
+    counts = param_counts(engine.model)
+    return {"pass@1": summary["pass@1"], "levels": summary.get("levels"), "params_total": counts["total"],
+            "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
+
+
+def distill(cfg: DistillConfig) -> dict:
+    from ..cli import UserError
+    from .sft import SFTConfig, sft
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if not cfg.student and not cfg.student_preset:
+        raise UserError("name the student: --student DIR or --student-preset PRESET")
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency)
+    except ConnectionError as e:
+        raise UserError(f"teacher unreachable: {e}") from None
+    problems = trace_problems(cfg)
+    try:
+        records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
+    except ConnectionError as e:
+        raise UserError(f"teacher failed: {e} (traces so far are kept in {run / 'traces.jsonl'}; rerun to resume)") from None
+    kept, counts = filter_traces(records, problems)
+    (run / "kept.jsonl").write_text("".join(json.dumps(k) + "\n" for k in kept))
+    print(f"traces: {json.dumps(counts)}", file=sys.stderr)
+    if not kept:
+        raise UserError(f"no trace passed verification ({counts}); a stronger teacher or more samples are needed")
+    student = cfg.student or str(fresh_student(cfg, teacher, run))
+    kd_teacher = teacher.model if cfg.kd_weight > 0 and isinstance(teacher, LocalTeacher) else None
+    if cfg.kd_weight > 0 and kd_teacher is None:
+        raise UserError("--kd-weight needs a local teacher directory (logits are not available over HTTP)")
+    sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")], steps=cfg.steps,
+                        batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                        device=device, progress=cfg.progress, resume=True)
+    result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
+    families = sorted({t.partition(":")[0] for t in cfg.tasks})
+    report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, cfg.eval_n, families, cfg.seed)}
+    if isinstance(teacher, LocalTeacher):
+        report["teacher"] = describe(cfg.teacher, device, cfg.eval_n, families, cfg.seed)
+    (run / "report.json").write_text(json.dumps(report, indent=1))
+    return {"stage": "distill", "model": str(run / "student" / "model"), "sft": result["final"] if result else None, **report}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher model directory, or an OpenAI-compatible base URL "
+                   "(API key from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--out", required=True, help="run directory (traces.jsonl, kept.jsonl, student/, report.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--student", help="student model directory (with tokenizer files) to fine-tune")
+    g.add_argument("--student-preset", help="or a fresh student of this preset, with the local teacher's tokenizer")
+    p.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"])
+    p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher")
+    p.add_argument("--samples", type=int, default=1, help="traces per problem")
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--concurrency", type=int, default=8, help="parallel requests to a URL teacher")
+    p.add_argument("--steps", type=int, default=300, help="student SFT steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight (local teacher only)")
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    keys = ("teacher", "out", "student", "student_preset", "tasks", "n", "samples", "max_tokens", "temperature",
+            "concurrency", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
+    print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
+    return 0

@@ -1,0 +1,373 @@
+"""`nanoseek grpo`: reasoning by reinforcement learning with verifiable rewards (DeepSeek-R1-Zero / R1).
+
+Each step samples `prompts_per_step` problems, rolls out G completions per problem through the engine (one batched,
+KV-cached generation; the G copies of a prompt share one prefill), scores them with the rule-based rewards of
+`rewards.py`, and takes `updates_per_batch` optimiser steps on the same rollouts.
+
+Advantage of completion i in its group of G (rewards r):
+    grpo, dapo:  A_i = (r_i − mean(r)) / (std(r) + 1e-4)        (std over the group, population form)
+    dr_grpo:     A_i =  r_i − mean(r)                             (Dr. GRPO: no std division)
+Per completion token t, with ρ = π(o_t)/π_old(o_t) and the k3 KL estimate to the frozen reference
+    KL_t = π_ref/π − log(π_ref/π) − 1:
+    ℓ_t = −[ min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) − β·KL_t ]
+and the batch loss aggregates ℓ as
+    grpo:     mean over completions of (mean over the completion's tokens)     (R1's sample-level loss)
+    dr_grpo:  mean over completions of (sum over tokens / max_new_tokens)      (constant length normaliser)
+    dapo:     sum over all tokens of the batch / number of tokens              (token-level loss)
+ε_high = ε_low unless set (dapo's default is 0.28). dapo also drops groups whose rewards are all equal (dynamic
+sampling: up to 3 extra rollout rounds refill the batch) and applies the soft overlong penalty of rewards.py.
+β = 0 skips the reference model entirely.
+
+Modes: `r1` starts from an SFT model and prompts with its chat template (which prefills `<think>\\n`);
+`r1-zero` starts from a base model with R1-Zero's plain-text template. In both, the answer follows `</think>`
+(R1-Zero's `<answer>` tags are not used, so one reward function serves both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model
+from . import loop
+from .rewards import judge
+
+LOSSES = ("grpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class GRPOConfig(loop.TrainConfig):
+    model: str = ""
+    mode: str = "r1"  # r1 | r1-zero
+    loss: str = "grpo"  # grpo | dr_grpo | dapo
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # family[:level] of the task suite
+    steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 8  # G
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    beta: float = 0.001  # KL weight; 0 turns the reference model off
+    clip_eps: float = 0.2  # ε_low
+    clip_eps_high: float | None = None  # ε_high; None: ε_low (dapo: 0.28)
+    updates_per_batch: int = 2  # μ, optimiser steps per rollout batch
+    micro_batch_size: int = 32  # completions per forward in the update
+    format_weight: float = 0.2
+    overlong_cache: int | None = None  # dapo soft overlong penalty width (default max_new_tokens // 4); 0: off
+    eval_every: int = 20
+    eval_n: int = 100
+    save_every: int = 20
+
+
+# --- the math (pure functions, tested by hand) -----------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, loss: str) -> torch.Tensor:
+    """rewards (P, G) -> advantages (P, G)."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if loss == "dr_grpo":
+        return centered
+    return centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-4)
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, loss: str, eps_low: float, eps_high: float, beta: float,
+                n_seqs: int, n_tokens: int, max_new_tokens: int):
+    """logp/old_logp/ref_logp/mask (B, T) over completion tokens, adv (B,). n_seqs / n_tokens are the totals of the
+    whole rollout batch, so micro-batch contributions add up to the batch loss. Returns (loss, stats)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    surrogate = torch.minimum(ratio * a, clipped * a)
+    kl = torch.zeros_like(logp)
+    if beta > 0 and ref_logp is not None:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1
+    per_token = -(surrogate - beta * kl) * mask
+    if loss == "grpo":
+        total = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif loss == "dr_grpo":
+        total = (per_token.sum(1) / max_new_tokens).sum() / n_seqs
+    elif loss == "dapo":
+        total = per_token.sum() / n_tokens
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    with torch.no_grad():
+        was_clipped = ((ratio * a) > (clipped * a)).float() * mask  # the clipped branch is the one taken
+        stats = {"kl": (kl * mask).sum().item(), "clipped": was_clipped.sum().item()}
+    return total, stats
+
+
+def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False):
+    """ids (B, T) prompt+completion, mask (B, T) 1 on completion tokens -> log π(token | prefix) (B, T-1), aligned
+    with mask[:, 1:]; and the summed entropy over masked positions."""
+    logits = model(ids[:, :-1]).float()
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask[:, 1:]).sum().item()
+    return logp, entropy
+
+
+# --- rollouts ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (N, T) prompt + completion, right-padded
+    mask: torch.Tensor  # (N, T) 1 on completion tokens
+    rewards: torch.Tensor  # (P, G)
+    accuracy: torch.Tensor
+    fmt: torch.Tensor
+    lengths: torch.Tensor  # (N,) completion lengths
+    truncated: float
+    n_groups_dropped: int = 0
+
+
+def sample_problems(cfg: GRPOConfig, step: int, round_: int, n: int):
+    from ..data.tasks import FAMILIES, mixture
+
+    families, levels = [], {}
+    for spec in cfg.tasks:
+        fam, _, lvl = spec.partition(":")
+        if fam not in FAMILIES:
+            from ..cli import UserError
+
+            raise UserError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
+        families.append(fam)
+        if lvl:
+            levels.setdefault(fam, []).append(int(lvl))
+    from ..data.tasks import LEVELS
+
+    levels = {f: levels.get(f, list(LEVELS[f])) for f in families}
+    return mixture(n, seed=cfg.seed * 1_000_003 + step * 101 + round_, split="train", families=families, levels=levels)
+
+
+def rollout(cfg: GRPOConfig, engine, tok, problems, step: int) -> Rollout:
+    from ..eval.evaluate import prompts_for
+
+    style = "chat" if cfg.mode == "r1" else "r1-zero"
+    prompts = prompts_for(problems, tok, style)
+    G = cfg.group_size
+    flat = [p for p in prompts for _ in range(G)]
+    outs = engine.generate(flat, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           seed=cfg.seed * 7919 + step * 65537, stop_token_ids=[tok.eos_id])
+    prefix = "<think>\n" if cfg.mode == "r1" else ""  # the chat template prefilled it
+    overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
+    judged, seqs, masks = [], [], []
+    for i, out in enumerate(outs):
+        finished = bool(out) and out[-1] == tok.eos_id
+        text = prefix + tok.decode(out[:-1] if finished else out)
+        judged.append(judge(text, problems[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens, overlong))
+        seqs.append(flat[i] + out)
+        masks.append([0] * len(flat[i]) + [1] * len(out))
+    T = max(len(s) for s in seqs)
+    pad = tok.eos_id
+    ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.float32)
+    P = len(problems)
+    as_tensor = lambda key: torch.tensor([getattr(j, key) for j in judged]).view(P, G)  # noqa: E731
+    lengths = torch.tensor([len(o) for o in outs], dtype=torch.float32)
+    truncated = sum(1 for o in outs if not (o and o[-1] == tok.eos_id)) / len(outs)
+    return Rollout(ids, mask, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"), lengths, truncated)
+
+
+def keep_groups(r: Rollout, keep: torch.Tensor) -> Rollout:
+    """Sub-select groups (P,) bool; rows of ids/mask follow their group."""
+    G = r.rewards.shape[1]
+    rows = keep.repeat_interleave(G)
+    return Rollout(r.ids[rows], r.mask[rows], r.rewards[keep], r.accuracy[keep], r.fmt[keep], r.lengths[rows],
+                   r.truncated, int((~keep).sum()))
+
+
+def concat(a: Rollout, b: Rollout) -> Rollout:
+    T = max(a.ids.shape[1], b.ids.shape[1])
+    pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+    return Rollout(torch.cat([pad(a.ids, 0), pad(b.ids, 0)]), torch.cat([pad(a.mask, 0), pad(b.mask, 0)]),
+                   torch.cat([a.rewards, b.rewards]), torch.cat([a.accuracy, b.accuracy]), torch.cat([a.fmt, b.fmt]),
+                   torch.cat([a.lengths, b.lengths]), (a.truncated + b.truncated) / 2, a.n_groups_dropped + b.n_groups_dropped)
+
+
+def collect(cfg: GRPOConfig, engine, tok, step: int) -> tuple[Rollout, Rollout]:
+    """-> (batch to train on, everything sampled for the metrics). dapo drops all-equal groups and refills."""
+    problems = sample_problems(cfg, step, 0, cfg.prompts_per_step)
+    seen = rollout(cfg, engine, tok, problems, step)
+    if cfg.loss != "dapo":
+        return seen, seen
+    batch = keep_groups(seen, seen.rewards.std(dim=1) > 0)
+    for round_ in range(1, 4):
+        if batch.rewards.shape[0] >= cfg.prompts_per_step:
+            break
+        extra = rollout(cfg, engine, tok, sample_problems(cfg, step, round_, cfg.prompts_per_step), step * 10 + round_)
+        seen = concat(seen, extra)
+        batch = concat(batch, keep_groups(extra, extra.rewards.std(dim=1) > 0))
+    n = min(cfg.prompts_per_step, batch.rewards.shape[0])
+    keep = torch.zeros(batch.rewards.shape[0], dtype=torch.bool)
+    keep[:n] = True
+    return keep_groups(batch, keep), seen
+
+
+# --- the run -------------------------------------------------------------------------------------------------------------
+def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
+    """`updates_per_batch` optimiser steps on one rollout batch."""
+    adv = group_advantages(r.rewards, cfg.loss).flatten()
+    n_seqs, n_tokens = r.ids.shape[0], max(1.0, r.mask[:, 1:].sum().item())
+    eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
+    chunks = [slice(i, i + cfg.micro_batch_size) for i in range(0, n_seqs, cfg.micro_batch_size)]
+    old, ref_lp = [], []
+    with torch.no_grad():
+        for c in chunks:
+            ids, mask = r.ids[c].to(device), r.mask[c].to(device)
+            old.append(completion_logprobs(model, ids, mask)[0] if cfg.updates_per_batch > 1 else None)
+            ref_lp.append(completion_logprobs(ref, ids, mask)[0] if ref is not None else None)
+    stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    for _ in range(cfg.updates_per_batch):
+        opt.zero_grad(set_to_none=True)
+        for k, c in enumerate(chunks):
+            ids, mask = r.ids[c].to(device), r.mask[c].to(device)
+            logp, ent = completion_logprobs(model, ids, mask, with_entropy=True)
+            old_lp = old[k] if old[k] is not None else logp.detach()
+            loss, st = policy_loss(logp, old_lp, ref_lp[k], adv[c].to(device), mask[:, 1:], cfg.loss, cfg.clip_eps,
+                                   eps_high, cfg.beta, n_seqs, n_tokens, cfg.max_new_tokens)
+            loss.backward()
+            stats["kl"] += st["kl"] / n_tokens / cfg.updates_per_batch
+            stats["clipped"] += st["clipped"] / n_tokens / cfg.updates_per_batch
+            stats["entropy"] += ent / n_tokens / cfg.updates_per_batch
+        stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item() / cfg.updates_per_batch
+        opt.step()
+        model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
+    return stats
+
+
+def evaluate(cfg: GRPOConfig, engine, tok) -> dict:
+    from ..eval.evaluate import run_eval, summarize
+    from ..data.tasks import mixture
+
+    families = sorted({t.partition(":")[0] for t in cfg.tasks})
+    problems = mixture(cfg.eval_n, seed=12345, split="eval", families=families)
+    style = "chat" if cfg.mode == "r1" else "r1-zero"
+    results = run_eval(engine, tok, problems, max_new_tokens=cfg.max_new_tokens, style=style, progress=False)
+    return summarize(results)
+
+
+def grpo(cfg: GRPOConfig) -> dict | None:
+    from ..cli import UserError
+    from ..engine.engine import Engine
+    from ..tokenizer import Tokenizer
+
+    if cfg.loss not in LOSSES or cfg.mode not in ("r1", "r1-zero"):
+        raise UserError(f"--loss must be one of {LOSSES} and --mode r1 or r1-zero")
+    d = loop.init_distributed(cfg.device)
+    if d.world_size > 1:
+        raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
+    cfg, resuming = loop.restore_config(cfg)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    source = run / "model" if resuming else Path(cfg.model)
+    tok = Tokenizer.from_dir(source)
+    model = load_model(source, device=d.device)
+    ref = None
+    if cfg.beta > 0:  # the frozen reference is the starting model
+        ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)
+        ref.requires_grad_(False).eval()
+    opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start, prior_wall = 0, 0.0
+    if resuming:
+        state = loop.load_train_state(run, opt)
+        start, prior_wall = state["step"], state["wall_s"]
+    if not resuming:
+        (run / "tokenizer").mkdir(exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (run / "tokenizer" / f).write_bytes((source / f).read_bytes())
+    extra = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
+    max_prompt = 256
+    engine = Engine(model, max_batch_size=cfg.prompts_per_step * cfg.group_size,
+                    max_seq_len=min(model.config.max_position_embeddings, max_prompt + cfg.max_new_tokens))
+    metrics = loop.Metrics(run / "metrics.jsonl", start if resuming else None)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
+    timer = loop.Timer()
+    row = {}
+    if start == 0 and cfg.eval_every:
+        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok)})
+    for step in range(start, cfg.end):
+        lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        model.eval()
+        batch, seen = collect(cfg, engine, tok, step)
+        t1 = time.perf_counter()
+        model.train()
+        stats = update(cfg, model, ref, opt, batch, d.device) if batch.rewards.numel() else {}
+        t2 = time.perf_counter()
+        row = {
+            "step": step + 1, "reward": round(seen.rewards.mean().item(), 4), "accuracy": round(seen.accuracy.mean().item(), 4),
+            "format_rate": round(seen.fmt.mean().item(), 4), "response_length": round(seen.lengths.mean().item(), 2),
+            "truncated": round(seen.truncated, 4), "groups_dropped": batch.n_groups_dropped,
+            **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
+            "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "wall_s": round(prior_wall + timer.elapsed(), 2),
+        }
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+            model.eval()
+            row["eval"] = evaluate(cfg, engine, tok)
+        metrics.log(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.end:
+            loop.save_checkpoint(run, model, opt, step + 1, {"data": {}, "wall_s": prior_wall + timer.elapsed(), "flops": 0.0,
+                                                               "config": dataclasses.asdict(cfg)}, extra)
+    if bar is not None:
+        bar.close()
+    return {"stage": "grpo", "model": str(run / "model"), "steps": cfg.end, "final": row}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="starting model: the SFT model (r1) or a base model (r1-zero)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1")
+    p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
+    p.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--beta", type=float, default=0.001, help="KL weight (0: no reference model)")
+    p.add_argument("--clip-eps", type=float, default=0.2)
+    p.add_argument("--clip-eps-high", type=float, help="upper clip (default ε; dapo 0.28)")
+    p.add_argument("--updates-per-batch", type=int, default=2, help="μ, optimiser steps per rollout batch")
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--format-weight", type=float, default=0.2)
+    p.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out split every K steps (0: never)")
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--stop-at", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    keys = ("model", "out", "mode", "loss", "tasks", "steps", "prompts_per_step", "group_size", "max_new_tokens",
+            "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
+            "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device")
+    result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,65 @@
+"""Rule-based rewards for reasoning RL (DeepSeek-R1 §2.2.2): no neural reward model, only checks a rule can make.
+
+A completion is judged on the full assistant text: in `r1` mode the chat template prefills `<think>\\n`, so that
+prefix is put back before judging; in `r1-zero` mode the model writes it itself.
+
+- format = 1 iff the text is exactly one well-formed `<think> reasoning </think> answer`: one opening and one
+  closing tag, in that order, non-empty reasoning, a non-empty answer after `</think>` that contains no tags, and
+  the completion ended by itself (not cut off at the token limit).
+- accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
+  `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
+  stuffing", a numeric answer section listing several candidate numbers, scores 0 accuracy; reasoning that is the same
+  line repeated over and over fails the format.
+- reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
+  of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..eval.evaluate import NUMBER, extract_answer
+
+THINK, END_THINK = "<think>", "</think>"
+MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing
+MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is degenerate
+
+
+@dataclass
+class Judgement:
+    reward: float
+    accuracy: float
+    format: float
+    answer: str | None
+    overlong_penalty: float = 0.0
+
+
+def format_ok(text: str, finished: bool = True) -> bool:
+    if not finished or text.count(THINK) != 1 or text.count(END_THINK) != 1:
+        return False
+    m = re.fullmatch(r"\s*<think>(.*)</think>(.*)", text, flags=re.DOTALL)
+    if m is None:
+        return False
+    reasoning, answer = m.group(1).strip(), m.group(2).strip()
+    if not reasoning or not answer or "<" in answer and re.search(r"</?\w+>", answer):
+        return False
+    lines = [l.strip() for l in reasoning.splitlines() if l.strip()]
+    return not lines or max(lines.count(l) for l in set(lines)) <= MAX_REPEATS
+
+
+def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2, n_tokens: int = 0,
+          max_tokens: int = 0, overlong_cache: int = 0) -> Judgement:
+    """text: the whole assistant turn (with the prefilled `<think>` put back); problem: a data.tasks.Problem."""
+    from ..data.tasks import check
+
+    fmt = format_ok(text, finished)
+    answer = extract_answer(text) if fmt else None
+    answer_part = text.rsplit(END_THINK, 1)[-1]
+    numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
+    stuffed = numeric and len(set(re.findall(NUMBER, answer_part))) > MAX_ANSWER_NUMBERS
+    acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
+    penalty = 0.0
+    if overlong_cache and max_tokens:
+        penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
+    return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)

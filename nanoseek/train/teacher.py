@@ -1,0 +1,127 @@
+"""Teachers for distillation: a local model directory (our engine) or any OpenAI-compatible endpoint.
+
+Both turn a list of chat prompts into (reasoning, answer, finished) traces. The URL teacher sends concurrent
+requests with retries and exponential backoff; the API key comes from an environment variable
+(NANOSEEK_TEACHER_API_KEY, else OPENAI_API_KEY), never from the command line. Reasoning is read from the response's
+`reasoning_content` (DeepSeek, SGLang) or `reasoning` (vLLM) field, or from `<think>…</think>` in the content.
+Nothing leaves the machine except the requests to the URL the user names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+
+@dataclass
+class Trace:
+    reasoning: str
+    answer: str
+    finished: bool  # ended by itself rather than by the token limit
+
+
+def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
+    """'<think>r</think>a' (or 'r</think>a' when the prompt prefilled <think>) -> (r, a); no tags -> ('', text)."""
+    if prefilled and "<think>" not in text:
+        text = "<think>" + text
+    m = re.match(r"\s*<think>(.*?)</think>(.*)", text, flags=re.DOTALL)
+    return (m.group(1).strip(), m.group(2).strip()) if m else ("", text.strip())
+
+
+class LocalTeacher:
+    """A model directory run through our engine, prompted with its own chat template (which prefills <think>)."""
+
+    def __init__(self, path: str, device: str = "cpu", max_batch_size: int = 64):
+        import torch
+
+        from ..engine.engine import Engine
+        from ..tokenizer import Tokenizer
+
+        self.tok = Tokenizer.from_dir(path)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.engine = Engine.from_pretrained(path, device=device, dtype=dtype, max_batch_size=max_batch_size)
+        self.model = self.engine.model
+
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int, batch: int = 64
+               ) -> Iterator[tuple[int, Trace]]:
+        for start in range(0, len(questions), batch):
+            chunk = questions[start : start + batch]
+            prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in chunk]
+            outs = self.engine.generate(prompts, max_new_tokens=max_tokens, temperature=temperature, seed=seed + start,
+                                        stop_token_ids=[self.tok.eos_id])
+            for i, out in enumerate(outs):
+                finished = bool(out) and out[-1] == self.tok.eos_id
+                text = self.tok.decode(out[:-1] if finished else out)
+                reasoning, answer = split_reasoning(text, prefilled=True)
+                yield start + i, Trace(reasoning, answer, finished)
+
+
+class URLTeacher:
+    """Any OpenAI-compatible /v1/chat/completions endpoint (nanoseek serve, vLLM, SGLang, DeepSeek's API)."""
+
+    def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5, timeout: float = 300):
+        self.base = url.rstrip("/")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
+        self.model = model or self._first_model()
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        data = None if body is None else json.dumps(body).encode()
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.base + path, data=data, headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code != 429 or attempt == self.retries:  # our mistake, or out of retries
+                    detail = e.read().decode(errors="replace")[:300]
+                    raise ConnectionError(f"{self.base}{path}: HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries:
+                    raise ConnectionError(f"{self.base}{path}: {e}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _first_model(self) -> str:
+        models = self._request("/models").get("data", [])
+        if not models:
+            raise ConnectionError(f"{self.base}/models lists no model")
+        return models[0]["id"]
+
+    def ask(self, question: str, max_tokens: int, temperature: float, seed: int) -> Trace:
+        body = {"model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": 0.95, "seed": seed}
+        choice = self._request("/chat/completions", body)["choices"][0]
+        msg = choice["message"]
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
+        content = msg.get("content") or ""
+        if not reasoning:
+            reasoning, content = split_reasoning(content)
+        return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop")
+
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int, batch: int = 0
+               ) -> Iterator[tuple[int, Trace]]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self.ask, q, max_tokens, temperature, seed + i): i for i, q in enumerate(questions)}
+            for f in as_completed(futures):
+                yield futures[f], f.result()
+
+
+def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8) -> LocalTeacher | URLTeacher:
+    if spec.startswith(("http://", "https://")):
+        return URLTeacher(spec, concurrency=concurrency)
+    return LocalTeacher(spec, device=device)

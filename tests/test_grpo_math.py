@@ -1,0 +1,112 @@
+"""GRPO's advantages and losses on small cases computed by hand, and the rule-based rewards on crafted completions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.train.grpo import group_advantages, policy_loss
+from nanoseek.train.rewards import format_ok, judge
+
+
+def test_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    a = group_advantages(r, "grpo")
+    # group 1: mean 0.5, population std 0.5 -> ±1 (up to the 1e-4 guard); group 2: all equal -> 0
+    assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (0.5 + 1e-4))
+    assert torch.equal(a[1], torch.zeros(4))
+    assert torch.allclose(group_advantages(r, "dr_grpo")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def case():
+    # two completions, lengths 2 and 1 (mask), advantages +1 and -2
+    logp = torch.log(torch.tensor([[0.5, 0.2], [0.4, 0.9]]))
+    old = torch.log(torch.tensor([[0.25, 0.2], [0.5, 0.9]]))  # ratios 2.0, 1.0 / 0.8, (masked)
+    ref = torch.log(torch.tensor([[0.5, 0.1], [0.4, 0.9]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    return logp, old, ref, adv, mask
+
+
+def k3(p, r):
+    return r / p - math.log(r / p) - 1
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_policy_loss_by_hand(variant):
+    logp, old, ref, adv, mask = case()
+    eps, eps_high, beta = 0.2, 0.28 if variant == "dapo" else 0.2, 0.1
+    loss, stats = policy_loss(logp, old, ref, adv, mask, variant, eps, eps_high, beta, n_seqs=2, n_tokens=3,
+                              max_new_tokens=4)
+    # token terms: min(ρA, clip(ρ)A) - β·KL
+    t11 = min(2.0 * 1, (1 + eps_high) * 1) - beta * k3(0.5, 0.5)  # clipped at 1+ε_high
+    t12 = 1.0 * 1 - beta * k3(0.2, 0.1)
+    t21 = min(0.8 * -2, max(0.8, 1 - eps) * -2) - beta * k3(0.4, 0.4)
+    if variant == "grpo":
+        expected = -((t11 + t12) / 2 + t21 / 1) / 2
+    elif variant == "dr_grpo":
+        expected = -((t11 + t12) / 4 + t21 / 4) / 2
+    else:
+        expected = -(t11 + t12 + t21) / 3
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    assert stats["clipped"] == 1.0  # only the first token took the clipped branch
+
+
+def test_policy_loss_microbatches_add_up():
+    logp, old, ref, adv, mask = case()
+    for variant in ("grpo", "dr_grpo", "dapo"):
+        whole, _ = policy_loss(logp, old, ref, adv, mask, variant, 0.2, 0.2, 0.1, 2, 3, 4)
+        parts = sum(policy_loss(logp[i : i + 1], old[i : i + 1], ref[i : i + 1], adv[i : i + 1], mask[i : i + 1],
+                                variant, 0.2, 0.2, 0.1, 2, 3, 4)[0] for i in range(2))
+        assert torch.allclose(whole, parts)
+
+
+def test_ratio_one_gradient_is_advantage_weighted():
+    """At ρ = 1 and β = 0 the GRPO gradient w.r.t. logp is -A/(n·|o|) per token."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = policy_loss(logp, logp.detach(), None, torch.tensor([3.0]), torch.ones(1, 2), "grpo", 0.2, 0.2, 0.0, 1, 2, 8)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.5, -1.5]]))
+
+
+@pytest.fixture
+def problem():
+    from nanoseek.data.tasks import generate
+
+    return generate("arithmetic", 1, 1, seed=3)[0]
+
+
+def test_rewards_on_crafted_completions(problem):
+    ans = problem.answer
+    right = f"<think>\nlet me add\n</think>\n\nThe answer is {ans}."
+    wrong = f"<think>\nlet me add\n</think>\n\nThe answer is {int(ans) + 1}."
+    assert judge(right, problem).reward == pytest.approx(1.2) and judge(right, problem).accuracy == 1
+    assert judge(wrong, problem).accuracy == 0 and judge(wrong, problem).format == 1
+    assert judge(right, problem, finished=False).reward == 0  # cut off at the token limit
+    malformed = [
+        f"The answer is {ans}.",  # no reasoning block
+        f"<think>\n</think>\n\nThe answer is {ans}.",  # empty reasoning
+        f"<think>\nx\n</think>\n\n",  # empty answer
+        f"<think>\nx\n</think><think>\ny\n</think>\n\n{ans}",  # repeated tags
+        f"<think>\nx\n</think>\n\n{ans} </think>",  # tag inside the answer
+        f"</think><think>\nx\n\n{ans}",  # wrong order
+        "<think>\n" + "same line\n" * 10 + f"</think>\n\n{ans}",  # degenerate repetition
+    ]
+    for text in malformed:
+        j = judge(text, problem)
+        assert j.format == 0 and j.accuracy == 0 and j.reward == 0, text
+    stuffed = f"<think>\nhmm\n</think>\n\n{int(ans) - 1} or {ans} or {int(ans) + 1}"
+    assert judge(stuffed, problem).accuracy == 0 and judge(stuffed, problem).format == 1
+
+
+def test_overlong_penalty():
+    assert format_ok("<think>a</think>b")
+    from nanoseek.data.tasks import generate
+
+    p = generate("arithmetic", 1, 1, seed=3)[0]
+    text = f"<think>\nx\n</think>\n\n{p.answer}"
+    assert judge(text, p, n_tokens=70, max_tokens=96, overlong_cache=24).overlong_penalty == 0
+    assert judge(text, p, n_tokens=84, max_tokens=96, overlong_cache=24).overlong_penalty == pytest.approx(0.5)
+    assert judge(text, p, n_tokens=96, max_tokens=96, overlong_cache=24).reward == pytest.approx(0.2)

@@ -1,0 +1,450 @@
+"""`nanoseek serve` end to end: a real server process on a loopback port over a tiny random model, driven with the
+official `openai` client (and httpx for raw HTTP): models, chat (streamed and not, same greedy text), usage, the
+reasoning split and thinking budget, errors as 4xx JSON, the API key, concurrent streams, a client that disconnects
+mid-stream, plain completions, the history endpoints; plus the incremental decoder and `nanoseek chat`.
+
+The model's lm_head rows for the special tokens (bos, eos, <think>, </think>, User, Assistant) are zeroed, so with
+random weights it never emits them by itself (some other token always has a positive logit): completions run to
+max_tokens, the template's `<think>\\n` prefill puts them in the reasoning, and `</think>` comes only when the
+thinking budget forces it. That makes the reasoning split deterministic without any test hook in the server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+API_KEY = "test-key-123"
+MODEL_NAME = "tiny-r1"
+MAX_LEN = 256
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- helpers shared with test_webchat.py -----------------------------------------------------------------------------
+def tiny_texts(n: int = 300) -> list[str]:
+    words = ["the", "cat", "sat", "on", "a", "mat", "two", "plus", "three", "is", "five", "why", "answer", "think",
+             "héllo", "wörld", "naïve", "日本", "語", "数学", "🙂"]
+    return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 9)) + f" {i}." for i in range(n)]
+
+
+def build_model_dir(d: Path) -> Path:
+    """A cpu-tiny model + trained tokenizer; special tokens' lm_head rows zeroed (see the module docstring)."""
+    import torch
+
+    import nanoseek
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(tiny_texts(), vocab_size=400)
+    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                  eos_token_id=tok.eos_id, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = nanoseek.build_model(cfg)
+    special = [tok.token_id(s) for s in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
+                                         "<｜Assistant｜>", "<think>", "</think>")]
+    with torch.no_grad():
+        model.lm_head.weight[special] = 0.0
+    nanoseek.save_model(model, d)
+    tok.save(d)
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def verb_command(verb: str, module: str) -> list[str]:
+    """`python -m nanoseek VERB` once the verb is registered in nanoseek.cli, else `python -m MODULE`."""
+    from nanoseek.cli import VERBS
+
+    return [sys.executable, "-m", "nanoseek", verb] if verb in VERBS else [sys.executable, "-m", module]
+
+
+class ServerProcess:
+    """`nanoseek serve` in a subprocess on a free loopback port; `stop()` ends it."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str, history: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = verb_command("serve", "nanoseek.serve") + [
+            "--model", str(model_dir), "--port", str(self.port), "--device", "cpu",
+            "--history", str(history or log_path.with_suffix(".sqlite3")), "--log-level", "warning", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("NANOSEEK_API_KEY", None)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        self.wait_healthy()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("tiny-r1"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--api-key", API_KEY,
+                        "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_LEN), "--max-batch-size", "4")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def ask(client, content="hi there", **kw):
+    kw.setdefault("max_tokens", 24)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": content}], **kw)
+
+
+def collect_stream(stream):
+    """-> (role, reasoning, content, finish_reasons by index, usage, chunks)."""
+    role, reasoning, content, finish, usage, chunks = None, "", "", {}, None, []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            d = c.delta
+            role = role or d.role
+            r = getattr(d, "reasoning_content", None)
+            if r:
+                assert getattr(d, "reasoning", None) == r
+                assert not content, "reasoning after the answer started"
+                reasoning += r
+            content += d.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    return role, reasoning, content, finish, usage, chunks
+
+
+# --- the API ---------------------------------------------------------------------------------------------------------
+def test_health_is_public_and_models_listed(server, client):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+
+
+def test_chat_streamed_equals_non_streamed_greedy(client):
+    full = ask(client, max_tokens=30)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length" and full.usage.completion_tokens == 30
+    assert full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 30
+    # the template prefilled <think>, the model never closes it: everything is reasoning
+    assert choice.message.reasoning_content and choice.message.reasoning == choice.message.reasoning_content
+    assert full.usage.completion_tokens_details.reasoning_tokens == 30
+    role, reasoning, content, finish, usage, chunks = collect_stream(
+        ask(client, max_tokens=30, stream=True, stream_options={"include_usage": True}))
+    assert role == "assistant"
+    assert (reasoning, content) == (choice.message.reasoning_content, choice.message.content)
+    assert finish == {0: "length"}
+    assert chunks[-1].choices == [] and usage.completion_tokens == 30
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == 30
+
+
+def test_thinking_budget_forces_end_of_reasoning(client):
+    budget = 7
+    full = ask(client, max_tokens=30, extra_body={"thinking_token_budget": budget})
+    msg = full.choices[0].message
+    assert full.usage.completion_tokens_details.reasoning_tokens == budget
+    assert msg.reasoning_content == msg.reasoning and msg.reasoning_content
+    assert msg.content and "</think>" not in msg.content and "<think>" not in msg.content
+    assert not msg.content[0].isspace()  # the forced "\n\n" after </think> is not part of the answer
+    ungated = ask(client, max_tokens=budget)  # the same greedy reasoning, cut by length instead
+    assert ungated.choices[0].message.reasoning_content == msg.reasoning_content
+    # streamed: reasoning deltas first, then content, same text
+    _, reasoning, content, finish, _, _ = collect_stream(
+        ask(client, max_tokens=30, stream=True, extra_body={"thinking_token_budget": budget}))
+    assert (reasoning, content) == (msg.reasoning_content, msg.content) and finish == {0: "length"}
+    # budget 0: the answer starts at once
+    zero = ask(client, max_tokens=10, extra_body={"thinking_token_budget": 0})
+    assert zero.choices[0].message.reasoning_content == ""
+    assert zero.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_stop_strings_cut_the_answer(client):
+    msg = ask(client, max_tokens=40, extra_body={"thinking_token_budget": 2}).choices[0].message
+    assert len(msg.content) > 4
+    stop = msg.content[2:4]
+    cut = ask(client, max_tokens=40, stop=[stop, "never-appears"], extra_body={"thinking_token_budget": 2})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == msg.content[: msg.content.find(stop)]
+    _, _, content, finish, _, _ = collect_stream(
+        ask(client, max_tokens=40, stop=stop, stream=True, extra_body={"thinking_token_budget": 2}))
+    assert content == cut.choices[0].message.content and finish == {0: "stop"}
+
+
+def test_n_and_seed(client):
+    a = ask(client, n=3, temperature=1.0, seed=11, max_tokens=12)
+    b = ask(client, n=3, temperature=1.0, seed=11, max_tokens=12)
+    texts = [c.message.reasoning_content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.reasoning_content for c in b.choices]  # seeded
+    assert len(set(texts)) > 1  # seed + i per choice
+    assert a.usage.completion_tokens == 36
+    _, _, _, finish, _, _ = collect_stream(ask(client, n=2, max_tokens=5, stream=True))
+    assert finish == {0: "length", 1: "length"}
+
+
+def test_plain_completions(client):
+    r = client.completions.create(model=MODEL_NAME, prompt="the cat sat", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 and r.choices[0].text
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_NAME, prompt="the cat sat", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert text == r.choices[0].text
+    two = client.completions.create(model=MODEL_NAME, prompt=["a", "b"], max_tokens=3, temperature=0)
+    assert len(two.choices) == 2
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+def post(server, body, path="/v1/chat/completions", headers=None, **kw):
+    kw.setdefault("timeout", 30)
+    return httpx.post(server.url + path, headers={**auth(), **(headers or {})},
+                      **({"content": body} if isinstance(body, (str, bytes)) else {"json": body}), **kw)
+
+
+def assert_error(r, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"messages": [', None),  # malformed JSON
+    ("[1, 2]", None),  # not an object
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # longer than the context
+])
+def test_bad_chat_requests_are_4xx(server, body, param):
+    assert_error(post(server, body, headers={"Content-Type": "application/json"}), 400, param)
+
+
+def test_other_errors(server):
+    err = assert_error(post(server, {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}), 404, "model")
+    assert err["code"] == "model_not_found"
+    assert_error(post(server, {"prompt": "x" * 2000}, path="/v1/completions"), 400, "prompt")
+    assert_error(post(server, {"prompt": [10**9]}, path="/v1/completions"), 400, "prompt")
+    assert_error(post(server, {"prompt": []}, path="/v1/completions"), 400, "prompt")
+    assert_error(httpx.get(server.url + "/v1/nothing-here", headers=auth()), 404)
+    assert_error(httpx.get(server.url + "/health", headers={"Host": "evil.example"}), 400)  # DNS-rebinding guard
+    ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "frobnicate": [1],
+                       "messages_extra": {}, "model": MODEL_NAME})
+    assert ok.status_code == 200, ok.text  # unknown fields are ignored
+
+
+def test_api_key(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers)
+        assert assert_error(r, 401)["code"] == "invalid_api_key"
+        assert_error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+        assert_error(httpx.get(server.url + "/api/conversations", headers=headers), 401)
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth()).status_code == 200
+    assert httpx.get(server.url + "/").status_code == 200  # the page itself is public; its API calls are not
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# --- load and disconnects --------------------------------------------------------------------------------------------
+def test_concurrent_streams_all_finish(client, server):
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            stream = ask(client, f"client {i}", max_tokens=10 + i, temperature=0.8, seed=i, stream=True,
+                         stream_options={"include_usage": True})
+            results[i] = collect_stream(stream)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 12
+    for i, (_, _, _, finish, usage, _) in results.items():
+        assert finish == {0: "length"} and usage.completion_tokens == 10 + i
+    assert server.health()["running"] == 0
+
+
+def wait_idle(server, cancelled_before: int, timeout: float = 10) -> dict:
+    """/health once a request was cancelled after `cancelled_before` and nothing runs (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = server.health()
+        if (h["cancelled"] > cancelled_before and h["running"] == 0 and h["waiting"] == 0) or \
+                time.monotonic() > deadline:
+            return h
+        time.sleep(0.05)
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client):
+    before = server.health()["cancelled"]
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "long"}], "max_tokens": 200,
+            "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 5:
+                break
+    h = wait_idle(server, before)
+    assert h["cancelled"] > before and h["running"] == 0, h
+    assert ask(client, max_tokens=3).choices[0].finish_reason == "length"  # still serving
+
+
+def test_disconnect_before_a_non_streamed_answer_frees_the_slot(server, client):
+    before = server.health()["cancelled"]
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 230, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, body, timeout=httpx.Timeout(10, read=0.3))
+    assert wait_idle(server, before)["cancelled"] > before
+    assert ask(client, max_tokens=3).choices[0].finish_reason == "length"
+
+
+# --- history endpoints -----------------------------------------------------------------------------------------------
+def test_history_endpoints(server):
+    h = auth()
+    conv = httpx.post(server.url + "/api/conversations", json={"title": "first"}, headers=h).json()
+    r = httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h,
+                   json={"role": "user", "content": "hello"})
+    assert r.status_code == 201
+    httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h,
+               json={"role": "assistant", "content": "hi!", "reasoning": "greet back"})
+    got = httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h).json()
+    assert [(m["role"], m["content"], m["reasoning"]) for m in got["messages"]] == [
+        ("user", "hello", None), ("assistant", "hi!", "greet back")]
+    assert conv["id"] in [c["id"] for c in httpx.get(server.url + "/api/conversations", headers=h).json()["data"]]
+    assert httpx.patch(f"{server.url}/api/conversations/{conv['id']}", json={"title": "renamed"},
+                       headers=h).status_code == 200
+    assert httpx.delete(f"{server.url}/api/conversations/{conv['id']}", headers=h).status_code == 200
+    assert_error(httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h), 404)
+    assert_error(httpx.post(f"{server.url}/api/conversations/nope/messages", json={"role": "user"}, headers=h), 404)
+
+
+def test_history_survives_a_restart(tmp_path):
+    from nanoseek.serve.history import HistoryStore
+
+    path = tmp_path / "sub" / "history.sqlite3"
+    store = HistoryStore(path)
+    conv = store.create_conversation("kept")
+    store.add_message(conv["id"], "user", "hello")
+    store.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"  # private
+    again = HistoryStore(path)
+    assert [c["title"] for c in again.list_conversations()] == ["kept"]
+    assert [m["content"] for m in again.get_conversation(conv["id"])["messages"]] == ["hello"]
+    assert again.add_message("missing", "user", "x") is None
+    assert again.delete_conversation(conv["id"]) and again.list_conversations() == []
+    again.close()
+
+
+# --- the decoder, in process -----------------------------------------------------------------------------------------
+def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
+    from nanoseek.serve.reasoning import CompletionDecoder, starts_in_reasoning
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)
+    reasoning_ids = tok.encode("héllo 日本語 🚀Ωж think")
+    answer_ids = tok.encode("\n\nthe 🙂 answer is five")
+    # byte-level pieces of multi-byte characters: some tokens decode to U+FFFD on their own
+    assert any("\ufffd" in tok.decode([t]) for t in reasoning_ids)
+    cases = {  # model emits <think> itself / template prefilled it
+        False: [tok.think_id, *reasoning_ids, tok.end_think_id, *answer_ids, tok.eos_id],
+        True: [*reasoning_ids, tok.end_think_id, *answer_ids, tok.eos_id],
+    }
+    for prefilled, ids in cases.items():
+        prompt = tok.apply_chat_template([{"role": "user", "content": "q"}], thinking=prefilled)
+        assert starts_in_reasoning(prompt, tok.think_id, tok.end_think_id) == prefilled
+        dec = CompletionDecoder(tok, in_reasoning=prefilled, end_ids=[tok.eos_id])
+        deltas = [dec.feed(t) for t in ids] + [dec.finish()]
+        assert all("\ufffd" not in d.reasoning + d.content for d in deltas)
+        assert "".join(d.reasoning for d in deltas) == dec.reasoning_text == "héllo 日本語 🚀Ωж think"
+        assert "".join(d.content for d in deltas) == dec.content_text == "the 🙂 answer is five"
+        assert dec.reasoning_tokens == len(reasoning_ids) and dec.num_tokens == len(ids)
+    # stop strings: cut where they begin, never leak a prefix of one, even across tokens
+    dec = CompletionDecoder(tok, split=False, stop=["answer"])
+    out = "".join(dec.feed(t).content for t in tok.encode("the 🙂 ans ans answer is five"))
+    assert dec.stopped and out + dec.finish().content == "the 🙂 ans ans "
+
+
+# --- nanoseek chat ---------------------------------------------------------------------------------------------------
+def test_terminal_chat(model_dir):
+    cmd = verb_command("chat", "nanoseek.chat") + ["--model", str(model_dir), "--max-tokens", "12", "--device", "cpu"]
+    r = subprocess.run(cmd, input="hi\n/clear\nhello again\n/exit\n", capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[2m" in r.stdout  # the reasoning, dimmed
+    assert "cleared" in r.stdout.lower()
+    eof = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert eof.returncode == 0, eof.stderr  # EOF quits cleanly too

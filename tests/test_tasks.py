@@ -1,0 +1,214 @@
+"""The verifiable task suite: determinism, the train/eval split, answers that check, checkers that can't be fooled."""
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from nanoseek.data.tasks import (
+    FAMILIES, LEVELS, Problem, check, from_record, generate, mixture, split_of, to_chat, to_gsm8k, to_text,
+)
+
+CELLS = [(f, l) for f in FAMILIES for l in LEVELS[f]]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return {(f, l): generate(f, l, 300, seed=7) for f, l in CELLS}
+
+
+def wrong_numeric(p):
+    return [str(int(p.answer) + 1), str(int(p.answer) - 1), "", "   ", "banana", "42abc", "1/0", "--3", None,
+            f"{p.answer}{p.answer}1", "nan", "inf", "1e400"]
+
+
+def test_families_and_levels():
+    assert FAMILIES == ("arithmetic", "word", "countdown")
+    assert LEVELS == {"arithmetic": (1, 2, 3, 4), "word": (1, 2, 3), "countdown": (1, 2, 3)}
+
+
+@pytest.mark.parametrize("family,level", CELLS)
+def test_deterministic(family, level):
+    a, b = generate(family, level, 50, seed=1), generate(family, level, 50, seed=1)
+    assert a == b
+    assert [p.uid for p in a] != [p.uid for p in generate(family, level, 50, seed=2)]
+    assert [p.uid for p in generate(family, level, 20, seed=1, split="eval")] == [
+        p.uid for p in generate(family, level, 20, seed=1, split="eval")]
+    json.dumps([p.meta for p in a])  # JSON-serialisable
+
+
+@pytest.mark.parametrize("family,level", CELLS)
+def test_train_eval_disjoint(family, level):
+    train = generate(family, level, 2000, seed=0, split="train")
+    evals = generate(family, level, 300, seed=0, split="eval")
+    tu, eu = {p.uid for p in train}, {p.uid for p in evals}
+    assert len({p.question for p in train}) == 2000 and len({p.question for p in evals}) == 300
+    assert not tu & eu  # no content (e.g. the same sum in another phrasing) is in both splits
+    assert not {p.question for p in train} & {p.question for p in evals}
+    assert {split_of(p) for p in train} == {"train"} and {split_of(p) for p in evals} == {"eval"}
+    assert all(p.family == family and p.level == level for p in train + evals)
+
+
+def test_uid_is_hash_of_content_not_phrasing():
+    p = generate("arithmetic", 1, 1)[0]
+    q = Problem(p.family, p.level, "Compute " + p.meta["expression"], (), p.answer, dict(p.meta))
+    assert q.uid == p.uid and len(p.uid) == 16 and int(p.uid, 16) >= 0
+    r = Problem("gsm8k", 1, "  " + p.question.upper().replace(" ", "   \n") + " ", (), "0", {})
+    assert r.uid == Problem("gsm8k", 1, p.question, (), "0", {}).uid  # free text: normalised question
+    assert Problem("word", 1, p.question, (), "0", {}).uid != p.uid
+    assert split_of(p) == ("eval" if int(p.uid, 16) % 10 == 0 else "train")
+    assert len({p, p}) == 1  # hashable despite the meta dict
+
+
+def test_every_answer_checks_and_wrong_ones_fail(samples):
+    for (family, level), problems in samples.items():
+        for p in problems:
+            assert check(p, p.answer), (p.question, p.answer)
+            if family == "countdown":
+                for bad in ("", "garbage", "1 + 1", str(p.meta["target"]), None, p.answer + " + 1"):
+                    assert not check(p, bad), (p.answer, bad)
+            else:
+                assert re.fullmatch(r"-?\d+", p.answer)
+                for bad in wrong_numeric(p):
+                    assert not check(p, bad), (p.answer, bad)
+
+
+def test_numeric_normalisation():
+    p = Problem("arithmetic", 1, "q", (), "1234", {})
+    for ok in ("1234", " 1234 ", "1,234", "+1234", "1234.0", "1234.", "1 234", "1234.00"):
+        assert check(p, ok), ok
+    for bad in ("1,23,4", "12,34", "1235", "1234.5", "$1234x", "1.234"):
+        assert not check(p, bad), bad
+    neg = Problem("arithmetic", 1, "q", (), "-7", {})
+    assert check(neg, "-7") and check(neg, "-7.0") and check(neg, "−7") and not check(neg, "7")
+
+
+@pytest.mark.parametrize("level", LEVELS["arithmetic"])
+def test_arithmetic_matches_python(level, samples):
+    ops_range = {1: (1, 1), 2: (2, 2), 3: (3, 3), 4: (3, 4)}[level]
+    max_digits = {1: 2, 2: 2, 3: 3, 4: 4}[level]
+    for p in samples["arithmetic", level]:
+        expr = p.meta["expression"]
+        assert expr in p.question
+        value = eval(expr.replace("×", "*").replace("÷", "/"))  # our own generated text, not model output
+        assert value == int(value) == int(p.answer)
+        n_ops = sum(expr.count(o) for o in " + , - , × , ÷ ".split(","))
+        assert ops_range[0] <= n_ops <= ops_range[1] and len(p.steps) == n_ops
+        assert all(len(n) <= max_digits for n in re.findall(r"\d+", expr))
+        assert ("(" in expr) == (level >= 3)
+        for line in p.steps:  # every step is a true statement "a op b = c"
+            a, op, b, c = re.fullmatch(r"(-?\d+) ([-+×÷]) \(?(-?\d+)\)? = (-?\d+)", line).groups()
+            a, b, c = int(a), int(b), int(c)
+            if op == "÷":
+                assert b != 0 and a % b == 0 and c == a // b
+            else:
+                assert c == {"+": a + b, "-": a - b, "×": a * b}[op]
+        assert p.steps[-1].endswith(f"= {p.answer}")
+    if level == 1:  # compact enough for a tiny model
+        assert max(len(p.question) + sum(map(len, p.steps)) for p in samples["arithmetic", 1]) < 60
+
+
+@pytest.mark.parametrize("level", LEVELS["word"])
+def test_word_problems(level, samples):
+    problems = samples["word", level]
+    assert {p.meta["scenario"] for p in problems} == {"shopping", "sharing", "groups", "rates", "ages", "time"}
+    for p in problems:
+        assert len(p.steps) == level and int(p.answer) > 0
+        assert p.steps[-1].rstrip(".").split("= ")[-1].split()[0] == p.answer
+
+
+@pytest.mark.parametrize("level", LEVELS["countdown"])
+def test_countdown_problems(level, samples):
+    for p in samples["countdown", level]:
+        nums = p.meta["numbers"]
+        assert len(nums) == level + 2 and 10 <= p.meta["target"] <= 999
+        assert all(str(n) in p.question for n in nums) and str(p.meta["target"]) in p.question
+        assert not Counter(map(int, re.findall(r"\d+", p.answer))) - Counter(nums)
+
+
+def test_countdown_checker():
+    p = Problem("countdown", 2, "q", (), "(3 + 4) × 5", {"numbers": [3, 4, 5, 6], "target": 35})
+    for ok in ("(3 + 4) × 5", "(3+4)*5", "5 × (4 + 3)", "(3 + 4) × 5 = 35", " (6 − 3 + 4) × 5 ", "(6-3+4)*5"):
+        assert check(p, ok), ok
+    for bad in ("5 × 7", "(3 + 4) × 5 = 36", "35", "(3 + 4) * 5 * 1", "(4 + 4) × 5 - 5", "3 + 4 × 5",
+                "(3 + 4) ** 1 * 5", "-(-35)", "(3 + 4) × 5.0", "(3 + 4) × 05 + 0", "((3 + 4) × 5",
+                "__import__('os')", "__import__('os').system('echo hi')", "(lambda: 35)()", "[35][0]",
+                "open('x')", "35 if True else 0", "7 // 2", "True * 35", "", "   ", None, "(" * 300 + "1",
+                "(3 + 4) × 5; 1", "6 / 4 × 5 × 4 + 5"):
+        assert check(p, bad) is False, bad
+    q = Problem("countdown", 1, "q", (), "", {"numbers": [7, 2, 4], "target": 14})
+    assert check(q, "7 × 2") and check(q, "7 × 4 ÷ 2") and not check(q, "7 ÷ 2 × 4")  # 7 ÷ 2 is not exact
+    r = Problem("countdown", 1, "q", (), "", {"numbers": [3, 5, 9], "target": 7})
+    assert check(r, "9 - 5 + 3") and not check(r, "3 - 5 + 9")  # 3 - 5 is not positive
+    s = Problem("countdown", 1, "q", (), "", {"numbers": [5, 3, 2], "target": 25})
+    assert not check(s, "5 × 5") and check(s, "5 × (3 + 2)")  # 5 used twice
+
+
+def test_templates_are_varied():
+    for family in FAMILIES:
+        templates = {p.meta["template"] for p in mixture(900, seed=3, families=[family])}
+        assert len(templates) >= 10, (family, templates)
+        questions = mixture(300, seed=3, families=[family], levels=[1])
+        stems = {re.sub(r"\d+", "N", p.question) for p in questions}
+        assert len(stems) >= 10, family
+
+
+def test_renderings(samples):
+    for problems in samples.values():
+        for p in problems[:50]:
+            chat = to_chat(p)
+            assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
+            assert chat["messages"][0]["content"] == p.question
+            content = chat["messages"][1]["content"]
+            assert content == "<think>\n" + "\n".join(p.steps) + "\n</think>\n\nThe answer is " + p.answer + "."
+            assert re.fullmatch(r"<think>\n[^<]+\n</think>\n\nThe answer is [^\n]+\.", content)
+            text = to_text(p)
+            assert text.startswith(p.question + "\n") and text.splitlines()[-1] == f"Answer: {p.answer}"
+            rec = to_gsm8k(p)
+            assert rec["answer"].endswith(f"\n#### {p.answer}") and rec["level"] == p.level
+            assert rec["family"] == p.family and rec["question"] == p.question
+            assert from_record(json.loads(json.dumps(rec))) == p
+
+
+def test_from_record_gsm8k():
+    rec = {"question": "Tom has 3 bags of 4 apples. How many apples?", "answer": "3 bags × 4 = <<3*4=12>>12\n#### 12"}
+    p = from_record(rec)
+    assert p.family == "gsm8k" and p.level == 0 and p.answer == "12" and p.steps == ("3 bags × 4 = <<3*4=12>>12",)
+    assert check(p, "12") and check(p, "12.0") and not check(p, "13")
+    big = from_record({"question": "q", "answer": "Lots.\n#### 1,250", "level": 2})
+    assert big.answer == "1250" and big.level == 2 and check(big, "1,250") and check(big, "1250")
+    plain = from_record({"question": "q", "answer": "7"}, family="word")
+    assert plain.family == "word" and plain.steps == () and check(plain, "7")
+    with pytest.raises(ValueError):
+        from_record({"answer": "7"})
+    with pytest.raises(ValueError):
+        from_record({"question": "q", "answer": "#### (1 + 2)", "family": "countdown"})
+
+
+def test_mixture_spread_and_shuffle():
+    ps = mixture(100, seed=5)
+    assert len(ps) == 100 and ps == mixture(100, seed=5) and ps != mixture(100, seed=6)
+    cells = Counter((p.family, p.level) for p in ps)
+    assert set(cells) == set(CELLS) and max(cells.values()) - min(cells.values()) <= 1
+    assert len({p.family for p in ps[:10]}) > 1  # shuffled, not grouped
+    ev = mixture(60, seed=5, split="eval", families=["word", "countdown"], levels={"word": [3], "countdown": [1, 2]})
+    assert Counter((p.family, p.level) for p in ev) == {("word", 3): 20, ("countdown", 1): 20, ("countdown", 2): 20}
+    assert {split_of(p) for p in ev} == {"eval"}
+    l4 = mixture(10, seed=1, split="eval", levels=[4])  # a list applies to the families that have the level
+    assert {(p.family, p.level) for p in l4} == {("arithmetic", 4)}
+    assert mixture(0) == []
+
+
+def test_errors():
+    for args in [("algebra", 1, 1), ("word", 4, 1), ("arithmetic", 0, 1)]:
+        with pytest.raises(ValueError, match="family|level"):
+            generate(*args)
+    with pytest.raises(ValueError, match="split"):
+        generate("word", 1, 1, split="test")
+    with pytest.raises(ValueError, match="family"):
+        mixture(10, families=["chess"])
+    with pytest.raises(ValueError):
+        mixture(10, levels=[9])
+    with pytest.raises(ValueError, match="level"):
+        mixture(10, levels={"word": [4]})

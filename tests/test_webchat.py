@@ -1,0 +1,109 @@
+"""The web chat in a real headless Chromium (Playwright's Python package driving Debian's /usr/bin/chromium): open
+`/` on a server that needs an API key, give the key, send a message, watch the answer stream in (reasoning in the
+thinking block, then the answer), reload: the conversation is in the list and its messages come back. Skipped when
+Playwright or /usr/bin/chromium is missing (CI: `apt-get install -y chromium`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "web-key-456"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+pytest.importorskip("fastapi")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)", allow_module_level=True)
+
+from test_serve import ServerProcess, build_model_dir  # noqa: E402  (helpers, not tests)
+
+# Records every distinct non-empty answer text the page shows, to see it grow while streaming.
+WATCH_ANSWERS = """() => {
+  window.answerStates = [];
+  new MutationObserver(() => {
+    const a = document.querySelector('.msg.assistant .answer');
+    const t = a ? a.textContent : '';
+    if (t && window.answerStates[window.answerStates.length - 1] !== t) window.answerStates.push(t);
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = build_model_dir(tmp_path_factory.mktemp("web-model"))
+    srv = ServerProcess(d, tmp_path_factory.mktemp("web") / "server.log", "--api-key", KEY, "--max-model-len", "320")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_chat_page_streams_and_keeps_history(server, browser):
+    page = browser.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" and "401" not in m.text else None)
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
+
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")  # the API needs the key: the page asks once
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.inner_text("#model-name") == server_model(server)
+
+    page.click("#settings summary")
+    page.fill("#set-max-tokens", "90")
+    page.fill("#set-thinking-budget", "6")  # so this random model reaches an answer
+    page.evaluate(WATCH_ANSWERS)
+    page.fill("#input", "hello model")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.user >> text=hello model")
+    page.wait_for_function("() => document.querySelector('#send').textContent === 'Send' && "
+                           "document.querySelector('.msg.assistant .answer').textContent.length > 0", timeout=60_000)
+    answer = page.text_content(".msg.assistant .answer")
+    reasoning = page.text_content(".msg.assistant .reasoning")
+    states = page.evaluate("window.answerStates")
+    assert reasoning and answer.strip()
+    assert len(states) > 1 and states[-1] == answer  # it grew as it streamed
+
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")  # the key was remembered: no dialog
+    assert page.is_hidden("#key-dialog")
+    item = page.wait_for_selector("#conversations li .title >> text=hello model")
+    item.click()
+    page.wait_for_selector(".msg.assistant .answer")
+    assert page.text_content(".msg.user .body") == "hello model"
+    assert page.text_content(".msg.assistant .answer") == answer
+    assert page.text_content(".msg.assistant .reasoning") == reasoning
+    assert not problems, problems
+    assert not outside, outside  # nothing loaded from anywhere but this server
+    page.screenshot(path=str(server.log_path.with_name("webchat.png")))
+    page.close()
+
+
+def server_model(server) -> str:
+    import httpx
+
+    return httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
+
+
+def test_markdown_renderer_escapes_first(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    html = page.evaluate("(s) => renderMarkdown(s)",
+                         "**b** *i* `a<b>` <img src=x onerror=alert(1)>\n\n- x\n- y\n\n```\n<script>\n```")
+    assert html == ("<p><strong>b</strong> <em>i</em> <code>a&lt;b&gt;</code> &lt;img src=x onerror=alert(1)&gt;</p>"
+                    "<ul><li>x</li><li>y</li></ul><pre><code>&lt;script&gt;</code></pre>")
+    page.close()
