@@ -38,6 +38,15 @@ PRESETS = {
         "eval_n": 500,
     },
 }
+# smoke: every stage for a few steps, to check the wiring in tests (numbers are meaningless).
+PRESETS["smoke"] = {
+    "pretrain": dict(preset="cpu-tiny", steps=6, batch_size=8, micro_batch_size=8, seq_len=64, n_docs=400, vocab_size=320),
+    "student_base": dict(preset="cpu-student", steps=4, batch_size=8, micro_batch_size=8, seq_len=64, n_docs=400),
+    "sft": dict(steps=4, batch_size=8, micro_batch_size=8, seq_len=96, n_samples=64),
+    "grpo": dict(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=16, eval_every=2, eval_n=4),
+    "distill": dict(n=16, steps=2, batch_size=4, max_tokens=24),
+    "eval_n": 6,
+}
 TASKS = ["arithmetic", "word", "countdown"]
 
 

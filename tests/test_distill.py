@@ -1,0 +1,90 @@
+"""Distillation against a real `nanoseek serve` on loopback: traces over HTTP with an API key from the environment,
+resume without re-asking, rejection sampling, and clean errors. Plus trace filtering on crafted traces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.data.tasks import generate
+from nanoseek.train.distill import DistillConfig, collect_traces, filter_traces, trace_problems
+from nanoseek.train.teacher import URLTeacher, split_reasoning
+from test_serve import ServerProcess, build_model_dir
+
+KEY = "distill-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = build_model_dir(tmp_path_factory.mktemp("teacher"))
+    s = ServerProcess(d, tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY, "--max-model-len", "256")
+    yield s, d
+    s.stop()
+
+
+class CountingTeacher(URLTeacher):
+    asked = 0
+
+    def ask(self, *a, **kw):
+        CountingTeacher.asked += 1
+        return super().ask(*a, **kw)
+
+
+def test_url_teacher_traces_resume_and_filter(server, tmp_path, monkeypatch):
+    s, _ = server
+    monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", KEY)
+    cfg = DistillConfig(teacher=s.url, out=str(tmp_path), n=6, max_tokens=12, progress=False)
+    problems = trace_problems(cfg)
+    teacher = CountingTeacher(s.url, concurrency=3)
+    path = tmp_path / "traces.jsonl"
+    records = collect_traces(cfg, teacher, problems, path)
+    assert len(records) == 6 and CountingTeacher.asked == 6
+    assert all(r["reasoning"] and not r["finished"] for r in records)  # the template prefills <think>; cut at 12
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # an interrupted run: 4 whole lines, one torn
+    CountingTeacher.asked = 0
+    assert len(collect_traces(cfg, teacher, problems, path)) == 6 and CountingTeacher.asked == 2
+    kept, counts = filter_traces(records, problems)
+    assert kept == [] and counts["malformed"] == 6
+
+
+def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
+    s, d = server
+    monkeypatch.delenv("NANOSEEK_TEACHER_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", s.url, "--student", str(d),
+                        "--out", str(tmp_path / "run"), "--n", "2", "--no-progress"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k not in ("NANOSEEK_TEACHER_API_KEY", "OPENAI_API_KEY")})
+    assert r.returncode == 1 and "401" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_no_verified_trace_is_a_clear_error(server, tmp_path):
+    s, d = server
+    env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", s.url, "--student", str(d),
+                        "--out", str(tmp_path / "run"), "--n", "3", "--max-tokens", "8", "--no-progress"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "no trace passed verification" in r.stderr
+    assert len((tmp_path / "run" / "traces.jsonl").read_text().splitlines()) == 3
+
+
+def test_filter_keeps_only_verified_unique_traces():
+    p, q = generate("arithmetic", 1, 2, seed=5)
+    rec = lambda prob, ans, fin=True, why="add": {"uid": prob.uid, "sample": 0, "question": prob.question,  # noqa: E731
+                                                  "reasoning": why, "answer": f"The answer is {ans}.", "finished": fin}
+    records = [rec(p, p.answer), rec(p, p.answer), rec(q, int(q.answer) + 1), rec(q, q.answer, fin=False),
+               rec(q, q.answer, why="")]
+    kept, counts = filter_traces(records, [p, q])
+    assert counts == {"total": 5, "malformed": 2, "wrong": 1, "duplicate": 1, "kept": 1}
+    msg = kept[0]["messages"]
+    assert msg[0]["content"] == p.question and msg[1]["content"].startswith("<think>\nadd\n</think>\n\n")
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think>r</think> a") == ("r", "a")
+    assert split_reasoning("r</think>a", prefilled=True) == ("r", "a")
+    assert split_reasoning("just text") == ("", "just text")

@@ -1,0 +1,41 @@
+"""The speedrun's wiring, end to end on the `smoke` preset (a few steps per stage; the numbers mean nothing).
+
+A smoke-sized teacher cannot produce verifiable traces, so the test plays the teacher for the first traces by
+writing them into distill/traces.jsonl beforehand: the distill stage must resume from them and ask only for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from nanoseek.speedrun import PRESETS, TASKS
+from nanoseek.train.distill import DistillConfig, trace_problems
+
+
+def test_smoke_speedrun(tmp_path):
+    out = tmp_path / "sr"
+    cfg = DistillConfig(teacher="", out="", tasks=TASKS, seed=0, **PRESETS["smoke"]["distill"])
+    problems = trace_problems(cfg)
+    (out / "distill").mkdir(parents=True)
+    with (out / "distill" / "traces.jsonl").open("w") as f:
+        for p in problems[:-2]:  # the teacher still has to answer the last two
+            f.write(json.dumps({"uid": p.uid, "sample": 0, "question": p.question, "reasoning": "\n".join(p.steps),
+                                "answer": f"The answer is {p.answer}.", "finished": True}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    for stage in ("pretrain", "sft", "grpo", "distill"):
+        assert 0.0 <= summary["stages"][stage]["pass@1"] <= 1.0
+    assert "teacher_pass@1" in summary["stages"]["distill"]
+    assert summary["stages"]["distill"]["params_active"] * 2 <= summary["stages"]["distill"]["teacher_params_active"]
+    assert (out / summary["final_model"].split(str(out) + "/")[-1] / "config.json").is_file()
+    assert len((out / "distill" / "traces.jsonl").read_text().splitlines()) == len(problems)
+    report = (out / "report.md").read_text()
+    assert "Cost" in report and (out / "pretrain_loss.png").is_file() and (out / "grpo_rl.png").is_file()
+    # rerunning resumes: every stage is skipped
+    r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+                        capture_output=True, text=True, timeout=900)
+    assert r2.returncode == 0 and r2.stderr.count("already done") == 5
