@@ -100,12 +100,18 @@ def run(args: argparse.Namespace) -> int:
 
 # --- data --------------------------------------------------------------------------------------------------------
 def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
-    """Pretraining documents from the task suite's train split: every problem as plain text (question, worked
+    """Pretraining documents from the task suite's train split: half spread over every family and level, half
+    the basic arithmetic (levels 1-2) everything else builds on; every problem as plain text (question, worked
     steps, answer), and every fourth also in the chat format, so the base model has seen `<think>` turns."""
+    import random
+
     from ..data.tasks import mixture, to_chat, to_text
 
+    problems = mixture(n_docs - n_docs // 2, seed=seed, split="train")
+    problems += mixture(n_docs // 2, seed=seed + 1, split="train", families=["arithmetic"], levels=[1, 2])
+    random.Random(seed).shuffle(problems)
     docs = []
-    for i, p in enumerate(mixture(n_docs, seed=seed, split="train")):
+    for i, p in enumerate(problems):
         docs.append(to_text(p))
         if i % 4 == 0:
             chat = tok.apply_chat_template(to_chat(p)["messages"], add_generation_prompt=False, tokenize=False)
