@@ -91,13 +91,51 @@ def _render(t, parent: str | None = None, right: bool = False) -> str:
 
 
 def _steps(t, out: list[str]) -> int:
-    """Post-order evaluation: innermost first, × ÷ before + - (the tree encodes both); one line per operation."""
+    """Post-order evaluation: innermost first, × ÷ before + - (the tree encodes both); one line per operation,
+    preceded by column-by-column working for + - and one-digit × on numbers below 1000."""
     if isinstance(t, int):
         return t
     a, b = _steps(t[1], out), _steps(t[2], out)
     v = _apply(t[0], a, b)
+    out.extend(_columns(t[0], a, b))
     out.append(f"{a} {t[0]} {f'({b})' if b < 0 else b} = {v}")
     return v
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]  # least significant first
+
+
+def _columns(op: str, a: int, b: int) -> list[str]:
+    """Schoolbook working, least significant column first, so a small model can carry instead of guessing."""
+    if a < 0 or b < 0 or max(a, b) < 10 or max(a, b) >= 1000:
+        return []
+    lines: list[str] = []
+    if op == "+":
+        da, db, carry = _digits(a), _digits(b), 0
+        for i in range(max(len(da), len(db))):
+            terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+            total = sum(terms)
+            carry = total // 10
+            if len(terms) > 1:
+                lines.append(" + ".join(map(str, terms)) + f" = {total}" + (", carry 1" if carry else ""))
+    elif op == "-":
+        big, small = max(a, b), min(a, b)
+        db, ds, borrow = _digits(big), _digits(small), 0
+        for i, x in enumerate(db):
+            x, y = x - borrow, ds[i] if i < len(ds) else 0
+            borrow = int(x < y)
+            if i < len(ds) or borrow:
+                lines.append(f"{x + 10 * borrow} - {y} = {x + 10 * borrow - y}" + (", borrow 1" if borrow else ""))
+        if a < b:
+            lines.append(f"{b} - {a} = {b - a}, so {a} - {b} is negative")
+    elif op == "×" and min(a, b) <= 9:
+        big, d, carry = max(a, b), min(a, b), 0
+        for x in _digits(big):
+            p = x * d + carry
+            lines.append(f"{x} × {d}" + (f" + {carry}" if carry else "") + f" = {p}")
+            carry = p // 10
+    return lines
 
 
 # --- arithmetic -------------------------------------------------------------------------------------------------
