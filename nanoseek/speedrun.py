@@ -107,7 +107,7 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
 
     pre = pretrain_stage("pretrain", p["pretrain"])
     stages["pretrain"] = evaluate(out / "pretrain" / "model", p["eval_n"], device, style="plain")
-    sft_res = stage("sft", lambda d: sft(SFTConfig(out=str(d), model=str(out / "pretrain" / "model"), seed=seed,
+    stage("sft", lambda d: sft(SFTConfig(out=str(d), model=str(out / "pretrain" / "model"), seed=seed,
                                                    device=device, resume=True, **p["sft"])))
     stages["sft"] = evaluate(out / "sft" / "model", p["eval_n"], device)
     stage("grpo", lambda d: grpo(GRPOConfig(out=str(d), model=str(out / "sft" / "model"), tasks=TASKS, seed=seed,

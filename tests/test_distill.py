@@ -3,7 +3,6 @@ resume without re-asking, rejection sampling, and clean errors. Plus trace filte
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

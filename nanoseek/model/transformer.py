@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .block import DecoderLayer
-from .layers import MLP, RMSNorm
-from .mla import MLA
+from .layers import RMSNorm
 from .moe import MoE, Experts, Gate
 from .mtp import MTPLayer
 from .rope import RotaryEmbedding
