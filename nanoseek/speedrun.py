@@ -64,16 +64,9 @@ def mark_done(stage_dir: Path, result: dict) -> dict:
 
 
 def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
-    from .data.tasks import mixture
-    from .engine.engine import Engine
-    from .eval.evaluate import run_eval, summarize
-    from .tokenizer import Tokenizer
+    from .eval.evaluate import evaluate_dir
 
-    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16,
-                                    max_batch_size=64)
-    problems = mixture(n, seed=4242, split="eval", families=TASKS)
-    return summarize(run_eval(engine, Tokenizer.from_dir(model_dir), problems, max_new_tokens=160, style=style,
-                              progress=False))
+    return evaluate_dir(model_dir, n, device, TASKS, style=style)[0]
 
 
 def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:

@@ -121,6 +121,23 @@ def summarize(results: list[EvalResult]) -> dict:
     return summary
 
 
+def evaluate_dir(model_dir, n: int, device: str, families, seed: int = 4242, style: str = "chat",
+                 max_new_tokens: int = 160) -> tuple[dict, object]:
+    """Greedy held-out evaluation of a model directory on n task-suite problems -> (summary, engine)."""
+    import torch
+
+    from ..data.tasks import mixture
+    from ..engine.engine import Engine
+    from ..tokenizer import Tokenizer
+
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+                                    max_batch_size=64)
+    problems = mixture(n, seed=seed, split="eval", families=list(families))
+    results = run_eval(engine, Tokenizer.from_dir(model_dir), problems, max_new_tokens=max_new_tokens, style=style,
+                       progress=False)
+    return summarize(results), engine
+
+
 def load_problems(task: str | None, data: str | None, n: int, seed: int):
     """--task FAMILY[:LEVEL] | all, from the held-out split; or --data FILE.jsonl in GSM8K format."""
     from ..data import tasks

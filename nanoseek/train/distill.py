@@ -151,16 +151,10 @@ def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tok
 
 
 def describe(model_dir: str, device: str, eval_n: int, families, seed: int) -> dict:
-    from ..engine.engine import Engine
-    from ..eval.evaluate import run_eval, summarize
+    from ..eval.evaluate import evaluate_dir
     from ..model import param_counts
-    from ..tokenizer import Tokenizer
-    from ..data.tasks import mixture
 
-    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    tok = Tokenizer.from_dir(model_dir)
-    problems = mixture(eval_n, seed=seed, split="eval", families=families)
-    summary = summarize(run_eval(engine, tok, problems, max_new_tokens=256, progress=False))
+    summary, engine = evaluate_dir(model_dir, eval_n, device, families, seed=seed, max_new_tokens=256)
     counts = param_counts(engine.model)
     return {"pass@1": summary["pass@1"], "levels": summary.get("levels"), "params_total": counts["total"],
             "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}

@@ -369,7 +369,8 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 else:
                     logits, l_mtp = ddp(inputs), zero
                 l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-                aux = model.aux_loss() if model.aux_loss() is not None else zero
+                aux = model.aux_loss()
+                aux = zero if aux is None else aux
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():
                         t_logits = teacher(inputs)
