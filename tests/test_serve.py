@@ -214,6 +214,9 @@ def test_thinking_budget_forces_end_of_reasoning(client):
     zero = ask(client, max_tokens=10, extra_body={"thinking_token_budget": 0})
     assert zero.choices[0].message.reasoning_content == ""
     assert zero.usage.completion_tokens_details.reasoning_tokens == 0
+    # budget 1: exactly one reasoning token, even though it is the first token the engine emits
+    one = ask(client, max_tokens=10, extra_body={"thinking_token_budget": 1})
+    assert one.usage.completion_tokens_details.reasoning_tokens == 1
 
 
 def test_stop_strings_cut_the_answer(client):

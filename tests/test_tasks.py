@@ -191,6 +191,20 @@ def test_from_record_gsm8k():
         from_record({"question": "q", "answer": "#### (1 + 2)", "family": "countdown"})
 
 
+def test_free_form_answers_use_math_verify():
+    half = from_record({"question": "q", "answer": "Halve it.\n#### \\frac{1}{2}"})
+    assert half.answer == "\\frac{1}{2}"
+    for good in ("0.5", "1/2", "\\frac{2}{4}", "$\\frac{1}{2}$"):
+        assert check(half, good), good
+    for bad in ("0.25", "2", "one half", ""):
+        assert not check(half, bad), bad
+    poly = from_record({"question": "q", "answer": "x^2 + 2x + 1"})
+    assert check(poly, "(x+1)^2") and not check(poly, "(x-1)^2")
+    # the suite's own integer answers are never "verified" from an expression that evaluates to them
+    p = generate("arithmetic", 1, 1, seed=0)[0]
+    assert not check(p, p.meta["expression"]) and check(p, p.answer)
+
+
 def test_mixture_spread_and_shuffle():
     ps = mixture(100, seed=5)
     assert len(ps) == 100 and ps == mixture(100, seed=5) and ps != mixture(100, seed=6)

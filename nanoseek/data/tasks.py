@@ -485,10 +485,27 @@ def check(problem: Problem, predicted: str) -> bool:
     try:
         if problem.family == "countdown":
             return _check_countdown(problem.meta, predicted)
-        got = _number(predicted)
-        return got is not None and got == _number(problem.answer)
+        got, want = _number(predicted), _number(problem.answer)
+        if problem.family in FAMILIES or (got is not None and want is not None):
+            return got is not None and got == want  # the suite's answers are integers: "8 + 3" is not "11"
+        return _math_equal(problem.answer, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
     except Exception:  # garbage in, False out (RecursionError, ValueError, KeyError, ...)
         return False
+
+
+def _math_equal(gold: str, predicted: str) -> bool:
+    """Mathematical equivalence by `math-verify` (LaTeX or plain expressions); exact text match without it."""
+    import threading
+
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return gold.strip() == predicted.strip()
+    # math-verify's timeouts use SIGALRM, which exists only on the main thread
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    wrap = lambda t: t if "$" in t or "\\boxed" in t else f"${t}$"  # noqa: E731
+    g, p = parse(wrap(gold), parsing_timeout=limit), parse(wrap(predicted), parsing_timeout=limit)
+    return bool(g) and bool(p) and verify(g, p, timeout_seconds=limit)
 
 
 # --- renderings -------------------------------------------------------------------------------------------------

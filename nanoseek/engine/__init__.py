@@ -1,1 +1,1 @@
-"""Inference: the latent KV cache (and, later, batched generation on token ids)."""
+"""Inference: the latent KV cache, sampling, and the batched, continuously batching engine on token ids."""

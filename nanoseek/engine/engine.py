@@ -170,7 +170,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit waiting requests (prefill), then one joint decode step. Returns the tokens emitted, in order."""
+        """One step: admit waiting requests (prefill; each newcomer emits its first token), or, when none is
+        admitted, one joint decode step of the running ones. Returns the tokens emitted, in order. Keeping the two
+        apart lets a caller act on a newcomer's first token (stop it, force what follows) before its second."""
         with self._lock:
             training = self.model.training
             if training:
@@ -178,7 +180,7 @@ class Engine:
             try:
                 events: list[Event] = []
                 self._admit(events)
-                if self._active:
+                if self._active and not events:
                     if self._active[0].params.speculative:
                         self._speculative_step(events)
                     else:

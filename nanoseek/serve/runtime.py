@@ -5,9 +5,8 @@ stop ids) into a `Runtime`. `EngineWorker` is the background thread that drives 
 callers hand it `Job`s (submit / cancel are queued and applied by the worker between steps, so no step ever races
 them), and each job's `sink` is called, on the worker thread, with `(token_id, finished, finish_reason)` per token or
 with an exception. The worker also enforces the thinking budget: after `budget` reasoning tokens, if `</think>` has
-not come, it forces `</think>\\n\\n` with `engine.force_next` before the next step, so the model answers. (The engine
-chooses a new request's first two tokens in one step, prefill then decode, so a budget of 1 after a prefilled
-`<think>` lets 2 reasoning tokens through; 0 and every budget from 2 on are exact.)
+not come, it forces `</think>\\n\\n` with `engine.force_next` before the next step, so the model answers; every
+budget, 0 and 1 included, is exact (the engine emits one token per request per step).
 """
 
 from __future__ import annotations
