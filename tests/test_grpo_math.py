@@ -89,7 +89,7 @@ def test_rewards_on_crafted_completions(problem):
     malformed = [
         f"The answer is {ans}.",  # no reasoning block
         f"<think>\n</think>\n\nThe answer is {ans}.",  # empty reasoning
-        f"<think>\nx\n</think>\n\n",  # empty answer
+        "<think>\nx\n</think>\n\n",  # empty answer
         f"<think>\nx\n</think><think>\ny\n</think>\n\n{ans}",  # repeated tags
         f"<think>\nx\n</think>\n\n{ans} </think>",  # tag inside the answer
         f"</think><think>\nx\n\n{ans}",  # wrong order
