@@ -53,6 +53,26 @@ def test_cached_decode_equals_full_forward():
     assert (torch.cat(step_logits, dim=1) - full).abs().max().item() < 1e-4
 
 
+def test_packed_documents_equal_documents_alone():
+    """With segments, each document of a packed row gets the logits (main and MTP) it gets when run alone."""
+    model = tiny()
+    lens = [5, 9, 4]
+    docs = [torch.randint(0, model.config.vocab_size, (1, n)) for n in lens]
+    packed = torch.cat(docs, dim=1)  # (1, 18)
+    segments = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))[None]
+    with torch.no_grad():
+        logits, mtp = model(packed, segments=segments, return_mtp=True)
+        start = 0
+        for doc, n in zip(docs, lens):
+            alone, alone_mtp = model(doc, return_mtp=True)
+            assert (logits[:, start : start + n] - alone).abs().max().item() < 1e-4
+            # MTP depth 1 at position i reads token i+1: compare where that token is in the same document
+            assert (mtp[0][:, start : start + n - 1] - alone_mtp[0]).abs().max().item() < 1e-4
+            start += n
+        unmasked = model(packed)
+    assert (unmasked[:, lens[0]:] - logits[:, lens[0]:]).abs().max().item() > 1e-3  # the mask does matter
+
+
 def test_cache_handles_ragged_lengths():
     """Right-padded prompts of different lengths: each row's logits equal its own unpadded forward."""
     model = tiny()

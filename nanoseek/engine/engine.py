@@ -307,7 +307,7 @@ class Engine:
         act = self._active
         ids = torch.tensor([[r.out[-1]] for r in act], device=self.device)  # (n, 1)
         pos = torch.tensor([[r.pos] for r in act], device=self.device)  # (n, 1)
-        h, _, _ = self.model.hidden_states(ids, pos, self.cache)  # (n, 1, D); writes rows [0, n)
+        h = self.model.hidden_states(ids, pos, self.cache)[0]  # (n, 1, D); writes rows [0, n)
         toks = self._choose(act, self.model.lm_head(h[:, 0]).float())
         self.stats["decode_steps"] += 1
         for r, t in zip(act, toks):
@@ -346,7 +346,7 @@ class Engine:
         act = self._active
         ids = torch.tensor([[r.out[-1], r.draft] for r in act], device=self.device)  # (n, 2): [verified, draft]
         pos = torch.tensor([[r.pos, r.pos + 1] for r in act], device=self.device)  # (n, 2)
-        h, _, _ = self.model.hidden_states(ids, pos, self.cache)  # (n, 2, D)
+        h = self.model.hidden_states(ids, pos, self.cache)[0]  # (n, 2, D)
         greedy = self.model.lm_head(h).argmax(-1).tolist()  # (n, 2)
         self.stats["decode_steps"] += 1
         nxt, pick = [], []

@@ -62,6 +62,7 @@ class MLA(nn.Module):
         cache=None,  # engine.cache.LatentCache
         span: int | None = None,  # cached positions to attend over (max position + 1)
         absorb: bool | None = None,  # default: absorbed for a few new tokens over a cache (decode), else naive
+        mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, training without a cache: True where attention may go
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
@@ -79,10 +80,10 @@ class MLA(nn.Module):
         if absorb:
             out = self._absorbed(q_nope, q_pe, c, k_pe, positions)
         else:
-            out = self._naive(q_nope, q_pe, c, k_pe, positions if cache is not None else None)
+            out = self._naive(q_nope, q_pe, c, k_pe, positions if cache is not None else None, mask)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
-    def _naive(self, q_nope, q_pe, c, k_pe, positions) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c, k_pe, positions, mask=None) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         S = c.shape[1]
         kv = self.kv_b_proj(c).view(B, S, H, self.nope_dim + self.v_dim)
@@ -92,8 +93,9 @@ class MLA(nn.Module):
         # Fused (flash) SDPA kernels want equal q/k and v widths: pad v with zeros, slice the output back.
         pad = q.shape[-1] - self.v_dim
         v = F.pad(v, (0, pad)) if pad > 0 else v
-        mask = None if positions is None else self._mask(positions, S)[:, None]  # (B, 1, T, S)
-        causal = positions is None and T > 1  # without positions the keys are exactly the T queries' own tokens
+        if positions is not None:
+            mask = self._mask(positions, S)[:, None]  # (B, 1, T, S)
+        causal = mask is None and T > 1  # without positions the keys are exactly the T queries' own tokens
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale)
         return out[..., : self.v_dim].transpose(1, 2)  # (B, T, H, Dv)
 

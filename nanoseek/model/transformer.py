@@ -63,18 +63,27 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T) absolute positions; required with a cache
         cache=None,  # engine.cache.LatentCache: decode with the absorbed latent cache
         return_mtp: bool = False,
+        segments: torch.Tensor | None = None,  # (B, T) document index of each token of a packed row (training)
     ):
-        """-> logits (B, T, V); with return_mtp, (logits, [logits of MTP depth k: (B, T-k, V)])."""
-        h, cos, sin = self.hidden_states(input_ids, positions, cache)
+        """-> logits (B, T, V); with return_mtp, (logits, [logits of MTP depth k: (B, T-k, V)]).
+
+        With `segments`, a row packs several documents: a token attends only to earlier tokens of its own document,
+        and positions restart at 0 where a document starts, so each document is computed as if it were alone."""
+        h, cos, sin, mask = self.hidden_states(input_ids, positions, cache, segments)
         logits = self.lm_head(h)
         if not return_mtp:
             return logits
-        return logits, self.mtp_logits(input_ids, h, cos, sin)
+        return logits, self.mtp_logits(input_ids, h, cos, sin, mask)
 
-    def hidden_states(self, input_ids, positions=None, cache=None):
-        """-> final normed hidden (B, T, D) and the rope cos/sin used."""
+    def hidden_states(self, input_ids, positions=None, cache=None, segments=None):
+        """-> final normed hidden (B, T, D), the rope cos/sin used, and the document mask (B, 1, T, T) or None."""
         B, T = input_ids.shape
-        if positions is None:
+        mask = None
+        if segments is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("segments are for training forwards, without a cache or explicit positions")
+            positions, mask = document_positions_and_mask(segments)
+        elif positions is None:
             if cache is not None:
                 raise ValueError("decoding with a cache needs explicit positions")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -82,10 +91,10 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.main_layers:
-            x = layer(x, cos, sin, positions if cache is not None else None, cache, span)
-        return self.model.norm(x), cos, sin
+            x = layer(x, cos, sin, positions if cache is not None else None, cache, span, mask)
+        return self.model.norm(x), cos, sin, mask
 
-    def mtp_logits(self, input_ids, h, cos, sin) -> list[torch.Tensor]:
+    def mtp_logits(self, input_ids, h, cos, sin, mask=None) -> list[torch.Tensor]:
         """Training-time MTP: depth k sees positions [0, T-k) and predicts the token k+1 ahead."""
         outs, h_prev, T = [], h, input_ids.shape[1]
         for k, layer in enumerate(self.mtp_layers, start=1):
@@ -93,7 +102,7 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])
-            h_prev = layer(h_prev[:, :n], emb, cos[:, :n], sin[:, :n])
+            h_prev = layer(h_prev[:, :n], emb, cos[:, :n], sin[:, :n], mask=None if mask is None else mask[..., :n, :n])
             outs.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return outs
 
@@ -137,6 +146,19 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.gate_proj, 0.0, std)
                 nn.init.normal_(module.up_proj, 0.0, std)
                 nn.init.normal_(module.down_proj, 0.0, out_std)
+
+
+def document_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (B, T) non-decreasing document indices -> positions (B, T) counted from each document's first token,
+    and a (B, 1, T, T) bool attention mask: causal and within one document."""
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # index of the current document's first token
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return idx - first, (same & causal)[:, None]
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, init: bool = True) -> Transformer:

@@ -269,6 +269,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     clip: float = 1.0
     mtp_weight: float = 0.3  # λ
+    document_mask: bool = True  # a packed row's documents (each starts with BOS) attend only within themselves
     bias_gamma: float = 0.001  # γ, aux-loss-free bias update speed
     seed: int = 0
     save_every: int = 100
@@ -359,21 +360,22 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         tokens = flops = 0.0
         for micro in range(accum):
             inputs, labels = (t.to(d.device) for t in loader.next_batch())
+            segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
             tokens += inputs.numel()
             flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=cfg.mtp_weight > 0) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
                 if cfg.mtp_weight > 0:
-                    logits, mtp_logits = ddp(inputs, return_mtp=True)
+                    logits, mtp_logits = ddp(inputs, return_mtp=True, segments=segments)
                     l_mtp = mtp_loss(mtp_logits, labels)
                 else:
-                    logits, l_mtp = ddp(inputs), zero
+                    logits, l_mtp = ddp(inputs, segments=segments), zero
                 l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                 aux = model.aux_loss()
                 aux = zero if aux is None else aux
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():
-                        t_logits = teacher(inputs)
+                        t_logits = teacher(inputs, segments=segments)
                     aux = aux + kd_weight * distill_kl(logits, t_logits, labels)
                 ((l_main + cfg.mtp_weight * l_mtp + aux) / accum).backward()
             sums += torch.stack([l_main.detach(), l_mtp.detach(), aux.detach()]) / accum

@@ -5,6 +5,8 @@ Loss per step (DeepSeek-V3 §2–3):
 then, after the optimiser step, every MoE layer's routing bias moves by γ·sign(mean load − load) with the loads
 summed over all micro-batches and ranks (aux-loss-free balancing). AdamW (β 0.9/0.95, weight decay 0.1 on
 matrices), linear warmup then cosine or WSD, gradient clipping at 1.0, gradient accumulation, bf16 autocast on GPU.
+Rows pack several documents; each attends only within itself, with positions restarting at its BOS (as Llama 3
+trains), so a document is seen exactly as it is at inference, alone (--no-document-mask turns this off).
 
 With no --data the run trains on the verifiable task suite (nothing to download). Under
 `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP): the global batch is split over ranks, so
@@ -63,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
+    p.add_argument("--no-document-mask", action="store_true",
+                   help="let packed documents attend across their boundaries (default: each attends only within itself)")
     p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
     p.add_argument("--aux-alpha", type=float, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
@@ -85,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     d["micro_batch_size"] = min(d["micro_batch_size"], d["batch_size"])
     return PretrainConfig(
         out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
-        seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight, bias_gamma=args.bias_gamma,
+        seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
+        document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
         aux_alpha=args.aux_alpha, tokenizer=args.tokenizer, vocab_size=args.vocab_size, device=args.device,
         price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
     )
