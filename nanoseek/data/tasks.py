@@ -92,7 +92,7 @@ def _render(t, parent: str | None = None, right: bool = False) -> str:
 
 def _steps(t, out: list[str]) -> int:
     """Post-order evaluation: innermost first, × ÷ before + - (the tree encodes both); one line per operation,
-    preceded by column-by-column working for + - and one-digit × on numbers below 1000."""
+    preceded by the schoolbook working of `_columns` on numbers below 1000."""
     if isinstance(t, int):
         return t
     a, b = _steps(t[1], out), _steps(t[2], out)
@@ -107,7 +107,8 @@ def _digits(n: int) -> list[int]:
 
 
 def _columns(op: str, a: int, b: int) -> list[str]:
-    """Schoolbook working, least significant column first, so a small model can carry instead of guessing."""
+    """Schoolbook working so a small model computes digit by digit instead of guessing: + - and × by one digit
+    column by column (least significant first), × by two digits as partial products, exact ÷ as long division."""
     if a < 0 or b < 0 or max(a, b) < 10 or max(a, b) >= 1000:
         return []
     lines: list[str] = []
@@ -135,6 +136,25 @@ def _columns(op: str, a: int, b: int) -> list[str]:
             p = x * d + carry
             lines.append(f"{x} × {d}" + (f" + {carry}" if carry else "") + f" = {p}")
             carry = p // 10
+    elif op == "×" and min(a, b) <= 99:  # one partial product per digit of the smaller factor, then their sum
+        big, small = max(a, b), min(a, b)
+        parts = []
+        for i, d in enumerate(_digits(small)):
+            if d:
+                lines += _columns("×", big, d) + [f"{big} × {d} = {big * d}"]
+                if i:
+                    lines.append(f"{big} × {d * 10**i} = {big * d * 10**i}")
+                parts.append(big * d * 10**i)
+        if len(parts) == 2:
+            lines += _columns("+", *parts) + [f"{parts[0]} + {parts[1]} = {sum(parts)}"]
+    elif op == "÷" and b and a % b == 0 and a >= 10:  # long division, most significant digit first
+        rest, work = 0, []
+        for x in reversed(_digits(a)):
+            cur = rest * 10 + x
+            rest = cur % b
+            if cur >= b or work:
+                work.append(f"{cur} ÷ {b} = {cur // b}" + (f", remainder {rest}" if rest else ""))
+        lines = work if len(work) > 1 else []
     return lines
 
 
