@@ -22,10 +22,10 @@ import torch
 # Per-preset stage settings. cpu: cpu-tiny teacher, cpu-student (half its active parameters) student.
 PRESETS = {
     "cpu": {
-        "pretrain": dict(preset="cpu-tiny", steps=600),
-        "student_base": dict(preset="cpu-student", steps=400),
+        "pretrain": dict(preset="cpu-tiny"),
+        "student_base": dict(preset="cpu-student", steps=1000),
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=192, lr=1e-3),
-        "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=96, lr=5e-5, eval_every=15, eval_n=100),
+        "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=160, lr=5e-5, eval_every=15, eval_n=100),
         "distill": dict(n=1000, steps=200, batch_size=32, lr=1e-3),
         "eval_n": 200,
     },

@@ -29,10 +29,11 @@ from ..config import ModelConfig, get_preset
 from ..model import build_model, param_counts
 from . import loop
 
-# Training defaults per preset (flags override): sized so `cpu-tiny` learns level-1 arithmetic in ~5 CPU minutes.
+# Training defaults per preset (flags override). cpu-tiny: ~5 minutes on 2 cores; small batches, many steps (at
+# equal tokens, batch 16 learned the arithmetic faster than 32 in our sweeps; see bench/results/pretrain_cpu.md).
 TRAIN_PRESETS = {
-    "cpu-tiny": dict(steps=600, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3, warmup=30, n_docs=40000),
-    "cpu-student": dict(steps=400, batch_size=32, micro_batch_size=32, seq_len=128, lr=3e-3, warmup=30, n_docs=40000),
+    "cpu-tiny": dict(steps=2000, batch_size=16, micro_batch_size=16, seq_len=128, lr=6e-3, warmup=50, n_docs=60000),
+    "cpu-student": dict(steps=1500, batch_size=16, micro_batch_size=16, seq_len=128, lr=6e-3, warmup=50, n_docs=60000),
     "small": dict(steps=3000, batch_size=64, micro_batch_size=16, seq_len=1024, lr=1.5e-3, warmup=100, n_docs=400000),
     "v2-lite": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=4.2e-4, warmup=100, n_docs=100000),
     "v3-671b": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=2.2e-4, warmup=100, n_docs=100000),
@@ -47,6 +48,7 @@ class PretrainConfig(loop.TrainConfig):
     tokenizer: str | None = None
     vocab_size: int | None = None
     n_docs: int = 40000
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields changed from the preset's (--set KEY=VALUE)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let packed documents attend across their boundaries (default: each attends only within itself)")
     p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
     p.add_argument("--aux-alpha", type=float, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
+                        "VALUE is JSON: numbers, true/false, null)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for this run")
     p.add_argument("--n-docs", type=int, help="task-suite documents to generate when no --data is given")
@@ -87,11 +92,24 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     d["micro_batch_size"] = min(d["micro_batch_size"], d["batch_size"])
+    overrides = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or key not in ModelConfig.__dataclass_fields__:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a model-config field (e.g. hidden_size=256)")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string, e.g. --set hidden_act=gelu
+    try:
+        get_preset(args.preset).replace(**overrides)
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError; "abc" > 0 is a TypeError
+        raise UserError(f"--set: {e}") from None
     return PretrainConfig(
         out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
         seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
         document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
-        aux_alpha=args.aux_alpha, tokenizer=args.tokenizer, vocab_size=args.vocab_size, device=args.device,
+        aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size, device=args.device,
         price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
     )
 
@@ -105,15 +123,17 @@ def run(args: argparse.Namespace) -> int:
 
 # --- data --------------------------------------------------------------------------------------------------------
 def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
-    """Pretraining documents from the task suite's train split: half spread over every family and level, half
-    the basic arithmetic (levels 1-2) everything else builds on; every problem as plain text (question, worked
-    steps, answer), and every fourth also in the chat format, so the base model has seen `<think>` turns."""
+    """Pretraining documents from the task suite's train split: 30% spread over every family and level, 70% the
+    basic arithmetic everything else builds on (level 1 : level 2 = 5 : 2); every problem as plain text (question,
+    worked steps, answer), and every fourth also in the chat format, so the base model has seen `<think>` turns."""
     import random
 
     from ..data.tasks import mixture, to_chat, to_text
 
-    problems = mixture(n_docs - n_docs // 2, seed=seed, split="train")
-    problems += mixture(n_docs // 2, seed=seed + 1, split="train", families=["arithmetic"], levels=[1, 2])
+    n_all, n_l2 = n_docs * 3 // 10, n_docs * 2 // 10
+    problems = mixture(n_all, seed=seed, split="train")
+    problems += mixture(n_l2, seed=seed + 1, split="train", families=["arithmetic"], levels=[2])
+    problems += mixture(n_docs - n_all - n_l2, seed=seed + 2, split="train", families=["arithmetic"], levels=[1])
     random.Random(seed).shuffle(problems)
     docs = []
     for i, p in enumerate(problems):
@@ -161,7 +181,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist):
 
 # --- the run -----------------------------------------------------------------------------------------------------
 def model_config(cfg: PretrainConfig, tok) -> ModelConfig:
-    mc = get_preset(cfg.preset)
+    mc = get_preset(cfg.preset).replace(**cfg.overrides)
     vocab = -(-tok.vocab_size // 64) * 64  # round up: tidy matmul shapes; unused rows never get a token
     changes = dict(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                    max_position_embeddings=max(mc.max_position_embeddings, cfg.seq_len), torch_dtype="float32")
