@@ -105,6 +105,16 @@ def test_refuses_to_overwrite_a_run(full_run):
     assert r.returncode == 1 and "--resume" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_set_overrides_the_model_config_and_rejects_bad_fields(tmp_path):
+    out = tmp_path / "wide"
+    pretrain(out, "--set", "num_hidden_layers=3", "--set", "num_nextn_predict_layers=0", steps=2)
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and cfg["num_nextn_predict_layers"] == 0
+    for bad in ("no_such_field=1", "hidden_size", "hidden_size=-4", 'hidden_size="wide"'):
+        r = pretrain(tmp_path / "bad", "--set", bad, steps=2, check=False)
+        assert r.returncode == 1 and "--set" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-500:])
+
+
 def test_two_gloo_processes_match_one(tmp_path):
     single = tmp_path / "one"
     pretrain(single, steps=4)

@@ -344,6 +344,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     peak, peak_how = device_peak_flops(d.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     moes = model.moe_layers()
+    use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
     zero = torch.zeros((), device=d.device)
     bar = None
     if d.is_main and cfg.progress:
@@ -362,10 +363,10 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             inputs, labels = (t.to(d.device) for t in loader.next_batch())
             segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
             tokens += inputs.numel()
-            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=cfg.mtp_weight > 0) * inputs.numel()
+            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
-                if cfg.mtp_weight > 0:
+                if use_mtp:
                     logits, mtp_logits = ddp(inputs, return_mtp=True, segments=segments)
                     l_mtp = mtp_loss(mtp_logits, labels)
                 else:

@@ -109,8 +109,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
         seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
         document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
-        aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size, device=args.device,
-        price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
+        aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        device=args.device, price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
     )
 
 
