@@ -2,11 +2,12 @@
 
     python bench/ablate.py [--budget-s 150] [--out bench/results]
 
-Four `nanoseek pretrain` runs of cpu-tiny on the task suite, each given the same wall-clock budget (its step count
-is the budget divided by its own measured step time, so each run completes its LR schedule):
+Four `nanoseek pretrain` runs of cpu-tiny's recipe (batch, LR, corpus of TRAIN_PRESETS) on the task suite, each given
+the same wall-clock budget (its step count is the budget divided by its own measured step time, so each run completes
+its LR schedule):
     moe+mtp   cpu-tiny as shipped (first layer dense, then 8 routed + 1 shared experts, top-2; one MTP module)
     moe       the same with λ = 0 (the MTP module is not trained)
-    dense+mtp every layer a dense FFN whose width (416) gives the same active FFN parameters per token as cpu-tiny
+    dense+mtp every layer a dense FFN whose width (`dense_width()`: 208) gives cpu-tiny's active FFN parameters
     dense     the same with λ = 0
 Each run is scored on held-out documents (next-token loss, MTP excluded so the four are comparable) and by greedy
 pass@1 on 100 held-out level-1 arithmetic problems. Writes ablate.md (table + verdict) and ablate.png (main loss vs
@@ -26,9 +27,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# cpu-tiny's active FFN width: dense layer 0 has 512; MoE layers run the shared + 2 routed experts of 128 each (384).
-# A dense model with 416 in every layer has the same FFN parameters per token (512 + 3·384 = 4·416).
-DENSE = {"n_routed_experts": 0, "n_shared_experts": 0, "first_k_dense_replace": 0, "intermediate_size": 416}
+from nanoseek.config import get_preset
+from nanoseek.train.pretrain import TRAIN_PRESETS
+
+
+def dense_width() -> int:
+    """The FFN width that gives a dense cpu-tiny the MoE one's FFN parameters per token: the first k layers are dense
+    (intermediate_size), the others run the shared + top-k routed experts (moe_intermediate_size each)."""
+    c = get_preset("cpu-tiny")
+    k, L = c.first_k_dense_replace, c.num_hidden_layers
+    per_token = k * c.intermediate_size + (L - k) * (c.n_shared_experts + c.num_experts_per_tok) * c.moe_intermediate_size
+    return round(per_token / L)
+
+
+DENSE = {"n_routed_experts": 0, "n_shared_experts": 0, "first_k_dense_replace": 0, "intermediate_size": dense_width()}
+RECIPE = dict(TRAIN_PRESETS["cpu-tiny"])  # batch, LR, warmup, corpus size of the shipped preset
 VARIANTS = {"moe+mtp": ({}, 0.3), "moe": ({}, 0.0), "dense+mtp": (DENSE, 0.3), "dense": (DENSE, 0.0)}
 
 
@@ -37,8 +50,8 @@ def step_time(overrides: dict, mtp_weight: float, tok_dir: Path, work: Path) -> 
     from nanoseek.train.pretrain import PretrainConfig, pretrain
 
     out = work / "probe"
-    cfg = PretrainConfig(out=str(out), steps=12, save_every=10**6, mtp_weight=mtp_weight, overrides=overrides,
-                         tokenizer=str(tok_dir), progress=False, n_docs=4000)
+    cfg = PretrainConfig(out=str(out), **{**RECIPE, "steps": 12, "n_docs": 4000}, save_every=10**6,
+                         mtp_weight=mtp_weight, overrides=overrides, tokenizer=str(tok_dir), progress=False)
     pretrain(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     t = (rows[-1]["wall_s"] - rows[3]["wall_s"]) / (len(rows) - 4)
@@ -112,8 +125,9 @@ def main() -> None:
         print(f"{name}: {dt * 1000:.0f} ms/step -> {steps} steps", file=sys.stderr)
         run = work / name
         t0 = time.perf_counter()
-        result = pretrain(PretrainConfig(out=str(run), steps=steps, save_every=10**6, mtp_weight=mtp_weight,
-                                         overrides=overrides, tokenizer=str(tok_dir), progress=False))
+        result = pretrain(PretrainConfig(out=str(run), **{**RECIPE, "steps": steps}, save_every=10**6,
+                                         mtp_weight=mtp_weight, overrides=overrides, tokenizer=str(tok_dir),
+                                         progress=False))
         wall = time.perf_counter() - t0
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves[name] = ([m["wall_s"] for m in metrics], [m["loss"] for m in metrics])
@@ -134,7 +148,8 @@ def main() -> None:
         "# Ablation: MoE vs dense, MTP on vs off (cpu-tiny, equal wall-clock)", "",
         f"`python bench/ablate.py --budget-s {args.budget_s:g}` on {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. Each variant trains for the same wall-clock "
-        "budget (steps = budget / its measured step time), batch 32 × 128 tokens, task-suite corpus, seed 0.", "",
+        "budget (steps = budget / its measured step time), otherwise cpu-tiny's shipped recipe (batch "
+        f"{RECIPE['batch_size']} × {RECIPE['seq_len']} tokens, lr {RECIPE['lr']}, task-suite corpus, seed 0).", "",
         "| variant | ms/step | steps | active params | total params | held-out loss | level-1 pass@1 |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -147,6 +162,11 @@ def main() -> None:
               f"- MTP on vs off, MoE: {gap('moe+mtp', 'moe')}.",
               f"- MTP on vs off, dense: {gap('dense+mtp', 'dense')}.",
               "", "One seed per variant; differences of a few percent are within run-to-run noise at this scale."]
+    walls = {name: r["train_wall_s"] for name, r in rows.items()}
+    if max(walls.values()) > 1.1 * min(walls.values()):
+        lines.append(f"The step-time probe missed: training wall-clock ranged {min(walls.values()):.0f}–"
+                     f"{max(walls.values()):.0f} s instead of {args.budget_s:g} s each ({walls}); compare the curves "
+                     "in the plot at equal x rather than the final numbers alone.")
     (out / "ablate.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(rows))
 
