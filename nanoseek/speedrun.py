@@ -23,10 +23,10 @@ import torch
 PRESETS = {
     "cpu": {
         "pretrain": dict(preset="cpu-tiny"),
-        "student_base": dict(preset="cpu-student", steps=1000),
+        "student_base": dict(preset="cpu-student", steps=2000),
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=192, lr=1e-3),
         "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=160, lr=5e-5, eval_every=15, eval_n=100),
-        "distill": dict(n=1000, steps=200, batch_size=32, lr=1e-3),
+        "distill": dict(n=2000, batch_size=32, lr=5e-4),
         "eval_n": 200,
     },
     "gpu": {
@@ -34,7 +34,7 @@ PRESETS = {
         "student_base": dict(preset="cpu-tiny", steps=1200, batch_size=64, micro_batch_size=64, seq_len=256),
         "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=256, lr=5e-4),
         "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=160, lr=2e-5, eval_every=20, eval_n=200),
-        "distill": dict(n=6000, steps=400, batch_size=64, lr=5e-4),
+        "distill": dict(n=6000, batch_size=64, lr=3e-4),
         "eval_n": 500,
     },
 }
