@@ -212,32 +212,6 @@ PRESETS: dict[str, ModelConfig] = {
         num_nextn_predict_layers=1,
         torch_dtype="float32",
     ),
-    # cpu-student: the distillation student of the CPU speedrun, under half of cpu-tiny's active parameters.
-    "cpu-student": ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=3,
-        intermediate_size=160,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=24,
-        qk_nope_head_dim=12,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        max_position_embeddings=512,
-        rope_scaling=None,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        moe_intermediate_size=40,
-        first_k_dense_replace=1,
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        num_nextn_predict_layers=1,
-        torch_dtype="float32",
-    ),
     # small: ~250M total / ~100M active, for one GPU.
     "small": ModelConfig(
         vocab_size=32768,
@@ -303,6 +277,11 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "v3-671b": ModelConfig(),  # the dataclass defaults are DeepSeek-V3's config.json
 }
+# cpu-student: the distillation student of the CPU speedrun, cpu-tiny narrowed to under half its active parameters.
+PRESETS["cpu-student"] = PRESETS["cpu-tiny"].replace(
+    hidden_size=64, num_hidden_layers=3, intermediate_size=160, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=12,
+    v_head_dim=12, moe_intermediate_size=40,
+)
 
 
 def get_preset(name: str) -> ModelConfig:

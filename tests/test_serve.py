@@ -3,8 +3,9 @@ official `openai` client (and httpx for raw HTTP): models, chat (streamed and no
 reasoning split and thinking budget, errors as 4xx JSON, the API key, concurrent streams, a client that disconnects
 mid-stream, plain completions, the history endpoints; plus the incremental decoder and `nanoseek chat`.
 
-The model's lm_head rows for the special tokens (bos, eos, <think>, </think>, User, Assistant) are zeroed, so with
-random weights it never emits them by itself (some other token always has a positive logit): completions run to
+The model's lm_head rows for the special tokens (bos, eos, <think>, </think>, User, Assistant) are zeroed and the
+others scaled up, so with random weights it never emits them by itself, greedy or sampled (some other token always
+has a logit far above 0): completions run to
 max_tokens, the template's `<think>\\n` prefill puts them in the reasoning, and `</think>` comes only when the
 thinking budget forces it. That makes the reasoning split deterministic without any test hook in the server.
 """
@@ -54,6 +55,7 @@ def build_model_dir(d: Path) -> Path:
     special = [tok.token_id(s) for s in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
                                          "<｜Assistant｜>", "<think>", "</think>")]
     with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)  # logits of std ~20: the best ordinary token far above 0, even when sampling
         model.lm_head.weight[special] = 0.0
     nanoseek.save_model(model, d)
     tok.save(d)
