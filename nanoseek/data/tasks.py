@@ -514,13 +514,11 @@ def check(problem: Problem, predicted: str) -> bool:
 
 
 def _math_equal(gold: str, predicted: str) -> bool:
-    """Mathematical equivalence by `math-verify` (LaTeX or plain expressions); exact text match without it."""
+    """Mathematical equivalence by `math-verify` (LaTeX or plain expressions; imported here: it pulls in sympy)."""
     import threading
 
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        return gold.strip() == predicted.strip()
+    from math_verify import parse, verify
+
     # math-verify's timeouts use SIGALRM, which exists only on the main thread
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     wrap = lambda t: t if "$" in t or "\\boxed" in t else f"${t}$"  # noqa: E731

@@ -5,8 +5,8 @@ GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
 "answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
-maj@K is the accuracy of the most common extracted answer. Numbers are compared as numbers (`math-verify` is used
-for free-form math answers when installed).
+maj@K is the accuracy of the most common extracted answer. Numbers are compared as numbers, free-form math answers
+of imported data (fractions, expressions, sets) by `math-verify`.
 """
 
 from __future__ import annotations
