@@ -49,6 +49,7 @@ class PretrainConfig(loop.TrainConfig):
     vocab_size: int | None = None
     n_docs: int = 40000
     overrides: dict = field(default_factory=dict)  # ModelConfig fields changed from the preset's (--set KEY=VALUE)
+    fp8: bool = False  # FP8 GEMMs (DeepSeek-V3's tile/block recipe, model/fp8.py); master weights stay float32
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for this run")
     p.add_argument("--n-docs", type=int, help="task-suite documents to generate when no --data is given")
+    p.add_argument("--fp8", action="store_true",
+                   help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
+                        "checkpoints keep float32 master weights: `nanoseek convert RUN/model OUT --fp8` writes "
+                        "DeepSeek's FP8 format")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
         document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
         aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        device=args.device, price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
+        device=args.device, fp8=args.fp8, price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
     )
 
 
@@ -206,6 +211,10 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
         model = load_model(run / "model", device=d.device)
     else:
         model = build_model(model_config(cfg, tok), device=d.device)
+    if cfg.fp8:
+        from ..model.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)  # swaps the GEMMs only: parameter names, checkpoints and resume are unchanged
     loader = PackedLoader(shard_dir, batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                           rank=d.rank, world_size=d.world_size)
     extra_files = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
