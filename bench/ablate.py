@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -55,8 +56,6 @@ def step_time(overrides: dict, mtp_weight: float, tok_dir: Path, work: Path) -> 
     pretrain(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     t = (rows[-1]["wall_s"] - rows[3]["wall_s"]) / (len(rows) - 4)
-    import shutil
-
     shutil.rmtree(out)
     return t
 

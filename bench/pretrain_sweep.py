@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 
@@ -25,6 +24,8 @@ from nanoseek.data.tasks import mixture, to_text
 from nanoseek.eval.evaluate import run_eval
 from nanoseek.model.mtp import mtp_loss
 from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+from nanoseek.train.loop import lr_at, make_optimizer
+from nanoseek.train.pretrain import parse_overrides
 
 
 def main() -> None:
@@ -44,23 +45,17 @@ def main() -> None:
     problems = mixture(20000, seed=1, split="train", families=["arithmetic"], levels=[1])
     random.Random(0).shuffle(problems)
     stream = torch.tensor([t for p in problems for t in tok.encode(to_text(p), add_bos=True) + [tok.eos_id]])
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=-(-tok.vocab_size // 64) * 64, bos_token_id=tok.bos_id,
-                                                  eos_token_id=tok.eos_id, **overrides)
+                                                  eos_token_id=tok.eos_id, **parse_overrides(args.set, "cpu-tiny"))
     model = nanoseek.build_model(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, args.lr, weight_decay=0.1)
     held_out = mixture(100, seed=0, split="eval", families=["arithmetic"], levels=[1])
     T, n_chunks = args.seq_len, (len(stream) - 1) // args.seq_len
     g = torch.Generator().manual_seed(0)
-    order, pos, warm, t0 = torch.randperm(n_chunks, generator=g), 0, 30, time.perf_counter()
+    order, pos, t0 = torch.randperm(n_chunks, generator=g), 0, time.perf_counter()
     for step in range(args.steps):
-        frac = (step - warm) / max(1, args.steps - warm)
-        lr = args.lr * ((step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup=30)
         if pos + args.batch > n_chunks:
             order, pos = torch.randperm(n_chunks, generator=g), 0
         rows = torch.stack([stream[i * T : i * T + T + 1] for i in order[pos : pos + args.batch].tolist()])

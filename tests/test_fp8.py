@@ -119,6 +119,22 @@ def tiny(seed=0):
     return nanoseek.build_model(nanoseek.get_preset("cpu-tiny"))
 
 
+def experts_outputs_and_grads(models, x, weights, indices, counts, bf16_second: bool = False):
+    """Each (float32 reference, FP8) experts module on the same routed batch -> their outputs and the gradients of
+    sum(y²) w.r.t. the input and every parameter (the second under bf16 autocast on CUDA when asked)."""
+    outs, grads = [], []
+    for i, m in enumerate(models):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_second and i == 1):
+            y = m(xi, weights, indices, counts)
+        y.float().square().sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+        for p in m.parameters():
+            p.grad = None
+    return outs, grads
+
+
 def test_fp8_experts_match_float32():
     """Row-wise FP8 experts: gate/up then down are two chained FP8 GEMMs per path (measured ≈ 0.065 relative on
     the output); the gradients of sum(y²) also carry y's own error (measured ≈ 0.07-0.085). Bounds: 0.09 / 0.12."""
@@ -133,15 +149,7 @@ def test_fp8_experts_match_float32():
     indices = torch.rand(N, E).topk(K, dim=-1).indices
     weights = torch.rand(N, K)
     counts = torch.bincount(indices.flatten(), minlength=E)
-    outs, grads = [], []
-    for m in (ref, fp8):
-        xi = x.clone().requires_grad_()
-        y = m(xi, weights, indices, counts)
-        y.square().sum().backward()
-        outs.append(y)
-        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
-        for p in m.parameters():
-            p.grad = None
+    outs, grads = experts_outputs_and_grads((ref, fp8), x, weights, indices, counts)
     assert REL(outs[1], outs[0]) < 0.09
     for a, b in zip(grads[1], grads[0]):
         assert REL(a, b) < 0.12
@@ -306,16 +314,7 @@ def test_gpu_fp8_experts_match_float32():
     idx = torch.rand(N, E, device=dev).topk(K, -1).indices
     wts = torch.rand(N, K, device=dev)
     counts = torch.bincount(idx.flatten(), minlength=E)
-    outs, grads = [], []
-    for m in (ref, FP8Experts(ref)):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m is not ref):
-            y = m(xi, wts, idx, counts)
-        y.float().square().sum().backward()
-        outs.append(y)
-        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
-        for p in m.parameters():
-            p.grad = None
+    outs, grads = experts_outputs_and_grads((ref, FP8Experts(ref)), x, wts, idx, counts, bf16_second=True)
     assert REL(outs[1], outs[0]) < 0.09
     for a, b in zip(grads[1], grads[0]):
         assert REL(a, b) < 0.12

@@ -97,8 +97,22 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     d["micro_batch_size"] = min(d["micro_batch_size"], d["batch_size"])
+    overrides = parse_overrides(args.set, args.preset)
+    return PretrainConfig(
+        out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
+        seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
+        document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
+        aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        device=args.device, fp8=args.fp8, price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
+    )
+
+
+def parse_overrides(items: list[str], preset: str) -> dict:
+    """--set KEY=VALUE items -> {field: value} (VALUE as JSON, else a bare string), checked against the preset."""
+    from ..cli import UserError
+
     overrides = {}
-    for item in args.set:
+    for item in items:
         key, eq, value = item.partition("=")
         if not eq or key not in ModelConfig.__dataclass_fields__:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a model-config field (e.g. hidden_size=256)")
@@ -107,16 +121,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string, e.g. --set hidden_act=gelu
     try:
-        get_preset(args.preset).replace(**overrides)
+        get_preset(preset).replace(**overrides)
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError; "abc" > 0 is a TypeError
         raise UserError(f"--set: {e}") from None
-    return PretrainConfig(
-        out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
-        seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
-        document_mask=not args.no_document_mask, bias_gamma=args.bias_gamma,
-        aux_alpha=args.aux_alpha, overrides=overrides, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        device=args.device, fp8=args.fp8, price_per_hour=args.price_per_hour, progress=not args.no_progress, **d,
-    )
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
