@@ -4,7 +4,7 @@
 
 For batch 1 and 8 (equal-length random prompts, so transformers needs no padding): wall time of the whole call
 (prefill + decode) of each, tokens/s (batch · new tokens / time), the ratio, and whether the greedy tokens are
-identical; plus the decode time per step, (time for N tokens - time for 1 token) / (N - 1). Each time is the best
+identical; plus the decode time per step (ours also with the engine's fast path off, `Engine(fast_decode=False)`), (time for N tokens - time for 1 token) / (N - 1). Each time is the best
 of `--repeats` runs, ours and transformers' alternating. Also the KV-cache bytes per token: ours (the latent c and
 rope key, R + Dr values per layer) and what transformers' returned DynamicCache actually holds (measured from its
 tensors), at the bench shape and, analytically, at DeepSeek-V3 671B's shape against a full per-head K/V cache.
@@ -98,6 +98,7 @@ def main() -> None:
         hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).to(args.device).eval()
     N, P = args.new_tokens, args.prompt_len
     engine = Engine(model, max_batch_size=8, max_seq_len=P + N + 1)
+    modules = Engine(model, max_batch_size=8, max_seq_len=P + N + 1, fast_decode=False)  # without fastpath.py
     rows, result = [], {"device": args.device, "new_tokens": N, "prompt_len": P, "threads": torch.get_num_threads()}
     for B in (1, 8):
         ids = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B))
@@ -108,11 +109,14 @@ def main() -> None:
                 return hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=n,
                                    do_sample=False, pad_token_id=0)[:, P:].tolist()
 
-        best = timed_pair({"ours": lambda n: engine.generate(ids.tolist(), max_new_tokens=n), "hf": run_hf},
+        best = timed_pair({"ours": lambda n: engine.generate(ids.tolist(), max_new_tokens=n), "hf": run_hf,
+                           "modules": lambda n: modules.generate(ids.tolist(), max_new_tokens=n)},
                           N, args.repeats, args.device)
         (t_ours, t1_ours, ours), (t_hf, t1_hf, theirs) = best["ours"], best["hf"]
+        t_mod, t1_mod, ours_mod = best["modules"]
         r = {"batch": B, "ours_tok_s": B * N / t_ours, "hf_tok_s": B * N / t_hf, "speedup": t_hf / t_ours,
-             "identical": ours == theirs, "ours_step_ms": (t_ours - t1_ours) / (N - 1) * 1e3,
+             "identical": ours == theirs == ours_mod, "ours_step_ms": (t_ours - t1_ours) / (N - 1) * 1e3,
+             "ours_modules_step_ms": (t_mod - t1_mod) / (N - 1) * 1e3,
              "hf_step_ms": (t_hf - t1_hf) / (N - 1) * 1e3, "ours_first_token_ms": t1_ours * 1e3,
              "hf_first_token_ms": t1_hf * 1e3}
         rows.append(r)
@@ -128,12 +132,13 @@ def main() -> None:
     print(f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts "
           f"(top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}, float32; prompt {P}, {N} new tokens, greedy; "
           f"{torch.get_num_threads()} threads, device {args.device}\n")
-    print("| batch | ours tok/s | transformers tok/s | speedup | decode ms/step ours / transformers | "
-          "prefill+1st token ms ours / transformers | identical greedy tokens |")
+    print("| batch | ours tok/s | transformers tok/s | speedup | decode ms/step ours / transformers "
+          "(ours without the fast path) | prefill+1st token ms ours / transformers | identical greedy tokens |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['ours_step_ms']:.2f} / {r['hf_step_ms']:.2f} | {r['ours_first_token_ms']:.1f} / "
+              f"{r['ours_step_ms']:.2f} / {r['hf_step_ms']:.2f} ({r['ours_modules_step_ms']:.2f}) | "
+              f"{r['ours_first_token_ms']:.1f} / "
               f"{r['hf_first_token_ms']:.1f} | {r['identical']} |")
     print("\n| KV cache bytes / token / sequence | ours | transformers |")
     print("|---|---|---|")

@@ -9,6 +9,7 @@ import torch
 import nanoseek
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.engine import Engine, SamplingParams
+from nanoseek.engine.fastpath import FastDecoder
 from nanoseek.engine.sampling import filtered_probs, sample
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [12, 400, 8], [301, 2, 77, 150, 9, 10, 11, 12, 13, 14, 200], [64, 64]]
@@ -59,6 +60,49 @@ def test_cached_decoding_matches_full_forward(model):
             for s, t in zip(seqs, nxt.tolist()):
                 s.append(t)
             last = model(nxt[:, None], pos, cache)[:, 0]
+
+
+@pytest.mark.parametrize("variant", [{}, {"rope_interleave": False, "q_lora_rank": None, "attention_bias": True}])
+def test_fast_decode_path_matches_modules(model, variant):
+    """fastpath.FastDecoder: each decode step's final hidden state and cache contents equal the module path's, for
+    a batch of rows at different positions (the per-expert grouped branch) and for a single row (the addmm one)."""
+    m = model
+    if variant:
+        torch.manual_seed(1)
+        m = nanoseek.build_model(model.config.replace(initializer_range=0.1, **variant)).eval()
+        if m.config.attention_bias:
+            with torch.no_grad():
+                for layer in m.main_layers:
+                    layer.self_attn.kv_a_proj_with_mqa.bias.normal_(0, 0.1)
+                    layer.self_attn.o_proj.bias.normal_(0, 0.1)
+    fast = FastDecoder(m)
+    for prompts in ([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [PROMPTS[1]]):
+        n, T = len(prompts), max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+        caches = [LatentCache(m.config, n, 64) for _ in range(2)]
+        with torch.no_grad():
+            for c in caches:
+                m.hidden_states(ids, torch.arange(T).expand(n, T), c)
+            tok, pos = torch.tensor([p[-1] for p in prompts]), torch.tensor([len(p) for p in prompts])
+            for _ in range(10):
+                ref = m.hidden_states(tok[:, None], pos[:, None], caches[0])[0][:, 0]
+                got = fast.hidden(tok, pos, caches[1])
+                assert (got - ref).abs().max().item() <= 1e-5
+                assert (caches[1].data - caches[0].data).abs().max().item() <= 1e-5
+                tok, pos = m.lm_head(ref).argmax(-1), pos + 1
+
+
+def test_fast_decode_follows_weight_updates(model):
+    """The engine rebuilds the fast path's absorbed matrices when a parameter changes in place (GRPO's updates)."""
+    m = nanoseek.build_model(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    fast, slow = Engine(m, max_seq_len=64), Engine(m, max_seq_len=64, fast_decode=False)
+    assert fast.fast is not None and slow.fast is None
+    assert fast.generate(PROMPTS, max_new_tokens=12) == slow.generate(PROMPTS, max_new_tokens=12)
+    with torch.no_grad():
+        for layer in m.main_layers:
+            layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+    assert fast.generate(PROMPTS, max_new_tokens=12) == slow.generate(PROMPTS, max_new_tokens=12)
 
 
 def test_engine_greedy_matches_reference_and_transformers(model, engine, tmp_path):

@@ -1,6 +1,8 @@
 """Latent KV cache for MLA decoding: per layer, per sequence slot, only the normalised latent c (R values) and the
-rotated rope key k_pe (Dr values) of every position are kept. Preallocated; the caller passes the absolute
-position of each new token, so sequences in one batch may have different lengths."""
+rotated rope key k_pe (Dr values) of every position are kept, side by side in one tensor `data` (layers, rows,
+positions, R + Dr) with `kv` and `pe` as views of its two parts (so the decode fast path scores both in one bmm).
+Preallocated; the caller passes the absolute position of each new token, so sequences in one batch may have
+different lengths."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ class LatentCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # MTP layers attend too
         self.max_len = max_len
-        self.kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        R, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.data = torch.zeros(n_layers, batch_size, max_len, R + Dr, device=device, dtype=dtype)
+        self.kv, self.pe = self.data.split([R, Dr], dim=-1)  # views: (L, B, S, R), (L, B, S, Dr)
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -40,7 +43,7 @@ class LatentCache:
         on a sub-batch (e.g. the prefill of newly admitted requests) writes straight into those slots."""
         view = LatentCache.__new__(LatentCache)
         view.max_len = self.max_len
-        view.kv, view.pe = self.kv[:, start:end], self.pe[:, start:end]
+        view.data, view.kv, view.pe = self.data[:, start:end], self.kv[:, start:end], self.pe[:, start:end]
         return view
 
     def copy_rows(self, src, dst, length: int | None = None) -> None:
@@ -50,5 +53,4 @@ class LatentCache:
         if not isinstance(src, int):
             src = torch.as_tensor(src, device=self.kv.device)
             dst = torch.as_tensor(dst, device=self.kv.device)
-        self.kv[:, dst, :n] = self.kv[:, src, :n]
-        self.pe[:, dst, :n] = self.pe[:, src, :n]
+        self.data[:, dst, :n] = self.data[:, src, :n]

@@ -12,7 +12,8 @@ One `step()`:
    `prefill_chunk` positions (identical prompts, e.g. GRPO's G samples of one prompt, are prefilled once and
    their cache rows copied), then each newcomer's first token is chosen from its prompt's last logits;
 2. one joint decode forward for every active request (newcomers included): feed each request's last token at
-   its own position, choose the next token.
+   its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
+   math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
 Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason)`. A request finishes with
 reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
+from .fastpath import FastDecoder
 from .sampling import sample
 
 Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, finish_reason)
@@ -75,7 +77,8 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, model, max_batch_size: int = 32, max_seq_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, model, max_batch_size: int = 32, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 fast_decode: bool = True):
         self.model = model  # a model in training mode (GRPO) is switched to eval for each step, then back
         self.cfg = cfg = model.config
         p = next(model.parameters())
@@ -85,6 +88,8 @@ class Engine:
         self.cache = LatentCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
         self.share_prefix = True  # prefill identical prompts once (results are the same either way)
         self.prefill_chunk = prefill_chunk  # positions per prefill forward
+        # plain decode steps through the few-op path of fastpath.py (float32 models); same math as the modules
+        self.fast = FastDecoder(model) if fast_decode and FastDecoder.supports(model) else None
         self.stats = {"drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_steps": 0}
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []  # index == cache row
@@ -305,10 +310,14 @@ class Engine:
 
     def _decode_step(self, events: list[Event]) -> None:
         act = self._active
-        ids = torch.tensor([[r.out[-1]] for r in act], device=self.device)  # (n, 1)
-        pos = torch.tensor([[r.pos] for r in act], device=self.device)  # (n, 1)
-        h = self.model.hidden_states(ids, pos, self.cache)[0]  # (n, 1, D); writes rows [0, n)
-        toks = self._choose(act, self.model.lm_head(h[:, 0]).float())
+        ids = torch.tensor([r.out[-1] for r in act], device=self.device)  # (n,)
+        pos = torch.tensor([r.pos for r in act], device=self.device)  # (n,)
+        if self.fast is not None:
+            self.fast.refresh_if_changed()  # the weights may have been trained since the last step (GRPO)
+            h = self.fast.hidden(ids, pos, self.cache)  # (n, D); writes rows [0, n)
+        else:
+            h = self.model.hidden_states(ids[:, None], pos[:, None], self.cache)[0][:, 0]
+        toks = self._choose(act, self.model.lm_head(h).float())
         self.stats["decode_steps"] += 1
         for r, t in zip(act, toks):
             r.pos += 1
