@@ -148,3 +148,28 @@ def test_a_few_steps_raise_the_reward_on_a_learnable_task(variant):
         history.append(rewards.mean().item())
     assert history[0] < 0.2  # about 1/16 by chance at the start
     assert sum(history[-3:]) / 3 > history[0] + 0.2, history
+
+
+def test_curriculum_cells_and_learnability_weights():
+    """--tasks parsing into (family, level) cells; adaptive sampling draws by p(1-p) + 0.05 of each cell's running
+    accuracy, so a half-solved cell dominates cells the policy always or never solves; its state round-trips."""
+    from nanoseek.cli import UserError
+    from nanoseek.train.grpo import Curriculum, GRPOConfig, task_cells
+
+    assert task_cells(GRPOConfig(out="", tasks=["arithmetic:2", "countdown"])) == [("arithmetic", 2), ("countdown", 1),
+                                                                          ("countdown", 2), ("countdown", 3)]
+    for bad in (["poetry"], ["arithmetic:9"], ["word:x"]):
+        with pytest.raises(UserError):
+            task_cells(GRPOConfig(out="", tasks=bad))
+    even = Curriculum(GRPOConfig(out="", tasks=["arithmetic:1", "arithmetic:4"]))
+    assert sorted(p.level for p in even.sample(0, 0, 8)) == [1, 1, 1, 1, 4, 4, 4, 4]
+    cur = Curriculum(GRPOConfig(out="", tasks=["arithmetic:1", "arithmetic:4", "word:1"], adaptive_tasks=True))
+    cur.observe([p for p in cur.sample(0, 0, 3)], torch.zeros(3, 4))  # every cell moves from 0.5 towards 0
+    assert all(abs(v - 0.35) < 1e-9 for v in cur.accuracy.values())
+    cur.load_state_dict({"cell_accuracy": {"arithmetic:1": 1.0, "arithmetic:4": 0.0, "word:1": 0.5}})
+    levels = [(p.family, p.level) for p in cur.sample(1, 0, 600)]
+    share = levels.count(("word", 1)) / len(levels)  # weights 0.05 : 0.05 : 0.30 -> 0.75
+    assert 0.68 < share < 0.82
+    again = Curriculum(GRPOConfig(out="", tasks=["arithmetic:1", "arithmetic:4", "word:1"], adaptive_tasks=True))
+    again.load_state_dict(cur.state_dict())
+    assert [p.question for p in again.sample(5, 0, 16)] == [p.question for p in cur.sample(5, 0, 16)]

@@ -50,6 +50,7 @@ class GRPOConfig(loop.TrainConfig):
     mode: str = "r1"  # r1 | r1-zero
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # family[:level] of the task suite
+    adaptive_tasks: bool = False  # draw task cells by learnability p(1 - p) of their running accuracy (Curriculum)
     steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8  # G
@@ -133,26 +134,69 @@ class Rollout:
     n_groups_dropped: int = 0
 
 
-def sample_problems(cfg: GRPOConfig, step: int, round_: int, n: int):
-    from ..data.tasks import FAMILIES, mixture
+def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
+    """The (family, level) cells that cfg.tasks names ("family" = all its levels, "family:level" = one)."""
+    from ..cli import UserError
+    from ..data.tasks import FAMILIES, LEVELS
 
-    families, levels = [], {}
+    cells = []
     for spec in cfg.tasks:
         fam, _, lvl = spec.partition(":")
         if fam not in FAMILIES:
-            from ..cli import UserError
-
             raise UserError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
-        families.append(fam)
-        if lvl:
-            levels.setdefault(fam, []).append(int(lvl))
-    from ..data.tasks import LEVELS
-
-    levels = {f: levels.get(f, list(LEVELS[f])) for f in families}
-    return mixture(n, seed=cfg.seed * 1_000_003 + step * 101 + round_, split="train", families=families, levels=levels)
+        if lvl and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):
+            raise UserError(f"task {spec!r}: {fam} has levels {', '.join(map(str, LEVELS[fam]))}")
+        cells += [(fam, int(lvl))] if lvl else [(fam, level) for level in LEVELS[fam]]
+    return list(dict.fromkeys(cells))
 
 
-def rollout(cfg: GRPOConfig, engine, tok, problems, step: int) -> Rollout:
+class Curriculum:
+    """Which problems a step trains on. Uniform: an even mixture of the cells. Adaptive (`--adaptive-tasks`): each
+    cell is drawn with weight p(1 − p) + 0.05, p the running (EMA 0.7) rollout accuracy of that cell, starting at
+    0.5 — the cells the policy sometimes but not always solves, where a group's rewards differ and GRPO's advantage
+    is non-zero; cells it never or always solves keep a small share so a change shows up. Its state is saved with
+    the checkpoint, so a resumed run samples as the uninterrupted one would."""
+
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg, self.cells = cfg, task_cells(cfg)
+        self.accuracy = {f"{f}:{lv}": 0.5 for f, lv in self.cells}
+
+    def sample(self, step: int, round_: int, n: int):
+        from ..data.tasks import generate, mixture
+
+        seed = self.cfg.seed * 1_000_003 + step * 101 + round_
+        if not self.cfg.adaptive_tasks:
+            levels: dict[str, list[int]] = {}
+            for f, lv in self.cells:
+                levels.setdefault(f, []).append(lv)
+            return mixture(n, seed=seed, split="train", families=list(levels), levels=levels)
+        import random
+
+        rng = random.Random(f"curriculum-{seed}")
+        weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.05 for f, lv in self.cells]
+        picks = rng.choices(range(len(self.cells)), weights=weights, k=n)
+        out = []
+        for i in sorted(set(picks)):
+            f, lv = self.cells[i]
+            out += generate(f, lv, picks.count(i), seed=seed, split="train")
+        rng.shuffle(out)
+        return out
+
+    def observe(self, problems, accuracy: torch.Tensor) -> None:
+        """accuracy (P, G) of the rollouts of `problems`."""
+        for prob, acc in zip(problems, accuracy.mean(dim=1).tolist()):
+            key = f"{prob.family}:{prob.level}"
+            if key in self.accuracy:
+                self.accuracy[key] = 0.7 * self.accuracy[key] + 0.3 * acc
+
+    def state_dict(self) -> dict:
+        return {"cell_accuracy": dict(self.accuracy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accuracy.update(state.get("cell_accuracy", {}))
+
+
+def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum) -> Rollout:
     from ..eval.evaluate import prompts_for
 
     style = "chat" if cfg.mode == "r1" else "r1-zero"
@@ -178,6 +222,7 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int) -> Rollout:
     as_tensor = lambda key: torch.tensor([getattr(j, key) for j in judged]).view(P, G)  # noqa: E731
     lengths = torch.tensor([len(o) for o in outs], dtype=torch.float32)
     truncated = sum(1 for o in outs if not (o and o[-1] == tok.eos_id)) / len(outs)
+    curriculum.observe(problems, as_tensor("accuracy"))
     return Rollout(ids, mask, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"), lengths, truncated)
 
 
@@ -197,17 +242,17 @@ def concat(a: Rollout, b: Rollout) -> Rollout:
                    torch.cat([a.lengths, b.lengths]), (a.truncated + b.truncated) / 2, a.n_groups_dropped + b.n_groups_dropped)
 
 
-def collect(cfg: GRPOConfig, engine, tok, step: int) -> tuple[Rollout, Rollout]:
+def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> tuple[Rollout, Rollout]:
     """-> (batch to train on, everything sampled for the metrics). dapo drops all-equal groups and refills."""
-    problems = sample_problems(cfg, step, 0, cfg.prompts_per_step)
-    seen = rollout(cfg, engine, tok, problems, step)
+    seen = rollout(cfg, engine, tok, curriculum.sample(step, 0, cfg.prompts_per_step), step, curriculum)
     if cfg.loss != "dapo":
         return seen, seen
     batch = keep_groups(seen, seen.rewards.std(dim=1) > 0)
     for round_ in range(1, 4):
         if batch.rewards.shape[0] >= cfg.prompts_per_step:
             break
-        extra = rollout(cfg, engine, tok, sample_problems(cfg, step, round_, cfg.prompts_per_step), step * 10 + round_)
+        extra = rollout(cfg, engine, tok, curriculum.sample(step, round_, cfg.prompts_per_step), step * 10 + round_,
+                        curriculum)
         seen = concat(seen, extra)
         batch = concat(batch, keep_groups(extra, extra.rewards.std(dim=1) > 0))
     n = min(cfg.prompts_per_step, batch.rewards.shape[0])
@@ -282,9 +327,11 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         ref.requires_grad_(False).eval()
     opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start, prior_wall = 0, 0.0
+    curriculum = Curriculum(cfg)
     if resuming:
         state = loop.load_train_state(run, opt)
         start, prior_wall = state["step"], state["wall_s"]
+        curriculum.load_state_dict(state["data"])
     if not resuming:
         (run / "tokenizer").mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -309,7 +356,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             g["lr"] = lr
         t0 = time.perf_counter()
         model.eval()
-        batch, seen = collect(cfg, engine, tok, step)
+        batch, seen = collect(cfg, engine, tok, step, curriculum)
         t1 = time.perf_counter()
         model.train()
         stats = update(cfg, model, ref, opt, batch, d.device) if batch.rewards.numel() else {}
@@ -321,6 +368,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
             "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "wall_s": round(prior_wall + timer.elapsed(), 2),
         }
+        if cfg.adaptive_tasks:
+            row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
             row["eval"] = evaluate(cfg, engine, tok)
@@ -329,7 +378,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.end:
-            loop.save_checkpoint(run, model, opt, step + 1, {"data": {}, "wall_s": prior_wall + timer.elapsed(), "flops": 0.0,
+            loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(), "flops": 0.0,
                                                                "config": dataclasses.asdict(cfg)}, extra)
     if bar is not None:
         bar.close()
@@ -342,6 +391,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1")
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
     p.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
+    p.add_argument("--adaptive-tasks", action="store_true",
+                   help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
@@ -365,8 +416,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("model", "out", "mode", "loss", "tasks", "steps", "prompts_per_step", "group_size", "max_new_tokens",
-            "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
+    keys = ("model", "out", "mode", "loss", "tasks", "adaptive_tasks", "steps", "prompts_per_step", "group_size",
+            "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
             "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device")
     result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
     print(json.dumps(result))
