@@ -107,8 +107,9 @@ def _digits(n: int) -> list[int]:
 
 
 def _columns(op: str, a: int, b: int) -> list[str]:
-    """Schoolbook working so a small model computes digit by digit instead of guessing: + - and × by one digit
-    column by column (least significant first), × by two digits as partial products, exact ÷ as long division."""
+    """Schoolbook working so a small model computes digit by digit instead of guessing:
+    + - and × by one digit column by column (least significant first; a × carry is added on a line of its own),
+    × by two digits as partial products, exact ÷ as long division."""
     if a < 0 or b < 0 or max(a, b) < 10 or max(a, b) >= 1000:
         return []
     lines: list[str] = []
@@ -132,9 +133,12 @@ def _columns(op: str, a: int, b: int) -> list[str]:
             lines.append(f"{b} - {a} = {b - a}, so {a} - {b} is negative")
     elif op == "×" and min(a, b) <= 9:
         big, d, carry = max(a, b), min(a, b), 0
-        for x in _digits(big):
-            p = x * d + carry
-            lines.append(f"{x} × {d}" + (f" + {carry}" if carry else "") + f" = {p}")
+        for x in _digits(big):  # one operation per line: the digit's product, then the carry added to it
+            p = x * d
+            lines.append(f"{x} × {d} = {p}")
+            if carry:
+                lines.append(f"{p} + {carry} = {p + carry}")
+                p += carry
             carry = p // 10
     elif op == "×" and min(a, b) <= 99:  # one partial product per digit of the smaller factor, then their sum
         big, small = max(a, b), min(a, b)

@@ -136,14 +136,14 @@ def run(args: argparse.Namespace) -> int:
 
 # --- data --------------------------------------------------------------------------------------------------------
 def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
-    """Pretraining documents from the task suite's train split: 30% spread over every family and level, 70% the
-    basic arithmetic everything else builds on (level 1 : level 2 = 5 : 2); every problem as plain text (question,
+    """Pretraining documents from the task suite's train split: 15% spread over every family and level, 85% the
+    basic arithmetic everything else builds on (level 1 : level 2 = 70 : 15); every problem as plain text (question,
     worked steps, answer), and every fourth also in the chat format, so the base model has seen `<think>` turns."""
     import random
 
     from ..data.tasks import mixture, to_chat, to_text
 
-    n_all, n_l2 = n_docs * 3 // 10, n_docs * 2 // 10
+    n_all, n_l2 = n_docs * 15 // 100, n_docs * 15 // 100
     problems = mixture(n_all, seed=seed, split="train")
     problems += mixture(n_l2, seed=seed + 1, split="train", families=["arithmetic"], levels=[2])
     problems += mixture(n_docs - n_all - n_l2, seed=seed + 2, split="train", families=["arithmetic"], levels=[1])
