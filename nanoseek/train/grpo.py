@@ -152,7 +152,7 @@ def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
 
 class Curriculum:
     """Which problems a step trains on. Uniform: an even mixture of the cells. Adaptive (`--adaptive-tasks`): each
-    cell is drawn with weight p(1 − p) + 0.05, p the running (EMA 0.7) rollout accuracy of that cell, starting at
+    cell is drawn with weight p(1 − p) + 0.01, p the running (EMA 0.7) rollout accuracy of that cell, starting at
     0.5 — the cells the policy sometimes but not always solves, where a group's rewards differ and GRPO's advantage
     is non-zero; cells it never or always solves keep a small share so a change shows up. Its state is saved with
     the checkpoint, so a resumed run samples as the uninterrupted one would."""
@@ -173,7 +173,7 @@ class Curriculum:
         import random
 
         rng = random.Random(f"curriculum-{seed}")
-        weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.05 for f, lv in self.cells]
+        weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.01 for f, lv in self.cells]
         picks = rng.choices(range(len(self.cells)), weights=weights, k=n)
         out = []
         for i in sorted(set(picks)):
