@@ -35,6 +35,7 @@ def test_smoke_speedrun(tmp_path):
     assert len((out / "distill" / "traces.jsonl").read_text().splitlines()) == len(problems)
     report = (out / "report.md").read_text()
     assert "Cost" in report and (out / "pretrain_loss.png").is_file() and (out / "grpo_rl.png").is_file()
+    assert all(f"| {stage} |" in report.split("## Cost")[1] for stage in ("pretrain", "sft", "grpo", "distill"))
     # rerunning resumes: every stage is skipped
     r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)

@@ -23,7 +23,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
-    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "metrics.jsonl").is_file()}
+    found = {}
+    for p in sorted(root.iterdir()):
+        for d in (p, p / "student"):  # distill keeps its student's training run in student/
+            if d.is_dir() and (d / "metrics.jsonl").is_file():
+                found[p.name] = d
+                break
+    return found
 
 
 def machine() -> str:
