@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -170,8 +171,6 @@ class Curriculum:
             for f, lv in self.cells:
                 levels.setdefault(f, []).append(lv)
             return mixture(n, seed=seed, split="train", families=list(levels), levels=levels)
-        import random
-
         rng = random.Random(f"curriculum-{seed}")
         weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.01 for f, lv in self.cells]
         picks = rng.choices(range(len(self.cells)), weights=weights, k=n)
