@@ -16,8 +16,8 @@ builds the rope tables and the attention mask once for all layers, and each laye
 
 The cache stores [c ; k_pe] side by side (`LatentCache.data`), which is what lets one bmm score both parts.
 Weights are used in place (views), except W_uk·scale and W_uvᵀ (per-head copies of `kv_b_proj`, together the size
-of kv_b_proj); `refresh()` rebuilds them, and the engine calls it whenever a parameter changed (GRPO updates the
-model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose rounding this path
+of kv_b_proj); `refresh()` rebuilds them, and the engine calls it whenever a kv_b_proj weight changed (GRPO
+updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose rounding this path
 would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
 """
 
@@ -47,7 +47,9 @@ class FastDecoder:
         return p.dtype == torch.float32
 
     def _param_versions(self) -> tuple:
-        return tuple(p._version for p in self.model.parameters())
+        """In-place updates (optimiser steps, load_state_dict) bump a tensor's version; the copies below derive
+        from kv_b_proj alone, so only its weights are watched (identity too, in case one is replaced)."""
+        return tuple((id(w), w._version) for w in (layer.self_attn.kv_b_proj.weight for layer in self.layers))
 
     def refresh(self) -> None:
         """(Re)build the per-head absorbed matrices from the current weights."""
@@ -74,10 +76,11 @@ class FastDecoder:
         rows = torch.arange(n, device=ids.device)
         mask = torch.zeros(n, 1, span, device=ids.device).masked_fill_(
             torch.arange(span, device=ids.device) > pos[:, None, None], float("-inf"))  # (n, 1, span)
-        cos, sin = self._rope_tables(pos)  # (n, Dr)
+        cos, sin = self._rope_tables(pos)  # (n, Dr), for the keys
+        q_cos, q_sin = cos[:, None] * self.scale, sin[:, None] * self.scale  # (n, 1, Dr), queries: scale folded in
         x = model.model.embed_tokens(ids)  # (n, D)
         for i, layer in enumerate(self.layers):
-            x = self._attention(i, layer, x, cos, sin, rows, pos, span, mask, cache)
+            x = self._attention(i, layer, x, (cos, sin, q_cos, q_sin), rows, pos, span, mask, cache)
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             if isinstance(mlp, MoE):
@@ -101,8 +104,9 @@ class FastDecoder:
             swapped = v.roll(self.Dr // 2, -1)
         return torch.addcmul(v * cos, swapped, sin)
 
-    def _attention(self, i, layer, x, cos, sin, rows, pos, span, mask, cache):
+    def _attention(self, i, layer, x, rope, rows, pos, span, mask, cache):
         attn, n = layer.self_attn, x.shape[0]
+        cos, sin, q_cos, q_sin = rope
         H, R, Dn = self.H, self.R, self.Dn
         h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, self.eps)
         if attn.q_lora_rank:
@@ -118,7 +122,7 @@ class FastDecoder:
         data.index_put_((rows, pos), latent)
         kv = data[:n, :span]  # (n, span, R + Dr)
         q_lat = torch.bmm(q[..., :Dn].transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # (n, H, R), scaled
-        q_pe = self._rope(q[..., Dn:], cos[:, None] * self.scale, sin[:, None] * self.scale)  # (n, H, Dr), scaled
+        q_pe = self._rope(q[..., Dn:], q_cos, q_sin)  # (n, H, Dr), scaled
         scores = torch.baddbmm(mask, torch.cat((q_lat, q_pe), -1), kv.transpose(1, 2))  # (n, H, span)
         o_lat = torch.bmm(scores.softmax(-1), kv[..., :R])  # (n, H, R)
         o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)

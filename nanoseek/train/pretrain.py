@@ -143,7 +143,7 @@ def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
 
     from ..data.tasks import mixture, to_chat, to_text
 
-    n_all, n_l2 = n_docs * 15 // 100, n_docs * 15 // 100
+    n_all = n_l2 = n_docs * 15 // 100
     problems = mixture(n_all, seed=seed, split="train")
     problems += mixture(n_l2, seed=seed + 1, split="train", families=["arithmetic"], levels=[2])
     problems += mixture(n_docs - n_all - n_l2, seed=seed + 2, split="train", families=["arithmetic"], levels=[1])
