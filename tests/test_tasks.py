@@ -124,8 +124,14 @@ def test_word_problems(level, samples):
     problems = samples["word", level]
     assert {p.meta["scenario"] for p in problems} == {"shopping", "sharing", "groups", "rates", "ages", "time"}
     for p in problems:
-        assert len(p.steps) == level and int(p.answer) > 0
-        assert p.steps[-1].rstrip(".").split("= ")[-1].split()[0] == p.answer
+        sentences = [i for i, line in enumerate(p.steps) if line.endswith(".")]  # working lines carry no full stop
+        assert len(sentences) == level and int(p.answer) > 0
+        for i, j in zip(sentences, sentences[1:] + [len(p.steps)]):
+            a, op, b = re.search(r"(\d+) ([-+×÷]) (\d+)\D*$", p.steps[i]).groups()  # the operation it names ...
+            result = re.fullmatch(rf"{a} {re.escape(op)} {b} = (\d+)", p.steps[j - 1])  # ... is worked, then stated
+            assert result and int(result[1]) == {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b),
+                                                 "÷": int(a) // int(b)}[op], p.steps
+        assert p.steps[-1].split("= ")[-1] == p.answer
 
 
 @pytest.mark.parametrize("level", LEVELS["countdown"])

@@ -3,7 +3,8 @@
 Three families, each with difficulty levels and many phrasings (so a model learns the task, not one sentence):
 - arithmetic: integer + - × ÷ (division always exact), 1-4 operations on 1-4 digit operands, parentheses from
   level 3. The worked solution evaluates one operation per line (`12 × 3 = 36`), innermost first.
-- word: one- to three-step word problems (shopping, sharing, groups, rates, ages, time) with integer answers.
+- word: one- to three-step word problems (shopping, sharing, groups, rates, ages, time) with integer answers; each
+  step names its operation in a sentence, then shows the same column working as arithmetic, then the result.
 - countdown: reach a target from a few numbers (each at most once, + - × ÷, exact division, positive intermediate
   results). The answer is an expression, checked by walking its `ast` through a whitelist
   (integer constants and + - × ÷ only), never `eval`.
@@ -354,9 +355,28 @@ SCENARIOS = {"shopping": _shopping, "sharing": _sharing, "groups": _groups, "rat
              "time": _time}
 
 
+EQUATION = re.compile(r"(\d+) ([-+×÷]) (\d+) = \d+")
+
+
+def _worked(sentences: list[str]) -> list[str]:
+    """A word problem's solution as arithmetic shows it: each sentence names its operation ("The pens cost 7 × 29
+    dollars."), then the schoolbook working of `_columns`, then the result ("7 × 29 = 203"). A small model cannot
+    multiply 29 × 7 in one token, and writing the operands down first means the working copies them from one line."""
+    out = []
+    for s in sentences:
+        m = EQUATION.search(s)
+        if m is None:
+            out.append(s)
+            continue
+        op, a, b = m[2], int(m[1]), int(m[3])
+        out += [s[: m.start()] + f"{a} {op} {b}" + s[m.end():], *_columns(op, a, b), m[0]]
+    return out
+
+
 def _word(rng: random.Random, level: int) -> Problem:
     scenario = rng.choice(tuple(SCENARIOS))
     values, steps, answer = SCENARIOS[scenario](rng, level)
+    steps = _worked(steps)
     templates = WORD_TEMPLATES[scenario, level]
     i = rng.randrange(len(templates))
     return Problem("word", level, templates[i].format(**values), tuple(steps), str(answer),
