@@ -20,6 +20,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, positions=None, cache=None, span=None, mask=None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); mask (B, 1, T, T) bool restricts attention (packed documents) when given."""
+        """x (B, T, D) -> (B, T, D); an additive mask (B, 1, T, T) of 0 / -inf keeps packed documents apart."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, span, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))

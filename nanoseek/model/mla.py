@@ -62,7 +62,7 @@ class MLA(nn.Module):
         cache=None,  # engine.cache.LatentCache
         span: int | None = None,  # cached positions to attend over (max position + 1)
         absorb: bool | None = None,  # default: absorbed for a few new tokens over a cache (decode), else naive
-        mask: torch.Tensor | None = None,  # (B, 1, T, T) bool, training without a cache: True where attention may go
+        mask: torch.Tensor | None = None,  # (B, 1, T, T) additive, training without a cache: 0 where attention may go
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
