@@ -55,7 +55,7 @@ class PretrainConfig(loop.TrainConfig):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny", help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default per preset; cpu-tiny 600)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default per preset; cpu-tiny 2000)")
     p.add_argument("--data", nargs="*", default=[], help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its last checkpoint left it")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
