@@ -122,8 +122,9 @@ def summarize(results: list[EvalResult]) -> dict:
 
 
 def evaluate_dir(model_dir, n: int, device: str, families, seed: int = 4242, style: str = "chat",
-                 max_new_tokens: int = 160) -> tuple[dict, object]:
-    """Greedy held-out evaluation of a model directory on n task-suite problems -> (summary, engine)."""
+                 max_new_tokens: int = 320) -> tuple[dict, object]:
+    """Greedy held-out evaluation of a model directory on n task-suite problems -> (summary, engine). 320 new tokens
+    fit the longest worked solutions of the suite (three-step word problems with their column working)."""
     import torch
 
     from ..data.tasks import mixture

@@ -156,7 +156,7 @@ def describe(model_dir: str, device: str, eval_n: int, families, seed: int) -> d
     from ..eval.evaluate import evaluate_dir
     from ..model import param_counts
 
-    summary, engine = evaluate_dir(model_dir, eval_n, device, families, seed=seed, max_new_tokens=256)
+    summary, engine = evaluate_dir(model_dir, eval_n, device, families, seed=seed)
     counts = param_counts(engine.model)
     return {"pass@1": summary["pass@1"], "levels": summary.get("levels"), "params_total": counts["total"],
             "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
