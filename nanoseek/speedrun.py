@@ -34,10 +34,10 @@ PRESETS = {
     "gpu": {
         "pretrain": dict(preset="small", steps=1200),
         "student_base": dict(preset="cpu-tiny", steps=1200, batch_size=64, micro_batch_size=64, seq_len=256),
-        "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=256, lr=5e-4),
-        "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=160, lr=2e-5, eval_every=20, eval_n=200,
+        "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=320, lr=5e-4),
+        "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=256, lr=2e-5, eval_every=20, eval_n=200,
                      adaptive_tasks=True),
-        "distill": dict(n=6000, batch_size=64, lr=3e-4),
+        "distill": dict(n=6000, max_tokens=256, batch_size=64, lr=3e-4),
         "eval_n": 500,
     },
 }

@@ -159,8 +159,8 @@ def document_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, t
     first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # index of the current document's first token
     same = segments[:, :, None] == segments[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    blocked = torch.zeros(B, 1, T, T, device=segments.device).masked_fill_(~(same & causal)[:, None], float("-inf"))
-    return idx - first, blocked
+    additive = torch.zeros(B, 1, T, T, device=segments.device).masked_fill_(~(same & causal)[:, None], float("-inf"))
+    return idx - first, additive
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, init: bool = True) -> Transformer:
