@@ -17,8 +17,8 @@ builds the rope tables and the attention mask once for all layers, and each laye
 The cache stores [c ; k_pe] side by side (`LatentCache.data`), which is what lets one bmm score both parts.
 Weights are used in place (views), except W_uk·scale and W_uvᵀ (per-head copies of `kv_b_proj`, together the size
 of kv_b_proj); `refresh()` rebuilds them, and the engine calls it whenever a kv_b_proj weight changed (GRPO
-updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose rounding this path
-would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
+updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose rounding
+this path would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
 """
 
 from __future__ import annotations

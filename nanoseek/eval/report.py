@@ -24,11 +24,10 @@ def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
     found = {}
-    for p in sorted(root.iterdir()):
-        for d in (p, p / "student"):  # distill keeps its student's training run in student/
-            if d.is_dir() and (d / "metrics.jsonl").is_file():
-                found[p.name] = d
-                break
+    for p in sorted(root.iterdir()):  # distill keeps its student's training run in student/
+        run = next((d for d in (p, p / "student") if (d / "metrics.jsonl").is_file()), None)
+        if run is not None:
+            found[p.name] = run
     return found
 
 

@@ -95,8 +95,6 @@ class MLA(nn.Module):
         v = F.pad(v, (0, pad)) if pad > 0 else v
         if positions is not None:
             mask = self._mask(positions, S)[:, None]  # (B, 1, T, S)
-        elif mask is not None:
-            mask = mask.to(q.dtype)  # an additive mask must match the queries' dtype (bf16 under autocast)
         causal = mask is None and T > 1  # without positions the keys are exactly the T queries' own tokens
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale)
         return out[..., : self.v_dim].transpose(1, 2)  # (B, T, H, Dv)

@@ -82,7 +82,7 @@ class Transformer(nn.Module):
         if segments is not None:
             if cache is not None or positions is not None:
                 raise ValueError("segments are for training forwards, without a cache or explicit positions")
-            positions, mask = document_positions_and_mask(segments)
+            positions, mask = document_positions_and_mask(segments, self.model.embed_tokens.weight.dtype)
         elif positions is None:
             if cache is not None:
                 raise ValueError("decoding with a cache needs explicit positions")
@@ -148,10 +148,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, out_std)
 
 
-def document_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def document_positions_and_mask(segments: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """segments (B, T) non-decreasing document indices -> positions (B, T) counted from each document's first token,
     and a (B, 1, T, T) additive float mask (0 where a token may attend: causal and within one document, else -inf;
-    SDPA's CPU kernel takes it faster than a bool mask: 3% of a cpu-tiny training step)."""
+    SDPA's CPU kernel takes it faster than a bool mask: 3% of a cpu-tiny training step). Built in the model's
+    dtype, which SDPA requires of an additive mask (under autocast, autocast casts it with the queries)."""
     B, T = segments.shape
     idx = torch.arange(T, device=segments.device).expand(B, T)
     starts = torch.ones_like(segments, dtype=torch.bool)
@@ -159,7 +160,8 @@ def document_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, t
     first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # index of the current document's first token
     same = segments[:, :, None] == segments[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    additive = torch.zeros(B, 1, T, T, device=segments.device).masked_fill_(~(same & causal)[:, None], float("-inf"))
+    allowed = (same & causal)[:, None]
+    additive = torch.zeros(B, 1, T, T, device=segments.device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     return idx - first, additive
 
 
