@@ -83,7 +83,7 @@ def _render(t, parent: str | None = None, right: bool = False) -> str:
     """Parenthesise a child of lower precedence, or a right child of equal precedence, so the text parses back
     into exactly this tree (and its evaluation order)."""
     if isinstance(t, int):
-        return str(t)
+        return f"({t})" if t < 0 and right else str(t)  # 5 - (-3); a negative on the left needs none
     op, a, b = t
     s = f"{_render(a, op)} {op} {_render(b, op, True)}"
     if parent and (PREC[op] < PREC[parent] or (right and PREC[op] == PREC[parent])):
@@ -91,16 +91,32 @@ def _render(t, parent: str | None = None, right: bool = False) -> str:
     return s
 
 
+def _reduce(t):
+    """Evaluate the first operation of t in post-order (innermost first, × ÷ before + -: the tree encodes both)
+    -> (t with that operation replaced by its value, a, op, b, value)."""
+    op, left, right = t
+    if not isinstance(left, int):
+        left, *done = _reduce(left)
+    elif not isinstance(right, int):
+        right, *done = _reduce(right)
+    else:
+        v = _apply(op, left, right)
+        return v, left, op, right, v
+    return ((op, left, right), *done)
+
+
 def _steps(t, out: list[str]) -> int:
-    """Post-order evaluation: innermost first, × ÷ before + - (the tree encodes both); one line per operation,
-    preceded by the schoolbook working of `_columns` on numbers below 1000."""
-    if isinstance(t, int):
-        return t
-    a, b = _steps(t[1], out), _steps(t[2], out)
-    v = _apply(t[0], a, b)
-    out.extend(_columns(t[0], a, b))
-    out.append(f"{a} {t[0]} {f'({b})' if b < 0 else b} = {v}")
-    return v
+    """One operation per line in post-order: the schoolbook working of `_columns` (numbers below 1000), the
+    operation and its result, then what is left of the expression with the result in place (`Now: 128 ÷ 16`),
+    so a small model reads its next operation off the line above instead of finding its place in the question,
+    and sees whether anything is left to do."""
+    while not isinstance(t, int):
+        t, a, op, b, v = _reduce(t)
+        out.extend(_columns(op, a, b))
+        out.append(f"{a} {op} {f'({b})' if b < 0 else b} = {v}")
+        if not isinstance(t, int):
+            out.append(f"Now: {_render(t)}")
+    return t
 
 
 def _digits(n: int) -> list[int]:
@@ -152,6 +168,8 @@ def _columns(op: str, a: int, b: int) -> list[str]:
                 parts.append(big * d * 10**i)
         if len(parts) == 2:
             lines += _columns("+", *parts) + [f"{parts[0]} + {parts[1]} = {sum(parts)}"]
+        else:  # a multiple of ten: its one partial product is the result the caller states next
+            lines.pop()
     elif op == "÷" and b and a % b == 0 and a >= 10:  # long division, most significant digit first
         rest, work = 0, []
         for x in reversed(_digits(a)):
