@@ -173,3 +173,31 @@ def test_curriculum_cells_and_learnability_weights():
     again = Curriculum(GRPOConfig(out="", tasks=["arithmetic:1", "arithmetic:4", "word:1"], adaptive_tasks=True))
     again.load_state_dict(cur.state_dict())
     assert [p.question for p in again.sample(5, 0, 16)] == [p.question for p in cur.sample(5, 0, 16)]
+
+
+def test_logprobs_score_the_distribution_the_rollouts_sample():
+    """Below temperature 1 the loss must score softmax(logits / T), the distribution the engine samples from:
+    the first token's frequencies over 4000 engine samples at T = 0.5 match exp(log π_T), not π_1."""
+    import nanoseek
+    from nanoseek.engine.engine import Engine
+    from nanoseek.train.grpo import completion_logprobs
+
+    torch.manual_seed(0)
+    cfg_m = nanoseek.get_preset("cpu-tiny").replace(vocab_size=8, hidden_size=32, num_hidden_layers=1,
+                                                    intermediate_size=64, q_lora_rank=16, kv_lora_rank=16,
+                                                    num_nextn_predict_layers=0)
+    model = nanoseek.build_model(cfg_m).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked logits, so T = 0.5 and T = 1 differ clearly
+    prompt, n = [1, 2, 3], 4000
+    outs = Engine(model, max_batch_size=64, max_seq_len=8).generate([prompt] * n, max_new_tokens=1, temperature=0.5,
+                                                                    seed=0)
+    freq = torch.bincount(torch.tensor([o[0] for o in outs]), minlength=8).float() / n
+    ids = torch.tensor([prompt + [t] for t in range(8)])
+    mask = torch.tensor([[0, 0, 0, 1]] * 8)
+    with torch.no_grad():
+        p_half = completion_logprobs(model, ids, mask, temperature=0.5)[0][:, -1].exp()
+        p_one = completion_logprobs(model, ids, mask)[0][:, -1].exp()
+    assert p_half.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (freq - p_half).abs().max() < 0.03, (freq, p_half)
+    assert (freq - p_one).abs().max() > 0.1, (freq, p_one)  # the test could tell the two apart

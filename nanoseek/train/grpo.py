@@ -109,10 +109,12 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, loss: str, eps_low: float, 
     return total, stats
 
 
-def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False):
+def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False,
+                        temperature: float = 1.0):
     """ids (B, T) prompt+completion, mask (B, T) 1 on completion tokens -> log π(token | prefix) (B, T-1), aligned
-    with mask[:, 1:]; and the summed entropy over masked positions."""
-    logits = model(ids[:, :-1]).float()
+    with mask[:, 1:]; and the summed entropy over masked positions. π is the sampling distribution, softmax(logits /
+    temperature), so the importance ratio compares like with like when rollouts are sampled below temperature 1."""
+    logits = model(ids[:, :-1]).float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
     entropy = None
@@ -263,7 +265,7 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> 
 # --- the run -------------------------------------------------------------------------------------------------------------
 def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     """`updates_per_batch` optimiser steps on one rollout batch."""
-    adv = group_advantages(r.rewards, cfg.loss).flatten()
+    adv, T = group_advantages(r.rewards, cfg.loss).flatten(), cfg.temperature
     n_seqs, n_tokens = r.ids.shape[0], max(1.0, r.mask[:, 1:].sum().item())
     eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
     chunks = [slice(i, i + cfg.micro_batch_size) for i in range(0, n_seqs, cfg.micro_batch_size)]
@@ -271,14 +273,14 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     with torch.no_grad():
         for c in chunks:
             ids, mask = r.ids[c].to(device), r.mask[c].to(device)
-            old.append(completion_logprobs(model, ids, mask)[0] if cfg.updates_per_batch > 1 else None)
-            ref_lp.append(completion_logprobs(ref, ids, mask)[0] if ref is not None else None)
+            old.append(completion_logprobs(model, ids, mask, temperature=T)[0] if cfg.updates_per_batch > 1 else None)
+            ref_lp.append(completion_logprobs(ref, ids, mask, temperature=T)[0] if ref is not None else None)
     stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.updates_per_batch):
         opt.zero_grad(set_to_none=True)
         for k, c in enumerate(chunks):
             ids, mask = r.ids[c].to(device), r.mask[c].to(device)
-            logp, ent = completion_logprobs(model, ids, mask, with_entropy=True)
+            logp, ent = completion_logprobs(model, ids, mask, with_entropy=True, temperature=T)
             old_lp = old[k] if old[k] is not None else logp.detach()
             loss, st = policy_loss(logp, old_lp, ref_lp[k], adv[c].to(device), mask[:, 1:], cfg.loss, cfg.clip_eps,
                                    eps_high, cfg.beta, n_seqs, n_tokens, cfg.max_new_tokens)
@@ -310,6 +312,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 
     if cfg.loss not in LOSSES or cfg.mode not in ("r1", "r1-zero"):
         raise UserError(f"--loss must be one of {LOSSES} and --mode r1 or r1-zero")
+    if not 0 < cfg.temperature <= 2:
+        raise UserError(f"--temperature must be in (0, 2] (GRPO needs sampled groups), got {cfg.temperature}")
     d = loop.init_distributed(cfg.device)
     if d.world_size > 1:
         raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
@@ -396,7 +400,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout sampling temperature; the loss scores the same softmax(logits / T)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.001, help="KL weight (0: no reference model)")
     p.add_argument("--clip-eps", type=float, default=0.2)
