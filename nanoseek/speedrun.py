@@ -28,7 +28,7 @@ PRESETS = {
         # rollouts at T 0.6: sampled at T 1 this small model solves half the two-step problems it solves greedily (0.20/0.40)
         "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
                      temperature=0.6, eval_every=15, eval_n=100, adaptive_tasks=True),
-        # the student learns only from the kept traces (~15% of them): many problems, many passes
+        # the student learns only from the kept traces (~18% of them): many problems, many passes
         "distill": dict(n=6000, max_tokens=256, epochs=8, batch_size=32, lr=1e-3),
         "eval_n": 200,
     },

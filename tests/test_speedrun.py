@@ -40,3 +40,17 @@ def test_smoke_speedrun(tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and r2.stderr.count("already done") == 5
+
+
+def test_cpu_student_has_at_most_half_the_teachers_active_parameters():
+    import torch
+
+    import nanoseek
+    from nanoseek.model.transformer import param_counts
+
+    def active(preset: str) -> int:
+        with torch.device("meta"):
+            return param_counts(nanoseek.build_model(nanoseek.get_preset(preset)))["active"]
+
+    teacher, student = PRESETS["cpu"]["pretrain"]["preset"], PRESETS["cpu"]["student_base"]["preset"]
+    assert active(student) <= active(teacher) / 2, (active(student), active(teacher))

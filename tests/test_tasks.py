@@ -98,8 +98,8 @@ def test_arithmetic_matches_python(level, samples):
         assert ops_range[0] <= n_ops <= ops_range[1] and len(results) >= n_ops
         assert all(len(n) <= max_digits for n in re.findall(r"\d+", expr))
         assert ("(" in expr) == (level >= 3)
-        left = [l.removeprefix("Now: ") for l in p.steps if l.startswith("Now: ")]
         assert not any(a == b and re.fullmatch(r"\d+ × \d+0 = \d+", a) for a, b in zip(p.steps, p.steps[1:]))  # × 20
+        left = [l.removeprefix("Now: ") for l in p.steps if l.startswith("Now: ")]
         assert len(left) == n_ops - 1  # after each operation but the last: what is left, worth the same
         assert all(eval(e.replace("×", "*").replace("÷", "/")) == value for e in left), left
         for line in p.steps:  # every step is a true statement: "a op b = c", or column working "x + y (+ c) = s, ..."

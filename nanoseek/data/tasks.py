@@ -2,7 +2,8 @@
 
 Three families, each with difficulty levels and many phrasings (so a model learns the task, not one sentence):
 - arithmetic: integer + - × ÷ (division always exact), 1-4 operations on 1-4 digit operands, parentheses from
-  level 3. The worked solution evaluates one operation per line (`12 × 3 = 36`), innermost first.
+  level 3. The worked solution evaluates one operation per line (`12 × 3 = 36`), innermost first, each followed by
+  what is left of the expression (`Now: 36 - 7`).
 - word: one- to three-step word problems (shopping, sharing, groups, rates, ages, time) with integer answers; each
   step names its operation in a sentence, then shows the same column working as arithmetic, then the result.
 - countdown: reach a target from a few numbers (each at most once, + - × ÷, exact division, positive intermediate

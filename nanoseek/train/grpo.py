@@ -265,7 +265,8 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> 
 # --- the run -------------------------------------------------------------------------------------------------------------
 def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     """`updates_per_batch` optimiser steps on one rollout batch."""
-    adv, T = group_advantages(r.rewards, cfg.loss).flatten(), cfg.temperature
+    adv = group_advantages(r.rewards, cfg.loss).flatten()
+    T = cfg.temperature  # the loss scores the distribution the rollouts were sampled from
     n_seqs, n_tokens = r.ids.shape[0], max(1.0, r.mask[:, 1:].sum().item())
     eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
     chunks = [slice(i, i + cfg.micro_batch_size) for i in range(0, n_seqs, cfg.micro_batch_size)]
