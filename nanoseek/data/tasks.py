@@ -26,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from .working import PREC, apply_op, columns, render, tree_value, work_out
+
 FAMILIES: tuple[str, ...] = ("arithmetic", "word", "countdown")
 LEVELS: dict[str, tuple[int, ...]] = {"arithmetic": (1, 2, 3, 4), "word": (1, 2, 3), "countdown": (1, 2, 3)}
 SPLITS = ("train", "eval")
@@ -63,123 +65,6 @@ class Problem:
 
 def split_of(problem: Problem) -> str:
     return "eval" if int(problem.uid, 16) % 10 == 0 else "train"
-
-
-# --- expressions: an int leaf or (op, left, right) ---------------------------------------------------------------
-PREC = {"+": 1, "-": 1, "×": 2, "÷": 2}
-
-
-def _apply(op: str, a: int, b: int) -> int | None:
-    """a op b, or None when a division is not exact."""
-    if op == "÷":
-        return a // b if b and a % b == 0 else None
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
-def _value(t) -> int:
-    return t if isinstance(t, int) else _apply(t[0], _value(t[1]), _value(t[2]))
-
-
-def _render(t, parent: str | None = None, right: bool = False) -> str:
-    """Parenthesise a child of lower precedence, or a right child of equal precedence, so the text parses back
-    into exactly this tree (and its evaluation order)."""
-    if isinstance(t, int):
-        return f"({t})" if t < 0 and right else str(t)  # 5 - (-3); a negative on the left needs none
-    op, a, b = t
-    s = f"{_render(a, op)} {op} {_render(b, op, True)}"
-    if parent and (PREC[op] < PREC[parent] or (right and PREC[op] == PREC[parent])):
-        s = f"({s})"
-    return s
-
-
-def _reduce(t):
-    """Evaluate the first operation of t in post-order (innermost first, × ÷ before + -: the tree encodes both)
-    -> (t with that operation replaced by its value, a, op, b, value)."""
-    op, left, right = t
-    if not isinstance(left, int):
-        left, *done = _reduce(left)
-    elif not isinstance(right, int):
-        right, *done = _reduce(right)
-    else:
-        v = _apply(op, left, right)
-        return v, left, op, right, v
-    return ((op, left, right), *done)
-
-
-def _steps(t, out: list[str]) -> int:
-    """One operation per line in post-order: the schoolbook working of `_columns` (numbers below 1000), the
-    operation and its result, then what is left of the expression with the result in place (`Now: 128 ÷ 16`),
-    so a small model reads its next operation off the line above instead of finding its place in the question,
-    and sees whether anything is left to do."""
-    while not isinstance(t, int):
-        t, a, op, b, v = _reduce(t)
-        out.extend(_columns(op, a, b))
-        out.append(f"{a} {op} {f'({b})' if b < 0 else b} = {v}")
-        if not isinstance(t, int):
-            out.append(f"Now: {_render(t)}")
-    return t
-
-
-def _digits(n: int) -> list[int]:
-    return [int(c) for c in reversed(str(n))]  # least significant first
-
-
-def _columns(op: str, a: int, b: int) -> list[str]:
-    """Schoolbook working so a small model computes digit by digit instead of guessing:
-    + - and × by one digit column by column (least significant first; a × carry is added on a line of its own),
-    × by two digits as partial products, exact ÷ as long division."""
-    if a < 0 or b < 0 or max(a, b) < 10 or max(a, b) >= 1000:
-        return []
-    lines: list[str] = []
-    if op == "+":
-        da, db, carry = _digits(a), _digits(b), 0
-        for i in range(max(len(da), len(db))):
-            terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
-            total = sum(terms)
-            carry = total // 10
-            if len(terms) > 1:
-                lines.append(" + ".join(map(str, terms)) + f" = {total}" + (", carry 1" if carry else ""))
-    elif op == "-":
-        big, small = max(a, b), min(a, b)
-        db, ds, borrow = _digits(big), _digits(small), 0
-        for i, x in enumerate(db):
-            x, y = x - borrow, ds[i] if i < len(ds) else 0
-            borrow = int(x < y)
-            if i < len(ds) or borrow:
-                lines.append(f"{x + 10 * borrow} - {y} = {x + 10 * borrow - y}" + (", borrow 1" if borrow else ""))
-        if a < b:
-            lines.append(f"{b} - {a} = {b - a}, so {a} - {b} is negative")
-    elif op == "×" and min(a, b) <= 9:
-        big, d, carry = max(a, b), min(a, b), 0
-        for x in _digits(big):  # one operation per line: the digit's product, then the carry added to it
-            p = x * d
-            lines.append(f"{x} × {d} = {p}")
-            if carry:
-                lines.append(f"{p} + {carry} = {p + carry}")
-                p += carry
-            carry = p // 10
-    elif op == "×" and min(a, b) <= 99:  # one partial product per digit of the smaller factor, then their sum
-        big, small = max(a, b), min(a, b)
-        parts = []
-        for i, d in enumerate(_digits(small)):
-            if d:
-                lines += _columns("×", big, d) + [f"{big} × {d} = {big * d}"]
-                if i:
-                    lines.append(f"{big} × {d * 10**i} = {big * d * 10**i}")
-                parts.append(big * d * 10**i)
-        if len(parts) == 2:
-            lines += _columns("+", *parts) + [f"{parts[0]} + {parts[1]} = {sum(parts)}"]
-        else:  # a multiple of ten: its one partial product is the result the caller states next
-            lines.pop()
-    elif op == "÷" and b and a % b == 0 and a >= 10:  # long division, most significant digit first
-        rest, work = 0, []
-        for x in reversed(_digits(a)):
-            cur = rest * 10 + x
-            rest = cur % b
-            if cur >= b or work:
-                work.append(f"{cur} ÷ {b} = {cur // b}" + (f", remainder {rest}" if rest else ""))
-        lines = work if len(work) > 1 else []
-    return lines
 
 
 # --- arithmetic -------------------------------------------------------------------------------------------------
@@ -226,7 +111,7 @@ def _fix(rng: random.Random, t, digits: int, small_mul: bool):
     op, a, b = t[0], _fix(rng, t[1], digits, small_mul), _fix(rng, t[2], digits, small_mul)
     if a is None or b is None:
         return None
-    va, vb = _value(a), _value(b)
+    va, vb = tree_value(a), tree_value(b)
     if op == "÷":
         if abs(vb) < 2:
             return None
@@ -237,7 +122,7 @@ def _fix(rng: random.Random, t, digits: int, small_mul: bool):
             a = va = abs(vb) * rng.randint(2, top)
     if op == "×" and small_mul and min(abs(va), abs(vb)) > 9:  # levels 1-2: "2 digits × 1 digit" at most
         return None
-    return (op, a, b) if abs(_apply(op, va, vb)) <= MAX_VALUE else None
+    return (op, a, b) if abs(apply_op(op, va, vb)) <= MAX_VALUE else None
 
 
 def _arithmetic(rng: random.Random, level: int) -> Problem:
@@ -249,10 +134,10 @@ def _arithmetic(rng: random.Random, level: int) -> Problem:
         else:
             tree = _random_tree(rng, n_ops, digits)
         tree = _fix(rng, tree, digits, small_mul=level <= 2)
-        if tree is not None and (flat or "(" in _render(tree)):
+        if tree is not None and (flat or "(" in render(tree)):
             break
-    expr, steps = _render(tree), []
-    value = _steps(tree, steps)
+    expr, steps = render(tree), []
+    value = work_out(tree, steps)
     i = rng.randrange(len(ARITH_TEMPLATES))
     return Problem("arithmetic", level, ARITH_TEMPLATES[i].format(e=expr), tuple(steps), str(value),
                    {"expression": expr, "template": f"arithmetic:{i}"})
@@ -379,7 +264,7 @@ EQUATION = re.compile(r"(\d+) ([-+×÷]) (\d+) = \d+")
 
 def _worked(sentences: list[str]) -> list[str]:
     """A word problem's solution as arithmetic shows it: each sentence names its operation ("The pens cost 7 × 29
-    dollars."), then the schoolbook working of `_columns`, then the result ("7 × 29 = 203"). A small model cannot
+    dollars."), then the schoolbook working of `columns`, then the result ("7 × 29 = 203"). A small model cannot
     multiply 29 × 7 in one token, and writing the operands down first means the working copies them from one line."""
     out = []
     for s in sentences:
@@ -388,7 +273,7 @@ def _worked(sentences: list[str]) -> list[str]:
             out.append(s)
             continue
         op, a, b = m[2], int(m[1]), int(m[3])
-        out += [s[: m.start()] + f"{a} {op} {b}" + s[m.end():], *_columns(op, a, b), m[0]]
+        out += [s[: m.start()] + f"{a} {op} {b}" + s[m.end():], *columns(op, a, b), m[0]]
     return out
 
 
@@ -432,12 +317,12 @@ def _countdown(rng: random.Random, level: int) -> Problem:
             (a, ta), (b, tb) = sorted((pool.pop(rng.randrange(len(pool))) for _ in range(2)), key=lambda p: -p[0])
             ops = ["+"] + ["×"] * (b > 1) + ["-"] * (a > b) + ["÷"] * (b > 1 and a % b == 0)
             op = rng.choice(ops)
-            pool.append((_apply(op, a, b), (op, ta, tb)))
+            pool.append((apply_op(op, a, b), (op, ta, tb)))
         target, tree = pool[0]
         if 10 <= target <= 999 and target not in nums:
             break
-    expr, steps = _render(tree), []
-    _steps(tree, steps)
+    expr, steps = render(tree), []
+    work_out(tree, steps)
     i = rng.randrange(len(COUNTDOWN_TEMPLATES))
     question = COUNTDOWN_TEMPLATES[i].format(nums=", ".join(map(str, nums)), target=target)
     return Problem("countdown", level, question, (*steps, f"So {expr} = {target}."), expr,
@@ -525,7 +410,7 @@ def _eval_countdown(node: ast.AST, used: list[int]) -> int:
         used.append(node.value)
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
-        v = _apply(_AST_OPS[type(node.op)], _eval_countdown(node.left, used), _eval_countdown(node.right, used))
+        v = apply_op(_AST_OPS[type(node.op)], _eval_countdown(node.left, used), _eval_countdown(node.right, used))
         if v is None or v <= 0:
             raise ValueError("an intermediate result is not a positive integer")
         return v
