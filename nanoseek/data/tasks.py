@@ -136,8 +136,7 @@ def _arithmetic(rng: random.Random, level: int) -> Problem:
         tree = _fix(rng, tree, digits, small_mul=level <= 2)
         if tree is not None and (flat or "(" in render(tree)):
             break
-    expr, steps = render(tree), []
-    value = work_out(tree, steps)
+    expr, (value, steps) = render(tree), work_out(tree)
     i = rng.randrange(len(ARITH_TEMPLATES))
     return Problem("arithmetic", level, ARITH_TEMPLATES[i].format(e=expr), tuple(steps), str(value),
                    {"expression": expr, "template": f"arithmetic:{i}"})
@@ -321,8 +320,7 @@ def _countdown(rng: random.Random, level: int) -> Problem:
         target, tree = pool[0]
         if 10 <= target <= 999 and target not in nums:
             break
-    expr, steps = render(tree), []
-    work_out(tree, steps)
+    expr, (_, steps) = render(tree), work_out(tree)
     i = rng.randrange(len(COUNTDOWN_TEMPLATES))
     question = COUNTDOWN_TEMPLATES[i].format(nums=", ".join(map(str, nums)), target=target)
     return Problem("countdown", level, question, (*steps, f"So {expr} = {target}."), expr,

@@ -47,18 +47,18 @@ def _reduce(t):
     return ((op, left, right), *done)
 
 
-def work_out(t, out: list[str]) -> int:
-    """One operation per line in post-order: the schoolbook working of `columns` (numbers below 1000), the
-    operation and its result, then what is left of the expression with the result in place (`Now: 128 ÷ 16`),
-    so a small model reads its next operation off the line above instead of finding its place in the question,
-    and sees whether anything is left to do."""
+def work_out(t) -> tuple[int, list[str]]:
+    """t's value and its solution, one operation per line in post-order: the schoolbook working of `columns`
+    (numbers below 1000), the operation and its result, then what is left of the expression with the result in
+    place (`Now: 128 ÷ 16`), so a small model reads its next operation off the line above instead of finding its
+    place in the question, and sees whether anything is left to do."""
+    lines: list[str] = []
     while not isinstance(t, int):
         t, a, op, b, v = _reduce(t)
-        out.extend(columns(op, a, b))
-        out.append(f"{a} {op} {f'({b})' if b < 0 else b} = {v}")
+        lines += [*columns(op, a, b), f"{render((op, a, b))} = {v}"]
         if not isinstance(t, int):
-            out.append(f"Now: {render(t)}")
-    return t
+            lines.append(f"Now: {render(t)}")
+    return t, lines
 
 
 def _digits(n: int) -> list[int]:
