@@ -4,8 +4,11 @@
 
 For batch 1 and 8 (equal-length random prompts, so transformers needs no padding): wall time of the whole call
 (prefill + decode) of each, tokens/s (batch · new tokens / time), the ratio, and whether the greedy tokens are
-identical; plus the decode time per step (ours also with the engine's fast path off, `Engine(fast_decode=False)`), (time for N tokens - time for 1 token) / (N - 1). Each time is the best
-of `--repeats` runs, ours and transformers' alternating. Also the KV-cache bytes per token: ours (the latent c and
+identical. "ours" is the engine as `nanoseek serve` runs it by default; "compiled" is `Engine(compile=True)`
+(`nanoseek serve --compile`), whose single-sequence decode steps go through torch.compile (its one-off compile time
+is printed apart; a batch of 8 decodes as "ours" does). Also the decode time per step, (time for N tokens - time
+for 1 token) / (N - 1), ours also with the engine's fast path off (`Engine(fast_decode=False)`). Each time is the
+best of `--repeats` runs, the engines and transformers alternating. Also the KV-cache bytes per token: ours (the latent c and
 rope key, R + Dr values per layer) and what transformers' returned DynamicCache actually holds (measured from its
 tensors), at the bench shape and, analytically, at DeepSeek-V3 671B's shape against a full per-head K/V cache.
 Prints a markdown table and a final JSON line; writes nothing. Exits 1 if the greedy tokens differ.
@@ -99,7 +102,12 @@ def main() -> None:
     N, P = args.new_tokens, args.prompt_len
     engine = Engine(model, max_batch_size=8, max_seq_len=P + N + 1)
     modules = Engine(model, max_batch_size=8, max_seq_len=P + N + 1, fast_decode=False)  # without fastpath.py
-    rows, result = [], {"device": args.device, "new_tokens": N, "prompt_len": P, "threads": torch.get_num_threads()}
+    compiled = Engine(model, max_batch_size=8, max_seq_len=P + N + 1, compile=True)
+    t = time.perf_counter()
+    compiled.generate([[1] * P], max_new_tokens=2)  # the one decode step compiles the graph
+    compile_s = time.perf_counter() - t
+    rows, result = [], {"device": args.device, "new_tokens": N, "prompt_len": P, "threads": torch.get_num_threads(),
+                        "compile_s": compile_s}
     for B in (1, 8):
         ids = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B))
         hf_ids = ids.to(args.device)
@@ -110,12 +118,16 @@ def main() -> None:
                                    do_sample=False, pad_token_id=0)[:, P:].tolist()
 
         best = timed_pair({"ours": lambda n: engine.generate(ids.tolist(), max_new_tokens=n), "hf": run_hf,
-                           "modules": lambda n: modules.generate(ids.tolist(), max_new_tokens=n)},
+                           "modules": lambda n: modules.generate(ids.tolist(), max_new_tokens=n),
+                           "compiled": lambda n: compiled.generate(ids.tolist(), max_new_tokens=n)},
                           N, args.repeats, args.device)
         (t_ours, t1_ours, ours), (t_hf, t1_hf, theirs) = best["ours"], best["hf"]
         t_mod, t1_mod, ours_mod = best["modules"]
+        t_comp, t1_comp, ours_comp = best["compiled"]
         r = {"batch": B, "ours_tok_s": B * N / t_ours, "hf_tok_s": B * N / t_hf, "speedup": t_hf / t_ours,
-             "identical": ours == theirs == ours_mod, "ours_step_ms": (t_ours - t1_ours) / (N - 1) * 1e3,
+             "compiled_tok_s": B * N / t_comp, "compiled_speedup": t_hf / t_comp,
+             "identical": ours == theirs == ours_mod == ours_comp, "ours_step_ms": (t_ours - t1_ours) / (N - 1) * 1e3,
+             "compiled_step_ms": (t_comp - t1_comp) / (N - 1) * 1e3,
              "ours_modules_step_ms": (t_mod - t1_mod) / (N - 1) * 1e3,
              "hf_step_ms": (t_hf - t1_hf) / (N - 1) * 1e3, "ours_first_token_ms": t1_ours * 1e3,
              "hf_first_token_ms": t1_hf * 1e3}
@@ -131,13 +143,15 @@ def main() -> None:
 
     print(f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts "
           f"(top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}, float32; prompt {P}, {N} new tokens, greedy; "
-          f"{torch.get_num_threads()} threads, device {args.device}\n")
-    print("| batch | ours tok/s | transformers tok/s | speedup | decode ms/step ours / transformers "
-          "(ours without the fast path) | prefill+1st token ms ours / transformers | identical greedy tokens |")
-    print("|---|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()} threads, device {args.device}; compiling took {compile_s:.1f} s\n")
+    print("| batch | ours tok/s | compiled tok/s | transformers tok/s | speedup ours / compiled | decode ms/step ours / "
+          "compiled / transformers (ours without the fast path) | prefill+1st token ms ours / transformers | "
+          "identical greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['ours_step_ms']:.2f} / {r['hf_step_ms']:.2f} ({r['ours_modules_step_ms']:.2f}) | "
+        print(f"| {r['batch']} | {r['ours_tok_s']:.1f} | {r['compiled_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
+              f"{r['speedup']:.2f}x / {r['compiled_speedup']:.2f}x | {r['ours_step_ms']:.2f} / "
+              f"{r['compiled_step_ms']:.2f} / {r['hf_step_ms']:.2f} ({r['ours_modules_step_ms']:.2f}) | "
               f"{r['ours_first_token_ms']:.1f} / "
               f"{r['hf_first_token_ms']:.1f} | {r['identical']} |")
     print("\n| KV cache bytes / token / sequence | ours | transformers |")

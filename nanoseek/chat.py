@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, ≤ 4096)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode a lone conversation through torch.compile (CPU float32: ~1.6x faster tokens; the first answer waits "
+                        "~20 s while it compiles; needs a C++ compiler, else it warns and runs without)")
 
 
 class Printer:
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
-    rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len, max_batch_size=1)
+    rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len, max_batch_size=1,
+                      compile=args.compile)
     if rt.tokenizer.chat_template is None:
         raise UserError(f"{args.model}: the tokenizer has no chat template")
     temperature = rt.defaults["temperature"] if args.temperature is None else args.temperature

@@ -3,6 +3,8 @@ with transformers, prefix sharing, continuous batching, MTP speculative decoding
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -103,6 +105,36 @@ def test_fast_decode_follows_weight_updates(model):
         for layer in m.main_layers:
             layer.self_attn.kv_b_proj.weight.mul_(-1.5)
     assert fast.generate(PROMPTS, max_new_tokens=12) == slow.generate(PROMPTS, max_new_tokens=12)
+
+
+@pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_single_sequence_decode_matches_modules(model):
+    """Engine(compile=True): a lone sequence decodes through the torch.compile'd step (one graph for every cache
+    length: it only reads the past and returns the new latents). Greedy tokens equal the module path's, and every
+    step's hidden state and cache equal it to 1e-5, also after an in-place weight change (refresh writes in place)."""
+    m = nanoseek.build_model(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    compiled, slow = Engine(m, max_seq_len=64, compile=True), Engine(m, max_seq_len=64, fast_decode=False)
+    assert compiled.generate([PROMPTS[2]], max_new_tokens=20) == slow.generate([PROMPTS[2]], max_new_tokens=20)
+    fast = compiled.fast
+    assert fast.compiled_steps == 19  # every decode step after the first token (which comes from the prefill)
+    prompt = PROMPTS[0]
+    caches = [LatentCache(m.config, 1, 64) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            m.hidden_states(torch.tensor([prompt]), torch.arange(len(prompt))[None], c)
+        tok, pos = torch.tensor([prompt[-1]]), torch.tensor([len(prompt)])
+        for step in range(12):
+            if step == 6:
+                for layer in m.main_layers:
+                    layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+                fast.refresh_if_changed()
+            ref = m.hidden_states(tok[:, None], pos[:, None], caches[0])[0][:, 0]
+            got = fast.hidden(tok, pos, caches[1])
+            assert (got - ref).abs().max().item() <= 1e-5
+            assert (caches[1].data - caches[0].data).abs().max().item() <= 1e-5
+            tok, pos = m.lm_head(ref).argmax(-1), pos + 1
+    assert fast.compiled_steps == 19 + 12
 
 
 def test_engine_greedy_matches_reference_and_transformers(model, engine, tmp_path):

@@ -14,6 +14,7 @@ One `step()`:
 2. one joint decode forward for every active request (newcomers included): feed each request's last token at
    its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
+   `Engine(..., compile=True)`: while a single request decodes, that forward is compiled with torch.compile.
 Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason)`. A request finishes with
 reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
@@ -78,7 +79,7 @@ class _Request:
 
 class Engine:
     def __init__(self, model, max_batch_size: int = 32, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, compile: bool = False):
         self.model = model  # a model in training mode (GRPO) is switched to eval for each step, then back
         self.cfg = cfg = model.config
         p = next(model.parameters())
@@ -88,8 +89,9 @@ class Engine:
         self.cache = LatentCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
         self.share_prefix = True  # prefill identical prompts once (results are the same either way)
         self.prefill_chunk = prefill_chunk  # positions per prefill forward
-        # plain decode steps through the few-op path of fastpath.py (float32 models); same math as the modules
-        self.fast = FastDecoder(model) if fast_decode and FastDecoder.supports(model) else None
+        # plain decode steps through the few-op path of fastpath.py (float32 models); same math as the modules;
+        # compile: a lone sequence's steps through torch.compile (compiled on first use)
+        self.fast = FastDecoder(model, compile) if fast_decode and FastDecoder.supports(model) else None
         self.stats = {"drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_steps": 0}
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []  # index == cache row

@@ -16,12 +16,22 @@ builds the rope tables and the attention mask once for all layers, and each laye
 
 The cache stores [c ; k_pe] side by side (`LatentCache.data`), which is what lets one bmm score both parts.
 Weights are used in place (views), except W_uk·scale and W_uvᵀ (per-head copies of `kv_b_proj`, together the size
-of kv_b_proj); `refresh()` rebuilds them, and the engine calls it whenever a kv_b_proj weight changed (GRPO
-updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose rounding
-this path would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
+of kv_b_proj); `refresh()` rewrites them in place, and the engine calls it whenever a kv_b_proj weight changed
+(GRPO updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose
+rounding this path would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
+
+Compiled single sequence (`FastDecoder(model, compile=True)`, `nanoseek serve --compile`): when exactly one sequence
+decodes (one chat), the same step runs through `torch.compile` (inductor's generated C++: pointwise ops fused, no
+Python between ops), with the span of cached positions a dynamic size so one compilation serves every length. For
+that one token the chosen experts' weights are gathered and applied by one bmm per projection (no host sync, which
+would split the graph). The first such step compiles (10-25 s on 2 cores, needs a C++ compiler); if compiling
+fails the decoder warns once and stays eager. Several sequences keep the eager step: their experts' weights dominate
+the step, and compiling does not read them faster (bench/results/decode.md).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +41,7 @@ from ..model.moe import MoE
 
 
 class FastDecoder:
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         self.model = model
         cfg = model.config
         self.H, self.R, self.Dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -39,7 +49,11 @@ class FastDecoder:
         self.interleave, self.eps = cfg.rope_interleave, cfg.rms_norm_eps
         self.layers = list(model.main_layers)
         self._versions = None
+        self.w_uk: list[torch.Tensor] = []  # per layer (H, Dn, R)
+        self.w_uv_t: list[torch.Tensor] = []  # per layer (H, R, Dv)
         self.refresh()
+        self._compiled = torch.compile(self._step) if compile else None
+        self.compiled_steps = 0
 
     @staticmethod
     def supports(model) -> bool:
@@ -52,14 +66,19 @@ class FastDecoder:
         return tuple((id(w), w._version) for w in (layer.self_attn.kv_b_proj.weight for layer in self.layers))
 
     def refresh(self) -> None:
-        """(Re)build the per-head absorbed matrices from the current weights."""
+        """(Re)build the per-head absorbed matrices from the current weights, in place once they exist (so a
+        compiled step keeps reading the same tensors)."""
         H, Dn, R = self.H, self.Dn, self.R
-        self.w_uk, self.w_uv_t = [], []
         with torch.no_grad():
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 w = layer.self_attn.kv_b_proj.weight.view(H, Dn + self.Dv, R)
-                self.w_uk.append((w[:, :Dn] * self.scale).contiguous())  # (H, Dn, R)
-                self.w_uv_t.append(w[:, Dn:].transpose(1, 2).contiguous())  # (H, R, Dv)
+                uk, uv_t = w[:, :Dn] * self.scale, w[:, Dn:].transpose(1, 2)  # (H, Dn, R), (H, R, Dv)
+                if i < len(self.w_uk):
+                    self.w_uk[i].copy_(uk)
+                    self.w_uv_t[i].copy_(uv_t)
+                else:
+                    self.w_uk.append(uk.contiguous())
+                    self.w_uv_t.append(uv_t.contiguous())
         self._versions = self._param_versions()
 
     def refresh_if_changed(self) -> None:
@@ -70,24 +89,45 @@ class FastDecoder:
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """ids, pos (n,) -> final normed hidden (n, D); writes each layer's latent at (row i, pos[i]) of the cache."""
+        if self._compiled is not None and ids.shape[0] == 1 and int(pos[0]) >= 2:
+            p = int(pos[0])
+            past = cache.data[:, :1, :p]
+            torch._dynamo.mark_dynamic(past, 2)  # one graph for every length (sizes 0 and 1 would specialise)
+            try:
+                h, latents = self._compiled(ids, pos, past, None, True)
+            except Exception as e:  # e.g. no C++ compiler; raised while compiling, before anything is written
+                warnings.warn(f"compiling the decode step failed, decoding without it: {type(e).__name__}: {e}")
+                self._compiled = None
+            else:
+                cache.data[: len(latents), 0, p] = torch.stack(latents)[:, 0]
+                self.compiled_steps += 1
+                return h
+        return self._step(ids, pos, cache.data, int(pos.max()) + 1, False)[0]
+
+    def _step(self, ids, pos, data, span: int | None, single: bool):
+        """-> (final normed hidden (n, D), each layer's new latent (n, R + Dr)). data: the cache's (layers, rows,
+        positions, R + Dr) tensor; the new latents are written into it at (row i, pos[i]). single: one sequence
+        whose data holds just its past (layers, 1, pos, R + Dr), only read: the step is compiled then, and a graph
+        that wrote into its input would copy the whole input back after every step; the caller writes instead."""
         model = self.model
         n = ids.shape[0]
-        span = int(pos.max()) + 1
         rows = torch.arange(n, device=ids.device)
-        mask = torch.zeros(n, 1, span, device=ids.device).masked_fill_(
+        mask = None if single else torch.zeros(n, 1, span, device=ids.device).masked_fill_(
             torch.arange(span, device=ids.device) > pos[:, None, None], float("-inf"))  # (n, 1, span)
         cos, sin = self._rope_tables(pos)  # (n, Dr), for the keys
         q_cos, q_sin = cos[:, None] * self.scale, sin[:, None] * self.scale  # (n, 1, Dr), queries: scale folded in
         x = model.model.embed_tokens(ids)  # (n, D)
+        latents = []
         for i, layer in enumerate(self.layers):
-            x = self._attention(i, layer, x, (cos, sin, q_cos, q_sin), rows, pos, span, mask, cache)
+            x, latent = self._attention(i, layer, x, (cos, sin, q_cos, q_sin), rows, pos, span, mask, data[i])
+            latents.append(latent)
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             if isinstance(mlp, MoE):
-                x = self._moe(mlp, h, x)
+                x = self._moe(mlp, h, x, gather=single)
             else:
                 x = self._mlp(mlp, h, x)
-        return F.rms_norm(x, x.shape[-1:], model.model.norm.weight, self.eps)
+        return F.rms_norm(x, x.shape[-1:], model.model.norm.weight, self.eps), latents
 
     def _rope_tables(self, pos: torch.Tensor):
         """Full-width tables so that rope(v) = v·cos + swap(v)·sin, swap exchanging the two halves of each pair."""
@@ -104,7 +144,8 @@ class FastDecoder:
             swapped = v.roll(self.Dr // 2, -1)
         return torch.addcmul(v * cos, swapped, sin)
 
-    def _attention(self, i, layer, x, rope, rows, pos, span, mask, cache):
+    def _attention(self, i, layer, x, rope, rows, pos, span, mask, data):
+        """-> (x + attention output, the token's latent [c ; k_pe]). mask None: data is one sequence's past only."""
         attn, n = layer.self_attn, x.shape[0]
         cos, sin, q_cos, q_sin = rope
         H, R, Dn = self.H, self.R, self.Dn
@@ -118,24 +159,28 @@ class FastDecoder:
         ckv = F.linear(h, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # (n, R + Dr)
         latent = torch.cat((F.rms_norm(ckv[:, :R], (R,), attn.kv_a_layernorm.weight, self.eps),
                             self._rope(ckv[:, R:], cos, sin)), -1)  # (n, R + Dr): [c ; k_pe]
-        data = cache.data[i]
-        data.index_put_((rows, pos), latent)
-        kv = data[:n, :span]  # (n, span, R + Dr)
         q_lat = torch.bmm(q[..., :Dn].transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # (n, H, R), scaled
-        q_pe = self._rope(q[..., Dn:], q_cos, q_sin)  # (n, H, Dr), scaled
-        scores = torch.baddbmm(mask, torch.cat((q_lat, q_pe), -1), kv.transpose(1, 2))  # (n, H, span)
-        o_lat = torch.bmm(scores.softmax(-1), kv[..., :R])  # (n, H, R)
+        q_all = torch.cat((q_lat, self._rope(q[..., Dn:], q_cos, q_sin)), -1)  # (n, H, R + Dr), scaled
+        if mask is None:  # data (1, pos, R + Dr) is the past; the new latent is scored beside it, not written
+            scores = torch.cat((torch.bmm(q_all, data.transpose(1, 2)), q_all @ latent[:, :, None]), -1)  # (1, H, span)
+            probs = scores.softmax(-1)
+            o_lat = torch.baddbmm(probs[..., -1:] * latent[:, None, :R], probs[..., :-1], data[..., :R])  # (1, H, R)
+        else:
+            data.index_put_((rows, pos), latent)  # data: this layer's (rows, positions, R + Dr)
+            kv = data[:n, :span]  # (n, span, R + Dr)
+            scores = torch.baddbmm(mask, q_all, kv.transpose(1, 2))  # (n, H, span)
+            o_lat = torch.bmm(scores.softmax(-1), kv[..., :R])  # (n, H, R)
         o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)
         if attn.o_proj.bias is not None:
             x = x + attn.o_proj.bias
-        return torch.addmm(x, o, attn.o_proj.weight.t())
+        return torch.addmm(x, o, attn.o_proj.weight.t()), latent
 
     @staticmethod
     def _mlp(mlp: MLP, h, x):
         a = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
         return torch.addmm(x, a, mlp.down_proj.weight.t())
 
-    def _moe(self, moe: MoE, h, x):
+    def _moe(self, moe: MoE, h, x, gather: bool):
         weights, indices, _ = moe.gate(h)  # (n, K) each
         if moe.shared_experts is not None:
             x = self._mlp(moe.shared_experts, h, x)
@@ -143,7 +188,11 @@ class FastDecoder:
         if len(h) > 1:  # several tokens: the module's expert-sorted grouped matmuls (fewer ops than a loop here)
             counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
             return x + ex(h, weights, indices, counts)
-        # a single token: each chosen expert addmm-ed straight into the residual, its routing weight as alpha
+        if gather:  # a single token, compiled: its K experts' weights gathered, one bmm per projection
+            idx, hs = indices[0], h.expand(indices.shape[1], -1)[:, :, None]  # (K,), (K, D, 1)
+            a = F.silu(torch.bmm(ex.gate_proj[idx], hs)) * torch.bmm(ex.up_proj[idx], hs)  # (K, I, 1)
+            return torch.addmm(x, weights, torch.bmm(ex.down_proj[idx], a)[..., 0])  # (1, K) @ (K, D)
+        # a single token, eager: each chosen expert addmm-ed straight into the residual, its routing weight as alpha
         for e, w in zip(indices[0].tolist(), weights[0].tolist()):
             a = F.silu(F.linear(h, ex.gate_proj[e])) * F.linear(h, ex.up_proj[e])
             x = torch.addmm(x, a, ex.down_proj[e].t(), alpha=w)

@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UserError("--port must be in 0..65535")
     rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
-                      max_batch_size=args.max_batch_size)
+                      max_batch_size=args.max_batch_size, compile=args.compile)
     history = HistoryStore(args.history or default_path())
     name = args.served_model_name or args.model
     app = create_app(rt, model_name=name, api_key=args.api_key, history=history, restrict_host=is_loopback(args.host))

@@ -83,7 +83,7 @@ def _ids(value) -> list[int]:
 
 
 def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = None,
-                 max_batch_size: int = 16) -> Runtime:
+                 max_batch_size: int = 16, compile: bool = False) -> Runtime:
     """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings."""
     from ..checkpoint import read_config
     from ..cli import UserError
@@ -103,7 +103,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
         raise UserError(f"--max-model-len must be between 2 and the model's max_position_embeddings ({limit})")
     tokenizer = Tokenizer.from_dir(model_dir)
     engine = Engine.from_pretrained(model_dir, device=resolve_device(device), max_batch_size=max_batch_size,
-                                    max_seq_len=max_model_len)
+                                    max_seq_len=max_model_len, compile=compile)
     gen = read_generation_config(model_dir)
     stop_ids = sorted({*_ids(gen.get("eos_token_id")), *_ids(cfg.eos_token_id),
                        *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
