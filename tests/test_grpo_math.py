@@ -19,6 +19,11 @@ def test_advantages_by_hand():
     assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (0.5 + 1e-4))
     assert torch.equal(a[1], torch.zeros(4))
     assert torch.allclose(group_advantages(r, "dr_grpo")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    # eight rewards of 0.7, whose float mean differs from 0.7 in the last bit: still exactly 0
+    same = torch.full((1, 8), 0.7)
+    assert same.mean() != same[0, 0]
+    assert torch.equal(group_advantages(same, "grpo"), torch.zeros(1, 8))
+    assert torch.equal(group_advantages(same, "dr_grpo"), torch.zeros(1, 8))
 
 
 def case():
@@ -201,3 +206,41 @@ def test_logprobs_score_the_distribution_the_rollouts_sample():
     assert p_half.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert (freq - p_half).abs().max() < 0.03, (freq, p_half)
     assert (freq - p_one).abs().max() > 0.1, (freq, p_one)  # the test could tell the two apart
+
+
+@pytest.mark.parametrize("variant", LOSSES)
+def test_zero_advantage_completions_are_skipped_without_changing_the_update(variant):
+    """With β = 0 the update runs only the completions whose advantage is non-zero; the parameters after two
+    optimiser steps equal those of the full computation (a frozen reference present, β = 0: every completion runs,
+    KL weighted 0), also when no group has any signal (the optimiser still steps: momentum and weight decay)."""
+    import copy
+
+    import nanoseek
+    from nanoseek.train.grpo import GRPOConfig, Rollout, update
+
+    torch.manual_seed(0)
+    cfg_m = nanoseek.get_preset("cpu-tiny").replace(vocab_size=16, hidden_size=32, num_hidden_layers=2,
+                                                    intermediate_size=64, moe_intermediate_size=16, q_lora_rank=16,
+                                                    kv_lora_rank=16, num_nextn_predict_layers=0)
+    base = nanoseek.build_model(cfg_m)
+    P, G, T = 4, 4, 9
+    ids = torch.randint(0, 16, (P * G, T))
+    mask = torch.tensor([[0] * 3 + [1] * 6] * (P * G), dtype=torch.float32)
+    with_signal = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]])  # groups 1, 2: no signal
+    for rewards in (with_signal, torch.ones(P, G)):
+        batch = Rollout(ids, mask, rewards, rewards, rewards, torch.full((P * G,), 6.0), 0.0)
+        cfg = GRPOConfig(out="unused", loss=variant, lr=1e-2, beta=0.0, max_new_tokens=6, updates_per_batch=2,
+                         micro_batch_size=3)
+        params = []
+        for skip in (True, False):
+            model = copy.deepcopy(base).train()
+            ref = None if skip else copy.deepcopy(base).requires_grad_(False).eval()
+            # SGD: AdamW's division by sqrt(v) would magnify float rounding in near-zero gradients past any tolerance
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.1)
+            for _ in range(2):
+                stats = update(cfg, model, ref, opt, batch, "cpu")
+            expected = (8 if rewards is with_signal else 1) / 16 if skip else 1.0
+            assert stats["trained"] == expected
+            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert (params[0] - params[1]).abs().max().item() < 1e-6
+        assert (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max().item() > 1e-3

@@ -16,7 +16,9 @@ and the batch loss aggregates ℓ as
     dapo:     sum over all tokens of the batch / number of tokens              (token-level loss)
 ε_high = ε_low unless set (dapo's default is 0.28). dapo also drops groups whose rewards are all equal (dynamic
 sampling: up to 3 extra rollout rounds refill the batch) and applies the soft overlong penalty of rewards.py.
-β = 0 skips the reference model entirely.
+β = 0 skips the reference model entirely, and with it the forward and backward of every completion whose advantage
+is 0 (the gradient is the same; metric `trained` is the fraction that ran). kl, clipped and entropy are per token
+of the completions the update ran on.
 
 Modes: `r1` starts from an SFT model and prompts with its chat template (which prefills `<think>\\n`);
 `r1-zero` starts from a base model with R1-Zero's plain-text template. In both, the answer follows `</think>`
@@ -75,8 +77,10 @@ class GRPOConfig(loop.TrainConfig):
 
 # --- the math (pure functions, tested by hand) -----------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, loss: str) -> torch.Tensor:
-    """rewards (P, G) -> advantages (P, G)."""
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    """rewards (P, G) -> advantages (P, G); exactly 0 for a group whose rewards are all equal (the mean of G equal
+    floats can differ from them in the last bit, which the std division would blow up to ~1e-3)."""
+    uniform = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
+    centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(uniform, 0.0)
     if loss == "dr_grpo":
         return centered
     return centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-4)
@@ -269,7 +273,14 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     T = cfg.temperature  # the loss scores the distribution the rollouts were sampled from
     n_seqs, n_tokens = r.ids.shape[0], max(1.0, r.mask[:, 1:].sum().item())
     eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
-    chunks = [slice(i, i + cfg.micro_batch_size) for i in range(0, n_seqs, cfg.micro_batch_size)]
+    # Without a KL term a completion whose advantage is 0 (its group's rewards all equal) adds exactly 0 to the
+    # gradient, so it is not run at all; the normalisers above stay those of the whole batch, and one completion is
+    # kept if none has signal, so the optimiser still steps (momentum, weight decay) as it would have.
+    train = adv != 0 if ref is None else torch.ones_like(adv, dtype=torch.bool)
+    train[0] |= not train.any()
+    rows = train.nonzero().flatten()
+    n_trained_tokens = max(1.0, r.mask[rows, 1:].sum().item())
+    chunks = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
     old, ref_lp = [], []
     with torch.no_grad():
         for c in chunks:
@@ -286,12 +297,13 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
             loss, st = policy_loss(logp, old_lp, ref_lp[k], adv[c].to(device), mask[:, 1:], cfg.loss, cfg.clip_eps,
                                    eps_high, cfg.beta, n_seqs, n_tokens, cfg.max_new_tokens)
             loss.backward()
-            stats["kl"] += st["kl"] / n_tokens / cfg.updates_per_batch
-            stats["clipped"] += st["clipped"] / n_tokens / cfg.updates_per_batch
-            stats["entropy"] += ent / n_tokens / cfg.updates_per_batch
+            stats["kl"] += st["kl"] / n_trained_tokens / cfg.updates_per_batch
+            stats["clipped"] += st["clipped"] / n_trained_tokens / cfg.updates_per_batch
+            stats["entropy"] += ent / n_trained_tokens / cfg.updates_per_batch
         stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item() / cfg.updates_per_batch
         opt.step()
         model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
+    stats["trained"] = len(rows) / n_seqs
     return stats
 
 
