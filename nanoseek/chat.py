@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from .serve import COMPILE_HELP
+
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 # control characters a model might emit (escape sequences could restyle or rewrite the terminal); \t and \n stay
 CONTROLS = {c: None for c in [*range(0x20), 0x7F] if chr(c) not in "\t\n"}
@@ -28,9 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, ≤ 4096)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode a lone conversation through torch.compile (CPU float32: ~1.6x faster tokens; the first answer waits "
-                        "~20 s while it compiles; needs a C++ compiler, else it warns and runs without)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 class Printer:

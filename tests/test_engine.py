@@ -137,6 +137,14 @@ def test_compiled_single_sequence_decode_matches_modules(model):
     assert fast.compiled_steps == 19 + 12
 
 
+def test_compile_on_a_model_without_the_fast_path_warns(model):
+    import copy
+
+    with pytest.warns(UserWarning, match="decodes without it"):
+        e = Engine(copy.deepcopy(model).to(torch.bfloat16), max_seq_len=32, compile=True)
+    assert e.fast is None
+
+
 def test_engine_greedy_matches_reference_and_transformers(model, engine, tmp_path):
     from transformers import DeepseekV3ForCausalLM
 

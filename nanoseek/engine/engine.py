@@ -38,6 +38,7 @@ cancel waits for the step in flight. generate() runs the same steps itself and n
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class Engine:
         # plain decode steps through the few-op path of fastpath.py (float32 models); same math as the modules;
         # compile: a lone sequence's steps through torch.compile (compiled on first use)
         self.fast = FastDecoder(model, compile) if fast_decode and FastDecoder.supports(model) else None
+        if compile and self.fast is None:
+            warnings.warn("compile applies to the float32 decode path only; this model decodes without it")
         self.stats = {"drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_steps": 0}
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []  # index == cache row

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 
+COMPILE_HELP = ("decode a lone conversation through torch.compile (float32 models, i.e. on the CPU: ~1.6x faster "
+                "tokens; the first answer waits 10-25 s while it compiles; needs a C++ compiler, else it warns and "
+                "runs without)")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
@@ -25,9 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SQLite file for the web chat's conversations (default ~/.nanoseek/history.sqlite3)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode a lone conversation through torch.compile (CPU float32: ~1.6x faster tokens; the first answer waits "
-                        "~20 s while it compiles; needs a C++ compiler, else it warns and runs without)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
