@@ -94,7 +94,7 @@ class FastDecoder:
             past = cache.data[:, :1, :p]
             torch._dynamo.mark_dynamic(past, 2)  # one graph for every length (sizes 0 and 1 would specialise)
             try:
-                h, latents = self._compiled(ids, pos, past, None, True)
+                h, latents = self._compiled(ids, pos, past, span=None, single=True)
             except Exception as e:  # e.g. no C++ compiler; raised while compiling, before anything is written
                 warnings.warn(f"compiling the decode step failed, decoding without it: {type(e).__name__}: {e}")
                 self._compiled = None
@@ -102,7 +102,7 @@ class FastDecoder:
                 cache.data[: len(latents), 0, p] = torch.stack(latents)[:, 0]
                 self.compiled_steps += 1
                 return h
-        return self._step(ids, pos, cache.data, int(pos.max()) + 1, False)[0]
+        return self._step(ids, pos, cache.data, span=int(pos.max()) + 1, single=False)[0]
 
     def _step(self, ids, pos, data, span: int | None, single: bool):
         """-> (final normed hidden (n, D), each layer's new latent (n, R + Dr)). data: the cache's (layers, rows,
