@@ -23,7 +23,7 @@ import torch
 PRESETS = {
     "cpu": {
         "pretrain": dict(preset="cpu-tiny"),
-        "student_base": dict(preset="cpu-student", steps=3000),
+        "student_base": dict(preset="cpu-student"),  # its TRAIN_PRESETS entry: 3000 steps
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=1e-3),
         # rollouts at T 0.6: sampled at T 1 this small model solves half the two-step problems it solves greedily (0.20/0.40).
         # β 0: no reference model, and the update skips the ~half of completions whose group has no signal, so 50

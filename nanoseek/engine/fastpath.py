@@ -111,7 +111,7 @@ class FastDecoder:
         that wrote into its input would copy the whole input back after every step; the caller writes instead."""
         model = self.model
         n = ids.shape[0]
-        rows = torch.arange(n, device=ids.device)
+        rows = None if single else torch.arange(n, device=ids.device)
         mask = None if single else torch.zeros(n, 1, span, device=ids.device).masked_fill_(
             torch.arange(span, device=ids.device) > pos[:, None, None], float("-inf"))  # (n, 1, span)
         cos, sin = self._rope_tables(pos)  # (n, Dr), for the keys
