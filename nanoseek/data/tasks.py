@@ -340,9 +340,11 @@ def _validate(family: str, level=None, split: str = "train") -> None:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 
-def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train") -> list[Problem]:
+def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train", distinct: bool = True) -> list[Problem]:
     """n problems with distinct questions of one family and level from one split, deterministic for the arguments.
-    (Small levels have few distinct contents, so one content may come back in several phrasings.)"""
+    (Small levels have few distinct contents, so one content may come back in several phrasings.) distinct=False
+    lets a question come back, so a small space (level-1 division: a few hundred facts) keeps its share of the
+    draws instead of running out of distinct questions."""
     _validate(family, level, split)
     rng = random.Random(f"{family}-{level}-{seed}")
     out, seen = [], set()
@@ -350,15 +352,16 @@ def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train
         if len(out) >= n:
             return out
         p = GENERATORS[family](rng, level)
-        if split_of(p) == split and p.question not in seen:
+        if split_of(p) == split and (not distinct or p.question not in seen):
             seen.add(p.question)
             out.append(p)
     raise ValueError(f"only {len(out)} distinct {split} problems found for {family}:{level}, {n} asked")
 
 
-def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=None) -> list[Problem]:
+def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=None,
+            distinct: bool = True) -> list[Problem]:
     """n problems spread evenly over families × levels, shuffled. `levels`: a dict family -> levels, or a list
-    applied to every family that has those levels."""
+    applied to every family that has those levels. `distinct`: as in `generate`."""
     families = (families,) if isinstance(families, str) else tuple(families or FAMILIES)
 
     def wanted(f: str) -> tuple:
@@ -379,7 +382,7 @@ def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=N
     for i, (f, l) in enumerate(cells):
         k = base + (i in bonus)
         if k:
-            out += generate(f, l, k, seed=seed, split=split)
+            out += generate(f, l, k, seed=seed, split=split, distinct=distinct)
     rng.shuffle(out)
     return out
 
