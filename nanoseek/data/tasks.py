@@ -341,10 +341,10 @@ def _validate(family: str, level=None, split: str = "train") -> None:
 
 
 def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train", distinct: bool = True) -> list[Problem]:
-    """n problems with distinct questions of one family and level from one split, deterministic for the arguments.
-    (Small levels have few distinct contents, so one content may come back in several phrasings.) distinct=False
-    lets a question come back, so a small space (level-1 division: a few hundred facts) keeps its share of the
-    draws instead of running out of distinct questions."""
+    """n problems of one family and level from one split, deterministic for the arguments; with distinct questions
+    unless distinct=False. (Small levels have few distinct contents, so one content may come back in several
+    phrasings.) distinct=False lets a question come back, so a small space (level-1 division: a few hundred facts)
+    keeps its share of the draws instead of running out of distinct questions."""
     _validate(family, level, split)
     rng = random.Random(f"{family}-{level}-{seed}")
     out, seen = [], set()
