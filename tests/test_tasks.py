@@ -238,7 +238,7 @@ def test_mixture_spread_and_shuffle():
 
 def test_repeated_draws_keep_small_spaces_at_their_share():
     """Level-1 division has a few hundred train facts: distinct questions run out and its share of the draws falls
-    far below the evaluation's fifth to quarter; with distinct=False it keeps about a fifth, still from the train split."""
+    far below the evaluation's (a fifth to a quarter); with distinct=False it keeps about a fifth, from train only."""
     def division_share(ps):
         return sum("÷" in p.meta["expression"] for p in ps) / len(ps)
 

@@ -341,10 +341,9 @@ def _validate(family: str, level=None, split: str = "train") -> None:
 
 
 def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train", distinct: bool = True) -> list[Problem]:
-    """n problems of one family and level from one split, deterministic for the arguments; with distinct questions
-    unless distinct=False. (Small levels have few distinct contents, so one content may come back in several
-    phrasings.) distinct=False lets a question come back, so a small space (level-1 division: a few hundred facts)
-    keeps its share of the draws instead of running out of distinct questions."""
+    """n problems of one family and level from one split, deterministic for the arguments. Questions are distinct
+    (small levels have few contents, so one content may come back in other phrasings) unless distinct=False, which
+    lets a question repeat so a small space (level-1 division: a few hundred facts) keeps its share of the draws."""
     _validate(family, level, split)
     rng = random.Random(f"{family}-{level}-{seed}")
     out, seen = [], set()
@@ -352,8 +351,9 @@ def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train
         if len(out) >= n:
             return out
         p = GENERATORS[family](rng, level)
-        if split_of(p) == split and (not distinct or p.question not in seen):
-            seen.add(p.question)
+        if split_of(p) == split and p.question not in seen:
+            if distinct:
+                seen.add(p.question)
             out.append(p)
     raise ValueError(f"only {len(out)} distinct {split} problems found for {family}:{level}, {n} asked")
 
