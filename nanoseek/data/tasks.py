@@ -340,7 +340,8 @@ def _validate(family: str, level=None, split: str = "train") -> None:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 
-def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train", distinct: bool = True) -> list[Problem]:
+def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train",
+             distinct: bool = True) -> list[Problem]:
     """n problems of one family and level from one split, deterministic for the arguments. Questions are distinct
     (small levels have few contents, so one content may come back in other phrasings) unless distinct=False, which
     lets a question repeat so a small space (level-1 division: a few hundred facts) keeps its share of the draws."""
