@@ -136,6 +136,8 @@ def test_two_gloo_processes_match_one(tmp_path):
            "pretrain", "--out", str(multi), "--steps", "4", *TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    cost = json.loads(r.stdout.strip().splitlines()[-1])["cost"]
+    assert cost["devices"] == 1 and cost["device"].endswith("2 processes")  # one CPU, shared by both ranks
     one, two = metrics(single), metrics(multi)
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["loss"], b["loss"])

@@ -13,6 +13,7 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -230,7 +231,8 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price_per_hour: float, device: str) -> dict:
-    """DeepSeek-V3-style cost table row: device-hours, FLOPs, MFU and dollars at `price_per_hour` per device."""
+    """DeepSeek-V3-style cost table row: device-hours, FLOPs, MFU against `peak` (FLOP/s of all the devices
+    together) and dollars at `price_per_hour` per device."""
     hours = wall_s * n_devices / 3600
     return {
         "device": device,
@@ -238,7 +240,7 @@ def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price
         "wall_s": round(wall_s, 1),
         "device_hours": round(hours, 5),
         "flops": float(f"{flops:.4g}"),
-        "mfu": round(flops / max(wall_s, 1e-9) / (peak * n_devices), 4),
+        "mfu": round(flops / max(wall_s, 1e-9) / peak, 4),
         "price_per_device_hour": price_per_hour,
         "dollars": round(hours * price_per_hour, 4),
     }
@@ -339,7 +341,10 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         loader.load_state_dict(state["data"])
     ddp = model
     if d.world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        # the routing-bias buffers stay equal on every rank without syncing (each applies the all-reduced load)
+        no_sync = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, **({"forward_sync_buffers": False} if no_sync else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     peak, peak_how = device_peak_flops(d.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
@@ -415,8 +420,12 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     if not d.is_main:
         return None
     wall = prior_wall + timer.elapsed()
-    cost = cost_summary(wall, d.world_size, prior_flops + total_flops, peak, cfg.price_per_hour, peak_how)
+    # GPUs: one device per rank. A CPU is one device however many processes share its cores; its peak is the sum of
+    # what the ranks measured, each with its share of the cores (torchrun with OMP_NUM_THREADS=cores/ranks).
+    n_devices = d.world_size if d.device.type == "cuda" else 1
+    device = peak_how if d.world_size == 1 or d.device.type == "cuda" else f"{peak_how}, {d.world_size} processes"
+    cost = cost_summary(wall, n_devices, prior_flops + total_flops, peak * d.world_size, cfg.price_per_hour, device)
     (run / "cost.json").write_text(json.dumps(cost, indent=1))
     print(f"cost: {cost['device_hours']} device-hours, {cost['flops']:.3g} FLOPs, MFU {cost['mfu']:.1%} "
-          f"({peak_how}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
+          f"({cost['device']}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
     return {"stage": stage, "model": str(run / "model"), "steps": cfg.end, "final": last, "cost": cost}
