@@ -342,9 +342,9 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     ddp = model
     if d.world_size > 1:
         # the routing-bias buffers stay equal on every rank without syncing (each applies the all-reduced load)
-        no_sync = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        new_kwarg = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, **({"forward_sync_buffers": False} if no_sync else {"broadcast_buffers": False}))
+            model, **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     peak, peak_how = device_peak_flops(d.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
