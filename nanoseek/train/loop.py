@@ -347,6 +347,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             model, **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     peak, peak_how = device_peak_flops(d.device)
+    peak_all = peak * d.world_size  # every rank measured its own device (or its share of the CPU's cores)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
@@ -400,7 +401,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             last = {
                 "step": step + 1, "loss": round(main_l, 5), "mtp_loss": round(mtp_l, 5), "aux_loss": round(aux_l, 7),
                 "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens / dt, 1),
-                "mfu": round(flops / dt / (peak * d.world_size), 4), "expert_imbalance": imbalance,
+                "mfu": round(flops / dt / peak_all, 4), "expert_imbalance": imbalance,
                 "wall_s": round(prior_wall + timer.elapsed(), 2),
             }
             metrics.log(last)
@@ -420,11 +421,11 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     if not d.is_main:
         return None
     wall = prior_wall + timer.elapsed()
-    # GPUs: one device per rank. A CPU is one device however many processes share its cores; its peak is the sum of
-    # what the ranks measured, each with its share of the cores (torchrun with OMP_NUM_THREADS=cores/ranks).
-    n_devices = d.world_size if d.device.type == "cuda" else 1
-    device = peak_how if d.world_size == 1 or d.device.type == "cuda" else f"{peak_how}, {d.world_size} processes"
-    cost = cost_summary(wall, n_devices, prior_flops + total_flops, peak * d.world_size, cfg.price_per_hour, device)
+    # GPUs: one device per rank. A CPU is one device however many processes share its cores.
+    shared_cpu = d.device.type != "cuda" and d.world_size > 1
+    n_devices = 1 if shared_cpu else d.world_size
+    device = f"{peak_how}, {d.world_size} processes" if shared_cpu else peak_how
+    cost = cost_summary(wall, n_devices, prior_flops + total_flops, peak_all, cfg.price_per_hour, device)
     (run / "cost.json").write_text(json.dumps(cost, indent=1))
     print(f"cost: {cost['device_hours']} device-hours, {cost['flops']:.3g} FLOPs, MFU {cost['mfu']:.1%} "
           f"({cost['device']}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
