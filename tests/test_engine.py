@@ -159,10 +159,15 @@ def test_engine_greedy_matches_reference_and_transformers(model, engine, tmp_pat
         assert o == greedy_reference(model, p, 24)[: len(o)]
 
 
-def test_training_mode_is_restored(model):
+@pytest.mark.parametrize("kw", [{}, {"fast_decode": False}, {"speculative": True}])
+def test_training_mode_is_restored(model, kw):
+    """A model in training mode (GRPO) stays so, and no routing stats are recorded: the module forwards run in eval
+    mode, the fast decode path calls the router directly."""
     model.train()
     try:
-        Engine(model, max_seq_len=32).generate([[1, 2, 3]], max_new_tokens=3)
+        fast = kw.get("fast_decode", True)
+        Engine(model, max_seq_len=32, fast_decode=fast).generate([[1, 2, 3]], max_new_tokens=3,
+                                                                  speculative=kw.get("speculative", False))
         assert model.training and all(m.load is None for m in model.moe_layers())  # no routing stats recorded
     finally:
         model.eval()

@@ -37,6 +37,7 @@ cancel waits for the step in flight. generate() runs the same steps itself and n
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections import deque
@@ -184,21 +185,33 @@ class Engine:
         admitted, one joint decode step of the running ones. Returns the tokens emitted, in order. Keeping the two
         apart lets a caller act on a newcomer's first token (stop it, force what follows) before its second."""
         with self._lock:
-            training = self.model.training
-            if training:
-                self.model.eval()
-            try:
-                events: list[Event] = []
-                self._admit(events)
-                if self._active and not events:
-                    if self._active[0].params.speculative:
+            events: list[Event] = []
+            if self._waiting and len(self._active) < self.max_batch_size:
+                with self._eval_mode():  # only the module forwards care (MoE counts expert load in training)
+                    self._admit(events)
+            if self._active and not events:
+                if self._active[0].params.speculative:
+                    with self._eval_mode():
                         self._speculative_step(events)
-                    else:
+                elif self.fast is not None:
+                    self._decode_step(events)  # calls the router directly: the mode does not matter
+                else:
+                    with self._eval_mode():
                         self._decode_step(events)
-                return events
-            finally:
-                if training:
-                    self.model.train()
+            return events
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The model in eval mode for the block, then back: switching walks every module (about 1 ms a round
+        trip for a small model), so the fast decode path, which needs no switch, does not pay it every step."""
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            if training:
+                self.model.train()
 
     def generate(
         self,
