@@ -67,7 +67,8 @@ def test_cached_decoding_matches_full_forward(model):
 @pytest.mark.parametrize("variant", [{}, {"rope_interleave": False, "q_lora_rank": None, "attention_bias": True}])
 def test_fast_decode_path_matches_modules(model, variant):
     """fastpath.FastDecoder: each decode step's final hidden state and cache contents equal the module path's, for
-    a batch of rows at different positions (the per-expert grouped branch) and for a single row (the addmm one)."""
+    a batch of rows at different positions (the per-expert grouped branch) and for a single row (the addmm one);
+    so do those of the step `compile=True` compiles, run eagerly here (it only reads the past)."""
     m = model
     if variant:
         torch.manual_seed(1)
@@ -87,10 +88,16 @@ def test_fast_decode_path_matches_modules(model, variant):
                 m.hidden_states(ids, torch.arange(T).expand(n, T), c)
             tok, pos = torch.tensor([p[-1] for p in prompts]), torch.tensor([len(p) for p in prompts])
             for _ in range(10):
+                past = caches[1].data[: len(m.main_layers), :n, : int(pos.max())].clone()
                 ref = m.hidden_states(tok[:, None], pos[:, None], caches[0])[0][:, 0]
                 got = fast.hidden(tok, pos, caches[1])
                 assert (got - ref).abs().max().item() <= 1e-5
                 assert (caches[1].data - caches[0].data).abs().max().item() <= 1e-5
+                # the compiled step's math, run eagerly: reads the past only, fused experts (and one row's gemvs)
+                h, latents = fast._step(tok, pos, past, past_only=True)
+                assert (h - ref).abs().max().item() <= 1e-5
+                new = caches[0].data[: len(m.main_layers), torch.arange(n), pos]  # (layers, n, R + Dr)
+                assert (torch.stack(latents) - new).abs().max().item() <= 1e-5
                 tok, pos = m.lm_head(ref).argmax(-1), pos + 1
 
 
@@ -108,33 +115,51 @@ def test_fast_decode_follows_weight_updates(model):
 
 
 @pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_single_sequence_decode_matches_modules(model):
-    """Engine(compile=True): a lone sequence decodes through the torch.compile'd step (one graph for every cache
-    length: it only reads the past and returns the new latents). Greedy tokens equal the module path's, and every
-    step's hidden state and cache equal it to 1e-5, also after an in-place weight change (refresh writes in place)."""
+def test_compiled_decode_matches_modules(model):
+    """Engine(compile=True): warm_up() compiles, then decode steps go through the torch.compile'd step (two graphs: one sequence, and any
+    batch of 2 or more, each for every cache length: it only reads the past and returns the new latents). Greedy
+    tokens equal the module path's for one sequence and for a batch whose requests finish at different steps (rows
+    are compacted under it), and every step's hidden states and cache rows equal it to 1e-5, for one sequence and
+    for three at different positions, also after an in-place weight change (refresh writes in place)."""
     m = nanoseek.build_model(model.config).eval()
     m.load_state_dict(model.state_dict())
     compiled, slow = Engine(m, max_seq_len=64, compile=True), Engine(m, max_seq_len=64, fast_decode=False)
+    fast, stats = compiled.fast, dict(compiled.stats)
+    compiled.warm_up()  # compiles both graphs: one step of one sequence, one of two
+    assert fast.compiled_steps == 2 and compiled.stats == stats
     assert compiled.generate([PROMPTS[2]], max_new_tokens=20) == slow.generate([PROMPTS[2]], max_new_tokens=20)
-    fast = compiled.fast
-    assert fast.compiled_steps == 19  # every decode step after the first token (which comes from the prefill)
-    prompt = PROMPTS[0]
-    caches = [LatentCache(m.config, 1, 64) for _ in range(2)]
-    with torch.no_grad():
-        for c in caches:
-            m.hidden_states(torch.tensor([prompt]), torch.arange(len(prompt))[None], c)
-        tok, pos = torch.tensor([prompt[-1]]), torch.tensor([len(prompt)])
-        for step in range(12):
-            if step == 6:
-                for layer in m.main_layers:
-                    layer.self_attn.kv_b_proj.weight.mul_(-1.5)
-                fast.refresh_if_changed()
-            ref = m.hidden_states(tok[:, None], pos[:, None], caches[0])[0][:, 0]
-            got = fast.hidden(tok, pos, caches[1])
-            assert (got - ref).abs().max().item() <= 1e-5
-            assert (caches[1].data - caches[0].data).abs().max().item() <= 1e-5
-            tok, pos = m.lm_head(ref).argmax(-1), pos + 1
-    assert fast.compiled_steps == 19 + 12
+    assert fast.compiled_steps == 2 + 19  # every decode step after the first token (which comes from the prefill)
+
+    def staggered(engine):  # four requests of different lengths in one batch
+        rids = [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, (9, 16, 4, 12))]
+        reqs = [engine._requests[r] for r in rids]
+        while engine.has_work():
+            engine.step()
+        return [r.out for r in reqs]
+
+    assert staggered(compiled) == staggered(slow)
+    assert fast.compiled_steps == 2 + 19 + 15
+    for prompts in ([PROMPTS[0]], PROMPTS[:3]):
+        n, T = len(prompts), max(map(len, prompts))
+        caches = [LatentCache(m.config, n, 64) for _ in range(2)]
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+        with torch.no_grad():
+            for c in caches:
+                m.hidden_states(ids, torch.arange(T).expand(n, T), c)
+            tok, pos = torch.tensor([p[-1] for p in prompts]), torch.tensor([len(p) for p in prompts])
+            for step in range(12):
+                if step == 6:
+                    for layer in m.main_layers:
+                        layer.self_attn.kv_b_proj.weight.mul_(-1.5)
+                    fast.refresh_if_changed()
+                ref = m.hidden_states(tok[:, None], pos[:, None], caches[0])[0][:, 0]
+                got = fast.hidden(tok, pos, caches[1])
+                assert (got - ref).abs().max().item() <= 1e-5
+                for i in range(n):  # the filled slots of each row (padding slots of the prefill may differ)
+                    filled = slice(0, int(pos[i]) + 1)
+                    assert (caches[1].data[:, i, filled] - caches[0].data[:, i, filled]).abs().max().item() <= 1e-5
+                tok, pos = m.lm_head(ref).argmax(-1), pos + 1
+    assert fast.compiled_steps == 2 + 19 + 15 + 24
 
 
 def test_compile_on_a_model_without_the_fast_path_warns(model):

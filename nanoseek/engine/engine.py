@@ -14,7 +14,7 @@ One `step()`:
 2. one joint decode forward for every active request (newcomers included): feed each request's last token at
    its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
-   `Engine(..., compile=True)`: while a single request decodes, that forward is compiled with torch.compile.
+   `Engine(..., compile=True)`: that forward is compiled with torch.compile (the fast path's compiled step).
 Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason)`. A request finishes with
 reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
@@ -92,7 +92,7 @@ class Engine:
         self.share_prefix = True  # prefill identical prompts once (results are the same either way)
         self.prefill_chunk = prefill_chunk  # positions per prefill forward
         # plain decode steps through the few-op path of fastpath.py (float32 models); same math as the modules;
-        # compile: a lone sequence's steps through torch.compile (compiled on first use)
+        # compile: the fast path's steps through torch.compile (compiled on first use)
         self.fast = FastDecoder(model, compile) if fast_decode and FastDecoder.supports(model) else None
         if compile and self.fast is None:
             warnings.warn("compile applies to the float32 decode path only; this model decodes without it")
@@ -173,6 +173,16 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._active or self._waiting)
+
+    def warm_up(self) -> None:
+        """With compile=True: compile the decode graphs now (one sequence, and a batch of two, which serves every
+        batch of 2 or more) instead of during the first requests. Needs an idle engine; leaves the stats as they were."""
+        if self.fast is None or self.fast._compiled is None or self.max_seq_len < 5:
+            return
+        stats = dict(self.stats)
+        for n in (1, 2)[: self.max_batch_size]:
+            self.generate([[0, 0, 0]] * n, max_new_tokens=2)  # one decode step at position 3
+        self.stats = stats
 
     @property
     def acceptance_rate(self) -> float:

@@ -20,13 +20,17 @@ of kv_b_proj); `refresh()` rewrites them in place, and the engine calls it whene
 (GRPO updates the model between rollouts). Float32 only (the CPU case); other dtypes keep the module path, whose
 rounding this path would not reproduce. Tests: tests/test_engine.py checks it against the module path, step by step.
 
-Compiled single sequence (`FastDecoder(model, compile=True)`, `nanoseek serve --compile`): when exactly one sequence
-decodes (one chat), the same step runs through `torch.compile` (inductor's generated C++: pointwise ops fused, no
-Python between ops), with the span of cached positions a dynamic size so one compilation serves every length. For
-that one token the chosen experts' weights are gathered and applied by one bmm per projection (no host sync, which
-would split the graph). The first such step compiles (10-25 s on 2 cores, needs a C++ compiler); if compiling
-fails the decoder warns once and stays eager. Several sequences keep the eager step: their experts' weights dominate
-the step, and compiling does not read them faster (bench/results/decode.md).
+Compiled (`FastDecoder(model, compile=True)`, `nanoseek serve --compile`): the same step runs through
+`torch.compile` (inductor's generated C++: pointwise ops fused, no Python between ops). The graph only reads the
+rows' past from the cache (a view whose length is marked dynamic, so one compilation serves every length; the batch
+size too, so there are two graphs: one sequence, and any batch of 2 or more), scores each token's new latent beside
+its past, and returns the new latents, which the caller writes. The routed experts are written as each (token,
+chosen expert) pair's matrix-vector products, `(W[indices] * h).sum(-1)`, which inductor fuses into one loop that
+reads each chosen expert's weights in place: no gathered copy, no per-expert call, no host sync. At batch 8 that is
+4-5x faster than the eager grouped matmuls (bench/results/decode.md). In the one-sequence graph every projection
+is written the same way (`_linear(..., gemv=True)`), so inductor fuses it with the norms and activations around it
+instead of calling a library matmul for a matrix-vector product. The first step of each graph compiles
+(10-25 s on 2 cores, needs a C++ compiler); if compiling fails the decoder warns once and stays eager.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ import torch.nn.functional as F
 
 from ..model.layers import MLP
 from ..model.moe import MoE
+
+
+def _linear(x: torch.Tensor, lin: torch.nn.Linear, gemv: bool) -> torch.Tensor:
+    """x (n, in) -> lin(x) (n, out). gemv (one token, compiled): as a product and a sum, which inductor fuses with
+    the ops around it into one loop, instead of a library matmul call."""
+    if not gemv:
+        return F.linear(x, lin.weight, lin.bias)
+    y = (lin.weight * x[:, None, :]).sum(-1)
+    return y if lin.bias is None else y + lin.bias
 
 
 class FastDecoder:
@@ -88,45 +101,54 @@ class FastDecoder:
     # --- one decode step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """ids, pos (n,) -> final normed hidden (n, D); writes each layer's latent at (row i, pos[i]) of the cache."""
-        if self._compiled is not None and ids.shape[0] == 1 and int(pos[0]) >= 2:
-            p = int(pos[0])
-            past = cache.data[:, :1, :p]
+        """ids, pos (n,) -> final normed hidden (n, D); writes each layer's latent at (row i, pos[i]) of the cache
+        (the sequences hold rows [0, n))."""
+        n, span = ids.shape[0], int(pos.max())
+        if self._compiled is not None and span >= 2:
+            L = len(self.layers)  # the cache may hold MTP layers after the main ones
+            past = cache.data[:L, :n, :span]  # (L, n, span, R + Dr): every row's past, and stale slots beyond
             torch._dynamo.mark_dynamic(past, 2)  # one graph for every length (sizes 0 and 1 would specialise)
+            if n > 1:  # and one for every batch of 2 or more
+                for t, dim in ((past, 1), (ids, 0), (pos, 0)):
+                    torch._dynamo.mark_dynamic(t, dim)
             try:
-                h, latents = self._compiled(ids, pos, past, span=None, single=True)
+                h, latents = self._compiled(ids, pos, past, past_only=True)
             except Exception as e:  # e.g. no C++ compiler; raised while compiling, before anything is written
                 warnings.warn(f"compiling the decode step failed, decoding without it: {type(e).__name__}: {e}")
                 self._compiled = None
             else:
-                cache.data[: len(latents), 0, p] = torch.stack(latents)[:, 0]
+                cache.data[:L, torch.arange(n), pos] = torch.stack(latents)  # (L, n, R + Dr)
                 self.compiled_steps += 1
                 return h
-        return self._step(ids, pos, cache.data, span=int(pos.max()) + 1, single=False)[0]
+        return self._step(ids, pos, cache.data, past_only=False)[0]
 
-    def _step(self, ids, pos, data, span: int | None, single: bool):
+    def _step(self, ids, pos, data, past_only: bool):
         """-> (final normed hidden (n, D), each layer's new latent (n, R + Dr)). data: the cache's (layers, rows,
-        positions, R + Dr) tensor; the new latents are written into it at (row i, pos[i]). single: one sequence
-        whose data holds just its past (layers, 1, pos, R + Dr), only read: the step is compiled then, and a graph
-        that wrote into its input would copy the whole input back after every step; the caller writes instead."""
+        positions, R + Dr) tensor. past_only False: the new latents are written into it at (row i, pos[i]).
+        past_only True (the compiled step): data is (layers, n, span, R + Dr), the n rows up to the longest past,
+        only read (a graph that wrote into its input would copy the whole input back after every step; the caller
+        writes instead); each token is scored against its row's past and, beside it, its own latent."""
         model = self.model
         n = ids.shape[0]
-        rows = None if single else torch.arange(n, device=ids.device)
-        mask = None if single else torch.zeros(n, 1, span, device=ids.device).masked_fill_(
-            torch.arange(span, device=ids.device) > pos[:, None, None], float("-inf"))  # (n, 1, span)
+        span = data.shape[2] if past_only else int(pos.max()) + 1
+        gemv = past_only and n == 1  # the one-sequence graph: every projection a fused matrix-vector product
+        rows = None if past_only else torch.arange(n, device=ids.device)
+        # (n, 1, span): past_only, row i's valid past is [0, pos[i]); else [0, pos[i]] with the new latent at pos[i]
+        stale = torch.arange(span, device=ids.device) >= pos[:, None, None] + (0 if past_only else 1)
+        mask = torch.zeros(n, 1, span, device=ids.device).masked_fill(stale, float("-inf"))
         cos, sin = self._rope_tables(pos)  # (n, Dr), for the keys
         q_cos, q_sin = cos[:, None] * self.scale, sin[:, None] * self.scale  # (n, 1, Dr), queries: scale folded in
         x = model.model.embed_tokens(ids)  # (n, D)
         latents = []
         for i, layer in enumerate(self.layers):
-            x, latent = self._attention(i, layer, x, (cos, sin, q_cos, q_sin), rows, pos, span, mask, data[i])
+            x, latent = self._attention(i, layer, x, (cos, sin, q_cos, q_sin), rows, pos, span, mask, data[i], gemv)
             latents.append(latent)
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             if isinstance(mlp, MoE):
-                x = self._moe(mlp, h, x, gather=single)
+                x = self._moe(mlp, h, x, fused=past_only, gemv=gemv)
             else:
-                x = self._mlp(mlp, h, x)
+                x = self._mlp(mlp, h, x, gemv)
         return F.rms_norm(x, x.shape[-1:], model.model.norm.weight, self.eps), latents
 
     def _rope_tables(self, pos: torch.Tensor):
@@ -144,54 +166,64 @@ class FastDecoder:
             swapped = v.roll(self.Dr // 2, -1)
         return torch.addcmul(v * cos, swapped, sin)
 
-    def _attention(self, i, layer, x, rope, rows, pos, span, mask, data):
-        """-> (x + attention output, the token's latent [c ; k_pe]). mask None: data is one sequence's past only."""
+    def _attention(self, i, layer, x, rope, rows, pos, span, mask, data, gemv):
+        """-> (x + attention output, the token's latent [c ; k_pe]). rows None: data holds the rows' past only."""
         attn, n = layer.self_attn, x.shape[0]
         cos, sin, q_cos, q_sin = rope
         H, R, Dn = self.H, self.R, self.Dn
         h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, self.eps)
         if attn.q_lora_rank:
-            qa = F.rms_norm(F.linear(h, attn.q_a_proj.weight, attn.q_a_proj.bias), (attn.q_lora_rank,),
-                            attn.q_a_layernorm.weight, self.eps)
-            q = F.linear(qa, attn.q_b_proj.weight).view(n, H, Dn + self.Dr)
+            qa = F.rms_norm(_linear(h, attn.q_a_proj, gemv), (attn.q_lora_rank,), attn.q_a_layernorm.weight,
+                            self.eps)
+            q = _linear(qa, attn.q_b_proj, gemv).view(n, H, Dn + self.Dr)
         else:
-            q = F.linear(h, attn.q_proj.weight).view(n, H, Dn + self.Dr)
-        ckv = F.linear(h, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # (n, R + Dr)
+            q = _linear(h, attn.q_proj, gemv).view(n, H, Dn + self.Dr)
+        ckv = _linear(h, attn.kv_a_proj_with_mqa, gemv)  # (n, R + Dr)
         latent = torch.cat((F.rms_norm(ckv[:, :R], (R,), attn.kv_a_layernorm.weight, self.eps),
                             self._rope(ckv[:, R:], cos, sin)), -1)  # (n, R + Dr): [c ; k_pe]
-        q_lat = torch.bmm(q[..., :Dn].transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # (n, H, R), scaled
+        if gemv:  # (1, H, Dn, 1) * (H, Dn, R) summed over Dn
+            q_lat = (q[..., :Dn, None] * self.w_uk[i]).sum(-2)  # (n, H, R), scaled
+        else:
+            q_lat = torch.bmm(q[..., :Dn].transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # (n, H, R), scaled
         q_all = torch.cat((q_lat, self._rope(q[..., Dn:], q_cos, q_sin)), -1)  # (n, H, R + Dr), scaled
-        if mask is None:  # data (1, pos, R + Dr) is the past; the new latent is scored beside it, not written
-            scores = torch.cat((torch.bmm(q_all, data.transpose(1, 2)), q_all @ latent[:, :, None]), -1)  # (1, H, span)
-            probs = scores.softmax(-1)
-            o_lat = torch.baddbmm(probs[..., -1:] * latent[:, None, :R], probs[..., :-1], data[..., :R])  # (1, H, R)
+        if rows is None:  # data (n, span, R + Dr) is the past; the new latent is scored beside it, not written
+            scores = torch.cat((torch.baddbmm(mask, q_all, data.transpose(1, 2)), q_all @ latent[:, :, None]), -1)
+            probs = scores.softmax(-1)  # (n, H, span + 1)
+            o_lat = torch.baddbmm(probs[..., -1:] * latent[:, None, :R], probs[..., :-1], data[..., :R])  # (n, H, R)
         else:
             data.index_put_((rows, pos), latent)  # data: this layer's (rows, positions, R + Dr)
             kv = data[:n, :span]  # (n, span, R + Dr)
             scores = torch.baddbmm(mask, q_all, kv.transpose(1, 2))  # (n, H, span)
             o_lat = torch.bmm(scores.softmax(-1), kv[..., :R])  # (n, H, R)
-        o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)
+        if gemv:
+            o = (o_lat[..., None] * self.w_uv_t[i]).sum(-2).reshape(n, H * self.Dv)
+        else:
+            o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)
+        if gemv:
+            return x + _linear(o, attn.o_proj, True), latent
         if attn.o_proj.bias is not None:
             x = x + attn.o_proj.bias
         return torch.addmm(x, o, attn.o_proj.weight.t()), latent
 
     @staticmethod
-    def _mlp(mlp: MLP, h, x):
-        a = F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+    def _mlp(mlp: MLP, h, x, gemv: bool = False):
+        a = F.silu(_linear(h, mlp.gate_proj, gemv)) * _linear(h, mlp.up_proj, gemv)
+        if gemv:
+            return x + _linear(a, mlp.down_proj, True)
         return torch.addmm(x, a, mlp.down_proj.weight.t())
 
-    def _moe(self, moe: MoE, h, x, gather: bool):
+    def _moe(self, moe: MoE, h, x, fused: bool, gemv: bool):
         weights, indices, _ = moe.gate(h)  # (n, K) each
         if moe.shared_experts is not None:
-            x = self._mlp(moe.shared_experts, h, x)
+            x = self._mlp(moe.shared_experts, h, x, gemv)
         ex = moe.experts
-        if len(h) > 1:  # several tokens: the module's expert-sorted grouped matmuls (fewer ops than a loop here)
+        if not fused and len(h) > 1:  # several tokens, eager: the module's expert-sorted grouped matmuls (fewer ops than a loop here)
             counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
             return x + ex(h, weights, indices, counts)
-        if gather:  # a single token, compiled: its K experts' weights gathered, one bmm per projection
-            idx, hs = indices[0], h.expand(indices.shape[1], -1)[:, :, None]  # (K,), (K, D, 1)
-            a = F.silu(torch.bmm(ex.gate_proj[idx], hs)) * torch.bmm(ex.up_proj[idx], hs)  # (K, I, 1)
-            return torch.addmm(x, weights, torch.bmm(ex.down_proj[idx], a)[..., 0])  # (1, K) @ (K, D)
+        if fused:  # compiled: each (token, chosen expert) pair's matrix-vector products as one fused loop
+            Wg, Wu, Wd = ex.gate_proj[indices], ex.up_proj[indices], ex.down_proj[indices]  # (n, K, I, D), (n, K, D, I)
+            a = F.silu((Wg * h[:, None, None]).sum(-1)) * (Wu * h[:, None, None]).sum(-1)  # (n, K, I)
+            return x + ((Wd * a[:, :, None]).sum(-1) * weights[..., None]).sum(1)  # (n, K, D) -> (n, D)
         # a single token, eager: each chosen expert addmm-ed straight into the residual, its routing weight as alpha
         for e, w in zip(indices[0].tolist(), weights[0].tolist()):
             a = F.silu(F.linear(h, ex.gate_proj[e])) * F.linear(h, ex.up_proj[e])

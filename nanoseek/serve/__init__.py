@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 
-COMPILE_HELP = ("decode a lone conversation through torch.compile (float32 models, i.e. on the CPU: ~1.6x faster "
-                "tokens; the first answer waits 10-25 s while it compiles; needs a C++ compiler, else it warns and "
-                "runs without)")
+COMPILE_HELP = ("decode through torch.compile (float32 models, i.e. on the CPU: about 2x faster tokens, one chat or "
+                "many; start-up compiles the decode step first, 10-25 s per graph, two graphs; needs a C++ compiler, "
+                "else it warns and runs without)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
