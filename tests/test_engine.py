@@ -116,11 +116,11 @@ def test_fast_decode_follows_weight_updates(model):
 
 @pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_decode_matches_modules(model):
-    """Engine(compile=True): warm_up() compiles, then decode steps go through the torch.compile'd step (two graphs: one sequence, and any
-    batch of 2 or more, each for every cache length: it only reads the past and returns the new latents). Greedy
-    tokens equal the module path's for one sequence and for a batch whose requests finish at different steps (rows
-    are compacted under it), and every step's hidden states and cache rows equal it to 1e-5, for one sequence and
-    for three at different positions, also after an in-place weight change (refresh writes in place)."""
+    """Engine(compile=True): warm_up() compiles, then decode steps go through the torch.compile'd step (two
+    graphs: one sequence, and any batch of 2 or more, each for every cache length: it only reads the past and
+    returns the new latents). Greedy tokens equal the module path's for one sequence and for a batch whose requests
+    finish at different steps (rows are compacted under it), and every step's hidden states and cache rows equal it
+    to 1e-5, for one sequence and for three at different positions, also after an in-place weight change."""
     m = nanoseek.build_model(model.config).eval()
     m.load_state_dict(model.state_dict())
     compiled, slow = Engine(m, max_seq_len=64, compile=True), Engine(m, max_seq_len=64, fast_decode=False)

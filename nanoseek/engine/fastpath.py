@@ -217,13 +217,13 @@ class FastDecoder:
         if moe.shared_experts is not None:
             x = self._mlp(moe.shared_experts, h, x, gemv)
         ex = moe.experts
-        if not fused and len(h) > 1:  # several tokens, eager: the module's expert-sorted grouped matmuls (fewer ops than a loop here)
-            counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
-            return x + ex(h, weights, indices, counts)
         if fused:  # compiled: each (token, chosen expert) pair's matrix-vector products as one fused loop
             Wg, Wu, Wd = ex.gate_proj[indices], ex.up_proj[indices], ex.down_proj[indices]  # (n, K, I, D), (n, K, D, I)
             a = F.silu((Wg * h[:, None, None]).sum(-1)) * (Wu * h[:, None, None]).sum(-1)  # (n, K, I)
             return x + ((Wd * a[:, :, None]).sum(-1) * weights[..., None]).sum(1)  # (n, K, D) -> (n, D)
+        if len(h) > 1:  # several tokens, eager: the module's expert-sorted grouped matmuls (fewer ops than a loop)
+            counts = torch.bincount(indices.flatten(), minlength=moe.n_experts)
+            return x + ex(h, weights, indices, counts)
         # a single token, eager: each chosen expert addmm-ed straight into the residual, its routing weight as alpha
         for e, w in zip(indices[0].tolist(), weights[0].tolist()):
             a = F.silu(F.linear(h, ex.gate_proj[e])) * F.linear(h, ex.up_proj[e])
