@@ -104,8 +104,7 @@ def main() -> None:
     modules = Engine(model, max_batch_size=8, max_seq_len=P + N + 1, fast_decode=False)  # without fastpath.py
     compiled = Engine(model, max_batch_size=8, max_seq_len=P + N + 1, compile=True)
     t = time.perf_counter()
-    compiled.generate([[1] * P], max_new_tokens=2)  # the one decode step compiles the single-sequence graph
-    compiled.generate([[1] * P] * 2, max_new_tokens=2)  # and the graph for batches of 2 or more
+    compiled.warm_up()  # compiles its two graphs: one sequence, and batches of 2 or more
     compile_s = time.perf_counter() - t
     rows, result = [], {"device": args.device, "new_tokens": N, "prompt_len": P, "threads": torch.get_num_threads(),
                         "compile_s": compile_s}

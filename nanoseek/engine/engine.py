@@ -177,7 +177,7 @@ class Engine:
     def warm_up(self) -> None:
         """With compile=True: compile the decode graphs now (one sequence, and a batch of two, which serves every
         batch of 2 or more) instead of during the first requests. Needs an idle engine; leaves the stats alone."""
-        if self.fast is None or self.fast._compiled is None or self.max_seq_len < 5:
+        if self.fast is None or not self.fast.compiling or self.max_seq_len < 5:
             return
         stats = dict(self.stats)
         for n in (1, 2)[: self.max_batch_size]:

@@ -68,6 +68,11 @@ class FastDecoder:
         self._compiled = torch.compile(self._step) if compile else None
         self.compiled_steps = 0
 
+    @property
+    def compiling(self) -> bool:
+        """Whether steps go through torch.compile (asked for, and compiling has not failed)."""
+        return self._compiled is not None
+
     @staticmethod
     def supports(model) -> bool:
         p = next(model.parameters())
@@ -197,16 +202,14 @@ class FastDecoder:
             o_lat = torch.bmm(scores.softmax(-1), kv[..., :R])  # (n, H, R)
         if gemv:
             o = (o_lat[..., None] * self.w_uv_t[i]).sum(-2).reshape(n, H * self.Dv)
-        else:
-            o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)
-        if gemv:
             return x + _linear(o, attn.o_proj, True), latent
+        o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t[i]).transpose(0, 1).reshape(n, H * self.Dv)
         if attn.o_proj.bias is not None:
             x = x + attn.o_proj.bias
         return torch.addmm(x, o, attn.o_proj.weight.t()), latent
 
     @staticmethod
-    def _mlp(mlp: MLP, h, x, gemv: bool = False):
+    def _mlp(mlp: MLP, h, x, gemv: bool):
         a = F.silu(_linear(h, mlp.gate_proj, gemv)) * _linear(h, mlp.up_proj, gemv)
         if gemv:
             return x + _linear(a, mlp.down_proj, True)

@@ -105,7 +105,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     tokenizer = Tokenizer.from_dir(model_dir)
     engine = Engine.from_pretrained(model_dir, device=resolve_device(device), max_batch_size=max_batch_size,
                                     max_seq_len=max_model_len, compile=compile)
-    if compile and engine.fast is not None:
+    if engine.fast is not None and engine.fast.compiling:
         print("nanoseek: compiling the decode step (10-25 s per graph on 2 cores)...", file=sys.stderr, flush=True)
         engine.warm_up()
     gen = read_generation_config(model_dir)
