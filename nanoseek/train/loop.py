@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import save_model
 from ..flops import flops_per_token
 from ..model.mtp import mtp_loss
+from . import muon as muon_lib
 
 KEEP_CHECKPOINTS = 2
 
@@ -82,13 +83,26 @@ def init_distributed(device: str = "auto") -> Dist:
 
 
 # --- optimiser and schedule ------------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (and embeddings), none on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+OPTIMIZERS = ("adamw", "muon")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                   kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW, or Muon for the layers' matrices and AdamW for the rest (muon.py); weight decay on matrices (and
+    embeddings), none on norms and biases."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {OPTIMIZERS}")
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if kind == "muon" and muon_lib.is_muon_param(name, p):
+                muon.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "muon":
+        return muon_lib.Muon([{"params": muon, "weight_decay": weight_decay, "muon": True}] + groups, lr=lr,
+                             betas=betas)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
@@ -269,6 +283,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (Muon on the layers' matrices, AdamW on the rest; train/muon.py)
     clip: float = 1.0
     mtp_weight: float = 0.3  # λ
     document_mask: bool = True  # a packed row's documents (each starts with BOS) attend only within themselves
@@ -333,7 +348,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     accum = grad_accum_steps(cfg, d)
     mc = model.config
     model.train()
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, kind=cfg.optimizer)
     start, prior_wall, prior_flops = 0, 0.0, 0.0
     if resuming:
         state = load_train_state(run, opt)

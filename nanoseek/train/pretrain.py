@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    p.add_argument("--optimizer", choices=["adamw", "muon"],
+                   help="adamw, or muon: Muon on the layers' matrices and AdamW on the embedding, head, norms and "
+                        "biases, at the same learning rate (default per preset)")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
     p.add_argument("--no-document-mask", action="store_true",
                    help="let packed documents attend across their boundaries (default: each attends only within itself)")
@@ -93,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     if args.preset not in TRAIN_PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
     d = dict(TRAIN_PRESETS[args.preset])
-    for key in ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup", "n_docs"):
+    for key in ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup", "n_docs", "optimizer"):
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     d["micro_batch_size"] = min(d["micro_batch_size"], d["batch_size"])
