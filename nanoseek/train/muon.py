@@ -31,14 +31,15 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """G (..., A, B) -> the semi-orthogonal factor of each trailing matrix (approximately), same shape."""
     a, b, c = NS_COEFFS
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = G.reshape(-1, *G.shape[-2:])  # (n, A, B): batched matmuls of 3-D tensors (4-D ones ran at half the speed)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = G.shape[-2] > G.shape[-1]
     if tall:
         X = X.mT
     for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
+        A = torch.bmm(X, X.mT)
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a·X + (b·A + c·A²)·X
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:

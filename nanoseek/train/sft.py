@@ -148,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="truncate conversations to this many tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="adamw, or muon on the layers' matrices with AdamW on the rest (see `pretrain --help`)")
     p.add_argument("--mtp-weight", type=float, default=0.1)
     p.add_argument("--bias-gamma", type=float, default=0.001)
     p.add_argument("--seed", type=int, default=0)
@@ -161,7 +163,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     keys = ("model", "out", "data", "n_samples", "steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup",
-            "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device", "price_per_hour")
+            "optimizer", "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device", "price_per_hour")
     cfg = SFTConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress)
     cfg.micro_batch_size = min(cfg.micro_batch_size, cfg.batch_size)
     result = sft(cfg)
