@@ -23,15 +23,16 @@ import torch
 PRESETS = {
     "cpu": {
         "pretrain": dict(preset="cpu-tiny"),
-        "student_base": dict(preset="cpu-student"),  # its TRAIN_PRESETS entry: 3000 steps
+        "student_base": dict(preset="cpu-student"),
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=1e-3),
         # rollouts at T 0.6: sampled at T 1 this small model solves half the two-step problems it solves greedily (0.20/0.40).
-        # β 0: no reference model, and the update skips the ~half of completions whose group has no signal, so 50
-        # steps cost what 30 did with the KL term (bench/results/grpo_cpu.md: 60 steps 0.249 against 30 steps 0.240-0.241)
-        "grpo": dict(steps=50, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
-                     temperature=0.6, beta=0.0, eval_every=25, eval_n=100, adaptive_tasks=True),
-        # the student learns only from the kept traces (~18% of them): many problems, many passes
-        "distill": dict(n=6000, max_tokens=256, epochs=8, batch_size=32, lr=1e-3),
+        # β 0: no reference model, and the update skips the ~half of completions whose group has no signal.
+        # lr 5e-5, μ 1: 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or μ 2 nothing (bench/results/
+        # grpo_cpu.md); 80 steps (~3 s each on 2 cores) keep the whole speedrun inside 20 minutes
+        "grpo": dict(steps=80, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
+                     temperature=0.6, beta=0.0, eval_every=40, eval_n=100, adaptive_tasks=True),
+        # the student learns only from the kept traces (~36% of them from the Muon-pretrained teacher): 4 passes
+        "distill": dict(n=3000, max_tokens=256, epochs=4, batch_size=32, lr=1e-3),
         "eval_n": 200,
     },
     "gpu": {
