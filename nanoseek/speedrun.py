@@ -27,13 +27,13 @@ PRESETS = {
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=1e-3),
         # rollouts at T 0.6: sampled at T 1 this small model solves half the two-step problems it solves greedily (0.20/0.40).
         # β 0: no reference model, and the update skips the ~half of completions whose group has no signal.
-        # lr 5e-5, μ 1: 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or μ 2 nothing (bench/results/
-        # grpo_cpu.md); 80 steps (~3 s each on 2 cores) keep the whole speedrun inside 20 minutes
-        "grpo": dict(steps=80, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
-                     temperature=0.6, beta=0.0, eval_every=40, eval_n=100, adaptive_tasks=True),
+        # lr 5e-5, μ 1: 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or μ 2 nothing, 80 steps +1.2
+        # (bench/results/grpo_cpu.md); 60 steps (~3 s each on 2 cores) keep the whole speedrun inside 20 minutes
+        "grpo": dict(steps=60, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
+                     temperature=0.6, beta=0.0, eval_every=30, eval_n=100, adaptive_tasks=True),
         # the student learns only from the kept traces (~38% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
-        # 0.363, 3000 with logit KD (weight 0.5) 0.361 (bench/results/distill_cpu.md)
-        "distill": dict(n=4000, max_tokens=256, epochs=4, batch_size=32, lr=1e-3),
+        # 0.363, 3000 with logit KD (weight 0.5) 0.361 (bench/results/distill_cpu.md); 3500 for the time budget
+        "distill": dict(n=3500, max_tokens=256, epochs=4, batch_size=32, lr=1e-3),
         "eval_n": 200,
     },
     "gpu": {
