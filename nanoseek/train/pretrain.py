@@ -29,7 +29,7 @@ from ..config import ModelConfig, get_preset
 from ..model import build_model, param_counts
 from . import loop
 
-# Training defaults per preset (flags override). cpu-tiny: ~5 minutes on 2 cores; small batches, many steps (at
+# Training defaults per preset (flags override). cpu-tiny: 6-7 minutes on 2 cores; small batches, many steps (at
 # equal tokens, batch 16 learned the arithmetic faster than 32 in our sweeps; see bench/results/pretrain_cpu.md).
 TRAIN_PRESETS = {
     "cpu-tiny": dict(steps=2000, batch_size=16, micro_batch_size=16, seq_len=128, lr=6e-3, warmup=50, n_docs=60000,
