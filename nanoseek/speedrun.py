@@ -25,7 +25,8 @@ PRESETS = {
         "pretrain": dict(preset="cpu-tiny"),
         "student_base": dict(preset="cpu-student"),
         "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=1e-3),
-        # rollouts at T 0.6: sampled at T 1 the AdamW-pretrained model solved half the two-step problems it solved greedily.
+        # rollouts at T 0.6: sampled at T 1 the AdamW-pretrained model solved half the two-step problems it solved
+        # greedily.
         # β 0: no reference model, and the update skips the ~half of completions whose group has no signal.
         # lr 5e-5, μ 1: 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or μ 2 nothing, 80 steps +1.2
         # (bench/results/grpo_cpu.md); 60 steps (~3 s each on 2 cores) keep the whole speedrun inside 20 minutes

@@ -34,12 +34,11 @@ from . import loop
 TRAIN_PRESETS = {
     "cpu-tiny": dict(steps=2000, batch_size=16, micro_batch_size=16, seq_len=128, lr=6e-3, warmup=50, n_docs=60000,
                      optimizer="muon"),
-    "cpu-student": dict(steps=2000, batch_size=16, micro_batch_size=16, seq_len=128, lr=6e-3, warmup=50, n_docs=60000,
-                        optimizer="muon"),
     "small": dict(steps=3000, batch_size=64, micro_batch_size=16, seq_len=1024, lr=1.5e-3, warmup=100, n_docs=400000),
     "v2-lite": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=4.2e-4, warmup=100, n_docs=100000),
     "v3-671b": dict(steps=1000, batch_size=32, micro_batch_size=1, seq_len=4096, lr=2.2e-4, warmup=100, n_docs=100000),
 }
+TRAIN_PRESETS["cpu-student"] = dict(TRAIN_PRESETS["cpu-tiny"])  # the speedrun's dense student trains on the same recipe
 
 
 @dataclass
