@@ -141,3 +141,14 @@ def test_two_gloo_processes_match_one(tmp_path):
     one, two = metrics(single), metrics(multi)
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["loss"], b["loss"])
+
+
+def test_micro_batch_default_splits_the_batch_over_processes(monkeypatch):
+    from nanoseek.train.loop import micro_batch_default
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert micro_batch_default(16, 16, given=False) == 8  # torchrun without --micro-batch-size: 16 = 8 x 2 processes
+    assert micro_batch_default(64, 16, given=False) == 16  # the preset's micro-batch already fits
+    assert micro_batch_default(16, 16, given=True) == 16  # what the user asked for is kept (and then checked)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert micro_batch_default(16, 32, given=False) == 16

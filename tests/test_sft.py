@@ -49,6 +49,26 @@ def test_labels_cover_only_assistant_turns(base_dir):
     assert text.count("The answer is") == 4 and text.count("<｜end▁of▁sentence｜>") == 4
 
 
+def test_packed_rows_compute_what_each_conversation_computes_alone(base_dir):
+    d, tok, _ = base_dir
+    samples = tokenize_conversations(CONVS[:40], tok)
+    packed = ChatLoader(samples, 2, 128, tok.eos_id, pack=True)
+    x, y = packed.next_batch()
+    k = packed.position  # the conversations those two rows hold, in the loader's order
+    assert k >= 4 and x.shape[0] == 2  # several conversations per row
+    padded_x, padded_y = ChatLoader(samples, k, 128, tok.eos_id).next_batch()  # the same k, one per row
+    assert (x == tok.eos_id).sum() < (padded_x == tok.eos_id).sum()  # less padding
+    model = nanoseek.load_model(d).eval()
+
+    def summed_loss(inputs, labels):
+        with torch.no_grad():
+            logits = model(inputs, segments=(inputs == tok.bos_id).cumsum(1))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+
+    assert (y != -100).sum() == (padded_y != -100).sum()  # the same supervised tokens
+    assert torch.allclose(summed_loss(x, y), summed_loss(padded_x, padded_y), rtol=1e-5)
+
+
 def run_sft(base, out, data, *extra):
     cmd = [sys.executable, "-m", "nanoseek", "sft", "--model", str(base), "--out", str(out), "--data", str(data),
            "--steps", "12", "--batch-size", "8", "--micro-batch-size", "4", "--seq-len", "64", "--lr", "3e-3",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -192,9 +191,8 @@ def distill(cfg: DistillConfig) -> dict:
     # A few hundred kept traces and a fixed step count would mean dozens of epochs: the student memorises them and
     # forgets what its pretraining taught it (measured: a student base at 0.39 on level-1 arithmetic fell to 0.06 on
     # arithmetic after ~50 epochs of 127 traces). Count epochs instead.
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(kept) / cfg.batch_size))
-    sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")], steps=steps,
-                        batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+    sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")],
+                        steps=cfg.steps or 1, epochs=0.0 if cfg.steps else cfg.epochs, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     families = sorted({t.partition(":")[0] for t in cfg.tasks})

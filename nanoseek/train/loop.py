@@ -319,6 +319,14 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     return dataclasses.replace(type(cfg)(**saved), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES}), True
 
 
+def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> int:
+    """The micro-batch to use: as given, or (not given on the command line) the preset's capped at the batch each
+    process gets, so `torchrun --nproc_per_node=N` works without also passing --micro-batch-size."""
+    if given:
+        return min(micro_batch_size, batch_size)
+    return max(1, min(micro_batch_size, batch_size // int(os.environ.get("WORLD_SIZE", "1"))))
+
+
 def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
     from ..cli import UserError
 

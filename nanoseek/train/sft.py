@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,40 +29,58 @@ class SFTConfig(loop.TrainConfig):
     data: list[str] = field(default_factory=list)
     n_samples: int = 4000  # task-suite conversations when no --data is given
     steps: int = 300
+    epochs: float = 0.0  # > 0: that many passes over the data instead of `steps` (counted in packed rows)
     lr: float = 1e-3
     warmup: int = 10
-    seq_len: int = 256  # longer conversations are truncated
+    seq_len: int = 256  # tokens per row (packed with whole conversations); a longer conversation is truncated
     mtp_weight: float = 0.1  # keeps the MTP draft in step with the model (V3 used 0.1 late in training)
 
 
 class ChatLoader:
-    """Padded batches of tokenised conversations in a seeded order per epoch; rank r takes every world-th one.
-    Resumable: state_dict() is the (epoch, position) of the next conversation in the global order."""
+    """Batches of tokenised conversations, in a seeded order per epoch; resumable (state_dict() is the epoch and the
+    position of the next conversation in that order). Rank r takes rows r, r + world, ... of each global batch.
+
+    pack=False: one conversation per row, padded to the longest in the batch. pack=True: each row of seq_len tokens
+    takes whole conversations while they fit (only the row's tail is padding). The task suite's chats average 139
+    tokens, so padded to the longest of 32 about half of every batch was padding. Every conversation starts with BOS,
+    so the trainer's document mask (segments counted from BOS) keeps packed conversations from seeing each other, and
+    RoPE scores only relative positions: a packed conversation computes what it would alone (tested). A
+    conversation longer than a row is truncated."""
 
     def __init__(self, samples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, pack: bool = False):
         self.samples, self.batch_size, self.seq_len, self.pad_id = samples, batch_size, seq_len + 1, pad_id
-        self.seed, self.rank, self.world = seed, rank, world_size
+        self.seed, self.rank, self.world, self.pack = seed, rank, world_size, pack
         self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[int]] | None = None
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.samples)))
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        return order
+        if self._cached is None or self._cached[0] != self.epoch:
+            order = list(range(len(self.samples)))
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+            self._cached = (self.epoch, order)
+        return self._cached[1]
+
+    def _next_row(self) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        while True:
+            if self.position >= len(self.samples):
+                self.epoch, self.position = self.epoch + 1, 0
+            x, m = self.samples[self._order()[self.position]]
+            if ids and (not self.pack or len(ids) + len(x) > self.seq_len):
+                return ids, mask
+            self.position += 1
+            ids += x[: self.seq_len]
+            mask += m[: self.seq_len]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> inputs (B, T) and labels (B, T), labels = next token on assistant positions, else -100."""
-        global_batch = self.batch_size * self.world
-        if self.position + global_batch > len(self.samples):
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()[self.position : self.position + global_batch]
-        self.position += global_batch
-        picked = [self.samples[i] for i in order[self.rank :: self.world]]
-        T = min(self.seq_len, max(len(ids) for ids, _ in picked))
-        ids = torch.full((len(picked), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(picked), T), dtype=torch.bool)
-        for row, (x, m) in enumerate(picked):
-            x, m = x[:T], m[:T]
+        rows = [self._next_row() for _ in range(self.batch_size * self.world)][self.rank :: self.world]
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.bool)
+        for row, (x, m) in enumerate(rows):
             ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
@@ -72,6 +91,15 @@ class ChatLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def rows_per_epoch(samples: list[tuple[list[int], list[int]]], seq_len: int, pack: bool) -> int:
+    """Rows that one pass over `samples` fills (epoch 0's order; packing depends on the order only a little)."""
+    loader, rows = ChatLoader(samples, 1, seq_len, 0, pack=pack), 0
+    while loader.epoch == 0 and loader.position < len(samples):
+        loader._next_row()
+        rows += 1
+    return rows
 
 
 def default_conversations(n: int, seed: int) -> list[dict]:
@@ -124,8 +152,14 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
     samples = tokenize_conversations(load_conversations(cfg), tok)
+    if not samples:
+        raise UserError("no conversation has an assistant turn to learn from")
+    bos = model.config.bos_token_id
+    pack = cfg.document_mask and bos is not None and all(ids[0] == bos for ids, _ in samples)
+    if cfg.epochs > 0:  # the same data gives the same count, so a resumed run agrees with the saved one
+        cfg.steps = max(1, math.ceil(cfg.epochs * rows_per_epoch(samples, cfg.seq_len, pack) / cfg.batch_size))
     loader = ChatLoader(samples, cfg.micro_batch_size, cfg.seq_len, tok.pad_id if tok.pad_id is not None else tok.eos_id,
-                        cfg.seed, d.rank, d.world_size)
+                        cfg.seed, d.rank, d.world_size, pack=pack)
     extra = [source / f for f in ("tokenizer.json", "tokenizer_config.json")]
     if resuming:  # the checkpoint switch replaces RUN/model; keep the tokenizer files from a stable place
         extra = [run / "tokenizer" / f.name for f in extra]
@@ -143,9 +177,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=[], help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
     p.add_argument("--n-samples", type=int, default=4000, help="task-suite conversations when no --data (default 4000)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32, help="global conversations per step")
-    p.add_argument("--micro-batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256, help="truncate conversations to this many tokens")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="global rows per step; each row packs whole conversations up to --seq-len tokens")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="rows per forward per process (default: the batch split over the processes, at most 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row; a longer conversation is truncated")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
@@ -165,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     keys = ("model", "out", "data", "n_samples", "steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup",
             "optimizer", "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device", "price_per_hour")
     cfg = SFTConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress)
-    cfg.micro_batch_size = min(cfg.micro_batch_size, cfg.batch_size)
+    cfg.micro_batch_size = loop.micro_batch_default(cfg.batch_size, args.micro_batch_size or 32,
+                                                    args.micro_batch_size is not None)
     result = sft(cfg)
     if result is not None:
         print(json.dumps(result))
