@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.train.grpo import LOSSES, group_advantages, policy_loss
 from nanoseek.train.rewards import format_ok, judge
@@ -244,3 +245,37 @@ def test_zero_advantage_completions_are_skipped_without_changing_the_update(vari
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         assert (params[0] - params[1]).abs().max().item() < 1e-6
         assert (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max().item() > 1e-3
+
+
+def test_update_is_the_same_whatever_the_padding_and_micro_batches():
+    """Rows of different lengths are grouped by length and each micro-batch is cut to its longest row: extra padding
+    columns or another micro-batch size leave the parameters after the update unchanged."""
+    import copy
+
+    import nanoseek
+    from nanoseek.train.grpo import GRPOConfig, Rollout, update
+
+    torch.manual_seed(0)
+    cfg_m = nanoseek.get_preset("cpu-tiny").replace(vocab_size=16, hidden_size=32, num_hidden_layers=2,
+                                                    intermediate_size=64, moe_intermediate_size=16, q_lora_rank=16,
+                                                    kv_lora_rank=16, num_nextn_predict_layers=0)
+    base = nanoseek.build_model(cfg_m)
+    P, G, T = 3, 4, 14
+    ids = torch.randint(0, 16, (P * G, T))
+    lengths = torch.randint(1, 10, (P * G,))
+    mask = torch.zeros(P * G, T)
+    for i, n in enumerate(lengths.tolist()):
+        mask[i, 3 : 3 + n] = 1.0
+    rewards = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 1, 0]])
+    params = []
+    for extra, micro in ((0, 3), (6, 3), (0, 16)):
+        batch = Rollout(F.pad(ids, (0, extra)), F.pad(mask, (0, extra)), rewards, rewards, rewards,
+                        lengths.float(), 0.0)
+        cfg = GRPOConfig(out="unused", lr=1e-2, beta=0.0, max_new_tokens=10, updates_per_batch=2, micro_batch_size=micro)
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        update(cfg, model, None, opt, batch, "cpu")
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max().item() > 1e-3
+    assert (params[0] - params[1]).abs().max().item() < 1e-6
+    assert (params[0] - params[2]).abs().max().item() < 1e-6

@@ -280,18 +280,24 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     train[0] |= not train.any()
     rows = train.nonzero().flatten()
     n_trained_tokens = max(1.0, r.mask[rows, 1:].sum().item())
+    # Rows are right-padded to the longest of the whole rollout batch: micro-batch rows of similar length and cut
+    # each micro-batch to its own longest, so the forward does not run over columns of padding.
+    T_all = r.mask.shape[1]
+    ends = torch.where(r.mask.any(dim=1), T_all - r.mask.flip(1).argmax(dim=1), 1)  # (n_seqs,) prompt + completion
+    rows = rows[ends[rows].argsort(stable=True)]
     chunks = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    spans = [int(ends[c].max()) for c in chunks]
     old, ref_lp = [], []
     with torch.no_grad():
-        for c in chunks:
-            ids, mask = r.ids[c].to(device), r.mask[c].to(device)
+        for c, L in zip(chunks, spans):
+            ids, mask = r.ids[c, :L].to(device), r.mask[c, :L].to(device)
             old.append(completion_logprobs(model, ids, mask, temperature=T)[0] if cfg.updates_per_batch > 1 else None)
             ref_lp.append(completion_logprobs(ref, ids, mask, temperature=T)[0] if ref is not None else None)
     stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.updates_per_batch):
         opt.zero_grad(set_to_none=True)
-        for k, c in enumerate(chunks):
-            ids, mask = r.ids[c].to(device), r.mask[c].to(device)
+        for k, (c, L) in enumerate(zip(chunks, spans)):
+            ids, mask = r.ids[c, :L].to(device), r.mask[c, :L].to(device)
             logp, ent = completion_logprobs(model, ids, mask, with_entropy=True, temperature=T)
             old_lp = old[k] if old[k] is not None else logp.detach()
             loss, st = policy_loss(logp, old_lp, ref_lp[k], adv[c].to(device), mask[:, 1:], cfg.loss, cfg.clip_eps,
