@@ -192,7 +192,8 @@ def distill(cfg: DistillConfig) -> dict:
     # forgets what its pretraining taught it (measured: a student base at 0.39 on level-1 arithmetic fell to 0.06 on
     # arithmetic after ~50 epochs of 127 traces). Count epochs instead.
     sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")],
-                        steps=cfg.steps or 1, epochs=0.0 if cfg.steps else cfg.epochs, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                        steps=cfg.steps or 1, epochs=0.0 if cfg.steps else cfg.epochs, batch_size=cfg.batch_size,
+                        micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     families = sorted({t.partition(":")[0] for t in cfg.tasks})

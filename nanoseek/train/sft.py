@@ -177,6 +177,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", default=[], help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
     p.add_argument("--n-samples", type=int, default=4000, help="task-suite conversations when no --data (default 4000)")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--epochs", type=float, default=0.0,
+                   help="train this many passes over the data instead of --steps (0: use --steps)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="global rows per step; each row packs whole conversations up to --seq-len tokens")
     p.add_argument("--micro-batch-size", type=int,
@@ -198,8 +200,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("model", "out", "data", "n_samples", "steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup",
-            "optimizer", "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device", "price_per_hour")
+    keys = ("model", "out", "data", "n_samples", "steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr",
+            "warmup", "optimizer", "mtp_weight", "bias_gamma", "seed", "save_every", "stop_at", "resume", "device",
+            "price_per_hour")
     cfg = SFTConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress)
     cfg.micro_batch_size = loop.micro_batch_default(cfg.batch_size, args.micro_batch_size or 32,
                                                     args.micro_batch_size is not None)
