@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import nanoseek
 from nanoseek.tokenizer import train_tokenizer
-from nanoseek.train.sft import ChatLoader, tokenize_conversations
+from nanoseek.train.sft import ChatLoader, rows_per_epoch, tokenize_conversations
 
 CONVS = [
     {"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
@@ -58,6 +58,7 @@ def test_packed_rows_compute_what_each_conversation_computes_alone(base_dir):
     assert k >= 4 and x.shape[0] == 2  # several conversations per row
     padded_x, padded_y = ChatLoader(samples, k, 128, tok.eos_id).next_batch()  # the same k, one per row
     assert (x == tok.eos_id).sum() < (padded_x == tok.eos_id).sum()  # less padding
+    assert rows_per_epoch(samples, 128, pack=False) == 40 and rows_per_epoch(samples, 128, pack=True) <= 40 // 3
     model = nanoseek.load_model(d).eval()
 
     def summed_loss(inputs, labels):
