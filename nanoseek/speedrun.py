@@ -24,9 +24,10 @@ PRESETS = {
     "cpu": {
         "pretrain": dict(preset="cpu-tiny"),
         "student_base": dict(preset="cpu-student"),
-        # rows packed with whole conversations (~74 a step): from the same base, 0.445 on 1000 problems, against 0.426
-        # with one conversation per padded row, about half of it padding (bench/results/sft_cpu.md)
-        "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=1e-3, n_samples=8000),
+        # rows packed with whole conversations (~74 a step): from the same base, 0.445 on 1000 problems at lr 1e-3,
+        # against 0.426 with one conversation per padded row (about half of it padding); lr 2e-3 / 3e-3 / 4e-3 give
+        # 0.479 / 0.478 / 0.475 (bench/results/sft_cpu.md)
+        "sft": dict(steps=200, batch_size=32, micro_batch_size=32, seq_len=320, lr=2e-3, n_samples=8000),
         # rollouts at T 0.6: sampled at T 1 the AdamW-pretrained model solved half the two-step problems it solved
         # greedily.
         # β 0: no reference model, and the update skips the ~half of completions whose group has no signal.
