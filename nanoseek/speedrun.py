@@ -36,9 +36,10 @@ PRESETS = {
         # rerun's noise (bench/results/grpo_cpu.md). 60 steps (~3 s each on 2 cores) keep the speedrun inside 20 min
         "grpo": dict(steps=60, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
                      temperature=0.6, beta=0.0, eval_every=30, eval_n=100, adaptive_tasks=True),
-        # the student learns only from the kept traces (~38% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
-        # 0.363, 3000 with logit KD (weight 0.5) 0.361 (bench/results/distill_cpu.md); 3500 for the time budget
-        "distill": dict(n=3500, max_tokens=256, epochs=4, batch_size=32, lr=1e-3),
+        # the student learns only from the kept traces (~40% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
+        # 0.363, 3000 with logit KD (weight 0.5) 0.361; on packed rows, 8 passes at lr 2e-3 0.413 against 4 passes at
+        # 1e-3 0.367 (the same 1418 traces; bench/results/distill_cpu.md); 3500 problems for the time budget
+        "distill": dict(n=3500, max_tokens=256, epochs=8, batch_size=32, lr=2e-3),
         "eval_n": 200,
     },
     "gpu": {
