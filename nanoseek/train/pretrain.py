@@ -100,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     for key in ("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "warmup", "n_docs", "optimizer"):
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
-    d["micro_batch_size"] = loop.micro_batch_default(d["batch_size"], d["micro_batch_size"], args.micro_batch_size is not None)
+    d["micro_batch_size"] = loop.micro_batch_default(d["batch_size"], d["micro_batch_size"],
+                                                     args.micro_batch_size is not None)
     overrides = parse_overrides(args.set, args.preset)
     return PretrainConfig(
         out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
