@@ -209,6 +209,17 @@ def test_logprobs_score_the_distribution_the_rollouts_sample():
     assert (freq - p_one).abs().max() > 0.1, (freq, p_one)  # the test could tell the two apart
 
 
+def small_policy():
+    """A 2-layer MoE model over 16 tokens, seeded, for the update tests."""
+    import nanoseek
+
+    torch.manual_seed(0)
+    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=16, hidden_size=32, num_hidden_layers=2,
+                                                  intermediate_size=64, moe_intermediate_size=16, q_lora_rank=16,
+                                                  kv_lora_rank=16, num_nextn_predict_layers=0)
+    return nanoseek.build_model(cfg)
+
+
 @pytest.mark.parametrize("variant", LOSSES)
 def test_zero_advantage_completions_are_skipped_without_changing_the_update(variant):
     """With β = 0 the update runs only the completions whose advantage is non-zero; the parameters after two
@@ -216,14 +227,9 @@ def test_zero_advantage_completions_are_skipped_without_changing_the_update(vari
     KL weighted 0), also when no group has any signal (the optimiser still steps: momentum and weight decay)."""
     import copy
 
-    import nanoseek
     from nanoseek.train.grpo import GRPOConfig, Rollout, update
 
-    torch.manual_seed(0)
-    cfg_m = nanoseek.get_preset("cpu-tiny").replace(vocab_size=16, hidden_size=32, num_hidden_layers=2,
-                                                    intermediate_size=64, moe_intermediate_size=16, q_lora_rank=16,
-                                                    kv_lora_rank=16, num_nextn_predict_layers=0)
-    base = nanoseek.build_model(cfg_m)
+    base = small_policy()
     P, G, T = 4, 4, 9
     ids = torch.randint(0, 16, (P * G, T))
     mask = torch.tensor([[0] * 3 + [1] * 6] * (P * G), dtype=torch.float32)
@@ -252,14 +258,9 @@ def test_update_is_the_same_whatever_the_padding_and_micro_batches():
     columns or another micro-batch size leave the parameters after the update unchanged."""
     import copy
 
-    import nanoseek
     from nanoseek.train.grpo import GRPOConfig, Rollout, update
 
-    torch.manual_seed(0)
-    cfg_m = nanoseek.get_preset("cpu-tiny").replace(vocab_size=16, hidden_size=32, num_hidden_layers=2,
-                                                    intermediate_size=64, moe_intermediate_size=16, q_lora_rank=16,
-                                                    kv_lora_rank=16, num_nextn_predict_layers=0)
-    base = nanoseek.build_model(cfg_m)
+    base = small_policy()
     P, G, T = 3, 4, 14
     ids = torch.randint(0, 16, (P * G, T))
     lengths = torch.randint(1, 10, (P * G,))
