@@ -111,8 +111,9 @@ def test_arithmetic_matches_python(level, samples):
                 assert (q, r) == divmod(n, d) and r > 0, line
                 continue
             if not re.fullmatch(r"-?\d+ [-+×÷] \(?-?\d+\)? = -?\d+", line):
-                lhs, rhs = line.split(",")[0].split(" = ")
-                assert eval(lhs.replace("×", "*")) == int(rhs), line  # our own generated text
+                # column working "x + y (+ c) = s, carry 1", or a sign rule "-68 - 4 = -(68 + 4)"
+                lhs, rhs = (eval(side.replace("×", "*").replace("÷", "/")) for side in line.split(",")[0].split(" = "))
+                assert lhs == rhs, line  # our own generated text
                 continue
             a, op, b, c = re.fullmatch(r"(-?\d+) ([-+×÷]) \(?(-?\d+)\)? = (-?\d+)", line).groups()
             a, b, c = int(a), int(b), int(c)

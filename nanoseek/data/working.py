@@ -65,11 +65,33 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]  # least significant first
 
 
+def signed(op: str, a: int, b: int) -> tuple[str, str, int, int] | None:
+    """An operation with a negative operand as one on non-negative numbers: -> (sign, op, x, y) with
+    a op b = sign(x op y), e.g. -68 - 4 -> ("-", "+", 68, 4); None when neither operand is negative."""
+    if a >= 0 and b >= 0:
+        return None
+    x, y = abs(a), abs(b)
+    if op in "×÷":
+        return ("-" if (a < 0) != (b < 0) else "", op, x, y)
+    if op == "+":  # a + (-y) = a - y; (-x) + b = b - x; (-x) + (-y) = -(x + y)
+        return ("", "-", a, y) if a >= 0 else ("", "-", b, x) if b >= 0 else ("-", "+", x, y)
+    return ("", "+", a, y) if a >= 0 else ("-", "+", x, b) if b >= 0 else ("", "-", y, x)  # a - b
+
+
 def columns(op: str, a: int, b: int) -> list[str]:
     """Schoolbook working so a small model computes digit by digit instead of guessing:
     + - and × by one digit column by column (least significant first; a × carry is added on a line of its own),
-    × by two digits as partial products, exact ÷ as long division."""
-    if a < 0 or b < 0 or max(a, b) < 10 or max(a, b) >= 1000:
+    × by a longer number as one partial product per digit, then their running sum, exact ÷ as long division.
+    A negative operand is first rewritten by the sign rules (`-68 - 4 = -(68 + 4)`), then that operation is
+    worked out and stated (`68 + 4 = 72`); the caller states the original one (`-68 - 4 = -72`)."""
+    rewrite = signed(op, a, b)
+    if rewrite:
+        sign, op2, x, y = rewrite
+        inner = render((op2, x, y))
+        value = apply_op(op2, x, y)
+        return [f"{render((op, a, b))} = {sign + '(' + inner + ')' if sign else inner}", *columns(op2, x, y),
+                f"{inner} = {value}"]
+    if max(a, b) < 10:
         return []
     lines: list[str] = []
     if op == "+":
@@ -99,7 +121,7 @@ def columns(op: str, a: int, b: int) -> list[str]:
                 lines.append(f"{p} + {carry} = {p + carry}")
                 p += carry
             carry = p // 10
-    elif op == "×" and min(a, b) <= 99:  # one partial product per digit of the smaller factor, then their sum
+    elif op == "×" and min(a, b) <= 99:  # a partial product per non-zero digit of the smaller factor, then their sum
         big, small = max(a, b), min(a, b)
         parts = []
         for i, d in enumerate(_digits(small)):
@@ -108,10 +130,12 @@ def columns(op: str, a: int, b: int) -> list[str]:
                 if i:
                     lines.append(f"{big} × {d * 10**i} = {big * d * 10**i}")
                 parts.append(big * d * 10**i)
-        if len(parts) == 2:
-            lines += columns("+", *parts) + [f"{parts[0]} + {parts[1]} = {sum(parts)}"]
-        else:  # a multiple of ten: its one partial product is the result the caller states next
+        if len(parts) == 1:  # a digit followed by zeros: its one partial product is the result the caller states
             lines.pop()
+        total = parts[0]
+        for part in parts[1:]:
+            lines += columns("+", total, part) + [f"{total} + {part} = {total + part}"]
+            total += part
     elif op == "÷" and b and a % b == 0 and a >= 10:  # long division, most significant digit first
         rest, work = 0, []
         for x in reversed(_digits(a)):
