@@ -49,7 +49,7 @@ def _reduce(t):
 
 def work_out(t) -> tuple[int, list[str]]:
     """t's value and its solution, one operation per line in post-order: the schoolbook working of `columns`
-    (numbers below 1000), the operation and its result, then what is left of the expression with the result in
+    (sign rules for negative operands first), the operation and its result, then what is left of the expression with the result in
     place (`Now: 128 ÷ 16`), so a small model reads its next operation off the line above instead of finding its
     place in the question, and sees whether anything is left to do."""
     lines: list[str] = []
