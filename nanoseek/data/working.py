@@ -48,10 +48,10 @@ def _reduce(t):
 
 
 def work_out(t) -> tuple[int, list[str]]:
-    """t's value and its solution, one operation per line in post-order: the schoolbook working of `columns`
-    (sign rules for negative operands first), the operation and its result, then what is left of the expression with the result in
-    place (`Now: 128 ÷ 16`), so a small model reads its next operation off the line above instead of finding its
-    place in the question, and sees whether anything is left to do."""
+    """t's value and its solution, one operation per line in post-order: the schoolbook working of `columns`, the
+    operation and its result, then what is left of the expression with the result in place (`Now: 128 ÷ 16`), so a
+    small model reads its next operation off the line above instead of finding its place in the question, and sees
+    whether anything is left to do."""
     lines: list[str] = []
     while not isinstance(t, int):
         t, a, op, b, v = _reduce(t)
@@ -81,9 +81,10 @@ def signed(op: str, a: int, b: int) -> tuple[str, str, int, int] | None:
 def columns(op: str, a: int, b: int) -> list[str]:
     """Schoolbook working so a small model computes digit by digit instead of guessing:
     + - and × by one digit column by column (least significant first; a × carry is added on a line of its own),
-    × by a longer number as one partial product per digit, then their running sum, exact ÷ as long division.
-    A negative operand is first rewritten by the sign rules (`-68 - 4 = -(68 + 4)`), then that operation is
-    worked out and stated (`68 + 4 = 72`); the caller states the original one (`-68 - 4 = -72`)."""
+    × by a two-digit factor as one partial product per non-zero digit, then their sum, exact ÷ as long division,
+    at any size. Only a product of two factors of three digits or more has none (its working would be too long for
+    a tiny model's context). A negative operand is first rewritten by the sign rules (`-68 - 4 = -(68 + 4)`), then
+    that operation is worked out and stated (`68 + 4 = 72`); the caller states the original one (`-68 - 4 = -72`)."""
     rewrite = signed(op, a, b)
     if rewrite:
         sign, op2, x, y = rewrite
@@ -121,7 +122,7 @@ def columns(op: str, a: int, b: int) -> list[str]:
                 lines.append(f"{p} + {carry} = {p + carry}")
                 p += carry
             carry = p // 10
-    elif op == "×" and min(a, b) <= 99:  # a partial product per non-zero digit of the smaller factor, then their sum
+    elif op == "×" and min(a, b) <= 99:  # one partial product per non-zero digit of the smaller factor, then their sum
         big, small = max(a, b), min(a, b)
         parts = []
         for i, d in enumerate(_digits(small)):
@@ -130,12 +131,10 @@ def columns(op: str, a: int, b: int) -> list[str]:
                 if i:
                     lines.append(f"{big} × {d * 10**i} = {big * d * 10**i}")
                 parts.append(big * d * 10**i)
-        if len(parts) == 1:  # a digit followed by zeros: its one partial product is the result the caller states
+        if len(parts) == 2:
+            lines += columns("+", *parts) + [f"{parts[0]} + {parts[1]} = {sum(parts)}"]
+        else:  # a multiple of ten: its one partial product is the result the caller states next
             lines.pop()
-        total = parts[0]
-        for part in parts[1:]:
-            lines += columns("+", total, part) + [f"{total} + {part} = {total + part}"]
-            total += part
     elif op == "÷" and b and a % b == 0 and a >= 10:  # long division, most significant digit first
         rest, work = 0, []
         for x in reversed(_digits(a)):
