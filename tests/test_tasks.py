@@ -9,6 +9,7 @@ import pytest
 from nanoseek.data.tasks import (
     FAMILIES, LEVELS, Problem, check, from_record, generate, mixture, split_of, to_chat, to_gsm8k, to_text,
 )
+from test_working import check_lines  # tests/ is on sys.path under pytest
 
 CELLS = [(f, l) for f in FAMILIES for l in LEVELS[f]]
 
@@ -102,25 +103,7 @@ def test_arithmetic_matches_python(level, samples):
         left = [l.removeprefix("Now: ") for l in p.steps if l.startswith("Now: ")]
         assert len(left) == n_ops - 1  # after each operation but the last: what is left, worth the same
         assert all(eval(e.replace("×", "*").replace("÷", "/")) == value for e in left), left
-        for line in p.steps:  # every step is a true statement: "a op b = c", or column working "x + y (+ c) = s, ..."
-            if line.startswith("Now: "):
-                continue
-            long_div = re.fullmatch(r"(\d+) ÷ (\d+) = (\d+), remainder (\d+)", line)
-            if long_div:  # a long-division step: quotient digit and remainder
-                n, d, q, r = map(int, long_div.groups())
-                assert (q, r) == divmod(n, d) and r > 0, line
-                continue
-            if not re.fullmatch(r"-?\d+ [-+×÷] \(?-?\d+\)? = -?\d+", line):
-                # column working "x + y (+ c) = s, carry 1", or a sign rule "-68 - 4 = -(68 + 4)"
-                lhs, rhs = (eval(side.replace("×", "*").replace("÷", "/")) for side in line.split(",")[0].split(" = "))
-                assert lhs == rhs, line  # our own generated text
-                continue
-            a, op, b, c = re.fullmatch(r"(-?\d+) ([-+×÷]) \(?(-?\d+)\)? = (-?\d+)", line).groups()
-            a, b, c = int(a), int(b), int(c)
-            if op == "÷":
-                assert b != 0 and a % b == 0 and c == a // b
-            else:
-                assert c == {"+": a + b, "-": a - b, "×": a * b}[op]
+        check_lines(p.steps)  # every step a true statement, column working and sign rules included
         assert p.steps[-1].endswith(f"= {p.answer}")
     if level == 1:  # compact enough for a tiny model, column working included
         assert max(len(p.question) + sum(map(len, p.steps)) for p in samples["arithmetic", 1]) < 200

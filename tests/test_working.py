@@ -11,20 +11,19 @@ OPS = "+-×÷"
 
 
 def check_lines(lines: list[str]) -> None:
-    """Every line is a true statement: column working `x + y (+ c) = s, carry 1`, a sign rule
-    `-68 - 4 = -(68 + 4)`, a long-division step `35 ÷ 10 = 3, remainder 5`, or what is left (`Now: ...`)."""
+    """Every line is a true statement: an operation `a op b = c` (÷ exact), column working `x + y (+ c) = s, carry 1`
+    or `75 - 7 = 68, so 7 - 75 is negative`, a sign rule `-68 - 4 = -(68 + 4)`, a long-division step
+    `35 ÷ 10 = 3, remainder 5`, or what is left (`Now: ...`, checked by the caller)."""
     for line in lines:
         if line.startswith("Now: "):
             continue
         div = re.fullmatch(r"(\d+) ÷ (\d+) = (\d+), remainder (\d+)", line)
         if div:
             n, d, q, r = map(int, div.groups())
-            assert (q, r) == divmod(n, d), line
+            assert (q, r) == divmod(n, d) and r > 0, line
             continue
-        if ", so " in line:  # "75 - 7 = 68, so 7 - 75 is negative"
-            line = line.split(", so ")[0]
-        lhs, rhs = (eval(side.replace("×", "*").replace("÷", "//")) for side in line.split(",")[0].split(" = "))
-        assert lhs == rhs, line  # our own generated text
+        lhs, rhs = (eval(side.replace("×", "*").replace("÷", "/")) for side in line.split(",")[0].split(" = "))
+        assert lhs == rhs, line  # our own generated text; an inexact ÷ gives a fraction that equals no integer
 
 
 def test_sign_rules_are_exact():
@@ -66,8 +65,8 @@ def test_no_operation_is_left_to_a_leap():
         lines = columns(op, a, b)
         check_lines(lines + [f"{a} {op} {b} = {v}"])
         x, y = abs(a), abs(b)
-        worked = (a < 0 or b < 0 or (op in "+-" and max(x, y) >= 10) or (op == "×" and max(x, y) >= 10 and min(x, y) <= 99)
-                  or (op == "÷" and x >= 10 and len(str(x // y)) > 1))
+        worked = (a < 0 or b < 0 or (op in "+-" and max(x, y) >= 10)
+                  or (op == "×" and max(x, y) >= 10 and min(x, y) <= 99) or (op == "÷" and x >= 10 and x // y >= 10))
         if worked:
             assert lines, (a, op, b)
 

@@ -73,9 +73,13 @@ def signed(op: str, a: int, b: int) -> tuple[str, str, int, int] | None:
     x, y = abs(a), abs(b)
     if op in "×÷":
         return ("-" if (a < 0) != (b < 0) else "", op, x, y)
-    if op == "+":  # a + (-y) = a - y; (-x) + b = b - x; (-x) + (-y) = -(x + y)
-        return ("", "-", a, y) if a >= 0 else ("", "-", b, x) if b >= 0 else ("-", "+", x, y)
-    return ("", "+", a, y) if a >= 0 else ("-", "+", x, b) if b >= 0 else ("", "-", y, x)  # a - b
+    if op == "+":
+        if a >= 0:
+            return ("", "-", a, y)  # a + (-y) = a - y
+        return ("", "-", b, x) if b >= 0 else ("-", "+", x, y)  # (-x) + b = b - x; (-x) + (-y) = -(x + y)
+    if a >= 0:
+        return ("", "+", a, y)  # a - (-y) = a + y
+    return ("-", "+", x, b) if b >= 0 else ("", "-", y, x)  # (-x) - b = -(x + b); (-x) - (-y) = y - x
 
 
 def columns(op: str, a: int, b: int) -> list[str]:
