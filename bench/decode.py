@@ -4,9 +4,9 @@
 
 For batch 1 and 8 (equal-length random prompts, so transformers needs no padding): wall time of the whole call
 (prefill + decode) of each, tokens/s (batch · new tokens / time), the ratio, and whether the greedy tokens are
-identical. "ours" is the engine as `nanoseek serve` runs it by default; "compiled" is `Engine(compile=True)`
-(`nanoseek serve --compile`), whose decode steps go through torch.compile (the one-off compile time of its two
-graphs, one sequence and a batch, is printed apart). Also the decode time per step, (time for N tokens - time
+identical. "ours" is the eager engine (`Engine(model)`, `nanoseek serve --no-compile`); "compiled" is
+`Engine(compile=True)` (`nanoseek serve`'s default on the CPU), whose decode steps go through torch.compile (the
+one-off compile time of its two graphs, one sequence and a batch, is printed apart). Also the decode time per step, (time for N tokens - time
 for 1 token) / (N - 1), ours also with the engine's fast path off (`Engine(fast_decode=False)`). Each time is the
 best of `--repeats` runs, the engines and transformers alternating. Also the KV-cache bytes per token: ours (the latent c and
 rope key, R + Dr values per layer) and what transformers' returned DynamicCache actually holds (measured from its

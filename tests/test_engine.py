@@ -11,7 +11,7 @@ import torch
 import nanoseek
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.engine import Engine, SamplingParams
-from nanoseek.engine.fastpath import FastDecoder
+from nanoseek.engine.fastpath import FastDecoder, logits
 from nanoseek.engine.sampling import filtered_probs, sample
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [12, 400, 8], [301, 2, 77, 150, 9, 10, 11, 12, 13, 14, 200], [64, 64]]
@@ -99,6 +99,17 @@ def test_fast_decode_path_matches_modules(model, variant):
                 new = caches[0].data[: len(m.main_layers), torch.arange(n), pos]  # (layers, n, R + Dr)
                 assert (torch.stack(latents) - new).abs().max().item() <= 1e-5
                 tok, pos = m.lm_head(ref).argmax(-1), pos + 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_logits_in_mkl_order_equal_lm_head(bias):
+    """fastpath.logits computes h Wᵀ as (W hᵀ)ᵀ (one row as two): the same logits as the module, 1 and 3 rows."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, 300, bias=bias)
+    for n in (1, 3):
+        h = torch.randn(n, 48)
+        got = logits(head, h)
+        assert got.shape == (n, 300) and (got - head(h)).abs().max().item() <= 1e-5
 
 
 def test_fast_decode_follows_weight_updates(model):

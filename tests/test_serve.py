@@ -12,7 +12,9 @@ thinking budget forces it. That makes the reasoning split deterministic without 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,20 +78,23 @@ def verb_command(verb: str, module: str) -> list[str]:
 
 
 class ServerProcess:
-    """`nanoseek serve` in a subprocess on a free loopback port; `stop()` ends it."""
+    """`nanoseek serve` in a subprocess on a free loopback port; `stop()` ends it. Decoding eagerly (`--no-compile`,
+    quick to start) unless compile=True, which leaves the CLI's default: compiling the decode step at start-up."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str, history: Path | None = None):
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str, history: Path | None = None,
+                 compile: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = verb_command("serve", "nanoseek.serve") + [
             "--model", str(model_dir), "--port", str(self.port), "--device", "cpu",
-            "--history", str(history or log_path.with_suffix(".sqlite3")), "--log-level", "warning", *extra]
+            "--history", str(history or log_path.with_suffix(".sqlite3")), "--log-level", "warning", *extra,
+            *([] if compile else ["--no-compile"])]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("NANOSEEK_API_KEY", None)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        self.wait_healthy()
+        self.wait_healthy(600 if compile else 60)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -341,6 +346,28 @@ def test_concurrent_streams_all_finish(client, server):
     assert server.health()["running"] == 0
 
 
+@pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on the CPU needs a C++ compiler")
+def test_default_server_compiles_its_decode_step(model_dir, server, client, tmp_path):
+    """Without --no-compile, `nanoseek serve` on the CPU compiles the decode step before it listens; its greedy
+    answers equal the eager server's, and concurrent streams of different lengths all finish."""
+    compiled = ServerProcess(model_dir, tmp_path / "server.log", "--api-key", API_KEY, "--served-model-name",
+                             MODEL_NAME, "--max-model-len", str(MAX_LEN), "--max-batch-size", "4", compile=True)
+    try:
+        assert "compiling the decode step" in compiled.log()
+        fast = openai.OpenAI(base_url=compiled.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        for content in ("hi there", "a longer question about the weather"):
+            assert ask(fast, content, max_tokens=40).choices[0].message == \
+                ask(client, content, max_tokens=40).choices[0].message
+        lengths = [5 + 3 * i for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:  # one batch, its rows finishing at different steps
+            answers = list(pool.map(lambda i: ask(fast, f"client {i}", max_tokens=lengths[i]), range(6)))
+        assert [a.usage.completion_tokens for a in answers] == lengths
+        assert [a.choices[0].message for a in answers] == \
+            [ask(client, f"client {i}", max_tokens=lengths[i]).choices[0].message for i in range(6)]
+    finally:
+        compiled.stop()
+
+
 def wait_idle(server, cancelled_before: int, timeout: float = 10) -> dict:
     """/health once a request was cancelled after `cancelled_before` and nothing runs (or at the timeout)."""
     deadline = time.monotonic() + timeout
@@ -445,7 +472,8 @@ def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
 
 # --- nanoseek chat ---------------------------------------------------------------------------------------------------
 def test_terminal_chat(model_dir):
-    cmd = verb_command("chat", "nanoseek.chat") + ["--model", str(model_dir), "--max-tokens", "12", "--device", "cpu"]
+    cmd = verb_command("chat", "nanoseek.chat") + ["--model", str(model_dir), "--max-tokens", "12", "--device", "cpu",
+                                                   "--no-compile"]
     r = subprocess.run(cmd, input="hi\n/clear\nhello again\n/exit\n", capture_output=True, text=True, timeout=120,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
-from .fastpath import FastDecoder
+from .fastpath import FastDecoder, logits
 from .sampling import sample
 
 Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, finish_reason)
@@ -317,7 +317,7 @@ class Engine:
         if len(new) > u:
             self.cache.copy_rows((n0 + src[u:]).tolist(), list(range(n0 + u, n0 + len(new))), length=T)
         h_last = h[src, lens - 1]  # (k, D)
-        toks = self._choose(new, self.model.lm_head(h_last).float())
+        toks = self._choose(new, self._logits(h_last))
         if spec:
             self._draft_prompts(new, h[src], ids[src], lens, toks, self.cache.rows(n0, n0 + len(new)))
         for r, t in zip(new, toks):
@@ -336,6 +336,12 @@ class Engine:
         return torch.cat([self.model.hidden_states(ids[:, a : a + c], pos[:, a : a + c], cache)[0]
                           for a in range(0, T, c)], dim=1)
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (n, D) -> float logits (n, V); in float32 on the CPU in MKL's faster order (fastpath.logits)."""
+        if self.fast is not None and h.device.type == "cpu":
+            return logits(self.model.lm_head, h)
+        return self.model.lm_head(h).float()
+
     def _decode_step(self, events: list[Event]) -> None:
         act = self._active
         ids = torch.tensor([r.out[-1] for r in act], device=self.device)  # (n,)
@@ -345,7 +351,7 @@ class Engine:
             h = self.fast.hidden(ids, pos, self.cache)  # (n, D); writes rows [0, n)
         else:
             h = self.model.hidden_states(ids[:, None], pos[:, None], self.cache)[0][:, 0]
-        toks = self._choose(act, self.model.lm_head(h).float())
+        toks = self._choose(act, self._logits(h))
         self.stats["decode_steps"] += 1
         for r, t in zip(act, toks):
             r.pos += 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import threading
 import traceback
@@ -84,8 +86,9 @@ def _ids(value) -> list[int]:
 
 
 def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = None,
-                 max_batch_size: int = 16, compile: bool = False) -> Runtime:
-    """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings."""
+                 max_batch_size: int = 16, compile: bool | None = None) -> Runtime:
+    """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings.
+    compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH)."""
     from ..checkpoint import read_config
     from ..cli import UserError
     from ..engine.engine import Engine
@@ -103,10 +106,14 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     elif not 2 <= max_model_len <= limit:
         raise UserError(f"--max-model-len must be between 2 and the model's max_position_embeddings ({limit})")
     tokenizer = Tokenizer.from_dir(model_dir)
-    engine = Engine.from_pretrained(model_dir, device=resolve_device(device), max_batch_size=max_batch_size,
+    device = resolve_device(device)
+    if compile is None:
+        compile = device == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+    engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=max_batch_size,
                                     max_seq_len=max_model_len, compile=compile)
     if engine.fast is not None and engine.fast.compiling:
-        print("nanoseek: compiling the decode step (10-25 s per graph on 2 cores)...", file=sys.stderr, flush=True)
+        print("nanoseek: compiling the decode step (~50 s on 2 cores the first time, seconds once cached; "
+              "--no-compile skips it)...", file=sys.stderr, flush=True)
         engine.warm_up()
     gen = read_generation_config(model_dir)
     stop_ids = sorted({*_ids(gen.get("eos_token_id")), *_ids(cfg.eos_token_id),
