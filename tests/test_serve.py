@@ -349,11 +349,11 @@ def test_concurrent_streams_all_finish(client, server):
 @pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on the CPU needs a C++ compiler")
 def test_default_server_compiles_its_decode_step(model_dir, server, client, tmp_path):
     """Without --no-compile, `nanoseek serve` on the CPU compiles the decode step before it listens; its greedy
-    answers equal the eager server's, and concurrent streams of different lengths all finish."""
+    answers equal the eager server's, also for concurrent requests of different lengths decoded as one batch."""
     compiled = ServerProcess(model_dir, tmp_path / "server.log", "--api-key", API_KEY, "--served-model-name",
                              MODEL_NAME, "--max-model-len", str(MAX_LEN), "--max-batch-size", "4", compile=True)
     try:
-        assert "compiling the decode step" in compiled.log()
+        assert "compiling the decode step" in compiled.log() and "failed" not in compiled.log()
         fast = openai.OpenAI(base_url=compiled.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         for content in ("hi there", "a longer question about the weather"):
             assert ask(fast, content, max_tokens=40).choices[0].message == \
