@@ -48,7 +48,7 @@ from ..model.moe import MoE
 def _linear(x: torch.Tensor, lin: torch.nn.Linear, form: str) -> torch.Tensor:
     """x (n, in) -> lin(x) = x Wᵀ + b (n, out), in one of three forms of the same product:
     "lib"   F.linear (eager decoding).
-    "wxt"   (W xᵀ)ᵀ, W (out, in) as stored (compiled batches): MKL runs this order faster at a few rows than
+    "wxt"   (W xᵀ)ᵀ, W (out, in) as stored (compiled batches, logits): MKL runs this order faster at a few rows than
             F.linear's x Wᵀ (see `logits`; in the compiled batch-8 step, 7% less time).
     "gemv"  a product and a sum (compiled, one token), which inductor fuses with the ops around it into one loop,
             instead of a library matmul call."""
@@ -63,10 +63,7 @@ def logits(lm_head: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
     1.5-3x faster this way round than as F.linear's h Wᵀ (cold weights, V 4096 x D 256, 2 threads: 1 row 0.3 against
     0.65 ms, 8 rows 0.6 against 0.9-1.1 ms), and one row as two equal rows (a matrix product) beats the matrix-vector
     product (0.3 against 0.6 ms)."""
-    W, n = lm_head.weight, h.shape[0]
-    hh = h if n > 1 else torch.cat((h, h))
-    y = (W @ hh.t()).t()[:n]
-    return y if lm_head.bias is None else y + lm_head.bias
+    return _linear(h if len(h) > 1 else torch.cat((h, h)), lm_head, "wxt")[: len(h)]
 
 
 class FastDecoder:
@@ -168,7 +165,7 @@ class FastDecoder:
             h = F.rms_norm(x, x.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             if isinstance(mlp, MoE):
-                x = self._moe(mlp, h, x, fused=past_only, form=form)
+                x = self._moe(mlp, h, x, form)
             else:
                 x = self._mlp(mlp, h, x, form)
         return F.rms_norm(x, x.shape[-1:], model.model.norm.weight, self.eps), latents
@@ -234,12 +231,12 @@ class FastDecoder:
             return x + _linear(a, mlp.down_proj, form)
         return torch.addmm(x, a, mlp.down_proj.weight.t())  # the residual add fused in
 
-    def _moe(self, moe: MoE, h, x, fused: bool, form: str):
+    def _moe(self, moe: MoE, h, x, form: str):
         weights, indices, _ = moe.gate(h)  # (n, K) each
         if moe.shared_experts is not None:
             x = self._mlp(moe.shared_experts, h, x, form)
         ex = moe.experts
-        if fused:  # compiled: each (token, chosen expert) pair's matrix-vector products as one fused loop
+        if form != "lib":  # compiled: each (token, chosen expert) pair's matrix-vector products as one fused loop
             Wg, Wu, Wd = ex.gate_proj[indices], ex.up_proj[indices], ex.down_proj[indices]  # (n, K, I, D), (n, K, D, I)
             a = F.silu((Wg * h[:, None, None]).sum(-1)) * (Wu * h[:, None, None]).sum(-1)  # (n, K, I)
             return x + ((Wd * a[:, :, None]).sum(-1) * weights[..., None]).sum(1)  # (n, K, D) -> (n, D)
