@@ -36,26 +36,33 @@ def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
 
 
 class LocalTeacher:
-    """A model directory run through our engine, prompted with its own chat template (which prefills <think>)."""
+    """A model directory run through our engine, prompted with its own chat template (which prefills <think>).
+    The engine decodes up to `rows` traces at once and refills a row as soon as a trace ends (evaluate.py)."""
 
-    def __init__(self, path: str, device: str = "cpu", max_batch_size: int = 64):
+    def __init__(self, path: str, device: str = "cpu", rows: int | None = None):
         import torch
 
-        from ..engine.engine import Engine
+        from ..checkpoint import load_model
+        from ..eval.evaluate import DECODE_ROWS
         from ..tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_dir(path)
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        self.engine = Engine.from_pretrained(path, device=device, dtype=dtype, max_batch_size=max_batch_size)
-        self.model = self.engine.model
+        self.model = load_model(path, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+        self.rows = rows or DECODE_ROWS
 
-    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int, batch: int = 64
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int
                ) -> Iterator[tuple[int, Trace]]:
-        for start in range(0, len(questions), batch):
-            chunk = questions[start : start + batch]
-            prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in chunk]
-            outs = self.engine.generate(prompts, max_new_tokens=max_tokens, temperature=temperature, seed=seed + start,
-                                        stop_token_ids=[self.tok.eos_id])
+        from ..engine.engine import Engine
+
+        prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+        if not prompts:
+            return
+        engine = Engine(self.model, max_batch_size=min(len(prompts), self.rows), max_seq_len=min(
+            self.model.config.max_position_embeddings, max(map(len, prompts)) + max_tokens))
+        step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
+        for start in range(0, len(prompts), step):
+            outs = engine.generate(prompts[start : start + step], max_new_tokens=max_tokens, temperature=temperature,
+                                   seed=seed + start, stop_token_ids=[self.tok.eos_id])
             for i, out in enumerate(outs):
                 finished = bool(out) and out[-1] == self.tok.eos_id
                 text = self.tok.decode(out[:-1] if finished else out)
@@ -113,7 +120,7 @@ class URLTeacher:
             reasoning, content = split_reasoning(content)
         return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop")
 
-    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int, batch: int = 0
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int
                ) -> Iterator[tuple[int, Trace]]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             futures = {pool.submit(self.ask, q, max_tokens, temperature, seed + i): i for i, q in enumerate(questions)}
