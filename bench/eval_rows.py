@@ -62,7 +62,7 @@ def old_traces():  # LocalTeacher's former loop: static chunks of 64 through a 6
 
 old_t, t_old_tr = timed(old_traces)
 teacher = LocalTeacher(args.model)
-new_t, t_new_tr = timed(lambda: list(teacher.traces(questions, 256, 0.6, 0)))
+new_t, t_new_tr = timed(lambda: list(teacher.traces(questions, 256, 0.6, list(range(len(questions))))))
 
 
 def as_trace(out):

@@ -51,6 +51,22 @@ def test_url_teacher_traces_resume_and_filter(server, tmp_path, monkeypatch):
     assert kept == [] and counts["malformed"] == 6
 
 
+def test_local_teacher_resumed_traces_match_an_uninterrupted_run(server, tmp_path):
+    from nanoseek.train.teacher import LocalTeacher
+
+    _, d = server
+    cfg = DistillConfig(teacher=str(d), out=str(tmp_path), n=6, samples=2, max_tokens=12, temperature=1.0, progress=False)
+    problems = trace_problems(cfg)
+    teacher = LocalTeacher(str(d), rows=4)  # 12 traces: three chunks of 8 rows' worth, refilled
+    whole = collect_traces(cfg, teacher, problems, tmp_path / "whole.jsonl")
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("".join(line + "\n" for line in (tmp_path / "whole.jsonl").read_text().splitlines()[:5]))
+    resumed = collect_traces(cfg, teacher, problems, path)
+    key = lambda r: (r["uid"], r["sample"])  # noqa: E731
+    assert len(whole) == 12 and sorted(whole, key=key) == sorted(resumed, key=key)
+    assert len({r["reasoning"] + r["answer"] for r in whole}) > 6  # sampled: the two samples of a problem differ
+
+
 def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
     s, d = server
     monkeypatch.delenv("NANOSEEK_TEACHER_API_KEY", raising=False)

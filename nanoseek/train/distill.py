@@ -63,7 +63,9 @@ def trace_problems(cfg: DistillConfig):
 
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
-    """Ask the teacher for every (problem, sample) not yet in `path`; append each answer as it arrives."""
+    """Ask the teacher for every (problem, sample) not yet in `path`; append each answer as it arrives. The k-th
+    (problem, sample) is always asked with seed cfg.seed + k, so a resumed run gets the traces an uninterrupted
+    one would have (from a local teacher, whose sampling is seeded per request)."""
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -72,15 +74,17 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
                 done[(rec["uid"], rec["sample"])] = rec
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut short by an interruption
-    todo = [(p, s) for p in problems for s in range(cfg.samples) if (p.uid, s) not in done]
+    todo = [(p, s, cfg.seed + k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
+            if (p.uid, s) not in done]
     bar = None
     if cfg.progress and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="teacher traces", unit="trace", file=sys.stderr, dynamic_ncols=True)
     with path.open("a") as f:
-        for i, trace in teacher.traces([p.question for p, _ in todo], cfg.max_tokens, cfg.temperature, cfg.seed):
-            p, s = todo[i]
+        for i, trace in teacher.traces([p.question for p, _, _ in todo], cfg.max_tokens, cfg.temperature,
+                                       [seed for _, _, seed in todo]):
+            p, s, _ = todo[i]
             rec = {"uid": p.uid, "sample": s, "question": p.question, "reasoning": trace.reasoning,
                    "answer": trace.answer, "finished": trace.finished}
             f.write(json.dumps(rec) + "\n")

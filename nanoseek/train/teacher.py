@@ -50,8 +50,9 @@ class LocalTeacher:
         self.model = load_model(path, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
         self.rows = rows or DECODE_ROWS
 
-    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
+        """(index into questions, trace) for each question, question i sampled with seeds[i]."""
         from ..engine.engine import Engine
 
         prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
@@ -62,7 +63,7 @@ class LocalTeacher:
         step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
         for start in range(0, len(prompts), step):
             outs = engine.generate(prompts[start : start + step], max_new_tokens=max_tokens, temperature=temperature,
-                                   seed=seed + start, stop_token_ids=[self.tok.eos_id])
+                                   seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])
             for i, out in enumerate(outs):
                 finished = bool(out) and out[-1] == self.tok.eos_id
                 text = self.tok.decode(out[:-1] if finished else out)
@@ -120,10 +121,11 @@ class URLTeacher:
             reasoning, content = split_reasoning(content)
         return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop")
 
-    def traces(self, questions: list[str], max_tokens: int, temperature: float, seed: int
+    def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
+        """(index into questions, trace) as the answers arrive; question i is asked with seeds[i]."""
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.ask, q, max_tokens, temperature, seed + i): i for i, q in enumerate(questions)}
+            futures = {pool.submit(self.ask, q, max_tokens, temperature, seeds[i]): i for i, q in enumerate(questions)}
             for f in as_completed(futures):
                 yield futures[f], f.result()
 
