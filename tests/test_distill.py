@@ -57,7 +57,7 @@ def test_local_teacher_resumed_traces_match_an_uninterrupted_run(server, tmp_pat
     _, d = server
     cfg = DistillConfig(teacher=str(d), out=str(tmp_path), n=6, samples=2, max_tokens=12, temperature=1.0, progress=False)
     problems = trace_problems(cfg)
-    teacher = LocalTeacher(str(d), rows=4)  # 12 traces: three chunks of 8 rows' worth, refilled
+    teacher = LocalTeacher(str(d), rows=4)  # 12 traces: chunks of 8 and 4 through 4 rows
     whole = collect_traces(cfg, teacher, problems, tmp_path / "whole.jsonl")
     path = tmp_path / "resumed.jsonl"
     path.write_text("".join(line + "\n" for line in (tmp_path / "whole.jsonl").read_text().splitlines()[:5]))

@@ -235,14 +235,16 @@ class Engine:
         speculative: bool = False,
     ) -> list[list[int]]:
         """New tokens only, per prompt; a stop token that ends a completion is its last element. Prompt i is
-        seeded with seed + i (so repeated prompts give different samples), or with seed[i] when seed is a list. Uses the step machinery, so it needs an
-        idle engine (do not mix with server requests). `speculative` requires temperature 0."""
+        seeded with seed + i (so repeated prompts give different samples), or with seed[i] when seed is a list.
+        Uses the step machinery, so it needs an idle engine (do not mix with server requests). `speculative`
+        requires temperature 0."""
         if max_new_tokens < 1:
             return [[] for _ in prompts]
         with self._lock:
             if self.has_work():
                 raise RuntimeError("generate() needs an idle engine (requests are in flight)")
-            seeds = list(seed) if isinstance(seed, Sequence) else [None if seed is None else seed + i for i in range(len(prompts))]
+            seeds = list(seed) if isinstance(seed, Sequence) else [
+                None if seed is None else seed + i for i in range(len(prompts))]
             rids = [
                 self.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, s, stop_token_ids, speculative))
                 for p, s in zip(prompts, seeds, strict=True)
