@@ -1,6 +1,6 @@
 """How many sequences to decode at once in evaluation and local-teacher traces: the old way (the prompts in static
 chunks of 64 through a 64-row engine, each chunk waiting for its longest completion) against the current one
-(`evaluate.engine_for`: up to 512 rows, prompts handed over in chunks of twice that, rows refilled as completions
+(`Engine.for_batch` via `evaluate.engine_for`: up to 512 rows, prompts handed over in chunks of twice that, rows refilled as completions
 end). Same model, same problems, one process; checks that the completions are identical and prints the speedup.
 
     .venv/bin/python bench/eval_rows.py --model RUN/sft/model [--n 1000] [--traces 1024]

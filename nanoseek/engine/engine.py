@@ -53,6 +53,10 @@ from .sampling import sample
 Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, finish_reason)
 
 
+# rows for batch jobs: a decode step of a small model costs little more for 512 rows than for 64 (eval_rows.md)
+BATCH_ROWS = 512
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -102,6 +106,17 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self._lock = threading.RLock()
+
+    @classmethod
+    def for_batch(cls, model, n_seqs: int, longest_prompt: int, max_new_tokens: int,
+                  max_rows: int = BATCH_ROWS) -> "Engine":
+        """An engine sized for one batch job (evaluation, teacher traces): min(n_seqs, max_rows) cache rows of
+        longest_prompt + max_new_tokens positions, capped by the model's context. Sized to the job, 512 rows of a
+        small model's cache are a few hundred MB, where 512 rows of its whole context could be tens of GB. Hand
+        generate() more prompts than rows (callers use chunks of 2 × max_batch_size): it refills a row as soon
+        as a completion ends (bench/results/eval_rows.md)."""
+        return cls(model, max_batch_size=max(1, min(n_seqs, max_rows)),
+                   max_seq_len=min(model.config.max_position_embeddings, longest_prompt + max_new_tokens))
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, **kw) -> "Engine":

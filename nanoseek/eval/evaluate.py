@@ -8,10 +8,9 @@ drawn, and the answer is read from the completion: the text after `</think>` if 
 maj@K is the accuracy of the most common extracted answer. Numbers are compared as numbers, free-form math answers
 of imported data (fractions, expressions, sets) by `math-verify`.
 
-Decoding: the engine gets the prompts in chunks of twice its rows and refills a row as soon as a completion ends
-(continuous batching), with up to `DECODE_ROWS` rows: a decode step of a small model costs little more for 512 rows
-than for 64, so the 1000-problem evaluation of the CPU speedrun's SFT model takes 10 s instead of 27 s, with the
-same completions (bench/results/eval_rows.md).
+Decoding: an engine of up to 512 rows (`Engine.for_batch`) gets the prompts in chunks of twice its rows and
+refills a row as soon as a completion ends, so the 1000-problem evaluation of the CPU speedrun's SFT model takes
+10 s instead of 27 s, with the same completions (bench/results/eval_rows.md).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-DECODE_ROWS = 512  # most sequences an evaluation (or a local teacher) decodes at once
 
 
 def extract_answer(text: str) -> str | None:
@@ -69,19 +67,15 @@ def prompts_for(problems, tok, style: str) -> list[list[int]]:
     return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
 
 
-def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, rows: int = DECODE_ROWS):
-    """An engine sized for one job: min(len(prompts), rows) cache rows of (longest prompt + max_new_tokens)
-    positions, capped by the model's context. Sized to the job, 512 rows of a small model's cache are a few
-    hundred MB, where 512 rows of its full context could be tens of GB."""
+def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1):
+    """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`)."""
     import torch
 
     from ..checkpoint import load_model
     from ..engine.engine import Engine
 
     model = load_model(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    longest = max((len(p) for p in prompts), default=0)
-    return Engine(model, max_batch_size=max(1, min(len(prompts), rows)),
-                  max_seq_len=min(model.config.max_position_embeddings, longest + max_new_tokens))
+    return Engine.for_batch(model, len(prompts) * samples, max(map(len, prompts), default=0), max_new_tokens)
 
 
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
@@ -201,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tok = Tokenizer.from_dir(args.model)
     problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)
-    engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt) * args.samples, args.max_new_tokens)
+    engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens, args.samples)
     results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)
     if args.out:
         with open(args.out, "w") as f:

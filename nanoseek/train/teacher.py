@@ -37,18 +37,18 @@ def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
 
 class LocalTeacher:
     """A model directory run through our engine, prompted with its own chat template (which prefills <think>).
-    The engine decodes up to `rows` traces at once and refills a row as soon as a trace ends (evaluate.py)."""
+    The engine decodes up to `rows` traces at once and refills a row as soon as a trace ends (`Engine.for_batch`)."""
 
     def __init__(self, path: str, device: str = "cpu", rows: int | None = None):
         import torch
 
         from ..checkpoint import load_model
-        from ..eval.evaluate import DECODE_ROWS
+        from ..engine.engine import BATCH_ROWS
         from ..tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_dir(path)
         self.model = load_model(path, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-        self.rows = rows or DECODE_ROWS
+        self.rows = rows or BATCH_ROWS
 
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
@@ -58,8 +58,7 @@ class LocalTeacher:
         prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
         if not prompts:
             return
-        engine = Engine(self.model, max_batch_size=min(len(prompts), self.rows), max_seq_len=min(
-            self.model.config.max_position_embeddings, max(map(len, prompts)) + max_tokens))
+        engine = Engine.for_batch(self.model, len(prompts), max(map(len, prompts)), max_tokens, self.rows)
         step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
         for start in range(0, len(prompts), step):
             outs = engine.generate(prompts[start : start + step], max_new_tokens=max_tokens, temperature=temperature,
