@@ -280,3 +280,23 @@ def test_update_is_the_same_whatever_the_padding_and_micro_batches():
     assert (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max().item() > 1e-3
     assert (params[0] - params[1]).abs().max().item() < 1e-6
     assert (params[0] - params[2]).abs().max().item() < 1e-6
+
+
+def test_false_steps_finds_the_false_facts_and_only_those():
+    from nanoseek.data.tasks import LEVELS, generate
+    from nanoseek.train.rewards import false_steps
+
+    text = ("<think>\n7 + 5 = 13, carry 1\n1 + 9 + 1 = 11\n14 ÷ 8 = 1, remainder 7\n9 - 7 = 3.\n96 - (-43) = 139\n"
+            "(2 + 3) × 4 = 21\n5 ÷ 0 = 1\nAltogether 2 + 2 = 5 apples.\n</think>\n\n3 + 4 = 8")
+    # the wrong sum, the wrong remainder, the wrong difference and the wrong product; not the answer after </think>,
+    # a division by zero, or a fact inside a sentence
+    assert [text[a:b] for a, b in false_steps(text)] == ["13", "1, remainder 7", "3", "21"]
+    # every worked solution of the task suite states only true facts
+    checked = 0
+    for family, levels in LEVELS.items():
+        for level in levels:
+            for p in generate(family, level, 200, seed=2):
+                text = "<think>\n" + "\n".join(p.steps) + "\n</think>\n\n" + p.answer
+                assert false_steps(text) == [], p.steps
+                checked += sum(bool(false_steps(f"<think>\n{s.split(' = ')[0]} = 99999\n</think>")) for s in p.steps)
+    assert checked > 10000  # the checker reads most lines: with a wrong result they are flagged

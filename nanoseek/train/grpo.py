@@ -18,7 +18,9 @@ and the batch loss aggregates ℓ as
 sampling: up to 3 extra rollout rounds refill the batch) and applies the soft overlong penalty of rewards.py.
 β = 0 skips the reference model entirely, and with it the forward and backward of every completion whose advantage
 is 0 (the gradient is the same; metric `trained` is the fraction that ran). kl, clipped and entropy are per token
-of the completions the update ran on.
+of the completions the update ran on. Metric `false_steps` is the share of rollouts whose reasoning states a false
+arithmetic fact (`rewards.false_steps`, e.g. "7 × 6 = 43"): wrong answers that do are slips in the working, not a
+wrong plan.
 
 Modes: `r1` starts from an SFT model and prompts with its chat template (which prefills `<think>\\n`);
 `r1-zero` starts from a base model with R1-Zero's plain-text template. In both, the answer follows `</think>`
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model
 from . import loop
-from .rewards import judge
+from .rewards import false_steps, judge
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
@@ -139,6 +141,7 @@ class Rollout:
     lengths: torch.Tensor  # (N,) completion lengths
     truncated: float
     n_groups_dropped: int = 0
+    false_rate: float = 0.0  # fraction of completions whose reasoning states a false arithmetic fact
 
 
 def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
@@ -212,13 +215,14 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
                            seed=cfg.seed * 7919 + step * 65537, stop_token_ids=[tok.eos_id])
     prefix = "<think>\n" if cfg.mode == "r1" else ""  # the chat template prefilled it
     overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
-    judged, seqs, masks = [], [], []
+    judged, seqs, masks, n_false = [], [], [], 0
     for i, out in enumerate(outs):
         finished = bool(out) and out[-1] == tok.eos_id
         text = prefix + tok.decode(out[:-1] if finished else out)
         judged.append(judge(text, problems[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens, overlong))
         seqs.append(flat[i] + out)
         masks.append([0] * len(flat[i]) + [1] * len(out))
+        n_false += bool(false_steps(text))
     T = max(len(s) for s in seqs)
     pad = tok.eos_id
     ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
@@ -228,7 +232,8 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
     lengths = torch.tensor([len(o) for o in outs], dtype=torch.float32)
     truncated = sum(1 for o in outs if not (o and o[-1] == tok.eos_id)) / len(outs)
     curriculum.observe(problems, as_tensor("accuracy"))
-    return Rollout(ids, mask, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"), lengths, truncated)
+    return Rollout(ids, mask, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"), lengths, truncated,
+                   false_rate=n_false / len(outs))
 
 
 def keep_groups(r: Rollout, keep: torch.Tensor) -> Rollout:
@@ -236,7 +241,7 @@ def keep_groups(r: Rollout, keep: torch.Tensor) -> Rollout:
     G = r.rewards.shape[1]
     rows = keep.repeat_interleave(G)
     return Rollout(r.ids[rows], r.mask[rows], r.rewards[keep], r.accuracy[keep], r.fmt[keep], r.lengths[rows],
-                   r.truncated, int((~keep).sum()))
+                   r.truncated, int((~keep).sum()), r.false_rate)
 
 
 def concat(a: Rollout, b: Rollout) -> Rollout:
@@ -244,7 +249,8 @@ def concat(a: Rollout, b: Rollout) -> Rollout:
     pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
     return Rollout(torch.cat([pad(a.ids, 0), pad(b.ids, 0)]), torch.cat([pad(a.mask, 0), pad(b.mask, 0)]),
                    torch.cat([a.rewards, b.rewards]), torch.cat([a.accuracy, b.accuracy]), torch.cat([a.fmt, b.fmt]),
-                   torch.cat([a.lengths, b.lengths]), (a.truncated + b.truncated) / 2, a.n_groups_dropped + b.n_groups_dropped)
+                   torch.cat([a.lengths, b.lengths]), (a.truncated + b.truncated) / 2, a.n_groups_dropped + b.n_groups_dropped,
+                   (a.false_rate + b.false_rate) / 2)
 
 
 def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> tuple[Rollout, Rollout]:
@@ -387,6 +393,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             "step": step + 1, "reward": round(seen.rewards.mean().item(), 4), "accuracy": round(seen.accuracy.mean().item(), 4),
             "format_rate": round(seen.fmt.mean().item(), 4), "response_length": round(seen.lengths.mean().item(), 2),
             "truncated": round(seen.truncated, 4), "groups_dropped": batch.n_groups_dropped,
+            "false_steps": round(seen.false_rate, 4),
             **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
             "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "wall_s": round(prior_wall + timer.elapsed(), 2),
         }

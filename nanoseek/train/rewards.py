@@ -12,18 +12,28 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
   line repeated over and over fails the format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
+- false steps, for GRPO's `false_steps` metric (the share of rollouts that state one): the reasoning lines that
+  state an arithmetic fact, `a op b = c` (more operands, parentheses and a long-division `, remainder r` allowed),
+  checked exactly; `false_steps` gives the character span of the stated result of each false one. Lines that state
+  anything else are not judged.
 """
 
 from __future__ import annotations
 
 import re
+import ast
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..eval.evaluate import NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
 MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing
 MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is degenerate
+# "8 + 4 = 12, carry 1", "1 + 9 + 1 = 11", "96 - (-43) = 139", "14 ÷ 8 = 1, remainder 6": a whole line whose left
+# side is numbers and + - × ÷ and whose right side is one integer (then optionally ", ..." or a full stop).
+STEP = re.compile(r"^[ \t]*(?P<lhs>[-(]*\d+\)*(?: [+\-×÷] [-(]*\d+\)*)+) = (?P<rhs>-?\d+)"
+                  r"(?:, remainder (?P<rem>\d+))?(?=[ \t]*$|,|\.[ \t]*$)", re.M)
 
 
 @dataclass
@@ -63,3 +73,38 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     if overlong_cache and max_tokens:
         penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
+
+
+def _value(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return Fraction(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_value(node.operand)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _value(node.left), _value(node.right)
+        if isinstance(node.op, ast.Div):
+            return a / b  # ZeroDivisionError for b = 0: the caller skips the line
+        return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+    raise ValueError("not an arithmetic expression")
+
+
+def false_steps(text: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) in `text` of the stated results of the false arithmetic lines of its reasoning
+    (before `</think>`): for "7 + 5 = 13, carry 1" the span of "13"; for a wrong long-division line
+    "14 ÷ 8 = 1, remainder 7" the span of "1, remainder 7"."""
+    reasoning = text.split(END_THINK, 1)[0]
+    spans = []
+    for m in STEP.finditer(reasoning):
+        lhs, rhs, rem = m["lhs"], int(m["rhs"]), m["rem"]
+        try:
+            value = _value(ast.parse(lhs.replace("×", "*").replace("÷", "/"), mode="eval").body)
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            continue
+        if rem is None:
+            ok = value == rhs
+        else:  # long division: a = b·q + r with 0 ≤ r < b
+            parts = re.fullmatch(r"(\d+) ÷ (\d+)", lhs)
+            ok = parts is not None and int(rem) < int(parts[2]) and int(parts[1]) == int(parts[2]) * rhs + int(rem)
+        if not ok:
+            spans.append((m.start("rhs"), m.end()))
+    return spans
