@@ -36,6 +36,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, with_
     return 3 * fwd if training else fwd
 
 
+def generation_flops(cfg: ModelConfig, prompt_len: int, completion_lens: list[int]) -> float:
+    """One prompt prefilled once, then each of its completions decoded a token at a time with the KV cache. A token
+    decoded after a context of k tokens attends over k: on average over c tokens after a p-token prompt that is the
+    cost `flops_per_token` gives a whole sequence of length 2p + c."""
+    def fwd(t):
+        return flops_per_token(cfg, t, training=False, with_mtp=False)
+
+    return prompt_len * fwd(prompt_len) + sum(c * fwd(2 * prompt_len + c) for c in completion_lens)
+
+
 def measured_peak_flops(device: str | torch.device = "cpu", dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on this device: the practical ceiling MFU is measured against."""
     a = torch.randn(n, n, device=device, dtype=dtype)

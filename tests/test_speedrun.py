@@ -35,7 +35,12 @@ def test_smoke_speedrun(tmp_path):
     assert len((out / "distill" / "traces.jsonl").read_text().splitlines()) == len(problems)
     report = (out / "report.md").read_text()
     assert "Cost" in report and (out / "pretrain_loss.png").is_file() and (out / "grpo_rl.png").is_file()
-    assert all(f"| {stage} |" in report.split("## Cost")[1] for stage in ("pretrain", "sft", "grpo", "distill"))
+    cost_rows = {row.split("|")[1].strip(): row for row in report.split("## Cost")[1].splitlines() if row.startswith("| ")}
+    for stage in ("pretrain", "sft", "grpo", "distill"):  # FLOPs and MFU for every stage: "–" marks a missing one
+        assert "–" not in cost_rows[stage], cost_rows[stage]
+    distill_cost = json.loads((out / "distill" / "cost.json").read_text())
+    assert distill_cost["parts"]["teacher_traces"]["flops"] > 0  # the teacher's last two traces, generated here
+    assert distill_cost["flops"] > distill_cost["parts"]["student_sft"]["flops"]
     # rerunning resumes: every stage is skipped
     r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)

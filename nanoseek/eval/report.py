@@ -99,6 +99,8 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
 def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
     rows = []
     for name, d in dirs.items():
+        if d.name == "student" and (d.parent / "cost.json").is_file():
+            d = d.parent  # distill: its cost counts the teacher's traces as well as the student's SFT
         cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").is_file() else None
         if cost is None:
             metrics = read_jsonl(d / "metrics.jsonl")

@@ -9,7 +9,8 @@ teacher's verified traces only).
             (RUN/kept.jsonl) that `nanoseek sft` also accepts.
 3. student  SFT of the student (RUN/student) on the kept set; with a local teacher that shares the student's
             vocabulary, `--kd-weight` adds KL(teacher ‖ student) on the answer tokens (logit distillation).
-4. report   teacher vs student: held-out pass@1, parameters (total and active), decode tokens/s.
+4. report   teacher vs student: held-out pass@1, parameters (total and active), decode tokens/s; RUN/cost.json for
+            the cost table counts the student's SFT and, from a local teacher, the trace generation.
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ def describe(model_dir: str, device: str, eval_n: int, families, seed: int) -> d
             "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
 
 
+def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
+    """Add this process's trace collection to RUN/traces_cost.json (a resumed run adds to what earlier ones spent;
+    the part of an interrupted collection is not counted). flops None: a URL teacher, whose machine did the work."""
+    path = run / "traces_cost.json"
+    cost = json.loads(path.read_text()) if path.is_file() else {"wall_s": 0.0, "flops": 0.0 if flops is not None else None}
+    cost["wall_s"] = round(cost["wall_s"] + wall_s, 2)
+    if flops is not None and cost["flops"] is not None:
+        cost["flops"] += flops
+    path.write_text(json.dumps(cost))
+    return cost
+
+
+def write_cost(run: Path, traces: dict, device: str) -> None:
+    """RUN/cost.json for the cost table: the student's SFT plus, from a local teacher, the trace generation (device
+    time and FLOPs). A URL teacher's traces ran on someone else's machine and are left out of both."""
+    from . import loop
+
+    sft_cost = json.loads((run / "student" / "cost.json").read_text())
+    local = traces["flops"] is not None
+    wall = sft_cost["wall_s"] + (traces["wall_s"] if local else 0.0)
+    flops = sft_cost["flops"] + (traces["flops"] if local else 0.0)
+    peak, how = loop.device_peak_flops(torch.device(device))
+    cost = loop.cost_summary(wall, 1, flops, peak, sft_cost["price_per_device_hour"], how)
+    cost["parts"] = {"teacher_traces": traces, "student_sft": {k: sft_cost[k] for k in ("wall_s", "flops")}}
+    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+
+
 def distill(cfg: DistillConfig) -> dict:
     from ..cli import UserError
     from .sft import SFTConfig, sft
@@ -179,10 +207,12 @@ def distill(cfg: DistillConfig) -> dict:
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
     problems = trace_problems(cfg)
+    t0 = time.perf_counter()
     try:
         records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
     except ConnectionError as e:
         raise UserError(f"teacher failed: {e} (traces so far are kept in {run / 'traces.jsonl'}; rerun to resume)") from None
+    traces_cost = add_traces_cost(run, time.perf_counter() - t0, getattr(teacher, "flops", None))
     kept, counts = filter_traces(records, problems)
     (run / "kept.jsonl").write_text("".join(json.dumps(k) + "\n" for k in kept))
     print(f"traces: {json.dumps(counts)}", file=sys.stderr)
@@ -200,6 +230,7 @@ def distill(cfg: DistillConfig) -> dict:
                         micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
+    write_cost(run, traces_cost, device)
     families = sorted({t.partition(":")[0] for t in cfg.tasks})
     report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, cfg.eval_n, families, cfg.seed)}
     if isinstance(teacher, LocalTeacher):

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_model
+from ..flops import flops_per_token, generation_flops
 from . import loop
 from .rewards import false_steps, judge
 
@@ -272,6 +273,29 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> 
     return keep_groups(batch, keep), seen
 
 
+# --- FLOPs for the cost table -------------------------------------------------------------------------------------------
+def row_lengths(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (prompt lengths, prompt + completion lengths), each (N,)."""
+    prompt = r.mask.argmax(dim=1)  # the first completion position
+    return prompt, prompt + r.lengths.long()
+
+
+def rollout_flops(mc, r: Rollout) -> float:
+    """Generation: each group's prompt is prefilled once, its G completions decoded with the KV cache."""
+    G = r.rewards.shape[1]
+    prompt, lengths = row_lengths(r)[0].tolist(), r.lengths.long().tolist()
+    return sum(generation_flops(mc, prompt[g], lengths[g : g + G]) for g in range(0, len(prompt), G))
+
+
+def update_flops(mc, r: Rollout, rows: torch.Tensor, updates: int, extra_forwards: int) -> float:
+    """The update's forward + backward over the trained rows, μ times, plus `extra_forwards` forwards over them (old
+    log-probs for μ > 1, the reference for β > 0). Padding is not counted."""
+    total = row_lengths(r)[1][rows].tolist()
+    train = sum(t * flops_per_token(mc, t, training=True, with_mtp=False) for t in total)
+    forward = sum(t * flops_per_token(mc, t, training=False, with_mtp=False) for t in total)
+    return float(updates * train + extra_forwards * forward)
+
+
 # --- the run -------------------------------------------------------------------------------------------------------------
 def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     """`updates_per_batch` optimiser steps on one rollout batch."""
@@ -316,6 +340,8 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
         opt.step()
         model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
     stats["trained"] = len(rows) / n_seqs
+    stats["flops"] = update_flops(model.config, r, rows, cfg.updates_per_batch,
+                                  int(cfg.updates_per_batch > 1) + int(ref is not None))
     return stats
 
 
@@ -354,11 +380,11 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)
         ref.requires_grad_(False).eval()
     opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start, prior_wall = 0, 0.0
+    start, prior_wall, flops = 0, 0.0, 0.0
     curriculum = Curriculum(cfg)
     if resuming:
         state = loop.load_train_state(run, opt)
-        start, prior_wall = state["step"], state["wall_s"]
+        start, prior_wall, flops = state["step"], state["wall_s"], state.get("flops", 0.0)
         curriculum.load_state_dict(state["data"])
     if not resuming:
         (run / "tokenizer").mkdir(exist_ok=True)
@@ -389,6 +415,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         model.train()
         stats = update(cfg, model, ref, opt, batch, d.device) if batch.rewards.numel() else {}
         t2 = time.perf_counter()
+        flops += rollout_flops(model.config, seen) + stats.pop("flops", 0.0)
         row = {
             "step": step + 1, "reward": round(seen.rewards.mean().item(), 4), "accuracy": round(seen.accuracy.mean().item(), 4),
             "format_rate": round(seen.fmt.mean().item(), 4), "response_length": round(seen.lengths.mean().item(), 2),
@@ -407,11 +434,14 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.end:
-            loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(), "flops": 0.0,
-                                                               "config": dataclasses.asdict(cfg)}, extra)
+            loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(),
+                                                               "flops": flops, "config": dataclasses.asdict(cfg)}, extra)
     if bar is not None:
         bar.close()
-    return {"stage": "grpo", "model": str(run / "model"), "steps": cfg.end, "final": row}
+    peak, peak_how = loop.device_peak_flops(d.device)
+    cost = loop.cost_summary(prior_wall + timer.elapsed(), 1, flops, peak, cfg.price_per_hour, peak_how)
+    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    return {"stage": "grpo", "model": str(run / "model"), "steps": cfg.end, "final": row, "cost": cost}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,8 @@ def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
 
 class LocalTeacher:
     """A model directory run through our engine, prompted with its own chat template (which prefills <think>).
-    The engine decodes up to `rows` traces at once and refills a row as soon as a trace ends (`Engine.for_batch`)."""
+    The engine decodes up to `rows` traces at once and refills a row as soon as a trace ends (`Engine.for_batch`).
+    `flops` adds up what its generation cost, for the cost table."""
 
     def __init__(self, path: str, device: str = "cpu", rows: int | None = None):
         import torch
@@ -49,11 +50,13 @@ class LocalTeacher:
         self.tok = Tokenizer.from_dir(path)
         self.model = load_model(path, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
         self.rows = rows or BATCH_ROWS
+        self.flops = 0.0
 
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
         """(index into questions, trace) for each question, question i sampled with seeds[i]."""
         from ..engine.engine import Engine
+        from ..flops import generation_flops
 
         prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
         if not prompts:
@@ -63,6 +66,8 @@ class LocalTeacher:
         for start in range(0, len(prompts), step):
             outs = engine.generate(prompts[start : start + step], max_new_tokens=max_tokens, temperature=temperature,
                                    seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])
+            self.flops += sum(generation_flops(self.model.config, len(p), [len(o)])
+                              for p, o in zip(prompts[start : start + step], outs))
             for i, out in enumerate(outs):
                 finished = bool(out) and out[-1] == self.tok.eos_id
                 text = self.tok.decode(out[:-1] if finished else out)
