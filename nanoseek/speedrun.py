@@ -40,8 +40,10 @@ PRESETS = {
                      temperature=0.6, beta=0.0, eval_every=30, eval_n=100, adaptive_tasks=True),
         # the student learns only from the kept traces (~40% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
         # 0.363, 3000 with logit KD (weight 0.5) 0.361; on packed rows, 8 passes at lr 2e-3 0.413 against 4 passes at
-        # 1e-3 0.367 (the same 1418 traces; bench/results/distill_cpu.md); 3500 problems for the time budget
-        "distill": dict(n=3500, max_tokens=256, epochs=8, batch_size=32, lr=2e-3),
+        # 1e-3 0.367 (the same 1418 traces). From a later teacher (0.494): 3500 problems, 8 passes 0.398; 7000
+        # problems, 4 / 6 / 8 passes 0.428 / 0.437 / 0.444, two problems per sample 0.414 (bench/results/
+        # distill_cpu.md). 7000 and 4 passes: the student's SFT takes as long as before, the traces twice as long
+        "distill": dict(n=7000, max_tokens=256, epochs=4, batch_size=32, lr=2e-3),
         "eval_n": 200,
     },
     "gpu": {

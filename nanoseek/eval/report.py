@@ -37,11 +37,12 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    try:  # the first processor's fields; a VM's model name ("AMD EPYC") hides the generation, family/model do not
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        info = dict(map(str.strip, line.split(":", 1)) for line in first.splitlines() if ":" in line)
+        details = [f"family {info['cpu family']}, model {info['model']}"] if "cpu family" in info else []
+        details += ["AVX-512"] if "avx512f" in info.get("flags", "").split() else []
+        cpu = info.get("model name", cpu) + (f" ({', '.join(details)})" if details else "")
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads"
