@@ -397,8 +397,10 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
 
 def test_disconnect_before_a_non_streamed_answer_frees_the_slot(server, client):
     before = server.health()["cancelled"]
-    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 230, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):  # 230 tokens take ~0.3 s on the decode fast path; give up long before
+    # 4 × 230 tokens take ~0.3 s on the eager decode path of a fast 2-core VM (0.2 s for one choice); give up at
+    # 0.05 s: the server must notice at once, not at its next look
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 230, "temperature": 0, "n": 4}
+    with pytest.raises(httpx.ReadTimeout):
         post(server, body, timeout=httpx.Timeout(10, read=0.05))
     assert wait_idle(server, before)["cancelled"] > before
     assert ask(client, max_tokens=3).choices[0].finish_reason == "length"

@@ -39,7 +39,6 @@ from .schemas import ApiError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("nanoseek.serve")
 MAX_CHOICES = 256  # prompts × n in one request
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -269,18 +268,26 @@ async def stream_completion(gen: Generation, head: dict, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes the connection (the request body is read, so the next ASGI message is the
+    disconnect: the server learns of it at once, as Starlette's streaming responses do)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(gen: Generation, request: Request):
-    """All choices of a non-streamed request; gives up (freeing the slots) if the client goes away meanwhile."""
+    """All choices of a non-streamed request; gives up (freeing the slots) as soon as the client goes away."""
     task = asyncio.ensure_future(gen.collect())
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
         return task.result()
     except GenerationError as e:
         raise ApiError(500, str(e), type="server_error") from None
     finally:
+        gone.cancel()
         if not task.done():
             task.cancel()  # its generator's cleanup cancels the engine requests
 
