@@ -103,3 +103,28 @@ def test_split_reasoning():
     assert split_reasoning("<think>r</think> a") == ("r", "a")
     assert split_reasoning("r</think>a", prefilled=True) == ("r", "a")
     assert split_reasoning("just text") == ("", "just text")
+
+
+def test_distill_cost_counts_local_traces_and_adds_up_over_resumes(tmp_path):
+    """RUN/cost.json: the student's SFT plus a local teacher's trace generation, summed over resumed collections; a
+    URL teacher's traces ran elsewhere and count in neither device time nor FLOPs."""
+    import json
+
+    from nanoseek.train.distill import add_traces_cost, write_cost
+
+    for name, flops in (("local", 5e9), ("url", None)):
+        run = tmp_path / name
+        (run / "student").mkdir(parents=True)
+        (run / "student" / "cost.json").write_text(json.dumps({"wall_s": 30.0, "flops": 1e10,
+                                                               "price_per_device_hour": 2.0}))
+        add_traces_cost(run, 10.0, flops)
+        traces = add_traces_cost(run, 2.5, flops)  # a resumed run asks for the rest
+        write_cost(run, traces, "cpu")
+        cost = json.loads((run / "cost.json").read_text())
+        if flops is None:
+            assert traces == {"wall_s": 12.5, "flops": None}
+            assert cost["wall_s"] == 30.0 and cost["flops"] == 1e10
+        else:
+            assert traces == {"wall_s": 12.5, "flops": 1e10}
+            assert cost["wall_s"] == 42.5 and cost["flops"] == 2e10
+            assert cost["dollars"] == round(42.5 / 3600 * 2.0, 4)
