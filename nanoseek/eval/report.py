@@ -24,7 +24,9 @@ def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
     found = {}
-    for p in sorted(root.iterdir()):  # distill keeps its student's training run in student/
+    pipeline = ["pretrain", "sft", "grpo", "student_base", "distill"]  # a speedrun's stages, in the order they ran
+    order = lambda p: (pipeline.index(p.name) if p.name in pipeline else len(pipeline), p.name)  # noqa: E731
+    for p in sorted(root.iterdir(), key=order):  # distill keeps its student's training run in student/
         run = next((d for d in (p, p / "student") if (d / "metrics.jsonl").is_file()), None)
         if run is not None:
             found[p.name] = run
