@@ -41,7 +41,7 @@ PRESETS = {
         # the student learns only from the kept traces (~40% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
         # 0.363, 3000 with logit KD (weight 0.5) 0.361; on packed rows, 8 passes at lr 2e-3 0.413 against 4 passes at
         # 1e-3 0.367 (the same 1418 traces). From a later teacher (0.494): 3500 problems, 8 passes 0.398; 7000
-        # problems, 4 / 6 / 8 passes 0.428 / 0.437 / 0.444, two problems per sample 0.414 (bench/results/
+        # problems, 4 / 6 / 8 passes 0.428 / 0.437 / 0.444, two samples per problem 0.414 (bench/results/
         # distill_cpu.md). 7000 and 4 passes: the student's SFT takes as long as before, the traces twice as long
         "distill": dict(n=7000, max_tokens=256, epochs=4, batch_size=32, lr=2e-3),
         "eval_n": 200,

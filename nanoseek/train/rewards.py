@@ -20,8 +20,8 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 
 from __future__ import annotations
 
-import re
 import ast
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 
