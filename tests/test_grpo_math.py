@@ -300,3 +300,45 @@ def test_false_steps_finds_the_false_facts_and_only_those():
                 assert false_steps(text) == [], p.steps
                 checked += sum(bool(false_steps(f"<think>\n{s.split(' = ')[0]} = 99999\n</think>")) for s in p.steps)
     assert checked > 10000  # the checker reads most lines: with a wrong result they are flagged
+
+
+def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    """`nanoseek grpo` stopped after 2 of 4 steps (--stop-at) and resumed ends with the weights, metrics and
+    adaptive-curriculum state of one uninterrupted 4-step run. An untrained model earns no task reward, so the
+    rollouts are rewarded for each digit 7 they write: rewards differ within groups and the policy moves."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import nanoseek.train.grpo as grpo_module
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    import nanoseek
+    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+    from nanoseek.train.rewards import Judgement
+
+    monkeypatch.setattr(grpo_module, "judge", lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None))
+    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = tmp_path / "sft"
+    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
+    tok.save(model)
+    common = dict(model=str(model), tasks=["arithmetic:1", "word:1"], adaptive_tasks=True, steps=4, prompts_per_step=2,
+                  group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, save_every=2, eval_every=0,
+                  progress=False, device="cpu")
+    grpo(GRPOConfig(out=str(tmp_path / "whole"), **common))
+    grpo(GRPOConfig(out=str(tmp_path / "parts"), stop_at=2, **common))
+    grpo(GRPOConfig(out=str(tmp_path / "parts"), resume=True, **common))
+
+    def weights(run):
+        return load_file(str(tmp_path / run / "model" / "model.safetensors"))
+
+    whole, parts = weights("whole"), weights("parts")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert any(not torch.equal(whole[k], load_file(str(model / "model.safetensors"))[k]) for k in whole)  # it learned
+
+    def metrics(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # timings differ
+
+    assert metrics("whole") == metrics("parts") and len(metrics("whole")) == 4
