@@ -302,7 +302,7 @@ def test_false_steps_finds_the_false_facts_and_only_those():
     assert checked > 10000  # the checker reads most lines: with a wrong result they are flagged
 
 
-def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     """`nanoseek grpo` stopped after 2 of 4 steps (--stop-at) and resumed ends with the weights, metrics and
     adaptive-curriculum state of one uninterrupted 4-step run. An untrained model earns no task reward, so the
     rollouts are rewarded for each digit 7 they write: rewards differ within groups and the policy moves."""
@@ -327,6 +327,8 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
                   group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, save_every=2, eval_every=0,
                   progress=False, device="cpu")
     grpo(GRPOConfig(out=str(tmp_path / "whole"), **common))
+    warning = capsys.readouterr().err  # 8 tokens cut off nearly every completion of the untrained model
+    assert warning.count("hit --max-new-tokens 8") == 1, warning
     grpo(GRPOConfig(out=str(tmp_path / "parts"), stop_at=2, **common))
     grpo(GRPOConfig(out=str(tmp_path / "parts"), resume=True, **common))
 

@@ -48,6 +48,7 @@ from . import loop
 from .rewards import false_steps, judge
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
+TRUNCATION_WARNING = 0.2  # warn (once) when more than this share of a step's completions is cut off
 
 
 @dataclass
@@ -60,7 +61,7 @@ class GRPOConfig(loop.TrainConfig):
     steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8  # G
-    max_new_tokens: int = 96
+    max_new_tokens: int = 256  # the task suite's worked solutions take ~60-200 tokens; a cut-off one earns nothing
     temperature: float = 1.0
     lr: float = 1e-4
     warmup: int = 0
@@ -401,7 +402,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
     timer = loop.Timer()
-    row = {}
+    row, warned = {}, False
     if start == 0 and cfg.eval_every:
         metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok)})
     for step in range(start, cfg.end):
@@ -430,6 +431,11 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             model.eval()
             row["eval"] = evaluate(cfg, engine, tok)
         metrics.log(row)
+        if seen.truncated > TRUNCATION_WARNING and not warned:  # RL users' most common silent failure: say it once
+            warned = True
+            (bar.write if bar is not None else print)(
+                f"grpo: {seen.truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens {cfg.max_new_tokens}; a "
+                "cut-off completion fails the format check and earns no reward: raise --max-new-tokens", file=sys.stderr)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
@@ -455,7 +461,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="completion budget; a completion cut off here fails the format check and earns no reward")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="rollout sampling temperature; the loss scores the same softmax(logits / T)")
     p.add_argument("--lr", type=float, default=1e-4)
