@@ -66,6 +66,7 @@ PRESETS["smoke"] = {
     "eval_n": 6,
 }
 TASKS = ["arithmetic", "word", "countdown"]
+STAGES = ("pretrain", "sft", "grpo", "student_base", "distill")  # each a run directory under --out, in this order
 
 
 def log(msg: str) -> None:

@@ -57,6 +57,15 @@ Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, 
 BATCH_ROWS = 512
 
 
+def load_for_inference(path, device="cpu", dtype=None):
+    """A model directory's weights for decoding; dtype None: bfloat16 on an accelerator, float32 on the CPU."""
+    from ..checkpoint import load_model
+
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return load_model(path, device=device, dtype=dtype)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -121,11 +130,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, **kw) -> "Engine":
         """dtype None: bfloat16 on an accelerator, float32 on the CPU."""
-        from ..checkpoint import load_model
-
-        if dtype is None:
-            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-        return cls(load_model(path, device=device, dtype=dtype), **kw)
+        return cls(load_for_inference(path, device, dtype), **kw)
 
     # --- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:

@@ -69,12 +69,9 @@ def prompts_for(problems, tok, style: str) -> list[list[int]]:
 
 def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1):
     """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`)."""
-    import torch
+    from ..engine.engine import Engine, load_for_inference
 
-    from ..checkpoint import load_model
-    from ..engine.engine import Engine
-
-    model = load_model(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    model = load_for_inference(model_dir, device)
     return Engine.for_batch(model, len(prompts) * samples, max(map(len, prompts), default=0), max_new_tokens)
 
 

@@ -24,8 +24,9 @@ def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
     found = {}
-    pipeline = ["pretrain", "sft", "grpo", "student_base", "distill"]  # a speedrun's stages, in the order they ran
-    order = lambda p: (pipeline.index(p.name) if p.name in pipeline else len(pipeline), p.name)  # noqa: E731
+    from ..speedrun import STAGES  # a speedrun's stages, listed in the order they ran
+
+    order = lambda p: (STAGES.index(p.name) if p.name in STAGES else len(STAGES), p.name)  # noqa: E731
     for p in sorted(root.iterdir(), key=order):  # distill keeps its student's training run in student/
         run = next((d for d in (p, p / "student") if (d / "metrics.jsonl").is_file()), None)
         if run is not None:

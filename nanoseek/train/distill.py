@@ -148,7 +148,7 @@ def fresh_student(cfg: DistillConfig, teacher, run: Path) -> Path:
 def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tokens: int = 64) -> float:
     from ..engine.engine import Engine
 
-    engine = Engine.from_pretrained(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    engine = Engine.from_pretrained(model_dir, device=device)
     prompts = [[engine.cfg.bos_token_id or 0] + [5 + i] * 8 for i in range(n_prompts)]
     engine.generate(prompts[:1], max_new_tokens=4)  # warm-up
     t = time.perf_counter()

@@ -249,10 +249,12 @@ def keep_groups(r: Rollout, keep: torch.Tensor) -> Rollout:
 def concat(a: Rollout, b: Rollout) -> Rollout:
     T = max(a.ids.shape[1], b.ids.shape[1])
     pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+    na, nb = a.ids.shape[0], b.ids.shape[0]
+    share = lambda x, y: (x * na + y * nb) / max(1, na + nb)  # noqa: E731  (per-completion rates of both)
     return Rollout(torch.cat([pad(a.ids, 0), pad(b.ids, 0)]), torch.cat([pad(a.mask, 0), pad(b.mask, 0)]),
                    torch.cat([a.rewards, b.rewards]), torch.cat([a.accuracy, b.accuracy]), torch.cat([a.fmt, b.fmt]),
-                   torch.cat([a.lengths, b.lengths]), (a.truncated + b.truncated) / 2, a.n_groups_dropped + b.n_groups_dropped,
-                   (a.false_rate + b.false_rate) / 2)
+                   torch.cat([a.lengths, b.lengths]), share(a.truncated, b.truncated),
+                   a.n_groups_dropped + b.n_groups_dropped, share(a.false_rate, b.false_rate))
 
 
 def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> tuple[Rollout, Rollout]:
@@ -275,25 +277,18 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> 
 
 
 # --- FLOPs for the cost table -------------------------------------------------------------------------------------------
-def row_lengths(r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (prompt lengths, prompt + completion lengths), each (N,)."""
-    prompt = r.mask.argmax(dim=1)  # the first completion position
-    return prompt, prompt + r.lengths.long()
-
-
 def rollout_flops(mc, r: Rollout) -> float:
     """Generation: each group's prompt is prefilled once, its G completions decoded with the KV cache."""
     G = r.rewards.shape[1]
-    prompt, lengths = row_lengths(r)[0].tolist(), r.lengths.long().tolist()
+    prompt, lengths = r.mask.argmax(dim=1).tolist(), r.lengths.long().tolist()  # argmax: first completion position
     return sum(generation_flops(mc, prompt[g], lengths[g : g + G]) for g in range(0, len(prompt), G))
 
 
-def update_flops(mc, r: Rollout, rows: torch.Tensor, updates: int, extra_forwards: int) -> float:
-    """The update's forward + backward over the trained rows, μ times, plus `extra_forwards` forwards over them (old
-    log-probs for μ > 1, the reference for β > 0). Padding is not counted."""
-    total = row_lengths(r)[1][rows].tolist()
-    train = sum(t * flops_per_token(mc, t, training=True, with_mtp=False) for t in total)
-    forward = sum(t * flops_per_token(mc, t, training=False, with_mtp=False) for t in total)
+def update_flops(mc, row_lengths: list[int], updates: int, extra_forwards: int) -> float:
+    """The update's forward + backward over rows of these lengths (prompt + completion), μ times, plus
+    `extra_forwards` forwards over them (old log-probs for μ > 1, the reference for β > 0). Padding is not counted."""
+    train = sum(t * flops_per_token(mc, t, training=True, with_mtp=False) for t in row_lengths)
+    forward = sum(t * flops_per_token(mc, t, training=False, with_mtp=False) for t in row_lengths)
     return float(updates * train + extra_forwards * forward)
 
 
@@ -341,7 +336,7 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
         opt.step()
         model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
     stats["trained"] = len(rows) / n_seqs
-    stats["flops"] = update_flops(model.config, r, rows, cfg.updates_per_batch,
+    stats["flops"] = update_flops(model.config, ends[rows].tolist(), cfg.updates_per_batch,
                                   int(cfg.updates_per_batch > 1) + int(ref is not None))
     return stats
 

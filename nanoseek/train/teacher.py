@@ -41,14 +41,11 @@ class LocalTeacher:
     `flops` adds up what its generation cost, for the cost table."""
 
     def __init__(self, path: str, device: str = "cpu", rows: int | None = None):
-        import torch
-
-        from ..checkpoint import load_model
-        from ..engine.engine import BATCH_ROWS
+        from ..engine.engine import BATCH_ROWS, load_for_inference
         from ..tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_dir(path)
-        self.model = load_model(path, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+        self.model = load_for_inference(path, device)
         self.rows = rows or BATCH_ROWS
         self.flops = 0.0
 
@@ -64,10 +61,10 @@ class LocalTeacher:
         engine = Engine.for_batch(self.model, len(prompts), max(map(len, prompts)), max_tokens, self.rows)
         step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
         for start in range(0, len(prompts), step):
-            outs = engine.generate(prompts[start : start + step], max_new_tokens=max_tokens, temperature=temperature,
+            chunk = prompts[start : start + step]
+            outs = engine.generate(chunk, max_new_tokens=max_tokens, temperature=temperature,
                                    seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])
-            self.flops += sum(generation_flops(self.model.config, len(p), [len(o)])
-                              for p, o in zip(prompts[start : start + step], outs))
+            self.flops += sum(generation_flops(self.model.config, len(p), [len(o)]) for p, o in zip(chunk, outs))
             for i, out in enumerate(outs):
                 finished = bool(out) and out[-1] == self.tok.eos_id
                 text = self.tok.decode(out[:-1] if finished else out)
