@@ -13,6 +13,7 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -52,6 +53,13 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """End the process group on every rank together. A rank that exits with gloo still running could abort
+        ("terminate called without an active exception") while the other rank was tearing down."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -441,6 +449,9 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             d.barrier()
     if bar is not None:
         bar.close()
+    del ddp  # DDP's reducer holds the process group: free it first, then end the group on every rank together
+    gc.collect()
+    d.close()
     if not d.is_main:
         return None
     wall = prior_wall + timer.elapsed()
