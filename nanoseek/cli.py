@@ -21,7 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.train.distill", "distill a teacher (model dir or OpenAI-compatible URL) into a student via verified traces"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server (chat/completions, reasoning split) with a private web chat"),
     "chat": ("nanoseek.chat", "chat with a model in the terminal, thinking shown dimmed"),
-    "eval": ("nanoseek.eval.evaluate", "pass@1 / maj@k of a model on held-out task-suite problems or GSM8K-format JSONL"),
+    "eval": ("nanoseek.eval.evaluate", "pass@1 / maj@k / pass@k of a model on held-out task-suite problems or GSM8K-format JSONL"),
     "report": ("nanoseek.eval.report", "report card (markdown + PNG plots + cost table) of a run or speedrun directory"),
     "convert": ("nanoseek.convert", "re-write a model directory: dtype, FP8 block quantisation, or dequantisation"),
 }

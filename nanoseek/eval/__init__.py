@@ -1,1 +1,1 @@
-"""Evaluation: pass@1 / maj@k on verifiable problems, and the report card."""
+"""Evaluation: pass@1 / maj@k / pass@k on verifiable problems, and the report card."""

@@ -5,7 +5,8 @@ GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
 "answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
-maj@K is the accuracy of the most common extracted answer. Numbers are compared as numbers, free-form math answers
+maj@K is the accuracy of the most common extracted answer and pass@K the share of problems that at least one of the
+K samples solves (the most that reinforcement learning can sharpen into pass@1 without new skills). Numbers are compared as numbers, free-form math answers
 of imported data (fractions, expressions, sets) by `math-verify`.
 
 Decoding: an engine of up to 512 rows (`Engine.for_batch`) gets the prompts in chunks of twice its rows and
@@ -108,7 +109,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
 
 
 def summarize(results: list[EvalResult]) -> dict:
-    """pass@1 (mean over samples), maj@K when K > 1, and the same per level and per family."""
+    """pass@1 (mean over samples), maj@K and pass@K when K > 1, and the same per level and per family."""
     def score(rs):
         out = {"n": len(rs), "pass@1": round(sum(sum(r.correct) / len(r.correct) for r in rs) / max(1, len(rs)), 4)}
         k = len(rs[0].correct) if rs else 1
@@ -120,6 +121,7 @@ def summarize(results: list[EvalResult]) -> dict:
                     best = votes.most_common(1)[0][0]
                     maj += r.correct[r.answers.index(best)]
             out[f"maj@{k}"] = round(maj / len(rs), 4)
+            out[f"pass@{k}"] = round(sum(any(r.correct) for r in rs) / len(rs), 4)
         return out
 
     summary = score(results)
@@ -152,20 +154,36 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
     """--task FAMILY[:LEVEL] | all, from the held-out split; or --data FILE.jsonl in GSM8K format."""
     from ..data import tasks
 
+    from ..cli import UserError
+
     if data:
         from ..data.corpus import read_records
 
-        return [tasks.from_record(rec) for rec in read_records(data)][:n] if n else [
-            tasks.from_record(rec) for rec in read_records(data)]
+        problems = []
+        try:
+            for i, rec in enumerate(read_records(data), 1):
+                if n and len(problems) == n:
+                    break
+                try:
+                    problems.append(tasks.from_record(rec))
+                except ValueError as e:
+                    raise ValueError(f"{data}: record {i}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise UserError(str(e)) from None
+        if not problems:
+            raise UserError(f"{data}: no records")
+        return problems
     family, _, level = (task or "all").partition(":")
     families = tasks.FAMILIES if family == "all" else (family,)
     for f in families:
         if f not in tasks.FAMILIES:
-            from ..cli import UserError
-
             raise UserError(f"unknown task {f!r}; choose from {', '.join(tasks.FAMILIES)} or all")
-    levels = [int(level)] if level else None
-    return tasks.mixture(n, seed=seed, split="eval", families=list(families), levels=levels)
+    if level and not level.isdigit():
+        raise UserError(f"--task {task}: the level after ':' is a number, e.g. {family}:2")
+    try:
+        return tasks.mixture(n, seed=seed, split="eval", families=list(families), levels=[int(level)] if level else None)
+    except ValueError as e:  # a level the family does not have
+        raise UserError(f"--task {task}: {e}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,7 +192,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
     p.add_argument("--n", type=int, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
-    p.add_argument("--samples", type=int, default=1, help="K samples per problem (pass@1 is their mean; maj@K too)")
+    p.add_argument("--samples", type=int, default=1, help="K samples per problem (pass@1 is their mean; maj@K and pass@K too); "
+                   "needs --temperature > 0")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
@@ -189,6 +208,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..tokenizer import Tokenizer
 
+    from ..cli import UserError
+
+    if args.samples < 1:
+        raise UserError("--samples must be at least 1")
+    if args.samples > 1 and args.temperature <= 0:
+        raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
+                        "pass --temperature (R1 used 0.6)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tok = Tokenizer.from_dir(args.model)
     problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)

@@ -1,0 +1,136 @@
+"""`nanoseek eval`: answer extraction, the pass@1 / maj@K / pass@K arithmetic, GSM8K-format data with levels, and
+the command's last stdout line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.data.tasks import check, from_record
+from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, run_eval, summarize
+from nanoseek.tokenizer import train_tokenizer
+
+RECORDS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7", "level": 1},
+    {"question": "What is 12 times 3?", "answer": "36", "level": 1},
+    {"question": "A box holds 1,200 beads; 200 are sold. How many are left?", "answer": "1,200 - 200 = 1,000\n#### 1,000",
+     "level": 2},
+]
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>\nthe answer is 5? no, 2 + 2 = 4\n</think>\n\nIt is 4", "4"),  # only the text after </think> counts
+    ("<think>\n9\n</think>\n\nSo it is \\boxed{12} and not 13", "12"),
+    ("work: 3 × 4 = 12\nAnswer: 12", "12"),
+    ("the answer is -3.5.", "-3.5"),
+    ("first 10, then 20, finally 1,000 left", "1,000"),
+    ("<think>\n7\n</think>\n\nno idea", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_gsm8k_records_check_numbers_as_numbers():
+    problems = [from_record(r) for r in RECORDS]
+    assert [p.answer for p in problems] == ["7", "36", "1000"]
+    assert [p.level for p in problems] == [1, 1, 2]
+    assert check(problems[2], "1,000") and check(problems[2], "1000.0") and not check(problems[2], "100")
+
+
+def _result(problem, answers, truth):
+    return EvalResult(problem, [str(a) for a in answers], answers, [a == truth for a in answers])
+
+
+def test_summary_by_hand():
+    p1, p2, p3 = (from_record(r) for r in RECORDS)
+    results = [
+        _result(p1, ["7", "7", "8", "7"], "7"),  # 3 of 4 right; majority right
+        _result(p2, ["35", "36", "35", None], "36"),  # 1 of 4 right; majority (35) wrong
+        _result(p3, ["9", "8", None, None], "1000"),  # none right
+    ]
+    s = summarize(results)
+    assert s["n"] == 3
+    assert s["pass@1"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3, abs=1e-4)
+    assert s["maj@4"] == pytest.approx(1 / 3, abs=1e-4)
+    assert s["pass@4"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["levels"]["1"] == {"n": 2, "pass@1": 0.5, "maj@4": 0.5, "pass@4": 1.0}
+    assert s["levels"]["2"] == {"n": 1, "pass@1": 0.0, "maj@4": 0.0, "pass@4": 0.0}
+    one = summarize([_result(p1, ["7"], "7"), _result(p2, ["3"], "36")])
+    assert one == {"n": 2, "pass@1": 0.5, "levels": {"1": {"n": 2, "pass@1": 0.5}}}  # no maj@1 / pass@1 twice
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalmodel")
+    texts = [r["question"] + " " + r["answer"] for r in RECORDS] * 20 + ["The answer is 0123456789."] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.save(d)
+    torch.manual_seed(0)
+    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=320, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    nanoseek.save_model(nanoseek.build_model(cfg), d)
+    data = d / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return d, tok, data
+
+
+class ScriptedEngine:
+    """Stands in for the engine: answers each prompt with the next scripted completion."""
+
+    max_batch_size = 2
+
+    def __init__(self, tok, completions):
+        self.tok, self.todo = tok, list(completions)
+
+    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+        return [self.tok.encode(self.todo.pop(0)) for _ in prompts]
+
+
+def test_run_eval_reads_and_checks_each_sample(model_dir):
+    _, tok, data = model_dir
+    problems = load_problems(None, str(data), 0, 0)
+    script = ["<think>\n3 + 4 = 7\n</think>\n\nThe answer is 7.", "<think>\n3 + 4 = 8\n</think>\n\nThe answer is 8.",
+              "<think>\n</think>\n\n\\boxed{36}", "36",
+              "<think>\n1200 - 200 = 1000\n</think>\n\nThe answer is 1,000.", "The answer is 100."]
+    results = run_eval(ScriptedEngine(tok, script), tok, problems, samples=2, temperature=0.6, progress=False)
+    assert [r.correct for r in results] == [[True, False], [True, True], [True, False]]
+    s = summarize(results)
+    assert (s["pass@1"], s["maj@2"], s["pass@2"]) == (pytest.approx(2 / 3, abs=1e-4), 1.0, 1.0)
+
+
+def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
+    d, _, data = model_dir
+    out = tmp_path / "rows.jsonl"
+    rc = main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.8",
+               "--max-new-tokens", "8", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 3 and set(summary["levels"]) == {"1", "2"}
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [len(r["completions"]) for r in rows] == [2, 2, 2]
+    for row, rec in zip(rows, RECORDS):  # the file and the summary agree with the extraction and the checker
+        problem = from_record(rec)
+        assert row["extracted"] == [extract_answer(c) for c in row["completions"]]
+        assert row["correct"] == [a is not None and check(problem, a) for a in row["extracted"]]
+    assert summary["pass@1"] == pytest.approx(sum(sum(r["correct"]) / 2 for r in rows) / 3, abs=1e-4)
+    assert summary["pass@2"] == pytest.approx(sum(any(r["correct"]) for r in rows) / 3, abs=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "4"], "identical completions"),
+    (["--task", "arithmetic:9"], "levels [9]"),
+    (["--task", "arithmetic:x"], "is a number"),
+    (["--task", "poetry"], "unknown task"),
+    (["--data", "{bad}"], "record 1: a record needs"),
+])
+def test_user_mistakes_are_one_line_errors(model_dir, tmp_path, capsys, args, message):
+    d, _, _ = model_dir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no answer here"}\n')
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    assert main(["eval", "--model", str(d), "--n", "2", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
