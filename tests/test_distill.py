@@ -128,3 +128,13 @@ def test_distill_cost_counts_local_traces_and_adds_up_over_resumes(tmp_path):
             assert traces == {"wall_s": 12.5, "flops": 1e10}
             assert cost["wall_s"] == 42.5 and cost["flops"] == 2e10
             assert cost["dollars"] == round(42.5 / 3600 * 2.0, 4)
+
+
+def test_trace_problems_follow_the_task_cells():
+    from nanoseek.cli import UserError
+
+    problems = trace_problems(DistillConfig(teacher="t", out="o", n=40, tasks=["arithmetic:2", "countdown"]))
+    assert {(p.family, p.level) for p in problems} == {("arithmetic", 2), ("countdown", 1), ("countdown", 2),
+                                                      ("countdown", 3)}
+    with pytest.raises(UserError, match="arithmetic has levels"):
+        trace_problems(DistillConfig(teacher="t", out="o", n=4, tasks=["arithmetic:7"]))

@@ -359,6 +359,28 @@ def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train
     raise ValueError(f"only {len(out)} distinct {split} problems found for {family}:{level}, {n} asked")
 
 
+def parse_cells(specs) -> list[tuple[str, int]]:
+    """Task specs as the commands take them ("family" = all its levels, "family:level" = one) -> the distinct
+    (family, level) cells they name, in order; ValueError for an unknown family or level."""
+    cells = []
+    for spec in specs:
+        fam, _, lvl = spec.partition(":")
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
+        if lvl and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):
+            raise ValueError(f"task {spec!r}: {fam} has levels {', '.join(map(str, LEVELS[fam]))}")
+        cells += [(fam, int(lvl))] if lvl else [(fam, level) for level in LEVELS[fam]]
+    return list(dict.fromkeys(cells))
+
+
+def levels_by_family(cells) -> dict[str, list[int]]:
+    """[(family, level)] -> {family: [levels]}, the `levels` argument of `mixture`."""
+    out: dict[str, list[int]] = {}
+    for f, lv in cells:
+        out.setdefault(f, []).append(lv)
+    return out
+
+
 def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=None,
             distinct: bool = True) -> list[Problem]:
     """n problems spread evenly over families × levels, shuffled. `levels`: a dict family -> levels, or a list

@@ -52,15 +52,15 @@ class DistillConfig:
 
 
 def trace_problems(cfg: DistillConfig):
-    from ..data.tasks import FAMILIES, mixture
+    """cfg.n problems of the train split, spread evenly over the cells cfg.tasks names (family or family:level)."""
+    from ..cli import UserError
+    from ..data.tasks import levels_by_family, mixture, parse_cells
 
-    families = [t.partition(":")[0] for t in cfg.tasks]
-    bad = [f for f in families if f not in FAMILIES]
-    if bad:
-        from ..cli import UserError
-
-        raise UserError(f"unknown task {bad[0]!r}; choose from {', '.join(FAMILIES)}")
-    return mixture(cfg.n, seed=cfg.seed + 2, split="train", families=families)
+    try:
+        levels = levels_by_family(parse_cells(cfg.tasks))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return mixture(cfg.n, seed=cfg.seed + 2, split="train", families=list(levels), levels=levels)
 
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
@@ -200,6 +200,8 @@ def distill(cfg: DistillConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
+    if cfg.student and not (Path(cfg.student) / "config.json").is_file():  # before any teacher time is spent
+        raise UserError(f"--student {cfg.student}: no config.json (a Hugging Face model directory with tokenizer files)")
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     try:
@@ -246,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--student", help="student model directory (with tokenizer files) to fine-tune")
     g.add_argument("--student-preset", help="or a fresh student of this preset, with the local teacher's tokenizer")
-    p.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"])
+    p.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
+                   help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL (default: all three families)")
     p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher")
     p.add_argument("--samples", type=int, default=1, help="traces per problem")
     p.add_argument("--max-tokens", type=int, default=160)

@@ -149,17 +149,12 @@ class Rollout:
 def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
     """The (family, level) cells that cfg.tasks names ("family" = all its levels, "family:level" = one)."""
     from ..cli import UserError
-    from ..data.tasks import FAMILIES, LEVELS
+    from ..data.tasks import parse_cells
 
-    cells = []
-    for spec in cfg.tasks:
-        fam, _, lvl = spec.partition(":")
-        if fam not in FAMILIES:
-            raise UserError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
-        if lvl and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):
-            raise UserError(f"task {spec!r}: {fam} has levels {', '.join(map(str, LEVELS[fam]))}")
-        cells += [(fam, int(lvl))] if lvl else [(fam, level) for level in LEVELS[fam]]
-    return list(dict.fromkeys(cells))
+    try:
+        return parse_cells(cfg.tasks)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 class Curriculum:
@@ -174,13 +169,11 @@ class Curriculum:
         self.accuracy = {f"{f}:{lv}": 0.5 for f, lv in self.cells}
 
     def sample(self, step: int, round_: int, n: int):
-        from ..data.tasks import generate, mixture
+        from ..data.tasks import generate, levels_by_family, mixture
 
         seed = self.cfg.seed * 1_000_003 + step * 101 + round_
         if not self.cfg.adaptive_tasks:
-            levels: dict[str, list[int]] = {}
-            for f, lv in self.cells:
-                levels.setdefault(f, []).append(lv)
+            levels = levels_by_family(self.cells)
             return mixture(n, seed=seed, split="train", families=list(levels), levels=levels)
         rng = random.Random(f"curriculum-{seed}")
         weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.01 for f, lv in self.cells]
