@@ -152,9 +152,8 @@ def evaluate_dir(model_dir, n: int, device: str, families, seed: int = 4242, sty
 
 def load_problems(task: str | None, data: str | None, n: int, seed: int):
     """--task FAMILY[:LEVEL] | all, from the held-out split; or --data FILE.jsonl in GSM8K format."""
-    from ..data import tasks
-
     from ..cli import UserError
+    from ..data import tasks
 
     if data:
         from ..data.corpus import read_records
@@ -173,17 +172,11 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
         if not problems:
             raise UserError(f"{data}: no records")
         return problems
-    family, _, level = (task or "all").partition(":")
-    families = tasks.FAMILIES if family == "all" else (family,)
-    for f in families:
-        if f not in tasks.FAMILIES:
-            raise UserError(f"unknown task {f!r}; choose from {', '.join(tasks.FAMILIES)} or all")
-    if level and not level.isdigit():
-        raise UserError(f"--task {task}: the level after ':' is a number, e.g. {family}:2")
     try:
-        return tasks.mixture(n, seed=seed, split="eval", families=list(families), levels=[int(level)] if level else None)
-    except ValueError as e:  # a level the family does not have
-        raise UserError(f"--task {task}: {e}") from None
+        levels = tasks.levels_by_family(tasks.parse_cells(tasks.FAMILIES if task in (None, "all") else [task]))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return tasks.mixture(n, seed=seed, split="eval", families=list(levels), levels=levels)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
