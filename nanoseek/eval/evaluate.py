@@ -6,8 +6,8 @@ Each problem is prompted through the model's own chat template (or as plain text
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
 "answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
 maj@K is the accuracy of the most common extracted answer and pass@K the share of problems that at least one of the
-K samples solves (the most that reinforcement learning can sharpen into pass@1 without new skills). Numbers are compared as numbers, free-form math answers
-of imported data (fractions, expressions, sets) by `math-verify`.
+K samples solves (what reinforcement learning could sharpen into pass@1 without new skills). Numbers are compared
+as numbers, free-form math answers of imported data (fractions, expressions, sets) by `math-verify`.
 
 Decoding: an engine of up to 512 rows (`Engine.for_batch`) gets the prompts in chunks of twice its rows and
 refills a row as soon as a completion ends, so the 1000-problem evaluation of the CPU speedrun's SFT model takes
@@ -185,8 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
     p.add_argument("--n", type=int, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
-    p.add_argument("--samples", type=int, default=1, help="K samples per problem (pass@1 is their mean; maj@K and pass@K too); "
-                   "needs --temperature > 0")
+    p.add_argument("--samples", type=int, default=1,
+                   help="K samples per problem (pass@1 is their mean; maj@K and pass@K too); needs --temperature > 0")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
@@ -199,9 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..tokenizer import Tokenizer
-
     from ..cli import UserError
+    from ..tokenizer import Tokenizer
 
     if args.samples < 1:
         raise UserError("--samples must be at least 1")

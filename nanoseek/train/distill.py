@@ -249,7 +249,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student", help="student model directory (with tokenizer files) to fine-tune")
     g.add_argument("--student-preset", help="or a fresh student of this preset, with the local teacher's tokenizer")
     p.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
-                   help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL (default: all three families)")
+                   help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
+                        "(default: all three families)")
     p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher")
     p.add_argument("--samples", type=int, default=1, help="traces per problem")
     p.add_argument("--max-tokens", type=int, default=160)
