@@ -56,11 +56,35 @@ def test_summary_by_hand():
     assert s["n"] == 3
     assert s["pass@1"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3, abs=1e-4)
     assert s["maj@4"] == pytest.approx(1 / 3, abs=1e-4)
+    # pass@2: 2 of 4 samples miss every right one with chance C(4−c, 2)/C(4, 2): c = 3 → 0, c = 1 → 3/6, c = 0 → 1
+    assert s["pass@2"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-4)
     assert s["pass@4"] == pytest.approx(2 / 3, abs=1e-4)
-    assert s["levels"]["1"] == {"n": 2, "pass@1": 0.5, "maj@4": 0.5, "pass@4": 1.0}
-    assert s["levels"]["2"] == {"n": 1, "pass@1": 0.0, "maj@4": 0.0, "pass@4": 0.0}
+    assert s["levels"]["1"] == {"n": 2, "pass@1": 0.5, "maj@4": 0.5, "pass@2": 0.75, "pass@4": 1.0}
+    assert s["levels"]["2"] == {"n": 1, "pass@1": 0.0, "maj@4": 0.0, "pass@2": 0.0, "pass@4": 0.0}
+    assert "cells" not in s  # one family: the levels are the cells
     one = summarize([_result(p1, ["7"], "7"), _result(p2, ["3"], "36")])
     assert one == {"n": 2, "pass@1": 0.5, "levels": {"1": {"n": 2, "pass@1": 0.5}}}  # no maj@1 / pass@1 twice
+
+
+def test_pass_at_k_estimator_and_cells():
+    from itertools import combinations
+
+    from nanoseek.eval.evaluate import pass_at_k
+
+    correct = [True, False, False, True, False, False, False, False]  # n 8, c 2
+    for k in (1, 2, 3, 8):  # the estimator is the share of k-subsets that hold a right sample
+        subsets = list(combinations(correct, k))
+        assert pass_at_k(8, 2, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    word = from_record({**RECORDS[0], "family": "word"})
+    sums = [from_record({"question": f"{i} + 1?", "answer": str(i + 1), "family": "arithmetic", "level": 1 + i % 2})
+            for i in range(4)]
+    results = [_result(word, ["7"] * 5 + ["6"], "7")] + [_result(p, [p.answer] * i + ["x"] * (6 - i), p.answer)
+                                                         for i, p in enumerate(sums)]
+    s = summarize(results)
+    assert [k for k in s if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@4", "pass@6"]
+    assert set(s["cells"]) == {"arithmetic:1", "arithmetic:2", "word:1"}
+    assert s["cells"]["arithmetic:2"]["pass@2"] == pytest.approx((pass_at_k(6, 1, 2) + pass_at_k(6, 3, 2)) / 2,
+                                                                  abs=1e-4)
 
 
 @pytest.fixture(scope="module")

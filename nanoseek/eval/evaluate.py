@@ -5,9 +5,10 @@ GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
 "answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
-maj@K is the accuracy of the most common extracted answer and pass@K the share of problems that at least one of the
-K samples solves (what reinforcement learning could sharpen into pass@1 without new skills). Numbers are compared
-as numbers, free-form math answers of imported data (fractions, expressions, sets) by `math-verify`.
+maj@K is the accuracy of the most common extracted answer and pass@k (k = 2, 4, …, K, the unbiased estimator) the
+chance that k samples include a right one: what reinforcement learning could sharpen into pass@1 without new skills.
+Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
+`math-verify`.
 
 Decoding: an engine of up to 512 rows (`Engine.for_batch`) gets the prompts in chunks of twice its rows and
 refills a row as soon as a completion ends, so the 1000-problem evaluation of the CPU speedrun's SFT model takes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter, defaultdict
@@ -108,31 +110,42 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     return results
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that k of n samples, c of them right, include a right one: 1 − C(n−c, k) / C(n, k) (the unbiased
+    estimator of Chen et al. 2021, "Evaluating Large Language Models Trained on Code")."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def summarize(results: list[EvalResult]) -> dict:
-    """pass@1 (mean over samples), maj@K and pass@K when K > 1, and the same per level and per family."""
+    """pass@1 (mean over samples); when K > 1 also maj@K and pass@k for k = 2, 4, 8, … and K; the same per level,
+    per family and per (family, level) cell."""
     def score(rs):
         out = {"n": len(rs), "pass@1": round(sum(sum(r.correct) / len(r.correct) for r in rs) / max(1, len(rs)), 4)}
-        k = len(rs[0].correct) if rs else 1
-        if k > 1:
+        K = len(rs[0].correct) if rs else 1
+        if K > 1:
             maj = 0
             for r in rs:
                 votes = Counter(a for a in r.answers if a is not None)
                 if votes:
                     best = votes.most_common(1)[0][0]
                     maj += r.correct[r.answers.index(best)]
-            out[f"maj@{k}"] = round(maj / len(rs), 4)
-            out[f"pass@{k}"] = round(sum(any(r.correct) for r in rs) / len(rs), 4)
+            out[f"maj@{K}"] = round(maj / len(rs), 4)
+            for k in sorted({2**i for i in range(1, K.bit_length()) if 2**i < K} | {K}):
+                out[f"pass@{k}"] = round(sum(pass_at_k(K, sum(r.correct), k) for r in rs) / len(rs), 4)
         return out
 
     summary = score(results)
-    by_level, by_family = defaultdict(list), defaultdict(list)
+    by_level, by_family, by_cell = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in results:
         by_level[r.problem.level].append(r)
         by_family[r.problem.family].append(r)
+        by_cell[f"{r.problem.family}:{r.problem.level}"].append(r)
     if len(by_level) > 1 or any(lvl for lvl in by_level):
         summary["levels"] = {str(k): score(v) for k, v in sorted(by_level.items())}
     if len(by_family) > 1:
         summary["families"] = {k: score(v) for k, v in sorted(by_family.items())}
+        if "levels" in summary:
+            summary["cells"] = {k: score(v) for k, v in sorted(by_cell.items())}
     return summary
 
 
