@@ -35,6 +35,24 @@ def randomize_hf(model, seed: int = 0):
     return model
 
 
+def tiny_model_dir(d, texts: list[str], data_name: str, records: list[dict]):
+    """A random cpu-tiny model in `d` with a 300-token tokenizer trained on `texts`, and `records` as JSONL in
+    d/data_name -> (d, tokenizer, data path)."""
+    import json
+
+    import nanoseek
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.save(d)
+    torch.manual_seed(0)
+    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=320, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    nanoseek.save_model(nanoseek.build_model(cfg), d)
+    data = d / data_name
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d, tok, data
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
     """Factory: hf_dir(**config_overrides) -> (directory, transformers model)."""

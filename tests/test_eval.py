@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-import nanoseek
+from conftest import tiny_model_dir
 from nanoseek.cli import main
 from nanoseek.data.tasks import check, from_record
 from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, run_eval, summarize
-from nanoseek.tokenizer import train_tokenizer
 
 RECORDS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7", "level": 1},
@@ -89,16 +87,8 @@ def test_pass_at_k_estimator_and_cells():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("evalmodel")
     texts = [r["question"] + " " + r["answer"] for r in RECORDS] * 20 + ["The answer is 0123456789."] * 20
-    tok = train_tokenizer(texts, vocab_size=300)
-    tok.save(d)
-    torch.manual_seed(0)
-    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=320, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    nanoseek.save_model(nanoseek.build_model(cfg), d)
-    data = d / "gsm8k.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return d, tok, data
+    return tiny_model_dir(tmp_path_factory.mktemp("evalmodel"), texts, "gsm8k.jsonl", RECORDS)
 
 
 class ScriptedEngine:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import nanoseek
-from nanoseek.tokenizer import train_tokenizer
+from conftest import tiny_model_dir
 from nanoseek.train.sft import ChatLoader, rows_per_epoch, tokenize_conversations
 
 CONVS = [
@@ -23,16 +23,8 @@ CONVS = [
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
     texts = [c["messages"][0]["content"] + " " + c["messages"][1]["content"] for c in CONVS]
-    tok = train_tokenizer(texts, vocab_size=300)
-    tok.save(d)
-    torch.manual_seed(0)
-    cfg = nanoseek.get_preset("cpu-tiny").replace(vocab_size=320, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    nanoseek.save_model(nanoseek.build_model(cfg), d)
-    data = d / "chats.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in CONVS))
-    return d, tok, data
+    return tiny_model_dir(tmp_path_factory.mktemp("base"), texts, "chats.jsonl", CONVS)
 
 
 def test_labels_cover_only_assistant_turns(base_dir):
