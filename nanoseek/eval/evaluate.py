@@ -201,11 +201,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1,
                    help="K samples per problem (pass@1 is their mean; maj@K and pass@K too); needs --temperature > 0")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
                    help="chat template (default), plain text for base models, or R1-Zero's template")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="which held-out problems (and the sampling seed)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", help="also write per-problem results (JSONL) here")
 
 

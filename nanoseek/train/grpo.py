@@ -441,33 +441,36 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="starting model: the SFT model (r1) or a base model (r1-zero)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1")
+    p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1",
+                   help="r1: prompts through the model's chat template (after SFT); r1-zero: R1-Zero's plain-text "
+                        "template, for a base model that can follow an instruction (default r1)")
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
     p.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--steps", type=int, default=60, help="rollout batches (default 60)")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="problems per rollout batch (default 16)")
     p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="completion budget; a completion cut off here fails the format check and earns no reward")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="rollout sampling temperature; the loss scores the same softmax(logits / T)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate, constant (default 1e-4)")
     p.add_argument("--beta", type=float, default=0.001, help="KL weight (0: no reference model)")
-    p.add_argument("--clip-eps", type=float, default=0.2)
+    p.add_argument("--clip-eps", type=float, default=0.2, help="ε, the importance ratio's clip range (default 0.2)")
     p.add_argument("--clip-eps-high", type=float, help="upper clip (default ε; dapo 0.28)")
     p.add_argument("--updates-per-batch", type=int, default=2, help="μ, optimiser steps per rollout batch")
-    p.add_argument("--micro-batch-size", type=int, default=32)
-    p.add_argument("--format-weight", type=float, default=0.2)
+    p.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward in the update")
+    p.add_argument("--format-weight", type=float, default=0.2,
+                   help="reward for a well-formed <think>…</think> answer, on top of 1 for a right one (default 0.2)")
     p.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out split every K steps (0: never)")
-    p.add_argument("--eval-n", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--stop-at", type=int)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-n", type=int, default=100, help="held-out problems per evaluation (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the problems drawn")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step; continue with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where its last checkpoint left it")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

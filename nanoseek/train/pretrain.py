@@ -61,13 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its last checkpoint left it")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
     p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (e.g. a job time limit); continue with --resume")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the batch order")
     p.add_argument("--batch-size", type=int, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (gradient accumulation fills the rest)")
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seq-len", type=int, help="tokens per packed row (default per preset; cpu-tiny 128)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
+                   help="after warmup: cosine to 10%% of the peak, WSD (flat, then a linear decay over the last 20%%), or constant")
     p.add_argument("--optimizer", choices=["adamw", "muon"],
                    help="adamw, or muon: Muon on the layers' matrices and AdamW on the embedding, head, norms and "
                         "biases, at the same learning rate (default per preset)")

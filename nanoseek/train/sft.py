@@ -176,7 +176,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", nargs="*", default=[], help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
     p.add_argument("--n-samples", type=int, default=4000, help="task-suite conversations when no --data (default 4000)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     p.add_argument("--epochs", type=float, default=0.0,
                    help="train this many passes over the data instead of --steps (0: use --steps)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -184,19 +184,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int,
                    help="rows per forward per process (default: the batch split over the processes, at most 32)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row; a longer conversation is truncated")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine after warmup (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=10, help="warmup steps (default 10)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="adamw, or muon on the layers' matrices with AdamW on the rest (see `pretrain --help`)")
-    p.add_argument("--mtp-weight", type=float, default=0.1)
-    p.add_argument("--bias-gamma", type=float, default=0.001)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--stop-at", type=int)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--price-per-hour", type=float, default=2.0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mtp-weight", type=float, default=0.1, help="λ, weight of the MTP loss (0: off; default 0.1)")
+    p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the default data and the batch order")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step; continue with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where its last checkpoint left it")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
