@@ -344,3 +344,33 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
         return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # timings differ
 
     assert metrics("whole") == metrics("parts") and len(metrics("whole")) == 4
+
+
+@pytest.mark.parametrize("mode", ["r1", "r1-zero"])
+def test_rollouts_prompt_and_judge_by_mode(mode):
+    """r1 prompts through the chat template, which prefills `<think>\\n` (put back before judging); r1-zero prompts
+    with R1-Zero's plain template, after which the model writes `<think>` itself."""
+    from nanoseek.data.tasks import from_record
+    from nanoseek.eval.evaluate import R1_ZERO_PROMPT
+    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.train.grpo import Curriculum, GRPOConfig, rollout
+
+    tok = train_tokenizer(["What is 3 + 4? 3 + 4 = 7 The answer is 7."] * 50, vocab_size=300)
+    problem = from_record({"question": "What is 3 + 4?", "answer": "7", "family": "arithmetic", "level": 1})
+    reasoning = "3 + 4 = 7\n</think>\n\nThe answer is 7."
+    completions = {"r1": [reasoning, "<think>\n" + reasoning], "r1-zero": [" <think>\n" + reasoning, reasoning]}[mode]
+
+    class Scripted:
+        def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+            self.prompts = prompts
+            return [tok.encode(c) + [tok.eos_id] for c in completions]
+
+    engine = Scripted()
+    cfg = GRPOConfig(out="unused", mode=mode, group_size=2, tasks=["arithmetic:1"])
+    r = rollout(cfg, engine, tok, [problem], 0, Curriculum(cfg))
+    prompt = tok.decode(engine.prompts[0], skip_special_tokens=False)
+    if mode == "r1":
+        assert prompt.endswith("<｜Assistant｜><think>\n")
+    else:
+        assert prompt.endswith(R1_ZERO_PROMPT.format(question=problem.question)) and "<｜User｜>" not in prompt
+    assert r.accuracy.tolist() == [[1.0, 0.0]] and r.fmt.tolist() == [[1.0, 0.0]]  # the second has no / two <think>
