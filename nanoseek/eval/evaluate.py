@@ -199,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
     p.add_argument("--n", type=int, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
     p.add_argument("--samples", type=int, default=1,
-                   help="K samples per problem (pass@1 is their mean; maj@K and pass@K too); needs --temperature > 0")
+                   help="K samples per problem (pass@1 is their mean; maj@K and pass@k too); needs --temperature > 0")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
