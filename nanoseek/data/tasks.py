@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import operator
 import random
 import re
 from collections import Counter
@@ -424,21 +425,31 @@ def _number(text) -> Fraction | None:
 
 
 _ASCII = str.maketrans({"×": "*", "÷": "/", "−": "-"})
-_AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "×", ast.Div: "÷"}
+_AST_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def _eval_countdown(node: ast.AST, used: list[int]) -> int:
-    """Whitelisted walk of a parsed expression: int constants and + - × ÷ only. Every intermediate result must be
-    a positive integer (so every division exact); raises ValueError on anything else."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        used.append(node.value)
-        return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
-        v = apply_op(_AST_OPS[type(node.op)], _eval_countdown(node.left, used), _eval_countdown(node.right, used))
-        if v is None or v <= 0:
+def eval_expression(text: str, used: list[int] | None = None, positive: bool = False) -> Fraction:
+    """Exact value of an arithmetic expression in the suite's notation (integers, + - × ÷ or + - * /, parentheses,
+    a leading minus), by a whitelisted walk of its Python parse: anything else raises ValueError (SyntaxError for
+    what does not parse, ZeroDivisionError for a division by 0). `used` collects the integers it holds; `positive`
+    (countdown's rule) requires every intermediate result to be a positive integer, so every division exact."""
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if used is not None:
+                used.append(node.value)
+            v = Fraction(node.value)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and not positive:
+            v = -walk(node.operand)
+        elif isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
+            v = _AST_OPS[type(node.op)](walk(node.left), walk(node.right))
+        else:
+            raise ValueError(f"{type(node).__name__} is not allowed")
+        if positive and (v <= 0 or v.denominator != 1):
             raise ValueError("an intermediate result is not a positive integer")
         return v
-    raise ValueError(f"{type(node).__name__} is not allowed")
+
+    return walk(ast.parse(text.translate(_ASCII).strip(), mode="eval").body)
 
 
 def _check_countdown(meta: dict, predicted: str) -> bool:
@@ -448,7 +459,7 @@ def _check_countdown(meta: dict, predicted: str) -> bool:
     if eq and _number(rhs) != meta["target"]:  # "(3 + 4) × 5 = 35" is fine, "= 36" is not
         return False
     used: list[int] = []
-    value = _eval_countdown(ast.parse(expr.translate(_ASCII).strip(), mode="eval").body, used)
+    value = eval_expression(expr, used, positive=True)
     return value == meta["target"] and not Counter(used) - Counter(meta["numbers"])
 
 

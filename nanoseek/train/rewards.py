@@ -20,11 +20,10 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
+from ..data.tasks import eval_expression
 from ..eval.evaluate import NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
@@ -75,19 +74,6 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
 
 
-def _value(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_value(node.operand)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        a, b = _value(node.left), _value(node.right)
-        if isinstance(node.op, ast.Div):
-            return a / b  # ZeroDivisionError for b = 0: the caller skips the line
-        return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
-    raise ValueError("not an arithmetic expression")
-
-
 def false_steps(text: str) -> list[tuple[int, int]]:
     """Character spans (start, end) in `text` of the stated results of the false arithmetic lines of its reasoning
     (before `</think>`): for "7 + 5 = 13, carry 1" the span of "13"; for a wrong long-division line
@@ -97,7 +83,7 @@ def false_steps(text: str) -> list[tuple[int, int]]:
     for m in STEP.finditer(reasoning):
         lhs, rhs, rem = m["lhs"], int(m["rhs"]), m["rem"]
         try:
-            value = _value(ast.parse(lhs.replace("×", "*").replace("÷", "/"), mode="eval").body)
+            value = eval_expression(lhs)
         except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
             continue
         if rem is None:
