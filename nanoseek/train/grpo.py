@@ -465,18 +465,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reward for a well-formed <think>…</think> answer, on top of 1 for a right one (default 0.2)")
     p.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out split every K steps (0: never)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out problems per evaluation (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the problems drawn")
-    p.add_argument("--save-every", type=int, default=20, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step; continue with --resume")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where its last checkpoint left it")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_run_arguments(p, "seed of the rollouts and the problems drawn", save_every=20)
 
 
 def run(args: argparse.Namespace) -> int:
     keys = ("model", "out", "mode", "loss", "tasks", "adaptive_tasks", "steps", "prompts_per_step", "group_size",
             "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
-            "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device")
+            "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device",
+            "price_per_hour")
     result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
     print(json.dumps(result))
     return 0

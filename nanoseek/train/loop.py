@@ -335,6 +335,20 @@ def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> 
     return max(1, min(micro_batch_size, batch_size // int(os.environ.get("WORLD_SIZE", "1"))))
 
 
+def add_run_arguments(p, seed_help: str, save_every: int) -> None:
+    """The command-line options every training stage takes: seed, checkpoints and resume, device, the cost table's
+    price and the progress bar (TrainConfig's fields of the same names)."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--stop-at", type=int,
+                   help="checkpoint and exit after this step (e.g. a job time limit); continue with --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where its last checkpoint left it")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
     from ..cli import UserError
 

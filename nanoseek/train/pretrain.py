@@ -58,10 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=int, help="optimiser steps (default per preset; cpu-tiny 2000)")
     p.add_argument("--data", nargs="*", default=[], help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its last checkpoint left it")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step (e.g. a job time limit); continue with --resume")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the batch order")
     p.add_argument("--batch-size", type=int, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (gradient accumulation fills the rest)")
     p.add_argument("--seq-len", type=int, help="tokens per packed row (default per preset; cpu-tiny 128)")
@@ -87,9 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
                         "checkpoints keep float32 master weights: `nanoseek convert RUN/model OUT --fp8` writes "
                         "DeepSeek's FP8 format")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_run_arguments(p, "seed of the data, the initialisation and the batch order", save_every=100)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

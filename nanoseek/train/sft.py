@@ -190,13 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adamw, or muon on the layers' matrices with AdamW on the rest (see `pretrain --help`)")
     p.add_argument("--mtp-weight", type=float, default=0.1, help="λ, weight of the MTP loss (0: off; default 0.1)")
     p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the default data and the batch order")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step; continue with --resume")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where its last checkpoint left it")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loop.add_run_arguments(p, "seed of the default data and the batch order", save_every=100)
 
 
 def run(args: argparse.Namespace) -> int:
