@@ -14,6 +14,7 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.speedrun", "the whole recipe in one command: pretrain, SFT, GRPO, distill, evaluate, report"),
+    "tasks": ("nanoseek.data.export", "write task-suite problems to JSONL: GSM8K-style, chat (SFT) or text (pretraining)"),
     "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer with DeepSeek's special tokens and chat template"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a DeepSeek-V3-architecture model (NTP + MTP, aux-loss-free MoE)"),
     "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat data (loss on assistant turns only), e.g. R1's cold start"),

@@ -247,3 +247,31 @@ def test_errors():
         mixture(10, levels=[9])
     with pytest.raises(ValueError, match="level"):
         mixture(10, levels={"word": [4]})
+
+
+def test_tasks_command_writes_each_rendering(tmp_path, capsys):
+    """`nanoseek tasks`: GSM8K-format records read back (from_record) into problems whose own answers check, from the
+    split asked for, countdown's numbers kept; chat and text records in the shapes sft and pretrain read; one-line
+    errors for bad input."""
+    from nanoseek.cli import main
+
+    out = tmp_path / "eval.jsonl"
+    assert main(["tasks", "--out", str(out), "--format", "gsm8k", "--split", "eval", "--n", "40"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    problems = [from_record(json.loads(line)) for line in out.read_text().splitlines()]
+    assert summary["n"] == len(problems) == 40 and len(summary["cells"]) == 10
+    assert all(split_of(p) == "eval" and check(p, p.answer) for p in problems)
+    assert any(p.family == "countdown" for p in problems)
+    assert not check(next(p for p in problems if p.family == "countdown"), "1 + 1")
+    recs = {}
+    for fmt in ("chat", "text"):
+        assert main(["tasks", "--out", str(tmp_path / f"{fmt}.jsonl"), "--format", fmt, "--tasks", "word:2", "--n", "3"]) == 0
+        recs[fmt] = [json.loads(line) for line in (tmp_path / f"{fmt}.jsonl").read_text().splitlines()]
+    assert len(recs["chat"]) == len(recs["text"]) == 3
+    assert all(r["messages"][1]["content"].startswith("<think>\n") for r in recs["chat"])
+    assert all(r["text"].split("\n")[-1].startswith("Answer: ") for r in recs["text"])
+    capsys.readouterr()
+    for argv, says in ((["--tasks", "arithmetic:7"], "levels 1, 2, 3, 4"), (["--n", "0"], "--n"),
+                       (["--out", str(tmp_path / "no" / "x.jsonl")], "not a directory")):
+        assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), *argv]) == 1
+        assert says in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""`nanoseek tasks`: write task-suite problems to a JSONL file, in any of the suite's three renderings.
+
+    gsm8k  {"question", "answer": worked solution + "#### N", "level", "family", "meta"}: what `nanoseek eval --data`
+           and `nanoseek grpo --data` read back with the checker intact (a countdown record keeps its numbers)
+    chat   {"messages": [user, assistant "<think>…</think> answer"]}: R1's cold-start format, for `nanoseek sft --data`
+    text   {"text": question, working, answer}: pretraining documents, for `nanoseek pretrain --data`
+
+The problems are the ones the training stages draw: the same split (train or the held-out eval split, which never
+share a problem), spread evenly over the chosen (family, level) cells, deterministic for --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+RENDERINGS = ("gsm8k", "chat", "text")
+
+
+def render(problem, fmt: str) -> dict:
+    from .tasks import to_chat, to_gsm8k, to_text
+
+    return {"gsm8k": to_gsm8k, "chat": to_chat, "text": lambda p: {"text": to_text(p)}}[fmt](problem)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="JSONL file to write ('-' for standard output)")
+    p.add_argument("--format", choices=RENDERINGS, default="gsm8k",
+                   help="gsm8k (question/answer, for eval and grpo --data; default), chat (for sft --data) or text "
+                        "(for pretrain --data)")
+    p.add_argument("--tasks", nargs="+", default=["all"], help="family[:level] cells, or 'all' (default)")
+    p.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="train, or the held-out eval split the evaluations score (default train)")
+    p.add_argument("--n", type=int, default=1000, help="problems, spread evenly over the cells (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="which problems")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from . import tasks
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    try:
+        specs = tasks.FAMILIES if args.tasks == ["all"] else args.tasks
+        levels = tasks.levels_by_family(tasks.parse_cells(specs))
+        problems = tasks.mixture(args.n, seed=args.seed, split=args.split, families=list(levels), levels=levels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    lines = "".join(json.dumps(render(p, args.format), ensure_ascii=False) + "\n" for p in problems)
+    if args.out == "-":
+        sys.stdout.write(lines)
+    else:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise UserError(f"{out.parent} is not a directory")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(lines, encoding="utf-8")
+        os.replace(tmp, out)  # a reader never sees half a file
+        cells = Counter(f"{p.family}:{p.level}" for p in problems)
+        print(json.dumps({"out": str(out), "format": args.format, "split": args.split, "n": len(problems),
+                          "cells": dict(sorted(cells.items()))}))
+    return 0
