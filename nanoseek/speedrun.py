@@ -83,9 +83,9 @@ def mark_done(stage_dir: Path, result: dict) -> dict:
 
 
 def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
-    from .eval.evaluate import evaluate_dir
+    from .eval.evaluate import evaluate_dir, held_out
 
-    return evaluate_dir(model_dir, n, device, TASKS, style=style)[0]
+    return evaluate_dir(model_dir, held_out(n, TASKS), device, style=style)[0]
 
 
 def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:

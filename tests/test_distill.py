@@ -138,3 +138,44 @@ def test_trace_problems_follow_the_task_cells():
                                                       ("countdown", 3)}
     with pytest.raises(UserError, match="arithmetic has levels"):
         trace_problems(DistillConfig(teacher="t", out="o", n=4, tasks=["arithmetic:7"]))
+
+
+def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
+    """--data: the teacher is asked the file's questions and each trace is verified against the file's answer;
+    --eval-data: the student is scored on that file; a bad file is refused before the run directory is made."""
+    import json
+
+    import nanoseek.train.distill as distill_module
+    from nanoseek.cli import UserError
+    from nanoseek.train.distill import distill
+    from nanoseek.train.teacher import Trace
+
+    _, d = server
+    train, held = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"question": f"Ann has {i} pens and gets 2 more. How many now?",
+                                         "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
+    held.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(3)))
+
+    class Scripted:  # right on even-numbered pens, one off on odd ones
+        asked: list[str] = []
+
+        def traces(self, questions, max_tokens, temperature, seeds):
+            for i, q in enumerate(questions):
+                Scripted.asked.append(q)
+                n = int(q.split()[2])
+                yield i, Trace(f"{n} + 2 = {n + 2}", f"The answer is {n + 2 + n % 2}.", True)
+
+    monkeypatch.setattr(distill_module, "make_teacher", lambda *a, **kw: Scripted())
+    common = dict(teacher="scripted", student=str(d), data=str(train), steps=1, batch_size=2, eval_n=2, progress=False)
+    result = distill(DistillConfig(out=str(tmp_path / "run"), eval_data=str(held), **common))
+    assert sorted(Scripted.asked) == sorted(json.loads(line)["question"] for line in train.read_text().splitlines())
+    kept = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "run" / "kept.jsonl").read_text().splitlines()]
+    assert sorted(kept) == [f"Ann has {i} pens and gets 2 more. How many now?" for i in (0, 2, 4)]
+    assert result["traces"]["wrong"] == 3 and isinstance(result["student"]["pass@1"], float)
+    alone = distill(DistillConfig(out=str(tmp_path / "alone"), **common))
+    assert alone["student"]["pass@1"] is None and "--eval-data" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 1 + 1?"}\n')
+    with pytest.raises(UserError, match="record 1"):
+        distill(DistillConfig(out=str(tmp_path / "never"), **{**common, "data": str(bad)}))
+    assert not (tmp_path / "never").exists()

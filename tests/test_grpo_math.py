@@ -374,3 +374,72 @@ def test_rollouts_prompt_and_judge_by_mode(mode):
     else:
         assert prompt.endswith(R1_ZERO_PROMPT.format(question=problem.question)) and "<｜User｜>" not in prompt
     assert r.accuracy.tolist() == [[1.0, 0.0]] and r.fmt.tolist() == [[1.0, 0.0]]  # the second has no / two <think>
+
+
+def test_curriculum_draws_a_data_file_pass_by_pass():
+    """With --data every problem of the file is drawn once per pass, each pass in its own seeded order, and the
+    position round-trips through the checkpoint state."""
+    from nanoseek.data.tasks import from_record
+    from nanoseek.train.grpo import Curriculum, GRPOConfig
+
+    pool = [from_record({"question": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(5)]
+    cur = Curriculum(GRPOConfig(out="", data="file.jsonl"), pool)
+    drawn = [p.question for step in range(5) for p in cur.sample(step, 0, 3)]  # 15 = three passes
+    passes = [drawn[i : i + 5] for i in (0, 5, 10)]
+    assert all(sorted(p) == sorted(q.question for q in pool) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # reshuffled between passes
+    again = Curriculum(GRPOConfig(out="", data="file.jsonl"), pool)
+    again.load_state_dict(cur.state_dict())
+    assert [p.question for p in again.sample(5, 0, 7)] == [p.question for p in cur.sample(5, 0, 7)]
+    other = Curriculum(GRPOConfig(out="", data="file.jsonl", seed=1), pool)
+    assert [p.question for p in other.sample(0, 0, 5)] != passes[0]
+
+
+def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
+    """`nanoseek grpo --data FILE --eval-data FILE`: trains on the file's problems (a 4-step run stopped at 2 and
+    resumed matches an uninterrupted one), evaluates on the other file; user mistakes are one-line errors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import nanoseek
+    import nanoseek.train.grpo as grpo_module
+    from nanoseek.cli import UserError
+    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.rewards import Judgement
+
+    asked = []
+    monkeypatch.setattr(grpo_module, "judge", lambda text, problem, *a, **kw: (
+        asked.append(problem.question), Judgement(text.count("7") / 4, 0.0, 0.0, None))[1])
+    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = tmp_path / "sft"
+    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
+    tok.save(model)
+    train, held = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys 2. How many?",
+                                         "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
+    held.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(3)))
+    common = dict(model=str(model), data=str(train), eval_data=str(held), eval_n=2, eval_every=2, steps=4,
+                  prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=2, progress=False, device="cpu")
+    grpo(GRPOConfig(out=str(tmp_path / "whole"), **common))
+    assert set(asked) == {f"Tom has {i} apples and buys 2. How many?" for i in range(6)}  # 8 drawn: every one
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval"]["n"] for r in rows if "eval" in r] == [2, 2, 2]  # steps 0, 2 and 4, on --eval-data
+    grpo(GRPOConfig(out=str(tmp_path / "parts"), stop_at=2, **common))
+    grpo(GRPOConfig(out=str(tmp_path / "parts"), resume=True, **common))
+    whole, parts = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n" + json.dumps({"question": 5}) + "\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "What is " + " + ".join(["1"] * 400) + "?", "answer": "400"}) + "\n")
+    for kw, says in ((dict(data=str(bad)), "record 2"), (dict(data=str(train), adaptive_tasks=True), "--adaptive-tasks"),
+                     (dict(data=str(long)), "exceeds the model's context"),
+                     (dict(data=str(tmp_path / "missing.jsonl")), "missing.jsonl")):
+        with pytest.raises(UserError, match=says):
+            grpo(GRPOConfig(out=str(tmp_path / "err"), **{**common, **kw}))
+        assert not (tmp_path / "err").exists()  # refused before the run directory is made

@@ -149,18 +149,23 @@ def summarize(results: list[EvalResult]) -> dict:
     return summary
 
 
-def evaluate_dir(model_dir, n: int, device: str, families, seed: int = 4242, style: str = "chat",
-                 max_new_tokens: int = 320) -> tuple[dict, object]:
-    """Greedy held-out evaluation of a model directory on n task-suite problems -> (summary, engine). 320 new tokens
-    fit the longest worked solutions of the suite (three-step word problems with their column working)."""
-    from ..data.tasks import mixture
+def evaluate_dir(model_dir, problems, device: str, style: str = "chat", max_new_tokens: int = 320) -> tuple[dict, object]:
+    """Greedy evaluation of a model directory on `problems` -> (summary, engine). 320 new tokens fit the longest
+    worked solutions of the task suite (three-step word problems with their column working)."""
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)
-    problems = mixture(n, seed=seed, split="eval", families=list(families))
     engine = engine_for(model_dir, device, prompts_for(problems, tok, style), max_new_tokens)
     results = run_eval(engine, tok, problems, max_new_tokens=max_new_tokens, style=style, progress=False)
     return summarize(results), engine
+
+
+def held_out(n: int, families, seed: int = 4242) -> list:
+    """n problems of the task suite's eval split, spread evenly over the families' levels: what the speedrun and
+    distill score every model on."""
+    from ..data.tasks import mixture
+
+    return mixture(n, seed=seed, split="eval", families=list(families))
 
 
 def load_problems(task: str | None, data: str | None, n: int, seed: int):

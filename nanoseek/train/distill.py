@@ -2,14 +2,14 @@
 teacher's verified traces only).
 
 1. traces   the teacher (a model directory or any OpenAI-compatible URL) answers task-suite problems from the
-            train split; every trace is appended to RUN/traces.jsonl as it arrives, so an interrupted run resumes
+            train split, or the user's own (`--data FILE.jsonl`, GSM8K format); every trace is appended to RUN/traces.jsonl as it arrives, so an interrupted run resumes
             without asking again.
 2. filter   rejection sampling: keep a trace only if it ended by itself, is well formed (`<think>` reasoning then
             an answer) and the task's checker verifies its answer; drop exact duplicates. The kept set is chat JSONL
             (RUN/kept.jsonl) that `nanoseek sft` also accepts.
 3. student  SFT of the student (RUN/student) on the kept set; with a local teacher that shares the student's
             vocabulary, `--kd-weight` adds KL(teacher ‖ student) on the answer tokens (logit distillation).
-4. report   teacher vs student: held-out pass@1, parameters (total and active), decode tokens/s; RUN/cost.json for
+4. report   teacher vs student: held-out pass@1 (the suite's eval split, or `--eval-data FILE.jsonl`), parameters (total and active), decode tokens/s; RUN/cost.json for
             the cost table counts the student's SFT and, from a local teacher, the trace generation.
 """
 
@@ -35,7 +35,9 @@ class DistillConfig:
     student: str | None = None  # a model directory with tokenizer files
     student_preset: str | None = None  # or a fresh model of this preset, with the teacher's tokenizer
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "word", "countdown"])
-    n: int = 2000  # problems
+    data: str | None = None  # or the problems of this GSM8K-format JSONL
+    eval_data: str | None = None  # held-out GSM8K-format JSONL to score teacher and student on (default: the suite's)
+    n: int = 2000  # problems (with --data: the file's first n; 0 = all)
     samples: int = 1  # traces per problem
     max_tokens: int = 160
     temperature: float = 0.6  # R1's recommended sampling
@@ -52,10 +54,14 @@ class DistillConfig:
 
 
 def trace_problems(cfg: DistillConfig):
-    """cfg.n problems of the train split, spread evenly over the cells cfg.tasks names (family or family:level)."""
+    """The first cfg.n problems of --data, or cfg.n problems of the train split spread evenly over the cells
+    cfg.tasks names (family or family:level)."""
     from ..cli import UserError
     from ..data.tasks import levels_by_family, mixture, parse_cells
+    from ..eval.evaluate import load_problems
 
+    if cfg.data:
+        return load_problems(None, cfg.data, cfg.n, 0)
     try:
         levels = levels_by_family(parse_cells(cfg.tasks))
     except ValueError as e:
@@ -156,13 +162,31 @@ def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tok
     return sum(len(o) for o in outs) / (time.perf_counter() - t)
 
 
-def describe(model_dir: str, device: str, eval_n: int, families, seed: int) -> dict:
+def scored_problems(cfg: DistillConfig) -> list:
+    """What teacher and student are scored on: the first eval_n of --eval-data, else eval_n of the task suite's eval
+    split in the families being distilled (none with --data alone: the suite would not measure that skill)."""
+    from ..eval.evaluate import held_out, load_problems
+
+    if cfg.eval_data:
+        return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
+    if cfg.data:
+        return []
+    return held_out(cfg.eval_n, sorted({t.partition(":")[0] for t in cfg.tasks}), seed=cfg.seed)
+
+
+def describe(model_dir: str, device: str, problems: list, max_new_tokens: int) -> dict:
+    """pass@1 on `problems` (when there are any), parameters (total and active), decode tokens/s."""
+    from ..engine.engine import load_for_inference
     from ..eval.evaluate import evaluate_dir
     from ..model import param_counts
 
-    summary, engine = evaluate_dir(model_dir, eval_n, device, families, seed=seed)
-    counts = param_counts(engine.model)
-    return {"pass@1": summary["pass@1"], "levels": summary.get("levels"), "params_total": counts["total"],
+    if problems:
+        summary, engine = evaluate_dir(model_dir, problems, device, max_new_tokens=max_new_tokens)
+        model = engine.model
+    else:
+        summary, model = {}, load_for_inference(model_dir, device)
+    counts = param_counts(model)
+    return {"pass@1": summary.get("pass@1"), "levels": summary.get("levels"), "params_total": counts["total"],
             "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
 
 
@@ -202,13 +226,16 @@ def distill(cfg: DistillConfig) -> dict:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
     if cfg.student and not (Path(cfg.student) / "config.json").is_file():  # before any teacher time is spent
         raise UserError(f"--student {cfg.student}: no config.json (a Hugging Face model directory with tokenizer files)")
+    problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
+    if cfg.data and not scored:
+        print("distill: --data without --eval-data: teacher and student are not scored (pass --eval-data FILE.jsonl)",
+              file=sys.stderr)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     try:
         teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency)
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
-    problems = trace_problems(cfg)
     t0 = time.perf_counter()
     try:
         records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
@@ -233,10 +260,10 @@ def distill(cfg: DistillConfig) -> dict:
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     write_cost(run, traces_cost, device)
-    families = sorted({t.partition(":")[0] for t in cfg.tasks})
-    report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, cfg.eval_n, families, cfg.seed)}
+    budget = max(320, cfg.max_tokens)  # the suite's longest solutions, or what the teacher was allowed
+    report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, scored, budget)}
     if isinstance(teacher, LocalTeacher):
-        report["teacher"] = describe(cfg.teacher, device, cfg.eval_n, families, cfg.seed)
+        report["teacher"] = describe(cfg.teacher, device, scored, budget)
     (run / "report.json").write_text(json.dumps(report, indent=1))
     return {"stage": "distill", "model": str(run / "student" / "model"), "sft": result["final"] if result else None, **report}
 
@@ -248,10 +275,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--student", help="student model directory (with tokenizer files) to fine-tune")
     g.add_argument("--student-preset", help="or a fresh student of this preset, with the local teacher's tokenizer")
-    p.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
                    help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
                         "(default: all three families)")
-    p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher")
+    src.add_argument("--data", help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' or "
+                                  "'N'); the answer verifies each trace")
+    p.add_argument("--eval-data", help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
+                                       "held-out split)")
+    p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
     p.add_argument("--samples", type=int, default=1, help="traces per problem")
     p.add_argument("--max-tokens", type=int, default=160, help="teacher completion budget per problem (default 160)")
     p.add_argument("--temperature", type=float, default=0.6, help="teacher sampling temperature (default 0.6, R1's)")
@@ -261,14 +293,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="student SFT rows per step (default 32)")
     p.add_argument("--lr", type=float, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
     p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight (local teacher only)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out problems to score teacher and student on")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out problems to score teacher and student on (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems, the sampling and the student SFT")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("teacher", "out", "student", "student_preset", "tasks", "n", "samples", "max_tokens", "temperature",
+    keys = ("teacher", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples", "max_tokens", "temperature",
             "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

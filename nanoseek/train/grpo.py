@@ -22,6 +22,10 @@ of the completions the update ran on. Metric `false_steps` is the share of rollo
 arithmetic fact (`rewards.false_steps`, e.g. "7 × 6 = 43"): wrong answers that do are slips in the working, not a
 wrong plan.
 
+Problems: the task suite's train split (`--tasks`, evenly or `--adaptive-tasks`), or the user's own verifiable
+problems (`--data FILE.jsonl`, GSM8K format as `nanoseek eval` reads it), drawn in a seeded order that reshuffles
+every pass over the file; `--eval-data` scores a held-out file of the same format instead of the suite's eval split.
+
 Modes: `r1` starts from an SFT model and prompts with its chat template (which prefills `<think>\\n`);
 `r1-zero` starts from a base model with R1-Zero's plain-text template. In both, the answer follows `</think>`
 (R1-Zero's `<answer>` tags are not used, so one reward function serves both).
@@ -57,6 +61,8 @@ class GRPOConfig(loop.TrainConfig):
     mode: str = "r1"  # r1 | r1-zero
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # family[:level] of the task suite
+    data: str | None = None  # GSM8K-format JSONL to train on instead of the task suite
+    eval_data: str | None = None  # GSM8K-format JSONL for the periodic evaluation instead of the suite's eval split
     adaptive_tasks: bool = False  # draw task cells by learnability p(1 - p) of their running accuracy (Curriculum)
     steps: int = 60
     prompts_per_step: int = 16
@@ -146,6 +152,11 @@ class Rollout:
     false_rate: float = 0.0  # fraction of completions whose reasoning states a false arithmetic fact
 
 
+def prompt_style(cfg: GRPOConfig) -> str:
+    """r1 prompts through the chat template (prefilling `<think>`), r1-zero through R1-Zero's plain template."""
+    return "chat" if cfg.mode == "r1" else "r1-zero"
+
+
 def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
     """The (family, level) cells that cfg.tasks names ("family" = all its levels, "family:level" = one)."""
     from ..cli import UserError
@@ -161,16 +172,24 @@ class Curriculum:
     """Which problems a step trains on. Uniform: an even mixture of the cells. Adaptive (`--adaptive-tasks`): each
     cell is drawn with weight p(1 − p) + 0.01, p the running (EMA 0.7) rollout accuracy of that cell, starting at
     0.5 — the cells the policy sometimes but not always solves, where a group's rewards differ and GRPO's advantage
-    is non-zero; cells it never or always solves keep a small share so a change shows up. Its state is saved with
-    the checkpoint, so a resumed run samples as the uninterrupted one would."""
+    is non-zero; cells it never or always solves keep a small share so a change shows up. With `--data`: the file's
+    problems in order of a seeded permutation, a new one for every pass over the file. Its state (cell accuracies,
+    the position in the file) is saved with the checkpoint, so a resumed run samples as the uninterrupted one would."""
 
-    def __init__(self, cfg: GRPOConfig):
-        self.cfg, self.cells = cfg, task_cells(cfg)
+    def __init__(self, cfg: GRPOConfig, pool: list | None = None):
+        self.cfg, self.pool = cfg, pool
+        self.cells = [] if pool is not None else task_cells(cfg)
         self.accuracy = {f"{f}:{lv}": 0.5 for f, lv in self.cells}
+        self.position = 0  # --data: problems drawn so far
+        self._order: tuple[int, list[int]] = (-1, [])  # --data: (pass over the file, its order)
 
     def sample(self, step: int, round_: int, n: int):
         from ..data.tasks import generate, levels_by_family, mixture
 
+        if self.pool is not None:
+            picks = [self._from_file(j) for j in range(self.position, self.position + n)]
+            self.position += n
+            return picks
         seed = self.cfg.seed * 1_000_003 + step * 101 + round_
         if not self.cfg.adaptive_tasks:
             levels = levels_by_family(self.cells)
@@ -185,6 +204,15 @@ class Curriculum:
         rng.shuffle(out)
         return out
 
+    def _from_file(self, j: int):
+        """The j-th problem drawn from --data: pass j // N over the file, in that pass's seeded order."""
+        N, epoch = len(self.pool), j // len(self.pool)
+        if self._order[0] != epoch:
+            order = list(range(N))
+            random.Random(f"data-{self.cfg.seed}-{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self.pool[self._order[1][j % N]]
+
     def observe(self, problems, accuracy: torch.Tensor) -> None:
         """accuracy (P, G) of the rollouts of `problems`."""
         for prob, acc in zip(problems, accuracy.mean(dim=1).tolist()):
@@ -193,17 +221,17 @@ class Curriculum:
                 self.accuracy[key] = 0.7 * self.accuracy[key] + 0.3 * acc
 
     def state_dict(self) -> dict:
-        return {"cell_accuracy": dict(self.accuracy)}
+        return {"cell_accuracy": dict(self.accuracy), "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.accuracy.update(state.get("cell_accuracy", {}))
+        self.position = state.get("position", 0)
 
 
 def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum) -> Rollout:
     from ..eval.evaluate import prompts_for
 
-    style = "chat" if cfg.mode == "r1" else "r1-zero"
-    prompts = prompts_for(problems, tok, style)
+    prompts = prompts_for(problems, tok, prompt_style(cfg))
     G = cfg.group_size
     flat = [p for p in prompts for _ in range(G)]
     outs = engine.generate(flat, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -334,43 +362,69 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     return stats
 
 
-def evaluate(cfg: GRPOConfig, engine, tok) -> dict:
-    from ..eval.evaluate import run_eval, summarize
+def held_out(cfg: GRPOConfig) -> list:
+    """The problems of the periodic evaluation: the first eval_n of --eval-data, or the suite's eval split of the
+    families being trained (none when training on --data without --eval-data: the suite would not say much)."""
     from ..data.tasks import mixture
+    from ..eval.evaluate import load_problems
 
+    if cfg.eval_data:
+        return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
+    if cfg.data:
+        return []
     families = sorted({t.partition(":")[0] for t in cfg.tasks})
-    problems = mixture(cfg.eval_n, seed=12345, split="eval", families=families)
-    style = "chat" if cfg.mode == "r1" else "r1-zero"
-    results = run_eval(engine, tok, problems, max_new_tokens=cfg.max_new_tokens, style=style, progress=False)
+    return mixture(cfg.eval_n, seed=12345, split="eval", families=families)
+
+
+def evaluate(cfg: GRPOConfig, engine, tok, problems: list) -> dict:
+    from ..eval.evaluate import run_eval, summarize
+
+    results = run_eval(engine, tok, problems, max_new_tokens=cfg.max_new_tokens, style=prompt_style(cfg), progress=False)
     return summarize(results)
 
 
 def grpo(cfg: GRPOConfig) -> dict | None:
     from ..cli import UserError
     from ..engine.engine import Engine
+    from ..eval.evaluate import prompts_for
     from ..tokenizer import Tokenizer
 
     if cfg.loss not in LOSSES or cfg.mode not in ("r1", "r1-zero"):
         raise UserError(f"--loss must be one of {LOSSES} and --mode r1 or r1-zero")
     if not 0 < cfg.temperature <= 2:
         raise UserError(f"--temperature must be in (0, 2] (GRPO needs sampled groups), got {cfg.temperature}")
+    if cfg.data and cfg.adaptive_tasks:
+        raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn in turn")
     d = loop.init_distributed(cfg.device)
     if d.world_size > 1:
         raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
     cfg, resuming = loop.restore_config(cfg)
+    pool = None
+    if cfg.data:
+        from ..eval.evaluate import load_problems
+
+        pool = load_problems(None, cfg.data, 0, 0)
+    eval_problems = held_out(cfg) if cfg.eval_every else []
+    if cfg.data and not eval_problems and cfg.eval_every:
+        print("grpo: training on --data without --eval-data: no periodic held-out evaluation", file=sys.stderr)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
+    longest = max([0] + [len(p) for p in prompts_for((pool or []) + eval_problems, tok, prompt_style(cfg))])
+    context = model.config.max_position_embeddings
+    if longest + cfg.max_new_tokens > context:
+        raise UserError(f"the longest prompt of --data/--eval-data ({longest} tokens) + --max-new-tokens "
+                        f"{cfg.max_new_tokens} exceeds the model's context of {context} tokens")
+    run.mkdir(parents=True, exist_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the starting model
         ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)
         ref.requires_grad_(False).eval()
     opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start, prior_wall, flops = 0, 0.0, 0.0
-    curriculum = Curriculum(cfg)
+    curriculum = Curriculum(cfg, pool)
     if resuming:
         state = loop.load_train_state(run, opt)
         start, prior_wall, flops = state["step"], state["wall_s"], state.get("flops", 0.0)
@@ -380,9 +434,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (run / "tokenizer" / f).write_bytes((source / f).read_bytes())
     extra = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
-    max_prompt = 256
     engine = Engine(model, max_batch_size=cfg.prompts_per_step * cfg.group_size,
-                    max_seq_len=min(model.config.max_position_embeddings, max_prompt + cfg.max_new_tokens))
+                    max_seq_len=min(context, max(256, longest) + cfg.max_new_tokens))
     metrics = loop.Metrics(run / "metrics.jsonl", start if resuming else None)
     bar = None
     if cfg.progress:
@@ -391,8 +444,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
     timer = loop.Timer()
     row, warned = {}, False
-    if start == 0 and cfg.eval_every:
-        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok)})
+    if start == 0 and eval_problems:
+        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, eval_problems)})
     for step in range(start, cfg.end):
         lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -415,9 +468,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         }
         if cfg.adaptive_tasks:
             row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+        if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
-            row["eval"] = evaluate(cfg, engine, tok)
+            row["eval"] = evaluate(cfg, engine, tok, eval_problems)
         metrics.log(row)
         if seen.truncated > TRUNCATION_WARNING and not warned:  # RL users' most common silent failure: say it once
             warned = True
@@ -445,7 +498,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="r1: prompts through the model's chat template (after SFT); r1-zero: R1-Zero's plain-text "
                         "template, for a base model that can follow an instruction (default r1)")
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
-    p.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
+    src.add_argument("--data", help="train on your own problems instead: GSM8K-format JSONL (question, answer '... #### "
+                                    "N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
     p.add_argument("--steps", type=int, default=60, help="rollout batches (default 60)")
@@ -465,11 +521,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reward for a well-formed <think>…</think> answer, on top of 1 for a right one (default 0.2)")
     p.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out split every K steps (0: never)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out problems per evaluation (default 100)")
+    p.add_argument("--eval-data", help="GSM8K-format JSONL to evaluate on instead of the task suite's held-out split")
     loop.add_run_arguments(p, "seed of the rollouts and the problems drawn", save_every=20)
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("model", "out", "mode", "loss", "tasks", "adaptive_tasks", "steps", "prompts_per_step", "group_size",
+    keys = ("model", "out", "mode", "loss", "tasks", "data", "eval_data", "adaptive_tasks", "steps", "prompts_per_step", "group_size",
             "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
             "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device",
             "price_per_hour")
