@@ -2,15 +2,16 @@
 teacher's verified traces only).
 
 1. traces   the teacher (a model directory or any OpenAI-compatible URL) answers task-suite problems from the
-            train split, or the user's own (`--data FILE.jsonl`, GSM8K format); every trace is appended to RUN/traces.jsonl as it arrives, so an interrupted run resumes
-            without asking again.
+            train split, or the user's own (`--data FILE.jsonl`, GSM8K format); every trace is appended to
+            RUN/traces.jsonl as it arrives, so an interrupted run resumes without asking again.
 2. filter   rejection sampling: keep a trace only if it ended by itself, is well formed (`<think>` reasoning then
             an answer) and the task's checker verifies its answer; drop exact duplicates. The kept set is chat JSONL
             (RUN/kept.jsonl) that `nanoseek sft` also accepts.
 3. student  SFT of the student (RUN/student) on the kept set; with a local teacher that shares the student's
             vocabulary, `--kd-weight` adds KL(teacher ‖ student) on the answer tokens (logit distillation).
-4. report   teacher vs student: held-out pass@1 (the suite's eval split, or `--eval-data FILE.jsonl`), parameters (total and active), decode tokens/s; RUN/cost.json for
-            the cost table counts the student's SFT and, from a local teacher, the trace generation.
+4. report   teacher vs student: held-out pass@1 (the suite's eval split, or `--eval-data FILE.jsonl`), parameters
+            (total and active), decode tokens/s; RUN/cost.json for the cost table counts the student's SFT and, from
+            a local teacher, the trace generation.
 """
 
 from __future__ import annotations
@@ -277,13 +278,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-preset", help="or a fresh student of this preset, with the local teacher's tokenizer")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
-                   help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
-                        "(default: all three families)")
-    src.add_argument("--data", help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' or "
-                                  "'N'); the answer verifies each trace")
+                     help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
+                          "(default: all three families)")
+    src.add_argument("--data", help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' "
+                                    "or 'N'); the answer verifies each trace")
     p.add_argument("--eval-data", help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
                                        "held-out split)")
-    p.add_argument("--n", type=int, default=2000, help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
+    p.add_argument("--n", type=int, default=2000,
+                   help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
     p.add_argument("--samples", type=int, default=1, help="traces per problem")
     p.add_argument("--max-tokens", type=int, default=160, help="teacher completion budget per problem (default 160)")
     p.add_argument("--temperature", type=float, default=0.6, help="teacher sampling temperature (default 0.6, R1's)")
@@ -293,14 +295,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="student SFT rows per step (default 32)")
     p.add_argument("--lr", type=float, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
     p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight (local teacher only)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out problems to score teacher and student on (default 200)")
+    p.add_argument("--eval-n", type=int, default=200,
+                   help="held-out problems to score teacher and student on (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems, the sampling and the student SFT")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("teacher", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples", "max_tokens", "temperature",
-            "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
+    keys = ("teacher", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples", "max_tokens",
+            "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

@@ -362,18 +362,16 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
     return stats
 
 
-def held_out(cfg: GRPOConfig) -> list:
+def eval_problems(cfg: GRPOConfig) -> list:
     """The problems of the periodic evaluation: the first eval_n of --eval-data, or the suite's eval split of the
     families being trained (none when training on --data without --eval-data: the suite would not say much)."""
-    from ..data.tasks import mixture
-    from ..eval.evaluate import load_problems
+    from ..eval.evaluate import held_out, load_problems
 
     if cfg.eval_data:
         return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
     if cfg.data:
         return []
-    families = sorted({t.partition(":")[0] for t in cfg.tasks})
-    return mixture(cfg.eval_n, seed=12345, split="eval", families=families)
+    return held_out(cfg.eval_n, sorted({t.partition(":")[0] for t in cfg.tasks}), seed=12345)
 
 
 def evaluate(cfg: GRPOConfig, engine, tok, problems: list) -> dict:
@@ -404,15 +402,15 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         from ..eval.evaluate import load_problems
 
         pool = load_problems(None, cfg.data, 0, 0)
-    eval_problems = held_out(cfg) if cfg.eval_every else []
-    if cfg.data and not eval_problems and cfg.eval_every:
+    scored = eval_problems(cfg) if cfg.eval_every else []
+    if cfg.data and not scored and cfg.eval_every:
         print("grpo: training on --data without --eval-data: no periodic held-out evaluation", file=sys.stderr)
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
-    longest = max([0] + [len(p) for p in prompts_for((pool or []) + eval_problems, tok, prompt_style(cfg))])
+    longest = max([0] + [len(p) for p in prompts_for((pool or []) + scored, tok, prompt_style(cfg))])
     context = model.config.max_position_embeddings
     if longest + cfg.max_new_tokens > context:
         raise UserError(f"the longest prompt of --data/--eval-data ({longest} tokens) + --max-new-tokens "
@@ -444,8 +442,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
     timer = loop.Timer()
     row, warned = {}, False
-    if start == 0 and eval_problems:
-        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, eval_problems)})
+    if start == 0 and scored:
+        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
     for step in range(start, cfg.end):
         lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -468,9 +466,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         }
         if cfg.adaptive_tasks:
             row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
-        if eval_problems and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+        if scored and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
-            row["eval"] = evaluate(cfg, engine, tok, eval_problems)
+            row["eval"] = evaluate(cfg, engine, tok, scored)
         metrics.log(row)
         if seen.truncated > TRUNCATION_WARNING and not warned:  # RL users' most common silent failure: say it once
             warned = True
