@@ -291,6 +291,8 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # longer than the context
+    ('{"messages": [{"role": "user", "content": "a \\ud83d b"}]}', "messages.0.content"),  # a lone surrogate
+    ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}', "stop"),
 ])
 def test_bad_chat_requests_are_4xx(server, body, param):
     assert_error(post(server, body, headers={"Content-Type": "application/json"}), 400, param)
@@ -307,6 +309,15 @@ def test_other_errors(server):
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "frobnicate": [1],
                        "messages_extra": {}, "model": MODEL_NAME})
     assert ok.status_code == 200, ok.text  # unknown fields are ignored
+    ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "stream": None})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1  # null: "not given", as OpenAI's SDK sends it
+    assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",
+                      headers={"Content-Type": "application/json"}), 400, "prompt")
+    from nanoseek.serve.app import MAX_BODY_BYTES
+
+    huge = post(server, b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}', path="/v1/completions",
+                headers={"Content-Type": "application/json"})
+    assert assert_error(huge, 413)["code"] == "request_too_large"
 
 
 def test_api_key(server):
@@ -413,6 +424,8 @@ def test_history_endpoints(server):
     r = httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h,
                    json={"role": "user", "content": "hello"})
     assert r.status_code == 201
+    assert_error(httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", content='{"role": "user", '
+                            '"content": "a \\ud83d"}', headers={**h, "Content-Type": "application/json"}), 400)
     httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h,
                json={"role": "assistant", "content": "hi!", "reasoning": "greet back"})
     got = httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h).json()

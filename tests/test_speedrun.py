@@ -35,6 +35,7 @@ def test_smoke_speedrun(tmp_path):
     assert len((out / "distill" / "traces.jsonl").read_text().splitlines()) == len(problems)
     report = (out / "report.md").read_text()
     assert "Cost" in report and (out / "pretrain_loss.png").is_file() and (out / "grpo_rl.png").is_file()
+    assert "![accuracy.png](accuracy.png)" in report and (out / "accuracy.png").is_file()
     cost_rows = {row.split("|")[1].strip(): row for row in report.split("## Cost")[1].splitlines() if row.startswith("| ")}
     for stage in ("pretrain", "sft", "grpo", "distill"):  # FLOPs and MFU for every stage: "–" marks a missing one
         assert "–" not in cost_rows[stage], cost_rows[stage]

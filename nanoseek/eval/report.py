@@ -2,7 +2,8 @@
 
 Reads every stage directory it finds (a run directory has metrics.jsonl; a speedrun directory has one per stage and
 a summary.json): loss curves (main and MTP), expert load imbalance per MoE layer over time, GRPO reward /
-accuracy / response length, held-out accuracy by stage and by level, and a cost table in the style of
+accuracy / response length, held-out accuracy by stage, by level and by family (a table and accuracy.png), and a
+cost table in the style of
 DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price), plus the machine it ran on.
 """
 
@@ -100,6 +101,35 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
     return made
 
 
+def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
+    """accuracy.png: held-out pass@1 of every scored stage, overall and by level (left), by family (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = {name: s for name, s in stages.items() if "pass@1" in s}
+    if not scored:
+        return []
+    panels = [("by level", lambda s: {"all": s["pass@1"], **{f"L{k}": v["pass@1"] for k, v in (s.get("levels") or {}).items()}})]
+    if any(s.get("families") for s in scored.values()):
+        panels.append(("by family", lambda s: {k: v["pass@1"] for k, v in (s.get("families") or {}).items()}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels):
+        values = {name: groups(s) for name, s in scored.items()}
+        keys = list(dict.fromkeys(k for v in values.values() for k in v))  # x groups: all, L1, L2, ... or families
+        width = 0.8 / len(values)
+        for i, (name, v) in enumerate(values.items()):
+            ax.bar([x + i * width for x in range(len(keys))], [v.get(k, 0.0) for k in keys], width, label=name)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], keys)
+        ax.set(ylim=(0, 1), ylabel="held-out pass@1", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    return ["accuracy.png"]
+
+
 def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
     rows = []
     for name, d in dirs.items():
@@ -122,12 +152,15 @@ def write_report(root: Path, price: float | None = None) -> Path:
     lines = [f"# nanoseek report: {root}", "", f"Machine: {machine()}", ""]
     stages = summary.get("stages", {})
     if stages:
-        lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels |", "|---|---|---|"]
+        lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels | families |", "|---|---|---|---|"]
         for name, s in stages.items():
             if "pass@1" in s:
                 levels = ", ".join(f"L{k}: {v['pass@1']:.2f}" for k, v in (s.get("levels") or {}).items())
-                lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} |")
+                families = ", ".join(f"{k}: {v['pass@1']:.2f}" for k, v in (s.get("families") or {}).items())
+                lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} | {families} |")
         lines.append("")
+        for png in plot_accuracy(stages, root):
+            lines += [f"![{png}]({png})", ""]
     rows = cost_rows(dirs, price)
     if rows:
         total_h = sum(r["device_hours"] for r in rows)

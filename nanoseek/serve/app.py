@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import add_arguments
@@ -39,6 +40,7 @@ from .schemas import ApiError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("nanoseek.serve")
 MAX_CHOICES = 256  # prompts × n in one request
+MAX_BODY_BYTES = 8 * 2**20  # a request body this large is refused (413) before it is read
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -124,6 +126,24 @@ class LoopbackHostOnly:
             if host and not is_loopback(_host_name(host)):
                 body = error_body("this server only answers requests addressed to a loopback host")
                 await JSONResponse(body, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 to a request whose Content-Length exceeds MAX_BODY_BYTES, before reading it (a
+    multi-megabyte body would otherwise be parsed and tokenized only to be refused for the context length)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                body = error_body(f"the request body has {int(length)} bytes; this server takes at most "
+                                  f"{MAX_BODY_BYTES} (no model context holds more)", code="request_too_large")
+                await JSONResponse(body, status_code=413)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -321,6 +341,7 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
     _install_error_handlers(app)
     if restrict_host:
         app.add_middleware(LoopbackHostOnly)
+    app.add_middleware(BodyLimit)
     auth = [Depends(bearer_checker(api_key))]
     created = int(time.time())
 
@@ -352,7 +373,7 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
-        prompt = chat_prompt(rt, req)
+        prompt = await run_in_threadpool(chat_prompt, rt, req)  # a long prompt's tokenizing must not stall streams
         max_tokens, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
                              else (req.max_tokens, "max_tokens"))
         params = sampling_params(rt, req, len(prompt), max_tokens=max_tokens, max_tokens_param=param,
@@ -372,7 +393,7 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        prompts = completion_prompts(rt, req.prompt)
+        prompts = await run_in_threadpool(completion_prompts, rt, req.prompt)
         if len(prompts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"at most {MAX_CHOICES} completions per request (prompts × n)", param="n")
         all_prompts, all_params = [], []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
@@ -29,8 +29,27 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _check_text(value: Any, path: str) -> None:
+    """Every string of a body must be encodable: JSON's "\\ud83d" escape is valid JSON but a lone UTF-16 surrogate,
+    which no tokenizer or database can store."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)") from None
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{path}[{i}]")
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value, info):
+        _check_text(value, info.field_name)
+        return value
 
 
 class StreamOptions(_Body):
@@ -61,6 +80,11 @@ class _Sampling(_Body):
     seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):  # OpenAI's SDK sends n=None / stream=None for "not given"
+        return {"n": 1, "stream": False}[info.field_name] if value is None else value
 
     @property
     def stop_list(self) -> list[str]:
