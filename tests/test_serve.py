@@ -293,6 +293,8 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # longer than the context
     ('{"messages": [{"role": "user", "content": "a \\ud83d b"}]}', "messages.0.content"),  # a lone surrogate
     ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}', "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}, "logprobs"),  # unsupported
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
 ])
 def test_bad_chat_requests_are_4xx(server, body, param):
     assert_error(post(server, body, headers={"Content-Type": "application/json"}), 400, param)
@@ -311,6 +313,10 @@ def test_other_errors(server):
     assert ok.status_code == 200, ok.text  # unknown fields are ignored
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "stream": None})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1  # null: "not given", as OpenAI's SDK sends it
+    ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
+                       "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}, "tools": []})
+    assert ok.status_code == 200, ok.text  # the unsupported parameters at their "off" values are fine
+    assert_error(post(server, {"prompt": "a", "echo": True}, path="/v1/completions"), 400, "echo")
     assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",
                       headers={"Content-Type": "application/json"}), 400, "prompt")
     from nanoseek.serve.app import MAX_BODY_BYTES

@@ -6,7 +6,8 @@ chat's history under `/api/conversations` (see webui.py) and the page itself at 
 Chat prompts are rendered with the model directory's own chat template (`add_generation_prompt=True`); the answer's
 `<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
 in `content` (reasoning.py). Sampling defaults come from the directory's generation_config.json. Bad input never
-gives a 500: every error is a 4xx with OpenAI's `{"error": {...}}` body. With `--api-key` (or NANOSEEK_API_KEY) every
+gives a 500: every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement
+(logprobs, penalties, logit_bias, response_format, tools, echo, best_of) are accepted only at their "off" values. With `--api-key` (or NANOSEEK_API_KEY) every
 endpoint but `/health` and the static page needs `Authorization: Bearer KEY`. Bound to a loopback address, requests
 must also name a loopback host (so a web page elsewhere cannot reach the server through DNS rebinding).
 

@@ -80,6 +80,27 @@ class _Sampling(_Body):
     seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI parameters this server does not implement: accepted at their "off" values, refused otherwise (a client
+    # that asks for log-probabilities or penalties must not silently get an answer without them)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    echo: Any = None
+    best_of: Any = None
+
+    @field_validator("logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
+                     "response_format", "tools", "echo", "best_of")
+    @classmethod
+    def _unsupported(cls, value, info):
+        off = value in (None, False, 0, {}, []) or (info.field_name == "best_of" and value == 1) or (
+            info.field_name == "response_format" and isinstance(value, dict) and value.get("type") == "text")
+        if not off:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
 
     @field_validator("n", "stream", mode="before")
     @classmethod
