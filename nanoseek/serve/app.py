@@ -7,9 +7,10 @@ Chat prompts are rendered with the model directory's own chat template (`add_gen
 `<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
 in `content` (reasoning.py). Sampling defaults come from the directory's generation_config.json. Bad input never
 gives a 500: every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement
-(logprobs, penalties, logit_bias, response_format, tools, echo, best_of) are accepted only at their "off" values. With `--api-key` (or NANOSEEK_API_KEY) every
-endpoint but `/health` and the static page needs `Authorization: Bearer KEY`. Bound to a loopback address, requests
-must also name a loopback host (so a web page elsewhere cannot reach the server through DNS rebinding).
+(logprobs, penalties, logit_bias, response_format, tools, echo, best_of) are accepted only at their "off" values.
+With `--api-key` (or NANOSEEK_API_KEY) every endpoint but `/health` and the static page needs `Authorization: Bearer
+KEY`. Bound to a loopback address, requests must also name a loopback host (so a web page elsewhere cannot reach the
+server through DNS rebinding).
 
 One background thread owns the engine (runtime.EngineWorker); each request's tokens reach the event loop through an
 asyncio queue (generation.py). A client that disconnects mid-stream has its requests cancelled.
