@@ -32,12 +32,36 @@ class UserError(Exception):
     """A mistake in the user's input; printed as `error: <message>`."""
 
 
+def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse `type` for a number in [low, high] ((low, high] with low_open): a value outside is a usage error
+    naming the option, before anything runs (a zero batch size or a negative learning rate would otherwise train
+    nothing and exit 0, or fail deep inside with a traceback)."""
+
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse says "invalid int value"
+        if (value <= low if low_open else value < low) or (high is not None and value > high):
+            if high is not None:
+                raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"{text}: must be {'greater than' if low_open else 'at least'} {low:g}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
+TEMPERATURE = bounded(float, 0, 2)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .tokenizer import TokenizerError
 
-    return (UserError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError)
+    # OSErrors a path the user gave can cause: "error: [Errno 17] File exists: 'out.txt'" is the whole story
+    return (UserError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:

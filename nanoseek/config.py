@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A config.json or preset we cannot use; the message is meant for the user."""
 
 
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                  "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                  "moe_intermediate_size", "moe_layer_freq")
+OPTIONAL_SIZES = ("q_lora_rank",)  # None: queries from one full-rank q_proj (V2-Lite)
+COUNTS = ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace",
+          "num_nextn_predict_layers")  # >= 0; the expert counts may also be None (0 / None: a dense model)
+
+
 @dataclass
 class ModelConfig:
     # --- sizes -------------------------------------------------------------------------------------------
@@ -109,7 +117,18 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.hidden_size > 0 and self.num_hidden_layers > 0 and self.vocab_size > 0, "sizes must be positive")
+        for name in POSITIVE_SIZES:  # a string from --set hidden_size=abc, or a zero, would fail deep in a reshape
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_SIZES:
+                continue
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        for name in COUNTS:
+            value = getattr(self, name)
+            need((value is None and name.startswith(("n_", "num_experts"))) or
+                 (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+                 f"{name} must be a non-negative integer, got {value!r}")
+        need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not implemented (DeepSeek-V3 uses silu)")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func {self.scoring_func!r} is not sigmoid/softmax")
         need(
@@ -125,6 +144,7 @@ class ModelConfig:
                 "num_experts_per_tok exceeds the experts in topk_group groups",
             )
         rs = self.rope_scaling
+        need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
             need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (yarn only)")

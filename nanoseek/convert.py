@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="model directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights (default bfloat16)")
     p.add_argument("--fp8", action="store_true", help="store attention/FFN weights as e4m3 with 128x128 block scales")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT already holds (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if dst.resolve() == src.resolve():
         raise UserError("output must differ from input (the input would be overwritten while it is read)")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
     model = load_model(src, dtype=DTYPES[args.dtype])
     save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
     for name in TOKENIZER_FILES:

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 # Per-preset stage settings. cpu: cpu-tiny teacher, cpu-student (half its active parameters) student.
 PRESETS = {
@@ -153,7 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from .device import resolve_device
+
+    device = resolve_device(args.device, allow_mps=False)
     summary = speedrun(Path(args.out), args.preset, device, args.seed)
     log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")
     print(json.dumps(summary, default=str))

@@ -366,6 +366,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
 
 # --- CLI: nanoseek tokenizer train ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import POSITIVE_INT
+
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer and write it as an HF tokenizer directory",
                        description="Train a byte-level BPE tokenizer with DeepSeek's special tokens and R1 chat "
@@ -373,8 +375,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="directory to write")
     t.add_argument("--data", nargs="*", default=[],
                    help="JSONL/Parquet files with {'text'} or {'messages'} records; default: the task suite")
-    t.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (default 512)")
-    t.add_argument("--n-docs", type=int, default=10000, help="task-suite problems to train on without --data")
+    t.add_argument("--vocab-size", type=POSITIVE_INT, default=512, help="vocabulary size (default 512)")
+    t.add_argument("--n-docs", type=POSITIVE_INT, default=10000, help="task-suite problems to train on without --data")
     t.add_argument("--seed", type=int, default=0, help="task-suite seed")
 
 
@@ -411,6 +413,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown action {args.action!r}")
     if args.vocab_size < N_BYTES + len(SPECIAL_TOKENS):
         raise UserError(f"--vocab-size must be at least {N_BYTES + len(SPECIAL_TOKENS)}")
+    if (Path(args.out) / "config.json").is_file():
+        raise UserError(f"{args.out} is a model directory: a new tokenizer would no longer match its embeddings; "
+                        "choose another --out")
     texts = _training_texts(args)
     if not texts:
         raise UserError("no training text")

@@ -271,7 +271,8 @@ def test_tasks_command_writes_each_rendering(tmp_path, capsys):
     assert all(r["messages"][1]["content"].startswith("<think>\n") for r in recs["chat"])
     assert all(r["text"].split("\n")[-1].startswith("Answer: ") for r in recs["text"])
     capsys.readouterr()
-    for argv, says in ((["--tasks", "arithmetic:7"], "levels 1, 2, 3, 4"), (["--n", "0"], "--n"),
-                       (["--out", str(tmp_path / "no" / "x.jsonl")], "not a directory")):
+    for argv, says in ((["--tasks", "arithmetic:7"], "levels 1, 2, 3, 4"),
+                       (["--out", str(tmp_path / "no" / "x.jsonl")], "not a directory"),
+                       (["--out", str(tmp_path)], "a directory")):
         assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), *argv]) == 1
         assert says in capsys.readouterr().err

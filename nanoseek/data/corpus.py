@@ -46,6 +46,13 @@ def read_records(path) -> Iterator[dict]:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
+    try:
+        yield from _jsonl_records(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -74,6 +81,19 @@ def _paths(paths) -> list:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages) -> None:
+    """ValueError unless `messages` is a non-empty list of {"role": system|user|assistant, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {j + 1} must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
+                             f"got {json.dumps(m)[:80]}")
+
+
 def render_messages(messages: list[dict], tokenizer=None) -> str:
     """A chat as training text: the tokenizer's chat template, or `role: content` lines without one."""
     if tokenizer is not None:
@@ -88,6 +108,10 @@ def read_texts(paths, tokenizer=None) -> Iterator[str]:
             if isinstance(record.get("text"), str):
                 yield record["text"]
             elif isinstance(record.get("messages"), list):
+                try:
+                    check_messages(record["messages"])
+                except ValueError as e:
+                    raise ValueError(f"{path}: record {i + 1}: {e}") from None
                 yield render_messages(record["messages"], tokenizer)
             else:
                 raise ValueError(f"{path}: record {i + 1} has neither a 'text' string nor a 'messages' list")
@@ -183,9 +207,12 @@ def _remove_stale_builds(out_dir: Path) -> None:
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
-    """Move a finished build into place, replacing an outdated cache."""
+    """Move a finished build into place, replacing an outdated cache (never a directory of someone else's files)."""
     old = None
     if out_dir.exists():
+        if not (out_dir / META).is_file() and any(out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir} holds files that are not token shards; not replacing it (choose "
+                                  "another run directory)")
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

@@ -28,6 +28,8 @@ def render(problem, fmt: str) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import POSITIVE_INT
+
     p.add_argument("--out", required=True, help="JSONL file to write ('-' for standard output)")
     p.add_argument("--format", choices=RENDERINGS, default="gsm8k",
                    help="gsm8k (question/answer, for eval and grpo --data; default), chat (for sft --data) or text "
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", default=["all"], help="family[:level] cells, or 'all' (default)")
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="train, or the held-out eval split the evaluations score (default train)")
-    p.add_argument("--n", type=int, default=1000, help="problems, spread evenly over the cells (default 1000)")
+    p.add_argument("--n", type=POSITIVE_INT, default=1000, help="problems, spread evenly over the cells (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="which problems")
 
 
@@ -43,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from . import tasks
 
-    if args.n < 1:
-        raise UserError("--n must be at least 1")
     try:
         specs = tasks.FAMILIES if args.tasks == ["all"] else args.tasks
         levels = tasks.levels_by_family(tasks.parse_cells(specs))
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if not out.parent.is_dir():
             raise UserError(f"{out.parent} is not a directory")
+        if out.is_dir() or not out.name:
+            raise UserError(f"--out {args.out!r} is a directory; name a file")
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(lines, encoding="utf-8")
         os.replace(tmp, out)  # a reader never sees half a file

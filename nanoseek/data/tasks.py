@@ -516,7 +516,10 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     steps = tuple(l for l in body.split("\n") if l.strip()) if sep else ()
     final = (final if sep else str(answer)).strip()
     family = family or rec.get("family") or "gsm8k"
-    meta = dict(rec.get("meta") or {})
+    meta = rec.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("'meta' must be an object (countdown: {'numbers': [...], 'target': N})")
+    meta = dict(meta)
     if family == "countdown":
         if not {"numbers", "target"} <= meta.keys():
             raise ValueError("a countdown record needs meta with 'numbers' and 'target'")

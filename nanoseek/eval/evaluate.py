@@ -24,6 +24,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
@@ -190,6 +191,8 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
         if not problems:
             raise UserError(f"{data}: no records")
         return problems
+    if n < 1:
+        raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")
     try:
         levels = tasks.levels_by_family(tasks.parse_cells(tasks.FAMILIES if task in (None, "all") else [task]))
     except ValueError as e:
@@ -198,15 +201,17 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, TEMPERATURE
+
     p.add_argument("--model", required=True, help="model directory (HF format, with tokenizer files)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
-    p.add_argument("--n", type=int, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
-    p.add_argument("--samples", type=int, default=1,
+    p.add_argument("--n", type=NONNEGATIVE_INT, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
+    p.add_argument("--samples", type=POSITIVE_INT, default=1,
                    help="K samples per problem (pass@1 is their mean; maj@K and pass@k too); needs --temperature > 0")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; a cut-off answer is usually wrong")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
                    help="chat template (default), plain text for base models, or R1-Zero's template")
     p.add_argument("--seed", type=int, default=0, help="which held-out problems (and the sampling seed)")
@@ -215,19 +220,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..cli import UserError
+    from ..device import resolve_device
     from ..tokenizer import Tokenizer
 
-    if args.samples < 1:
-        raise UserError("--samples must be at least 1")
     if args.samples > 1 and args.temperature <= 0:
         raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
                         "pass --temperature (R1 used 0.6)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tok = Tokenizer.from_dir(args.model)
+    device = resolve_device(args.device, allow_mps=False)
+    if args.out:  # checked now, not after the whole evaluation
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise UserError(f"--out {out}: not a file in an existing directory")
+        if args.data and out.resolve() == Path(args.data).resolve():
+            raise UserError(f"--out {out} is the --data file; the results would overwrite the problems")
     problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)
+    tok = Tokenizer.from_dir(args.model)
     engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens, args.samples)
     results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)
     if args.out:

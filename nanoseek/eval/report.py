@@ -14,11 +14,16 @@ import json
 import platform
 from pathlib import Path
 
+from ..train.loop import read_metrics
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+def read_json(path: Path) -> dict:
+    """A run's JSON file (cost.json, summary.json), or {} when it is missing or damaged (the report says less)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def stage_dirs(root: Path) -> dict[str, Path]:
@@ -102,21 +107,21 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
 
 
 def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
-    """accuracy.png: held-out pass@1 of every scored stage, overall and by level (left), by family (right)."""
+    """accuracy.png: held-out pass@1 of the stages (each with a pass@1), overall and by level (left), by family
+    (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = {name: s for name, s in stages.items() if "pass@1" in s}
-    if not scored:
+    if not stages:
         return []
     panels = [("by level", lambda s: {"all": s["pass@1"], **{f"L{k}": v["pass@1"] for k, v in (s.get("levels") or {}).items()}})]
-    if any(s.get("families") for s in scored.values()):
+    if any(s.get("families") for s in stages.values()):
         panels.append(("by family", lambda s: {k: v["pass@1"] for k, v in (s.get("families") or {}).items()}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, groups) in zip(axes[0], panels):
-        values = {name: groups(s) for name, s in scored.items()}
+        values = {name: groups(s) for name, s in stages.items()}
         keys = list(dict.fromkeys(k for v in values.values() for k in v))  # x groups: all, L1, L2, ... or families
         width = 0.8 / len(values)
         for i, (name, v) in enumerate(values.items()):
@@ -135,9 +140,9 @@ def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
     for name, d in dirs.items():
         if d.name == "student" and (d.parent / "cost.json").is_file():
             d = d.parent  # distill: its cost counts the teacher's traces as well as the student's SFT
-        cost = json.loads((d / "cost.json").read_text()) if (d / "cost.json").is_file() else None
-        if cost is None:
-            metrics = read_jsonl(d / "metrics.jsonl")
+        cost = read_json(d / "cost.json")
+        if not isinstance(cost.get("device_hours"), (int, float)):  # missing or damaged: the wall-clock it logged
+            metrics = read_metrics(d / "metrics.jsonl")
             wall = metrics[-1].get("wall_s", 0.0) if metrics else 0.0
             cost = {"device_hours": round(wall / 3600, 5), "flops": None, "mfu": None, "dollars": None,
                     "price_per_device_hour": price or 2.0}
@@ -148,16 +153,16 @@ def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
 
 def write_report(root: Path, price: float | None = None) -> Path:
     dirs = stage_dirs(root)
-    summary = json.loads((root / "summary.json").read_text()) if (root / "summary.json").is_file() else {}
+    stages = read_json(root / "summary.json").get("stages")
+    stages = {k: v for k, v in stages.items() if isinstance(v, dict) and isinstance(v.get("pass@1"), (int, float))
+              } if isinstance(stages, dict) else {}
     lines = [f"# nanoseek report: {root}", "", f"Machine: {machine()}", ""]
-    stages = summary.get("stages", {})
     if stages:
         lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels | families |", "|---|---|---|---|"]
         for name, s in stages.items():
-            if "pass@1" in s:
-                levels = ", ".join(f"L{k}: {v['pass@1']:.2f}" for k, v in (s.get("levels") or {}).items())
-                families = ", ".join(f"{k}: {v['pass@1']:.2f}" for k, v in (s.get("families") or {}).items())
-                lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} | {families} |")
+            levels = ", ".join(f"L{k}: {v['pass@1']:.2f}" for k, v in (s.get("levels") or {}).items())
+            families = ", ".join(f"{k}: {v['pass@1']:.2f}" for k, v in (s.get("families") or {}).items())
+            lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} | {families} |")
         lines.append("")
         for png in plot_accuracy(stages, root):
             lines += [f"![{png}]({png})", ""]
@@ -172,7 +177,7 @@ def write_report(root: Path, price: float | None = None) -> Path:
         lines += [f"| **total** | {total_h:.4f} | | | ${sum(r['dollars'] for r in rows):.4f} |", "",
                   f"Dollars at ${rows[0]['price']}/device-hour (DeepSeek-V3: 2.788M H800 GPU-hours = $5.576M at $2).", ""]
     for name, d in dirs.items():
-        for png in plot_training(name, read_jsonl(d / "metrics.jsonl"), root):
+        for png in plot_training(name, read_metrics(d / "metrics.jsonl"), root):
             lines += [f"![{png}]({png})", ""]
     out = root / "report.md"
     out.write_text("\n".join(lines))
@@ -180,8 +185,10 @@ def write_report(root: Path, price: float | None = None) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import NONNEGATIVE
+
     p.add_argument("run", help="a run directory (with metrics.jsonl) or a speedrun directory")
-    p.add_argument("--price-per-hour", type=float, help="dollars per device-hour (default: what each run recorded)")
+    p.add_argument("--price-per-hour", type=NONNEGATIVE, help="dollars per device-hour (default: what each run recorded)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,18 +17,20 @@ COMPILE_HELP = ("decode through torch.compile: on the CPU (float32) 2-3x faster 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import POSITIVE_INT
+
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, else no key)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", type=POSITIVE_INT, default=None,
                    help="context length in tokens, prompt + answer (default: the model's, at most 4096)")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
     p.add_argument("--history", default=None,
                    help="SQLite file for the web chat's conversations (default ~/.nanoseek/history.sqlite3)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-batch-size", type=POSITIVE_INT, default=16, help="requests decoded together (default 16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=COMPILE_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")

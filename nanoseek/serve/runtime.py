@@ -44,18 +44,6 @@ class Runtime:
         return self.tokenizer.think_id, self.tokenizer.end_think_id
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def read_generation_config(model_dir: Path) -> dict:
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -91,6 +79,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH)."""
     from ..checkpoint import read_config
     from ..cli import UserError
+    from ..device import resolve_device
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
 

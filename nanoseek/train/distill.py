@@ -63,6 +63,8 @@ def trace_problems(cfg: DistillConfig):
 
     if cfg.data:
         return load_problems(None, cfg.data, cfg.n, 0)
+    if cfg.n < 1:
+        raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")
     try:
         levels = levels_by_family(parse_cells(cfg.tasks))
     except ValueError as e:
@@ -136,12 +138,9 @@ def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
 def fresh_student(cfg: DistillConfig, teacher, run: Path) -> Path:
     """A newly initialised model of `student_preset` with the (local) teacher's tokenizer."""
     from ..checkpoint import save_model
-    from ..cli import UserError
     from ..config import get_preset
     from ..model import build_model
 
-    if not isinstance(teacher, LocalTeacher):
-        raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass --student DIR")
     tok = teacher.tok
     mc = get_preset(cfg.student_preset).replace(vocab_size=teacher.model.config.vocab_size, bos_token_id=tok.bos_id,
                                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, torch_dtype="float32")
@@ -218,21 +217,56 @@ def write_cost(run: Path, traces: dict, device: str) -> None:
     (run / "cost.json").write_text(json.dumps(cost, indent=1))
 
 
+def claim_run(run: Path, cfg: DistillConfig) -> None:
+    """RUN/distill.json records what a run distils (teacher, student, problems); a rerun in the same directory
+    resumes it, and one that names something else is refused instead of silently mixing the old traces or student
+    into the new run."""
+    from ..cli import UserError
+
+    what = {"teacher": cfg.teacher, "student": cfg.student, "student_preset": cfg.student_preset, "data": cfg.data,
+            "tasks": None if cfg.data else list(cfg.tasks), "seed": cfg.seed}
+    path = run / "distill.json"
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            before = what  # written atomically; an unreadable one is not ours to judge
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in what.items() if before.get(k) != v]
+        if changed:
+            raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
+                            "--out, or rerun with the same settings to resume it")
+        return
+    if run.is_dir() and any(run.iterdir()) and not (run / "traces.jsonl").is_file():  # (older runs have no record)
+        raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / "distill.json.tmp"
+    tmp.write_text(json.dumps(what, indent=1))
+    tmp.replace(path)
+
+
 def distill(cfg: DistillConfig) -> dict:
     from ..cli import UserError
+    from ..config import get_preset
+    from ..device import resolve_device
     from .sft import SFTConfig, sft
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # everything that can be checked is checked before any teacher time is spent
+    device = resolve_device(cfg.device, allow_mps=False)
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
-    if cfg.student and not (Path(cfg.student) / "config.json").is_file():  # before any teacher time is spent
-        raise UserError(f"--student {cfg.student}: no config.json (a Hugging Face model directory with tokenizer files)")
+    if cfg.student and not all((Path(cfg.student) / f).is_file() for f in ("config.json", "tokenizer.json")):
+        raise UserError(f"--student {cfg.student}: not a model directory with config.json and tokenizer files")
+    if cfg.student_preset:
+        get_preset(cfg.student_preset)  # ConfigError names the presets
+        if cfg.teacher.startswith(("http://", "https://")):
+            raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass "
+                            "--student DIR")
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
     if cfg.data and not scored:
         print("distill: --data without --eval-data: teacher and student are not scored (pass --eval-data FILE.jsonl)",
               file=sys.stderr)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
+    claim_run(run, cfg)
     try:
         teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency)
     except ConnectionError as e:
@@ -270,6 +304,8 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, TEMPERATURE
+
     p.add_argument("--teacher", required=True, help="teacher model directory, or an OpenAI-compatible base URL "
                    "(API key from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
     p.add_argument("--out", required=True, help="run directory (traces.jsonl, kept.jsonl, student/, report.json)")
@@ -284,18 +320,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "or 'N'); the answer verifies each trace")
     p.add_argument("--eval-data", help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
                                        "held-out split)")
-    p.add_argument("--n", type=int, default=2000,
+    p.add_argument("--n", type=NONNEGATIVE_INT, default=2000,
                    help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
-    p.add_argument("--samples", type=int, default=1, help="traces per problem")
-    p.add_argument("--max-tokens", type=int, default=160, help="teacher completion budget per problem (default 160)")
-    p.add_argument("--temperature", type=float, default=0.6, help="teacher sampling temperature (default 0.6, R1's)")
-    p.add_argument("--concurrency", type=int, default=8, help="parallel requests to a URL teacher")
-    p.add_argument("--epochs", type=float, default=4.0, help="student SFT passes over the kept traces (default 4)")
-    p.add_argument("--steps", type=int, help="student SFT steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=32, help="student SFT rows per step (default 32)")
-    p.add_argument("--lr", type=float, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
-    p.add_argument("--kd-weight", type=float, default=0.0, help="logit distillation weight (local teacher only)")
-    p.add_argument("--eval-n", type=int, default=200,
+    p.add_argument("--samples", type=POSITIVE_INT, default=1, help="traces per problem")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=160, help="teacher completion budget per problem (default 160)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.6, help="teacher sampling temperature (default 0.6, R1's)")
+    p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="parallel requests to a URL teacher")
+    p.add_argument("--epochs", type=POSITIVE, default=4.0, help="student SFT passes over the kept traces (default 4)")
+    p.add_argument("--steps", type=POSITIVE_INT, help="student SFT steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="student SFT rows per step (default 32)")
+    p.add_argument("--lr", type=POSITIVE, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
+    p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation weight (local teacher only)")
+    p.add_argument("--eval-n", type=POSITIVE_INT, default=200,
                    help="held-out problems to score teacher and student on (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems, the sampling and the student SFT")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

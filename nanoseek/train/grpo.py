@@ -413,8 +413,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     longest = max([0] + [len(p) for p in prompts_for((pool or []) + scored, tok, prompt_style(cfg))])
     context = model.config.max_position_embeddings
     if longest + cfg.max_new_tokens > context:
-        raise UserError(f"the longest prompt of --data/--eval-data ({longest} tokens) + --max-new-tokens "
-                        f"{cfg.max_new_tokens} exceeds the model's context of {context} tokens")
+        prompt = f"the longest prompt of --data/--eval-data ({longest} tokens) + " if longest else ""
+        raise UserError(f"{prompt}--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
     run.mkdir(parents=True, exist_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the starting model
@@ -490,6 +490,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
+
     p.add_argument("--model", required=True, help="starting model: the SFT model (r1) or a base model (r1-zero)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1",
@@ -502,23 +504,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
-    p.add_argument("--steps", type=int, default=60, help="rollout batches (default 60)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="problems per rollout batch (default 16)")
-    p.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256,
+    p.add_argument("--steps", type=POSITIVE_INT, default=60, help="rollout batches (default 60)")
+    p.add_argument("--prompts-per-step", type=POSITIVE_INT, default=16, help="problems per rollout batch (default 16)")
+    p.add_argument("--group-size", type=bounded(int, 2), default=8, help="G, completions per prompt")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256,
                    help="completion budget; a completion cut off here fails the format check and earns no reward")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--temperature", type=bounded(float, 0, 2, low_open=True), default=1.0,
                    help="rollout sampling temperature; the loss scores the same softmax(logits / T)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate, constant (default 1e-4)")
-    p.add_argument("--beta", type=float, default=0.001, help="KL weight (0: no reference model)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="ε, the importance ratio's clip range (default 0.2)")
-    p.add_argument("--clip-eps-high", type=float, help="upper clip (default ε; dapo 0.28)")
-    p.add_argument("--updates-per-batch", type=int, default=2, help="μ, optimiser steps per rollout batch")
-    p.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward in the update")
-    p.add_argument("--format-weight", type=float, default=0.2,
+    p.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate, constant (default 1e-4)")
+    p.add_argument("--beta", type=NONNEGATIVE, default=0.001, help="KL weight (0: no reference model)")
+    p.add_argument("--clip-eps", type=POSITIVE, default=0.2, help="ε, the importance ratio's clip range (default 0.2)")
+    p.add_argument("--clip-eps-high", type=POSITIVE, help="upper clip (default ε; dapo 0.28)")
+    p.add_argument("--updates-per-batch", type=POSITIVE_INT, default=2, help="μ, optimiser steps per rollout batch")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=32, help="completions per forward in the update")
+    p.add_argument("--format-weight", type=NONNEGATIVE, default=0.2,
                    help="reward for a well-formed <think>…</think> answer, on top of 1 for a right one (default 0.2)")
-    p.add_argument("--eval-every", type=int, default=20, help="evaluate on the held-out split every K steps (0: never)")
-    p.add_argument("--eval-n", type=int, default=100, help="held-out problems per evaluation (default 100)")
+    p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=20, help="evaluate on the held-out split every K steps (0: never)")
+    p.add_argument("--eval-n", type=POSITIVE_INT, default=100, help="held-out problems per evaluation (default 100)")
     p.add_argument("--eval-data", help="GSM8K-format JSONL to evaluate on instead of the task suite's held-out split")
     loop.add_run_arguments(p, "seed of the rollouts and the problems drawn", save_every=20)
 

@@ -76,8 +76,9 @@ class Dist:
 
 def init_distributed(device: str = "auto") -> Dist:
     """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..device import resolve_device
+
+    device = resolve_device(device, allow_mps=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device(device if device != "cuda" else "cuda:0"))
@@ -214,6 +215,19 @@ def load_train_state(run: Path, opt) -> dict:
 
 
 # --- metrics and cost ----------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (the last one, cut by a kill mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class Metrics:
     """Appends one JSON object per logged step to RUN/metrics.jsonl; on resume, drops lines past the checkpoint so
     the file reads as one uninterrupted run."""
@@ -225,8 +239,8 @@ class Metrics:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, row: dict) -> None:
         if self.enabled:
@@ -323,8 +337,15 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
-    saved = json.loads((run / "train_state" / "state.json").read_text())["config"]
-    return dataclasses.replace(type(cfg)(**saved), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES}), True
+    state = json.loads((run / "train_state" / "state.json").read_text())
+    try:
+        restored = dataclasses.replace(type(cfg)(**state["config"]), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+    except TypeError:  # the saved config has fields this stage's does not
+        raise UserError(f"{run} holds a run of another stage than this one; choose a new --out") from None
+    if state["step"] >= restored.end:
+        print(f"{run}: the run is already at step {state['step']} (asked to run to {restored.end}); nothing to do",
+              file=sys.stderr)
+    return restored, True
 
 
 def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> int:
@@ -338,14 +359,17 @@ def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> 
 def add_run_arguments(p, seed_help: str, save_every: int) -> None:
     """The command-line options every training stage takes: seed, checkpoints and resume, device, the cost table's
     price and the progress bar (TrainConfig's fields of the same names)."""
+    from ..cli import NONNEGATIVE, POSITIVE_INT
+
     p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--stop-at", type=int,
+    p.add_argument("--save-every", type=POSITIVE_INT, default=save_every,
+                   help="checkpoint every K steps (and at the end)")
+    p.add_argument("--stop-at", type=POSITIVE_INT,
                    help="checkpoint and exit after this step (e.g. a job time limit); continue with --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last checkpoint left it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--price-per-hour", type=float, default=2.0, help="dollars per device-hour in the cost table")
+    p.add_argument("--price-per-hour", type=NONNEGATIVE, default=2.0, help="dollars per device-hour in the cost table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

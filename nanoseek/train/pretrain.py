@@ -54,31 +54,33 @@ class PretrainConfig(loop.TrainConfig):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
+
     p.add_argument("--preset", default="cpu-tiny", help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default per preset; cpu-tiny 2000)")
+    p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
     p.add_argument("--data", nargs="*", default=[], help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
-    p.add_argument("--batch-size", type=int, help="global sequences per step")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per forward per process (gradient accumulation fills the rest)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed row (default per preset; cpu-tiny 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward per process (gradient accumulation fills the rest)")
+    p.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per packed row (default per preset; cpu-tiny 128)")
+    p.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+    p.add_argument("--warmup", type=NONNEGATIVE_INT, help="warmup steps")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
                    help="after warmup: cosine to 10%% of the peak, WSD (flat, then a linear decay over the last 20%%), or constant")
     p.add_argument("--optimizer", choices=["adamw", "muon"],
                    help="adamw, or muon: Muon on the layers' matrices and AdamW on the embedding, head, norms and "
                         "biases, at the same learning rate (default per preset)")
-    p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
+    p.add_argument("--mtp-weight", type=NONNEGATIVE, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
     p.add_argument("--no-document-mask", action="store_true",
                    help="let packed documents attend across their boundaries (default: each attends only within itself)")
-    p.add_argument("--bias-gamma", type=float, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
-    p.add_argument("--aux-alpha", type=float, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
+    p.add_argument("--bias-gamma", type=NONNEGATIVE, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
+    p.add_argument("--aux-alpha", type=NONNEGATIVE, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
                         "VALUE is JSON: numbers, true/false, null)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
-    p.add_argument("--vocab-size", type=int, help="vocabulary of the tokenizer trained for this run")
-    p.add_argument("--n-docs", type=int, help="task-suite documents to generate when no --data is given")
+    p.add_argument("--vocab-size", type=POSITIVE_INT, help="vocabulary of the tokenizer trained for this run")
+    p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite documents to generate when no --data is given")
     p.add_argument("--fp8", action="store_true",
                    help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
                         "checkpoints keep float32 master weights: `nanoseek convert RUN/model OUT --fp8` writes "
@@ -107,6 +109,9 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     )
 
 
+FROM_TOKENIZER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+
+
 def parse_overrides(items: list[str], preset: str) -> dict:
     """--set KEY=VALUE items -> {field: value} (VALUE as JSON, else a bare string), checked against the preset."""
     from ..cli import UserError
@@ -116,10 +121,13 @@ def parse_overrides(items: list[str], preset: str) -> dict:
         key, eq, value = item.partition("=")
         if not eq or key not in ModelConfig.__dataclass_fields__:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a model-config field (e.g. hidden_size=256)")
+        if key in FROM_TOKENIZER:
+            raise UserError(f"--set {key}: the run sets it itself (the vocabulary and special ids from its tokenizer, "
+                            "float32 master weights)")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value  # a bare string, e.g. --set hidden_act=gelu
+            overrides[key] = value  # a bare string, e.g. --set scoring_func=softmax
     try:
         get_preset(preset).replace(**overrides)
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError; "abc" > 0 is a TypeError
@@ -170,13 +178,15 @@ def read_user_texts(paths: list[str], tok=None) -> list[str]:
         raise UserError(str(e)) from None
 
 
-def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist):
-    """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them."""
+def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, resuming: bool):
+    """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them. A
+    resumed run keeps its tokenizer; a fresh one makes its own (a failed earlier attempt may have left one made
+    with other settings)."""
     from ..data.corpus import build_shards
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
     tok_dir, shard_dir = run / "tokenizer", run / "data"
-    if d.is_main and not (tok_dir / "tokenizer.json").is_file():
+    if d.is_main and not (resuming and (tok_dir / "tokenizer.json").is_file()):
         if cfg.tokenizer:
             tok = Tokenizer.from_dir(cfg.tokenizer)
         else:
@@ -185,6 +195,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist):
         tmp = run / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tok.save(tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
         os.replace(tmp, tok_dir)
     d.barrier()
     tok = Tokenizer.from_dir(tok_dir)
@@ -217,7 +228,7 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
         run.mkdir(parents=True, exist_ok=True)
     d.barrier()
     torch.manual_seed(cfg.seed)
-    tok, shard_dir = prepare_tokenizer_and_data(cfg, run, d)
+    tok, shard_dir = prepare_tokenizer_and_data(cfg, run, d, resuming)
     if resuming:
         model = load_model(run / "model", device=d.device)
     else:

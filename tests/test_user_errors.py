@@ -1,0 +1,113 @@
+"""User mistakes on the command line: one line naming the mistake, exit 1 (or argparse's usage error, exit 2), and
+the user's files left as they were. Each case here once printed a traceback, exited 0, or lost data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+
+TINY = ["--preset", "cpu-tiny", "--steps", "1", "--n-docs", "60", "--batch-size", "2", "--seq-len", "32",
+        "--no-progress"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["pretrain", "--out", "x", "--lr", "-1"], "--lr: -1: must be greater than 0"),
+    (["pretrain", "--out", "x", "--batch-size", "0"], "--batch-size: 0: must be at least 1"),
+    (["pretrain", "--out", "x", "--save-every", "0"], "--save-every"),
+    (["grpo", "--model", "m", "--out", "x", "--group-size", "1"], "--group-size: 1: must be at least 2"),
+    (["grpo", "--model", "m", "--out", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "--model", "m", "--temperature", "-1"], "--temperature: -1 is outside [0, 2]"),
+    (["distill", "--teacher", "t", "--out", "x", "--student", "s", "--batch-size", "0"], "--batch-size"),
+    (["sft", "--model", "m", "--out", "x", "--seq-len", "0"], "--seq-len"),
+])
+def test_out_of_range_numbers_are_usage_errors(capsys, argv, says):
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv in (["pretrain", "--out", tmp_path / "p", "--device", "cuda", *TINY],
+                 ["eval", "--model", tmp_path, "--device", "cuda"],
+                 ["pretrain", "--out", tmp_path / "p", "--device", "tpu", *TINY]):
+        code, err = run_cli(capsys, *argv)
+        assert code == 1 and err.startswith("error: --device") and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()
+
+
+def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "notes.txt", *TINY)
+    assert code == 1 and err.startswith("error:") and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_pretrain_never_replaces_a_data_folder_that_is_not_its_own(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.jsonl").write_text('{"text": "mine"}\n')
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY)
+    assert code == 1 and "not token shards" in err
+    assert (tmp_path / "data" / "corpus.jsonl").read_text() == '{"text": "mine"}\n'
+
+
+def test_a_fresh_pretrain_makes_its_own_tokenizer(capsys, tmp_path):
+    """A failed first attempt leaves RUN/tokenizer behind; the retry with another --vocab-size must not reuse it."""
+    assert run_cli(capsys, "tokenizer", "train", "--out", tmp_path / "tokenizer", "--vocab-size", 300, "--n-docs", 50)[0] == 0
+    code, _ = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY, "--vocab-size", "280")
+    assert code == 0
+    vocab = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) == 280
+
+
+def test_eval_results_never_overwrite_the_problems(capsys, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    code, err = run_cli(capsys, "eval", "--model", tmp_path, "--data", data, "--out", data)
+    assert code == 1 and "overwrite the problems" in err and data.read_text().startswith('{"question"')
+    code, err = run_cli(capsys, "eval", "--model", tmp_path, "--data", data, "--out", tmp_path)
+    assert code == 1 and "not a file" in err
+
+
+def test_convert_and_tokenizer_leave_an_existing_model_alone(capsys, tmp_path):
+    import nanoseek
+
+    torch.manual_seed(0)
+    src = nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny")), tmp_path / "a")
+    dst = nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny")), tmp_path / "b")
+    before = (dst / "model.safetensors").read_bytes()
+    code, err = run_cli(capsys, "convert", src, dst)
+    assert code == 1 and "--overwrite" in err and (dst / "model.safetensors").read_bytes() == before
+    assert run_cli(capsys, "convert", src, dst, "--overwrite", "--dtype", "float32")[0] == 0
+    assert (dst / "model.safetensors").read_bytes() != before
+    code, err = run_cli(capsys, "tokenizer", "train", "--out", dst, "--n-docs", "50")
+    assert code == 1 and "model directory" in err and not (dst / "tokenizer.json").exists()
+
+
+def test_distill_refuses_a_run_of_other_settings(capsys, tmp_path):
+    from nanoseek.cli import UserError
+    from nanoseek.train.distill import DistillConfig, claim_run
+
+    run = tmp_path / "run"
+    claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s1"))
+    claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s1"))  # a rerun resumes
+    with pytest.raises(UserError, match="teacher"):
+        claim_run(run, DistillConfig(teacher="other", out=str(run), student="s1"))
+    with pytest.raises(UserError, match="student 's1' -> 's2'"):
+        claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s2"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.tex").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        claim_run(tmp_path / "busy", DistillConfig(teacher="t", out=str(tmp_path / "busy"), student="s1"))
