@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
     model = load_model(src, dtype=DTYPES[args.dtype])
     save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:  # the output's tokenizer is the input's, or none (never an overwritten model's)
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+        else:
+            (dst / name).unlink(missing_ok=True)
     print(json.dumps({"output": str(dst), "fp8": args.fp8, "dtype": args.dtype}))
     return 0

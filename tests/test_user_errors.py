@@ -111,3 +111,16 @@ def test_distill_refuses_a_run_of_other_settings(capsys, tmp_path):
     (tmp_path / "busy" / "thesis.tex").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         claim_run(tmp_path / "busy", DistillConfig(teacher="t", out=str(tmp_path / "busy"), student="s1"))
+
+
+def test_resume_says_what_it_keeps_and_refuses_another_stage(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "pretrain", "--out", run, *TINY)[0] == 0
+    code, err = run_cli(capsys, "pretrain", "--out", run, *TINY, "--steps", "2", "--resume", "--lr", "0.5")
+    assert code == 0 and "lr 0.5 (the run's: 0.006)" in err  # the run keeps its own learning rate, and says so
+    code, err = run_cli(capsys, "pretrain", "--out", run, *TINY, "--steps", "2", "--resume")
+    assert code == 0 and "already at step 2" in err and "not used" not in err
+    code, err = run_cli(capsys, "sft", "--model", run / "model", "--out", run, "--resume", "--no-progress")
+    assert code == 1 and "another stage" in err
+    code, err = run_cli(capsys, "pretrain", "--out", "", *TINY)
+    assert code == 1 and "--out must name" in err

@@ -332,6 +332,8 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     """With --resume and a checkpoint in cfg.out: the saved config, with the RESUMABLE_CHANGES taken from cfg."""
     from ..cli import UserError
 
+    if not str(cfg.out).strip():
+        raise UserError("--out must name a run directory")
     run = Path(cfg.out)
     if not has_checkpoint(run):
         return cfg, False
@@ -342,6 +344,11 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
         restored = dataclasses.replace(type(cfg)(**state["config"]), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
     except TypeError:  # the saved config has fields this stage's does not
         raise UserError(f"{run} holds a run of another stage than this one; choose a new --out") from None
+    ignored = [f"{k} {getattr(cfg, k)!r} (the run's: {getattr(restored, k)!r})" for k in state["config"]
+               if k not in RESUMABLE_CHANGES and getattr(cfg, k) != getattr(restored, k)]
+    if ignored:
+        print(f"{run}: resuming with the run's own settings; this command's differ and are not used: "
+              + ", ".join(ignored), file=sys.stderr)
     if state["step"] >= restored.end:
         print(f"{run}: the run is already at step {state['step']} (asked to run to {restored.end}); nothing to do",
               file=sys.stderr)
