@@ -17,7 +17,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="model directory to read (any deepseek_v3 HF directory, FP8 ones included)")
     p.add_argument("output", help="model directory to write")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="dtype of the written weights (default bfloat16)")
     p.add_argument("--fp8", action="store_true", help="store attention/FFN weights as e4m3 with 128x128 block scales")
     p.add_argument("--overwrite", action="store_true", help="replace what OUTPUT already holds (refused otherwise)")
 

@@ -150,7 +150,8 @@ def summarize(results: list[EvalResult]) -> dict:
     return summary
 
 
-def evaluate_dir(model_dir, problems, device: str, style: str = "chat", max_new_tokens: int = 320) -> tuple[dict, object]:
+def evaluate_dir(model_dir, problems, device: str, style: str = "chat",
+                 max_new_tokens: int = 320) -> tuple[dict, object]:
     """Greedy evaluation of a model directory on `problems` -> (summary, engine). 320 new tokens fit the longest
     worked solutions of the task suite (three-step word problems with their column working)."""
     from ..tokenizer import Tokenizer
@@ -207,11 +208,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
-    p.add_argument("--n", type=NONNEGATIVE_INT, default=200, help="problems to evaluate (default 200; 0 = all of --data)")
+    p.add_argument("--n", type=NONNEGATIVE_INT, default=200,
+                   help="problems to evaluate (default 200; 0 = all of --data)")
     p.add_argument("--samples", type=POSITIVE_INT, default=1,
                    help="K samples per problem (pass@1 is their mean; maj@K and pass@k too); needs --temperature > 0")
-    p.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default); R1 recommends 0.6 with K > 1")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="completion budget; a cut-off answer is usually wrong")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.0,
+                   help="0 = greedy (default); R1 recommends 0.6 with K > 1")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256,
+                   help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
                    help="chat template (default), plain text for base models, or R1-Zero's template")
     p.add_argument("--seed", type=int, default=0, help="which held-out problems (and the sampling seed)")

@@ -116,7 +116,8 @@ def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
 
     if not stages:
         return []
-    panels = [("by level", lambda s: {"all": s["pass@1"], **{f"L{k}": v["pass@1"] for k, v in (s.get("levels") or {}).items()}})]
+    panels = [("by level", lambda s: {"all": s["pass@1"],
+                                      **{f"L{k}": v["pass@1"] for k, v in (s.get("levels") or {}).items()}})]
     if any(s.get("families") for s in stages.values()):
         panels.append(("by family", lambda s: {k: v["pass@1"] for k, v in (s.get("families") or {}).items()}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
@@ -188,7 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE
 
     p.add_argument("run", help="a run directory (with metrics.jsonl) or a speedrun directory")
-    p.add_argument("--price-per-hour", type=NONNEGATIVE, help="dollars per device-hour (default: what each run recorded)")
+    p.add_argument("--price-per-hour", type=NONNEGATIVE,
+                   help="dollars per device-hour (default: what each run recorded)")
 
 
 def run(args: argparse.Namespace) -> int:

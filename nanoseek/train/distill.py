@@ -323,8 +323,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=NONNEGATIVE_INT, default=2000,
                    help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
     p.add_argument("--samples", type=POSITIVE_INT, default=1, help="traces per problem")
-    p.add_argument("--max-tokens", type=POSITIVE_INT, default=160, help="teacher completion budget per problem (default 160)")
-    p.add_argument("--temperature", type=TEMPERATURE, default=0.6, help="teacher sampling temperature (default 0.6, R1's)")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=160,
+                   help="teacher completion budget per problem (default 160)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.6,
+                   help="teacher sampling temperature (default 0.6, R1's)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="parallel requests to a URL teacher")
     p.add_argument("--epochs", type=POSITIVE, default=4.0, help="student SFT passes over the kept traces (default 4)")
     p.add_argument("--steps", type=POSITIVE_INT, help="student SFT steps (overrides --epochs)")

@@ -392,7 +392,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if not 0 < cfg.temperature <= 2:
         raise UserError(f"--temperature must be in (0, 2] (GRPO needs sampled groups), got {cfg.temperature}")
     if cfg.data and cfg.adaptive_tasks:
-        raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn in turn")
+        raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn "
+                        "in turn")
     d = loop.init_distributed(cfg.device)
     if d.world_size > 1:
         raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
@@ -500,7 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
-    src.add_argument("--data", help="train on your own problems instead: GSM8K-format JSONL (question, answer '... #### "
+    src.add_argument("--data",
+                     help="train on your own problems instead: GSM8K-format JSONL (question, answer '... #### "
                                     "N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
@@ -519,17 +521,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=32, help="completions per forward in the update")
     p.add_argument("--format-weight", type=NONNEGATIVE, default=0.2,
                    help="reward for a well-formed <think>…</think> answer, on top of 1 for a right one (default 0.2)")
-    p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=20, help="evaluate on the held-out split every K steps (0: never)")
+    p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=20,
+                   help="evaluate on the held-out split every K steps (0: never)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=100, help="held-out problems per evaluation (default 100)")
     p.add_argument("--eval-data", help="GSM8K-format JSONL to evaluate on instead of the task suite's held-out split")
     loop.add_run_arguments(p, "seed of the rollouts and the problems drawn", save_every=20)
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("model", "out", "mode", "loss", "tasks", "data", "eval_data", "adaptive_tasks", "steps", "prompts_per_step", "group_size",
-            "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch", "micro_batch_size",
-            "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume", "device",
-            "price_per_hour")
+    keys = ("model", "out", "mode", "loss", "tasks", "data", "eval_data", "adaptive_tasks", "steps", "prompts_per_step",
+            "group_size", "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch",
+            "micro_batch_size", "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume",
+            "device", "price_per_hour")
     result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
     print(json.dumps(result))
     return 0

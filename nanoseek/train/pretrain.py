@@ -56,12 +56,15 @@ class PretrainConfig(loop.TrainConfig):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
 
-    p.add_argument("--preset", default="cpu-tiny", help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
+    p.add_argument("--preset", default="cpu-tiny",
+                   help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
-    p.add_argument("--data", nargs="*", default=[], help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
-    p.add_argument("--micro-batch-size", type=POSITIVE_INT, help="sequences per forward per process (gradient accumulation fills the rest)")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT,
+                   help="sequences per forward per process (gradient accumulation fills the rest)")
     p.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per packed row (default per preset; cpu-tiny 128)")
     p.add_argument("--lr", type=POSITIVE, help="peak learning rate")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, help="warmup steps")
@@ -70,11 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["adamw", "muon"],
                    help="adamw, or muon: Muon on the layers' matrices and AdamW on the embedding, head, norms and "
                         "biases, at the same learning rate (default per preset)")
-    p.add_argument("--mtp-weight", type=NONNEGATIVE, default=0.3, help="λ, weight of the MTP loss (0 turns MTP training off)")
+    p.add_argument("--mtp-weight", type=NONNEGATIVE, default=0.3,
+                   help="λ, weight of the MTP loss (0 turns MTP training off)")
     p.add_argument("--no-document-mask", action="store_true",
                    help="let packed documents attend across their boundaries (default: each attends only within itself)")
     p.add_argument("--bias-gamma", type=NONNEGATIVE, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
-    p.add_argument("--aux-alpha", type=NONNEGATIVE, help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
+    p.add_argument("--aux-alpha", type=NONNEGATIVE,
+                   help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
                         "VALUE is JSON: numbers, true/false, null)")

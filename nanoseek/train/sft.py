@@ -180,8 +180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="starting model directory (e.g. RUN/model of a pretraining run)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--data", nargs="*", default=[], help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
-    p.add_argument("--n-samples", type=POSITIVE_INT, default=4000, help="task-suite conversations when no --data (default 4000)")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
+    p.add_argument("--n-samples", type=POSITIVE_INT, default=4000,
+                   help="task-suite conversations when no --data (default 4000)")
     p.add_argument("--steps", type=POSITIVE_INT, default=300, help="optimiser steps (default 300)")
     p.add_argument("--epochs", type=NONNEGATIVE, default=0.0,
                    help="train this many passes over the data instead of --steps (0: use --steps)")
@@ -189,12 +191,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="global rows per step; each row packs whole conversations up to --seq-len tokens")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="rows per forward per process (default: the batch split over the processes, at most 32)")
-    p.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per row; a longer conversation is truncated")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=256,
+                   help="tokens per row; a longer conversation is truncated")
     p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak learning rate, cosine after warmup (default 1e-3)")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, default=10, help="warmup steps (default 10)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="adamw, or muon on the layers' matrices with AdamW on the rest (see `pretrain --help`)")
-    p.add_argument("--mtp-weight", type=NONNEGATIVE, default=0.1, help="λ, weight of the MTP loss (0: off; default 0.1)")
+    p.add_argument("--mtp-weight", type=NONNEGATIVE, default=0.1,
+                   help="λ, weight of the MTP loss (0: off; default 0.1)")
     p.add_argument("--bias-gamma", type=NONNEGATIVE, default=0.001, help="γ, aux-loss-free routing bias step (0: off)")
     loop.add_run_arguments(p, "seed of the default data and the batch order", save_every=100)
 
