@@ -2,8 +2,8 @@
 
 A model directory is what DeepSeek, transformers, vLLM and SGLang use: `config.json` (model_type deepseek_v3),
 `model.safetensors` or shards plus `model.safetensors.index.json`, `generation_config.json`. Our module names are the
-HF parameter names, with one exception kept in `hf_names()`: routed experts are stacked in one (E, out, in) tensor
-per projection here and stored one matrix per expert on disk (`mlp.experts.{e}.gate_proj.weight`).
+HF parameter names, with one exception (`_EXPERT` on load, `hf_state_dict` on save): routed experts are stacked in
+one (E, out, in) tensor per projection here and stored one matrix per expert on disk (`mlp.experts.{e}.gate_proj.weight`).
 MTP layers are written with the embedding and output head copies DeepSeek ships (`layers.{L+k}.embed_tokens`,
 `layers.{L+k}.shared_head.head`); on load those copies are recognised and skipped, since the modules share them.
 

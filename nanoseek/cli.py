@@ -2,7 +2,7 @@
 
 Each module named in VERBS defines `add_arguments(parser)` and `run(args) -> int`; it is imported only when its
 verb runs, so `nanoseek --help` stays fast. Errors a user can cause (bad paths, bad configs) are raised as
-`UserError` (or the stage's own error types listed in USER_ERRORS) and printed as one line, not a traceback.
+`UserError` (or the error types `_user_errors` lists) and printed as one line, not a traceback.
 """
 
 from __future__ import annotations

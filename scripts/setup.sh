@@ -13,7 +13,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/pip install -q "torch>=2.9"
   else
-    .venv/bin/pip install -q torch==2.13.0
+    # PyPI's Linux torch is the CUDA build (several GB of nvidia wheels): take the CPU build from PyTorch's own index,
+    # and plain pip's choice only where that index is out of reach (a machine whose pip already has a CPU wheel)
+    .venv/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15 \
+      || .venv/bin/pip install -q torch==2.13.0
   fi
 fi
 extra=${1:-}

@@ -1,7 +1,7 @@
 """What every training stage shares: distributed set-up, the optimiser and LR schedule, atomic checkpoints with exact
 resume, the metrics file, and the cost table.
 
-Run directory layout (DESIGN §3):
+Run directory layout:
     RUN/model          -> current/model          an HF model directory (+ tokenizer files)
     RUN/train_state    -> current/train_state    optimizer.safetensors + state.json (step, data position, RNG, config)
     RUN/current        -> ckpt/step-000123       switched with one atomic rename, so a run killed at any moment

@@ -4,7 +4,8 @@ Loss per step (DeepSeek-V3 §2–3):
     L = CE(main) + λ·mean_k CE(MTP depth k) + α·(sequence-wise balance loss, summed over MoE layers)
 then, after the optimiser step, every MoE layer's routing bias moves by γ·sign(mean load − load) with the loads
 summed over all micro-batches and ranks (aux-loss-free balancing). AdamW (β 0.9/0.95, weight decay 0.1 on
-matrices), linear warmup then cosine or WSD, gradient clipping at 1.0, gradient accumulation, bf16 autocast on GPU.
+matrices) or Muon on the layers' matrices (`--optimizer`; the CPU presets' default, muon.py), linear warmup then
+cosine, WSD or constant, gradient clipping at 1.0, gradient accumulation, bf16 autocast on GPU.
 Rows pack several documents; each attends only within itself, with positions restarting at its BOS (as Llama 3
 trains), so a document is seen exactly as it is at inference, alone (--no-document-mask turns this off).
 
