@@ -124,3 +124,14 @@ def test_resume_says_what_it_keeps_and_refuses_another_stage(capsys, tmp_path):
     assert code == 1 and "another stage" in err
     code, err = run_cli(capsys, "pretrain", "--out", "", *TINY)
     assert code == 1 and "--out must name" in err
+
+
+def test_a_torn_metrics_line_is_skipped(tmp_path):
+    """A kill during a write can leave half a line at the end of metrics.jsonl: resume and report skip it."""
+    from nanoseek.train.loop import Metrics, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    Metrics(path, resume_step=1).log({"step": 2, "loss": 1.4})
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.4}]
