@@ -153,6 +153,8 @@ class BodyLimit:
 # --- building engine requests ----------------------------------------------------------------------------------------
 def _message_text(message, index: int) -> str:
     content = message.content
+    if content is None and message.role != "assistant":  # only an assistant turn may come without content
+        raise ApiError(400, f"a {message.role} message needs content", param=f"messages.{index}.content")
     if content is None or isinstance(content, str):
         return content or ""
     texts = []

@@ -107,6 +107,13 @@ class _Sampling(_Body):
     def _null_is_default(cls, value, info):  # OpenAI's SDK sends n=None / stream=None for "not given"
         return {"n": 1, "stream": False}[info.field_name] if value is None else value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     @property
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
