@@ -402,25 +402,20 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
 
     from safetensors.torch import load_file
 
-    import nanoseek
     import nanoseek.train.grpo as grpo_module
+    from conftest import tiny_model_dir
     from nanoseek.cli import UserError
-    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+    from nanoseek.tokenizer import task_suite_texts
     from nanoseek.train.grpo import GRPOConfig, grpo
     from nanoseek.train.rewards import Judgement
 
     asked = []
     monkeypatch.setattr(grpo_module, "judge", lambda text, problem, *a, **kw: (
         asked.append(problem.question), Judgement(text.count("7") / 4, 0.0, 0.0, None))[1])
-    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
-    torch.manual_seed(0)
-    model = tmp_path / "sft"
-    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
-        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
-    tok.save(model)
-    train, held = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    train.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys 2. How many?",
-                                         "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
+    records = [{"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+               for i in range(6)]
+    model, _, train = tiny_model_dir(tmp_path / "sft", task_suite_texts(200, seed=0), "train.jsonl", records)
+    held = tmp_path / "test.jsonl"
     held.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(3)))
     common = dict(model=str(model), data=str(train), eval_data=str(held), eval_n=2, eval_every=2, steps=4,
                   prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=2, progress=False, device="cpu")
