@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 # verb -> (module, one-line help)
@@ -28,6 +29,11 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# The options the running command's line set (those that differ from their defaults; None outside the CLI), so a
+# resumed run can say which of them it does not use
+GIVEN: set[str] | None = None
+
+
 class UserError(Exception):
     """A mistake in the user's input; printed as `error: <message>`."""
 
@@ -39,19 +45,45 @@ def bounded(kind: type, low: float, high: float | None = None, low_open: bool = 
 
     def parse(text: str):
         value = kind(text)  # ValueError: argparse says "invalid int value"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
         if (value <= low if low_open else value < low) or (high is not None and value > high):
+            show = (lambda v: f"{v:g}") if kind is float else str  # noqa: E731
             if high is not None:
-                raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
-            raise argparse.ArgumentTypeError(f"{text}: must be {'greater than' if low_open else 'at least'} {low:g}")
+                raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{show(low)}, {show(high)}]")
+            raise argparse.ArgumentTypeError(f"{text}: must be {'greater than' if low_open else 'at least'} {show(low)}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
+def output_file(text: str, replace_ok=None, overwrite: bool = False, flag: str = "--out"):
+    """The Path of a file the user asked a command to write, checked before any work: its directory exists, it is
+    not a directory or a device, and an existing file is replaced only with --overwrite or when `replace_ok(path)`
+    says an earlier run of the same command wrote it."""
+    from pathlib import Path
+
+    if not text.strip():
+        raise UserError(f"{flag} must name a file")
+    path = Path(text)
+    if path.is_dir():
+        raise UserError(f"{flag} {text} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {text}: there is no directory {path.parent}")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise UserError(f"{flag} {text} is not a regular file")
+        if not overwrite and not (replace_ok and replace_ok(path)):
+            raise UserError(f"{flag} {text} already exists; pass --overwrite to replace it" if replace_ok is None else
+                            f"{flag} {text} already exists and is not this command's output; choose another name")
+    return path
+
+
 POSITIVE_INT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 TEMPERATURE = bounded(float, 0, 2)
+SEED = bounded(int, 0, 2**32 - 1)  # numpy's and Python's generators take any of these
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -84,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
+    global GIVEN
+    verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.verb]
+    GIVEN = {a.dest for a in verb_parser._actions if getattr(args, a.dest, a.default) != a.default}
     try:
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
@@ -92,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        GIVEN = None
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class ModelConfig:
             need((value is None and name.startswith(("n_", "num_experts"))) or
                  (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
                  f"{name} must be a non-negative integer, got {value!r}")
+        need(all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in (self.rope_theta, self.rms_norm_eps)),
+             "rope_theta and rms_norm_eps must be positive numbers")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not implemented (DeepSeek-V3 uses silu)")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func {self.scoring_func!r} is not sigmoid/softmax")

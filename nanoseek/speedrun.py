@@ -145,10 +145,12 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import SEED
+
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (2 cores, ~20 min) or gpu (1 H100, ~10 min)")
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (data, initialisation, rollouts)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of every stage (data, initialisation, rollouts)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ SPECIAL_TOKENS: dict[str, str] = {
 NON_SPECIAL = ("think", "end_think")
 MODEL_MAX_LENGTH = 131072
 N_BYTES = 256
+MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # every byte and every special token
 
 CHAT_TEMPLATE = (
     "{%- if thinking is not defined %}{% set thinking = true %}{% endif %}"
@@ -366,7 +367,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
 
 # --- CLI: nanoseek tokenizer train ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import POSITIVE_INT
+    from .cli import POSITIVE_INT, SEED, bounded
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer and write it as an HF tokenizer directory",
@@ -375,9 +376,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="directory to write")
     t.add_argument("--data", nargs="*", default=[],
                    help="JSONL/Parquet files with {'text'} or {'messages'} records; default: the task suite")
-    t.add_argument("--vocab-size", type=POSITIVE_INT, default=512, help="vocabulary size (default 512)")
+    t.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), default=512, help="vocabulary size (default 512)")
     t.add_argument("--n-docs", type=POSITIVE_INT, default=10000, help="task-suite problems to train on without --data")
-    t.add_argument("--seed", type=int, default=0, help="task-suite seed")
+    t.add_argument("--seed", type=SEED, default=0, help="task-suite seed")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
 
 
 def task_suite_texts(n_docs: int, seed: int) -> list[str]:
@@ -411,11 +413,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action != "train":
         raise UserError(f"unknown action {args.action!r}")
-    if args.vocab_size < N_BYTES + len(SPECIAL_TOKENS):
-        raise UserError(f"--vocab-size must be at least {N_BYTES + len(SPECIAL_TOKENS)}")
+    if not args.out.strip():
+        raise UserError("--out must name a directory")
     if (Path(args.out) / "config.json").is_file():
         raise UserError(f"{args.out} is a model directory: a new tokenizer would no longer match its embeddings; "
                         "choose another --out")
+    if (Path(args.out) / "tokenizer.json").is_file() and not args.overwrite:
+        raise UserError(f"{args.out} already holds a tokenizer; pass --overwrite to replace it")
     texts = _training_texts(args)
     if not texts:
         raise UserError("no training text")

@@ -166,7 +166,8 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
                 yield i, Trace(f"{n} + 2 = {n + 2}", f"The answer is {n + 2 + n % 2}.", True)
 
     monkeypatch.setattr(distill_module, "make_teacher", lambda *a, **kw: Scripted())
-    common = dict(teacher="scripted", student=str(d), data=str(train), steps=1, batch_size=2, eval_n=2, progress=False)
+    common = dict(teacher="http://127.0.0.1:9/v1", student=str(d), data=str(train), steps=1, batch_size=2, eval_n=2,
+                  progress=False)  # make_teacher is scripted below; a URL teacher is not checked for its context
     result = distill(DistillConfig(out=str(tmp_path / "run"), eval_data=str(held), **common))
     assert sorted(Scripted.asked) == sorted(json.loads(line)["question"] for line in train.read_text().splitlines())
     kept = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "run" / "kept.jsonl").read_text().splitlines()]

@@ -272,7 +272,7 @@ def test_tasks_command_writes_each_rendering(tmp_path, capsys):
     assert all(r["text"].split("\n")[-1].startswith("Answer: ") for r in recs["text"])
     capsys.readouterr()
     for argv, says in ((["--tasks", "arithmetic:7"], "levels 1, 2, 3, 4"),
-                       (["--out", str(tmp_path / "no" / "x.jsonl")], "not a directory"),
+                       (["--out", str(tmp_path / "no" / "x.jsonl")], "there is no directory"),
                        (["--out", str(tmp_path)], "a directory")):
         assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), *argv]) == 1
         assert says in capsys.readouterr().err

@@ -32,6 +32,9 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["eval", "--model", "m", "--temperature", "-1"], "--temperature: -1 is outside [0, 2]"),
     (["distill", "--teacher", "t", "--out", "x", "--student", "s", "--batch-size", "0"], "--batch-size"),
     (["sft", "--model", "m", "--out", "x", "--seq-len", "0"], "--seq-len"),
+    (["grpo", "--model", "m", "--out", "x", "--lr", "inf"], "--lr: inf: must be a finite number"),
+    (["eval", "--model", "m", "--temperature", "nan"], "must be a finite number"),
+    (["pretrain", "--out", "x", "--seed", "-1"], "--seed: -1 is outside [0, 4294967295]"),
 ])
 def test_out_of_range_numbers_are_usage_errors(capsys, argv, says):
     code, err = run_cli(capsys, *argv)
@@ -72,13 +75,36 @@ def test_a_fresh_pretrain_makes_its_own_tokenizer(capsys, tmp_path):
     assert len(vocab) == 280
 
 
-def test_eval_results_never_overwrite_the_problems(capsys, tmp_path):
+def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path):
+    """eval --out replaces only an earlier eval --out file; tasks --out and tokenizer train need --overwrite."""
     data = tmp_path / "problems.jsonl"
     data.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
     code, err = run_cli(capsys, "eval", "--model", tmp_path, "--data", data, "--out", data)
-    assert code == 1 and "overwrite the problems" in err and data.read_text().startswith('{"question"')
-    code, err = run_cli(capsys, "eval", "--model", tmp_path, "--data", data, "--out", tmp_path)
-    assert code == 1 and "not a file" in err
+    assert code == 1 and "not this command's output" in err and data.read_text().startswith('{"question"')
+    for out, says in ((tmp_path, "is a directory"), ("", "must name a file"), (tmp_path / "no" / "r.jsonl", "no directory")):
+        code, err = run_cli(capsys, "eval", "--model", tmp_path, "--data", data, "--out", out)
+        assert code == 1 and says in err, err
+    earlier = tmp_path / "results.jsonl"
+    earlier.write_text('{"question": "q", "answer": "1", "completions": ["1"], "extracted": ["1"], "correct": [true]}\n')
+    from nanoseek.eval.evaluate import earlier_results
+
+    assert earlier_results(earlier) and not earlier_results(data)
+    assert run_cli(capsys, "tasks", "--out", data, "--n", 2)[1].startswith("error: --out")  # exists: refused
+    assert data.read_text().startswith('{"question": "What is 1 + 1?"')
+    assert run_cli(capsys, "tasks", "--out", data, "--n", 2, "--overwrite")[0] == 0
+    assert len(data.read_text().splitlines()) == 2
+    assert "name it .jsonl" in run_cli(capsys, "tasks", "--out", tmp_path / "q.parquet", "--n", 2)[1]
+    tok = tmp_path / "tok"
+    assert run_cli(capsys, "tokenizer", "train", "--out", tok, "--n-docs", 50)[0] == 0
+    code, err = run_cli(capsys, "tokenizer", "train", "--out", tok, "--n-docs", 50)
+    assert code == 1 and "--overwrite" in err
+
+
+def test_a_training_run_never_moves_into_a_folder_of_other_files(capsys, tmp_path):
+    (tmp_path / "thesis.tex").write_text("keep")
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY)
+    assert code == 1 and "not a training run (thesis.tex)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
 def test_convert_and_tokenizer_leave_an_existing_model_alone(capsys, tmp_path):
@@ -124,6 +150,8 @@ def test_resume_says_what_it_keeps_and_refuses_another_stage(capsys, tmp_path):
     assert code == 1 and "another stage" in err
     code, err = run_cli(capsys, "pretrain", "--out", "", *TINY)
     assert code == 1 and "--out must name" in err
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "typo", *TINY, "--resume")
+    assert code == 0 and "no checkpoint to resume; starting a new run" in err
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
@@ -135,3 +163,34 @@ def test_a_torn_metrics_line_is_skipped(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     Metrics(path, resume_step=1).log({"step": 2, "loss": 1.4})
     assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.4}]
+
+
+def test_bad_problem_records_and_too_little_data_are_one_line(capsys, tmp_path):
+    from nanoseek.data.tasks import from_record
+
+    for rec, says in (({"question": "q", "answer": ""}, "empty"), ({"question": "q", "answer": "#### "}, "empty"),
+                      ({"question": "q", "answer": {"x": 1}}, "a string or a number"),
+                      ({"question": "q", "answer": "2", "level": "abc"}, "whole number")):
+        with pytest.raises(ValueError, match=says):
+            from_record(rec)
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text('{"text": "one short document"}\n')
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "run", "--data", tiny, *TINY)
+    assert code == 1 and "give more --data" in err and "Traceback" not in err
+
+
+def test_sft_leaves_out_conversations_whose_answer_starts_past_the_row(capsys, tmp_path):
+    from conftest import tiny_model_dir
+
+    long = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    model, _, data = tiny_model_dir(tmp_path / "m", ["word hi hello there ok"] * 20, "chat.jsonl", [long, short] * 4)
+    code, err = run_cli(capsys, "sft", "--model", model, "--out", tmp_path / "s", "--data", data, "--seq-len", 32,
+                        "--steps", 2, "--batch-size", 2, "--no-progress")
+    assert code == 0 and "4 of 8 conversations answer only past --seq-len 32" in err
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite: no batch without answer tokens
+    (tmp_path / "m" / "long.jsonl").write_text(json.dumps(long) + "\n")
+    code, err = run_cli(capsys, "sft", "--model", model, "--out", tmp_path / "s2", "--data", tmp_path / "m" / "long.jsonl",
+                        "--seq-len", 32, "--no-progress")
+    assert code == 1 and "raise --seq-len" in err

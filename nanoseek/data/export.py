@@ -16,7 +16,6 @@ import json
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 RENDERINGS = ("gsm8k", "chat", "text")
 
@@ -28,7 +27,7 @@ def render(problem, fmt: str) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import POSITIVE_INT
+    from ..cli import POSITIVE_INT, SEED
 
     p.add_argument("--out", required=True, help="JSONL file to write ('-' for standard output)")
     p.add_argument("--format", choices=RENDERINGS, default="gsm8k",
@@ -38,15 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="train, or the held-out eval split the evaluations score (default train)")
     p.add_argument("--n", type=POSITIVE_INT, default=1000, help="problems, spread evenly over the cells (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="which problems")
+    p.add_argument("--seed", type=SEED, default=0, help="which problems")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from ..cli import UserError, output_file
     from . import tasks
 
+    if args.out != "-":
+        out = output_file(args.out, overwrite=args.overwrite)
+        if out.suffix.lower() not in (".jsonl", ".json"):
+            raise UserError(f"--out {args.out}: the file is JSON lines; name it .jsonl (or .json)")
     try:
-        specs = tasks.FAMILIES if args.tasks == ["all"] else args.tasks
+        specs = tasks.FAMILIES if "all" in args.tasks else args.tasks
         levels = tasks.levels_by_family(tasks.parse_cells(specs))
         problems = tasks.mixture(args.n, seed=args.seed, split=args.split, families=list(levels), levels=levels)
     except ValueError as e:
@@ -55,11 +59,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out == "-":
         sys.stdout.write(lines)
     else:
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise UserError(f"{out.parent} is not a directory")
-        if out.is_dir() or not out.name:
-            raise UserError(f"--out {args.out!r} is a directory; name a file")
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(lines, encoding="utf-8")
         os.replace(tmp, out)  # a reader never sees half a file

@@ -510,11 +510,16 @@ def to_gsm8k(problem: Problem) -> dict:
 def from_record(rec: dict, family: str | None = None) -> Problem:
     """A Problem from a GSM8K-format record: `answer` is a worked solution ending in '#### N', or just 'N'."""
     question, answer = rec.get("question"), rec.get("answer")
-    if not isinstance(question, str) or answer is None:
-        raise ValueError("a record needs a 'question' string and an 'answer'")
+    if not isinstance(question, str) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise ValueError("a record needs a 'question' string and an 'answer' (a string or a number)")
     body, sep, final = str(answer).rpartition("####")
     steps = tuple(l for l in body.split("\n") if l.strip()) if sep else ()
     final = (final if sep else str(answer)).strip()
+    if not final:
+        raise ValueError("the 'answer' is empty (nothing to check a completion against)")
+    level = rec.get("level") or 0
+    if not isinstance(level, int) and not (isinstance(level, str) and level.isdigit()):
+        raise ValueError(f"'level' must be a whole number, got {level!r}")
     family = family or rec.get("family") or "gsm8k"
     meta = rec.get("meta") or {}
     if not isinstance(meta, dict):
@@ -525,4 +530,4 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
             raise ValueError("a countdown record needs meta with 'numbers' and 'target'")
     elif _number(final) is not None:
         final = final.replace(",", "")
-    return Problem(family, int(rec.get("level") or 0), question, steps, final, meta)
+    return Problem(family, int(level), question, steps, final, meta)

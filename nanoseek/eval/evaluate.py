@@ -71,10 +71,22 @@ def prompts_for(problems, tok, style: str) -> list[list[int]]:
     return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
 
 
+def check_context(model_dir, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """UserError unless the longest prompt plus max_new_tokens fits the model's context."""
+    from ..checkpoint import read_config
+    from ..cli import UserError
+
+    context, longest = read_config(model_dir).max_position_embeddings, max(map(len, prompts), default=0)
+    if longest + max_new_tokens > context:
+        raise UserError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the context of "
+                        f"{model_dir} ({context} tokens)")
+
+
 def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1):
     """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`)."""
     from ..engine.engine import Engine, load_for_inference
 
+    check_context(model_dir, prompts, max_new_tokens)
     model = load_for_inference(model_dir, device)
     return Engine.for_batch(model, len(prompts) * samples, max(map(len, prompts), default=0), max_new_tokens)
 
@@ -202,7 +214,7 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, TEMPERATURE
+    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE
 
     p.add_argument("--model", required=True, help="model directory (HF format, with tokenizer files)")
     src = p.add_mutually_exclusive_group()
@@ -218,13 +230,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
                    help="chat template (default), plain text for base models, or R1-Zero's template")
-    p.add_argument("--seed", type=int, default=0, help="which held-out problems (and the sampling seed)")
+    p.add_argument("--seed", type=SEED, default=0, help="which held-out problems (and the sampling seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--out", help="also write per-problem results (JSONL) here")
+    p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
+                                 "summary line); an existing file is replaced only if an earlier --out wrote it")
+
+
+def earlier_results(path: Path) -> bool:
+    """Was `path` written by `nanoseek eval --out` (so replacing it loses nothing the user made)?"""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        return not first.strip() or {"completions", "correct"} <= json.loads(first).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from ..cli import UserError, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
 
@@ -232,20 +255,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
                         "pass --temperature (R1 used 0.6)")
     device = resolve_device(args.device, allow_mps=False)
-    if args.out:  # checked now, not after the whole evaluation
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            raise UserError(f"--out {out}: not a file in an existing directory")
-        if args.data and out.resolve() == Path(args.data).resolve():
-            raise UserError(f"--out {out} is the --data file; the results would overwrite the problems")
+    if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
+        output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)
     tok = Tokenizer.from_dir(args.model)
     engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens, args.samples)
     results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in results:
-                f.write(json.dumps({"question": r.problem.question, "answer": r.problem.answer,
-                                    "completions": r.completions, "extracted": r.answers, "correct": r.correct}) + "\n")
+    if args.out is not None:
+        rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
+                                   r.completions, "extracted": r.answers, "correct": r.correct}) + "\n" for r in results)
+        if args.out == "-":
+            sys.stdout.write(rows)
+        else:
+            Path(args.out).write_text(rows)
     print(json.dumps(summarize(results)))
     return 0

@@ -17,7 +17,9 @@ teacher's verified traces only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -217,14 +219,32 @@ def write_cost(run: Path, traces: dict, device: str) -> None:
     (run / "cost.json").write_text(json.dumps(cost, indent=1))
 
 
+def eval_budget(cfg: DistillConfig) -> int:
+    """New tokens when scoring teacher and student: the suite's longest solutions, or what the teacher was allowed."""
+    return max(320, cfg.max_tokens)
+
+
+def check_prompts(cfg: DistillConfig, problems: list, scored: list) -> None:
+    """Before any work: the problems fit a local teacher's context with --max-tokens, the scored ones both models'."""
+    from ..eval.evaluate import check_context, prompts_for
+    from ..tokenizer import Tokenizer
+
+    teacher = None if cfg.teacher.startswith(("http://", "https://")) else cfg.teacher
+    for model_dir, probs, budget in ((teacher, problems, cfg.max_tokens), (teacher, scored, eval_budget(cfg)),
+                                     (cfg.student, scored, eval_budget(cfg))):
+        if model_dir and probs:
+            check_context(model_dir, prompts_for(probs, Tokenizer.from_dir(model_dir), "chat"), budget)
+
+
 def claim_run(run: Path, cfg: DistillConfig) -> None:
-    """RUN/distill.json records what a run distils (teacher, student, problems); a rerun in the same directory
-    resumes it, and one that names something else is refused instead of silently mixing the old traces or student
-    into the new run."""
+    """RUN/distill.json records what a run distils (teacher, student, problems, sampling, the student's training); a
+    rerun in the same directory with the same settings resumes it, and one with other settings is refused instead of
+    silently reusing traces or a student made with the old ones."""
     from ..cli import UserError
 
-    what = {"teacher": cfg.teacher, "student": cfg.student, "student_preset": cfg.student_preset, "data": cfg.data,
-            "tasks": None if cfg.data else list(cfg.tasks), "seed": cfg.seed}
+    what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "eval_data", "eval_n", "concurrency",
+                                                                          "device", "progress")}
+    what["tasks"] = None if cfg.data else list(cfg.tasks)
     path = run / "distill.json"
     if path.is_file():
         try:
@@ -262,9 +282,13 @@ def distill(cfg: DistillConfig) -> dict:
             raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass "
                             "--student DIR")
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
+    check_prompts(cfg, problems, scored)
     if cfg.data and not scored:
         print("distill: --data without --eval-data: teacher and student are not scored (pass --eval-data FILE.jsonl)",
               file=sys.stderr)
+    fix = lambda v: os.path.abspath(v) if v and not v.startswith(("http://", "https://")) else v  # noqa: E731
+    cfg = dataclasses.replace(cfg, teacher=fix(cfg.teacher), student=fix(cfg.student), data=fix(cfg.data),
+                              eval_data=fix(cfg.eval_data))  # a rerun from another directory names the same run
     run = Path(cfg.out)
     claim_run(run, cfg)
     try:
@@ -295,16 +319,15 @@ def distill(cfg: DistillConfig) -> dict:
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     write_cost(run, traces_cost, device)
-    budget = max(320, cfg.max_tokens)  # the suite's longest solutions, or what the teacher was allowed
-    report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, scored, budget)}
+    report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, scored, eval_budget(cfg))}
     if isinstance(teacher, LocalTeacher):
-        report["teacher"] = describe(cfg.teacher, device, scored, budget)
+        report["teacher"] = describe(cfg.teacher, device, scored, eval_budget(cfg))
     (run / "report.json").write_text(json.dumps(report, indent=1))
     return {"stage": "distill", "model": str(run / "student" / "model"), "sft": result["final"] if result else None, **report}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, TEMPERATURE
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE
 
     p.add_argument("--teacher", required=True, help="teacher model directory, or an OpenAI-compatible base URL "
                    "(API key from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
@@ -335,7 +358,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation weight (local teacher only)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=200,
                    help="held-out problems to score teacher and student on (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problems, the sampling and the student SFT")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the problems, the sampling and the student SFT")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -397,13 +397,13 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     d = loop.init_distributed(cfg.device)
     if d.world_size > 1:
         raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
-    cfg, resuming = loop.restore_config(cfg)
+    cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
     pool = None
     if cfg.data:
         from ..eval.evaluate import load_problems
 
         pool = load_problems(None, cfg.data, 0, 0)
-    scored = eval_problems(cfg) if cfg.eval_every else []
+    scored = eval_problems(cfg) if cfg.eval_every or cfg.eval_data else []
     if cfg.data and not scored and cfg.eval_every:
         print("grpo: training on --data without --eval-data: no periodic held-out evaluation", file=sys.stderr)
     run = Path(cfg.out)
@@ -443,7 +443,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
     timer = loop.Timer()
     row, warned = {}, False
-    if start == 0 and scored:
+    if start == 0 and scored and cfg.eval_every:
         metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
     for step in range(start, cfg.end):
         lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
@@ -467,7 +467,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         }
         if cfg.adaptive_tasks:
             row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
-        if scored and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+        if scored and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
             row["eval"] = evaluate(cfg, engine, tok, scored)
         metrics.log(row)

@@ -218,7 +218,7 @@ def load_train_state(run: Path, opt) -> dict:
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; a line that does not parse (the last one, cut by a kill mid-write) is skipped."""
     rows = []
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    for line in Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -328,14 +328,35 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "device", "out")
 
 
+# What a run directory may hold before its first checkpoint (a failed or interrupted start leaves some of it)
+RUN_ENTRIES = ("model", "train_state", "ckpt", "current", "tokenizer", "data", "metrics.jsonl", "cost.json", "done.json")
+
+
+def absolute_paths(cfg: TrainConfig, *fields: str) -> TrainConfig:
+    """cfg with these path fields (a path or a list of paths) made absolute, so a run resumed from another working
+    directory finds its model and data again."""
+    fix = lambda v: os.path.abspath(v) if isinstance(v, str) and v else v  # noqa: E731
+    return dataclasses.replace(cfg, **{f: [fix(v) for v in getattr(cfg, f)] if isinstance(getattr(cfg, f), list)
+                                       else fix(getattr(cfg, f)) for f in fields})
+
+
 def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
-    """With --resume and a checkpoint in cfg.out: the saved config, with the RESUMABLE_CHANGES taken from cfg."""
+    """With --resume and a checkpoint in cfg.out: the saved config, with the RESUMABLE_CHANGES taken from cfg.
+    Without a checkpoint: cfg, once --out is known to be new, empty or this kind of run's own leftovers."""
+    from .. import cli
     from ..cli import UserError
 
     if not str(cfg.out).strip():
         raise UserError("--out must name a run directory")
     run = Path(cfg.out)
     if not has_checkpoint(run):
+        foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
+                         ) if run.is_dir() else []
+        if foreign:
+            raise UserError(f"{run} holds files that are not a training run ({', '.join(foreign[:3])}"
+                            f"{', …' if len(foreign) > 3 else ''}); choose a new or empty --out")
+        if cfg.resume and cli.GIVEN is not None and "resume" in cli.GIVEN:
+            print(f"{run}: no checkpoint to resume; starting a new run", file=sys.stderr)
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
@@ -344,8 +365,9 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
         restored = dataclasses.replace(type(cfg)(**state["config"]), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
     except TypeError:  # the saved config has fields this stage's does not
         raise UserError(f"{run} holds a run of another stage than this one; choose a new --out") from None
+    given = cli.GIVEN if cli.GIVEN is not None else set(state["config"])  # options the command line set
     ignored = [f"{k} {getattr(cfg, k)!r} (the run's: {getattr(restored, k)!r})" for k in state["config"]
-               if k not in RESUMABLE_CHANGES and getattr(cfg, k) != getattr(restored, k)]
+               if k not in RESUMABLE_CHANGES and k in given and getattr(cfg, k) != getattr(restored, k)]
     if ignored:
         print(f"{run}: resuming with the run's own settings; this command's differ and are not used: "
               + ", ".join(ignored), file=sys.stderr)
@@ -366,9 +388,9 @@ def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> 
 def add_run_arguments(p, seed_help: str, save_every: int) -> None:
     """The command-line options every training stage takes: seed, checkpoints and resume, device, the cost table's
     price and the progress bar (TrainConfig's fields of the same names)."""
-    from ..cli import NONNEGATIVE, POSITIVE_INT
+    from ..cli import NONNEGATIVE, POSITIVE_INT, SEED
 
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=SEED, default=0, help=seed_help)
     p.add_argument("--save-every", type=POSITIVE_INT, default=save_every,
                    help="checkpoint every K steps (and at the end)")
     p.add_argument("--stop-at", type=POSITIVE_INT,

@@ -55,7 +55,8 @@ class PretrainConfig(loop.TrainConfig):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
+    from ..tokenizer import MIN_VOCAB
 
     p.add_argument("--preset", default="cpu-tiny",
                    help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="sequences per forward per process (gradient accumulation fills the rest)")
-    p.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per packed row (default per preset; cpu-tiny 128)")
+    p.add_argument("--seq-len", type=bounded(int, 2), help="tokens per packed row (default per preset; cpu-tiny 128)")
     p.add_argument("--lr", type=POSITIVE, help="peak learning rate")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, help="warmup steps")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
@@ -85,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
                         "VALUE is JSON: numbers, true/false, null)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
-    p.add_argument("--vocab-size", type=POSITIVE_INT, help="vocabulary of the tokenizer trained for this run")
+    p.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), help="vocabulary of the tokenizer trained for this run")
     p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite documents to generate when no --data is given")
     p.add_argument("--fp8", action="store_true",
                    help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
@@ -224,10 +225,11 @@ def model_config(cfg: PretrainConfig, tok) -> ModelConfig:
 
 
 def pretrain(cfg: PretrainConfig) -> dict | None:
+    from ..cli import UserError
     from ..data.corpus import PackedLoader
 
     d = loop.init_distributed(cfg.device)
-    cfg, resuming = loop.restore_config(cfg)
+    cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "data", "tokenizer"))
     loop.grad_accum_steps(cfg, d)  # validate the batch split before any work
     run = Path(cfg.out)
     if d.is_main:
@@ -243,8 +245,11 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
         from ..model.fp8 import convert_to_fp8
 
         convert_to_fp8(model)  # swaps the GEMMs only: parameter names, checkpoints and resume are unchanged
-    loader = PackedLoader(shard_dir, batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                          rank=d.rank, world_size=d.world_size)
+    try:
+        loader = PackedLoader(shard_dir, batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                              rank=d.rank, world_size=d.world_size)
+    except ValueError as e:  # too little data for one batch
+        raise UserError(f"{e}: give more --data (or --n-docs), or a smaller --batch-size or --seq-len") from None
     extra_files = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
     result = loop.fit(cfg, model, loader, d, resuming, "pretrain", extra_files)
     if result is not None:

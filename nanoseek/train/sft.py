@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     from ..tokenizer import Tokenizer
 
     d = loop.init_distributed(cfg.device)
-    cfg, resuming = loop.restore_config(cfg)
+    cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data"))
     loop.grad_accum_steps(cfg, d)
     run = Path(cfg.out)
     if d.is_main:
@@ -158,6 +159,13 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     samples = tokenize_conversations(load_conversations(cfg), tok)
     if not samples:
         raise UserError("no conversation has an assistant turn to learn from")
+    fits = [(ids, mask) for ids, mask in samples if mask.index(1) < cfg.seq_len]  # a row keeps seq_len + 1 tokens
+    if len(fits) < len(samples):
+        if not fits:
+            raise UserError(f"every conversation's answer starts past --seq-len {cfg.seq_len}; raise --seq-len")
+        print(f"sft: {len(samples) - len(fits)} of {len(samples)} conversations answer only past --seq-len "
+              f"{cfg.seq_len} and are left out", file=sys.stderr)
+        samples = fits
     bos = model.config.bos_token_id
     pack = cfg.document_mask and bos is not None and all(ids[0] == bos for ids, _ in samples)
     if cfg.epochs > 0:  # the same data gives the same count, so a resumed run agrees with the saved one
@@ -176,7 +184,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
     p.add_argument("--model", required=True, help="starting model directory (e.g. RUN/model of a pretraining run)")
     p.add_argument("--out", required=True, help="run directory")
@@ -191,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="global rows per step; each row packs whole conversations up to --seq-len tokens")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="rows per forward per process (default: the batch split over the processes, at most 32)")
-    p.add_argument("--seq-len", type=POSITIVE_INT, default=256,
+    p.add_argument("--seq-len", type=bounded(int, 2), default=256,
                    help="tokens per row; a longer conversation is truncated")
     p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak learning rate, cosine after warmup (default 1e-3)")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, default=10, help="warmup steps (default 10)")
