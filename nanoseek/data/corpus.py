@@ -70,7 +70,7 @@ def _read_parquet(path: Path) -> Iterator[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'nanoseek[parquet]', or pyarrow)") from e
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     for batch in pq.ParquetFile(path).iter_batches():
