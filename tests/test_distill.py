@@ -77,6 +77,19 @@ def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
     assert r.returncode == 1 and "401" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_teacher_model_names_the_model_to_ask(server, tmp_path):
+    s, d = server
+    env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}
+    base = [sys.executable, "-m", "nanoseek", "distill", "--teacher", s.url, "--student", str(d), "--n", "2",
+            "--max-tokens", "8", "--no-progress"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "a"), "--teacher-model", "gpt-17"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1 and "gpt-17" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base + ["--out", str(tmp_path / "b"), "--teacher-model", str(d)], capture_output=True, text=True,
+                       env=env)  # the server's name for its model: its --model path
+    assert "no trace passed verification" in r.stderr  # it answered (8 tokens cannot finish a trace)
+
+
 def test_no_verified_trace_is_a_clear_error(server, tmp_path):
     s, d = server
     env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}

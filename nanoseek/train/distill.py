@@ -35,6 +35,7 @@ from .teacher import LocalTeacher, make_teacher
 class DistillConfig:
     teacher: str
     out: str
+    teacher_model: str | None = None  # the model a URL teacher is asked for (default: the first its /models lists)
     student: str | None = None  # a model directory with tokenizer files
     student_preset: str | None = None  # or a fresh model of this preset, with the teacher's tokenizer
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "word", "countdown"])
@@ -292,7 +293,7 @@ def distill(cfg: DistillConfig) -> dict:
     run = Path(cfg.out)
     claim_run(run, cfg)
     try:
-        teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency)
+        teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency, model=cfg.teacher_model)
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
     t0 = time.perf_counter()
@@ -331,6 +332,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--teacher", required=True, help="teacher model directory, or an OpenAI-compatible base URL "
                    "(API key from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--teacher-model", help="the model to ask a URL teacher for, e.g. deepseek-reasoner (default: the "
+                                           "first its /v1/models lists)")
     p.add_argument("--out", required=True, help="run directory (traces.jsonl, kept.jsonl, student/, report.json)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--student", help="student model directory (with tokenizer files) to fine-tune")
@@ -364,7 +367,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    keys = ("teacher", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples", "max_tokens",
-            "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
+    keys = ("teacher", "teacher_model", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples",
+            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

@@ -131,7 +131,9 @@ class URLTeacher:
                 yield futures[f], f.result()
 
 
-def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8) -> LocalTeacher | URLTeacher:
+def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None
+                 ) -> LocalTeacher | URLTeacher:
+    """A URL teacher asks for `model` (default: the first one its /models lists); a directory is a local teacher."""
     if spec.startswith(("http://", "https://")):
-        return URLTeacher(spec, concurrency=concurrency)
+        return URLTeacher(spec, model=model, concurrency=concurrency)
     return LocalTeacher(spec, device=device)
