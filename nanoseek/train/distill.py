@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .rewards import judge
-from .teacher import LocalTeacher, make_teacher
+from .teacher import LocalTeacher, is_url, make_teacher
 
 
 @dataclass
@@ -230,7 +230,7 @@ def check_prompts(cfg: DistillConfig, problems: list, scored: list) -> None:
     from ..eval.evaluate import check_context, prompts_for
     from ..tokenizer import Tokenizer
 
-    teacher = None if cfg.teacher.startswith(("http://", "https://")) else cfg.teacher
+    teacher = None if is_url(cfg.teacher) else cfg.teacher
     for model_dir, probs, budget in ((teacher, problems, cfg.max_tokens), (teacher, scored, eval_budget(cfg)),
                                      (cfg.student, scored, eval_budget(cfg))):
         if model_dir and probs:
@@ -279,7 +279,7 @@ def distill(cfg: DistillConfig) -> dict:
         raise UserError(f"--student {cfg.student}: not a model directory with config.json and tokenizer files")
     if cfg.student_preset:
         get_preset(cfg.student_preset)  # ConfigError names the presets
-        if cfg.teacher.startswith(("http://", "https://")):
+        if is_url(cfg.teacher):
             raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass "
                             "--student DIR")
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
@@ -287,7 +287,7 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.data and not scored:
         print("distill: --data without --eval-data: teacher and student are not scored (pass --eval-data FILE.jsonl)",
               file=sys.stderr)
-    fix = lambda v: os.path.abspath(v) if v and not v.startswith(("http://", "https://")) else v  # noqa: E731
+    fix = lambda v: os.path.abspath(v) if v and not is_url(v) else v  # noqa: E731
     cfg = dataclasses.replace(cfg, teacher=fix(cfg.teacher), student=fix(cfg.student), data=fix(cfg.data),
                               eval_data=fix(cfg.eval_data))  # a rerun from another directory names the same run
     run = Path(cfg.out)
@@ -368,6 +368,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     keys = ("teacher", "teacher_model", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples",
-            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed", "device")
+            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed",
+            "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

@@ -131,9 +131,14 @@ class URLTeacher:
                 yield futures[f], f.result()
 
 
+def is_url(spec: str) -> bool:
+    """A teacher named by an OpenAI-compatible base URL, not a model directory."""
+    return spec.startswith(("http://", "https://"))
+
+
 def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None
                  ) -> LocalTeacher | URLTeacher:
     """A URL teacher asks for `model` (default: the first one its /models lists); a directory is a local teacher."""
-    if spec.startswith(("http://", "https://")):
+    if is_url(spec):
         return URLTeacher(spec, model=model, concurrency=concurrency)
     return LocalTeacher(spec, device=device)
