@@ -358,8 +358,8 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name, **worker.counts()}
+    async def health():  # public: with an API key set, it names no model (the default name is the model's path)
+        return {"status": "ok", **({} if api_key else {"model": model_name}), **worker.counts()}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
