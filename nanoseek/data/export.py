@@ -43,18 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError, output_file
-    from . import tasks
+    from ..eval.evaluate import load_problems
 
     if args.out != "-":
         out = output_file(args.out, overwrite=args.overwrite)
         if out.suffix.lower() not in (".jsonl", ".json"):
             raise UserError(f"--out {args.out}: the file is JSON lines; name it .jsonl (or .json)")
-    try:
-        specs = tasks.FAMILIES if "all" in args.tasks else args.tasks
-        levels = tasks.levels_by_family(tasks.parse_cells(specs))
-        problems = tasks.mixture(args.n, seed=args.seed, split=args.split, families=list(levels), levels=levels)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    problems = load_problems(args.tasks, None, args.n, args.seed, split=args.split)
     lines = "".join(json.dumps(render(p, args.format), ensure_ascii=False) + "\n" for p in problems)
     if args.out == "-":
         sys.stdout.write(lines)

@@ -361,10 +361,13 @@ def generate(family: str, level: int, n: int, seed: int = 0, split: str = "train
 
 
 def parse_cells(specs) -> list[tuple[str, int]]:
-    """Task specs as the commands take them ("family" = all its levels, "family:level" = one) -> the distinct
-    (family, level) cells they name, in order; ValueError for an unknown family or level."""
+    """Task specs as the commands take them ("family" = all its levels, "family:level" = one, "all" = every cell) ->
+    the distinct (family, level) cells they name, in order; ValueError for an unknown family or level."""
     cells = []
     for spec in specs:
+        if spec == "all":
+            cells += [(fam, level) for fam in FAMILIES for level in LEVELS[fam]]
+            continue
         fam, _, lvl = spec.partition(":")
         if fam not in FAMILIES:
             raise ValueError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
@@ -374,12 +377,12 @@ def parse_cells(specs) -> list[tuple[str, int]]:
     return list(dict.fromkeys(cells))
 
 
-def levels_by_family(cells) -> dict[str, list[int]]:
-    """[(family, level)] -> {family: [levels]}, the `levels` argument of `mixture`."""
-    out: dict[str, list[int]] = {}
+def cells_mixture(n: int, cells, seed: int = 0, split: str = "train") -> list[Problem]:
+    """`mixture` over the (family, level) cells of `parse_cells`: n problems spread evenly over them, shuffled."""
+    levels: dict[str, list[int]] = {}
     for f, lv in cells:
-        out.setdefault(f, []).append(lv)
-    return out
+        levels.setdefault(f, []).append(lv)
+    return mixture(n, seed=seed, split=split, families=list(levels), levels=levels)
 
 
 def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=None,

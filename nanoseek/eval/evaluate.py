@@ -71,22 +71,24 @@ def prompts_for(problems, tok, style: str) -> list[list[int]]:
     return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
 
 
-def check_context(model_dir, prompts: list[list[int]], max_new_tokens: int) -> None:
-    """UserError unless the longest prompt plus max_new_tokens fits the model's context."""
-    from ..checkpoint import read_config
+def check_context(prompts: list[list[int]], max_new_tokens: int, context: int, model="") -> int:
+    """The longest prompt's length; a UserError (naming `model`) unless it plus max_new_tokens fits `context`."""
     from ..cli import UserError
 
-    context, longest = read_config(model_dir).max_position_embeddings, max(map(len, prompts), default=0)
+    longest = max(map(len, prompts), default=0)
     if longest + max_new_tokens > context:
-        raise UserError(f"the longest prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the context of "
-                        f"{model_dir} ({context} tokens)")
+        prompt = f"the longest prompt ({longest} tokens) + " if longest else ""
+        raise UserError(f"{prompt}{max_new_tokens} new tokens exceeds the model's context of {context} tokens"
+                        + (f" ({model})" if model else ""))
+    return longest
 
 
 def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1):
     """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`)."""
+    from ..checkpoint import read_config
     from ..engine.engine import Engine, load_for_inference
 
-    check_context(model_dir, prompts, max_new_tokens)
+    check_context(prompts, max_new_tokens, read_config(model_dir).max_position_embeddings, model_dir)
     model = load_for_inference(model_dir, device)
     return Engine.for_batch(model, len(prompts) * samples, max(map(len, prompts), default=0), max_new_tokens)
 
@@ -182,8 +184,9 @@ def held_out(n: int, families, seed: int = 4242) -> list:
     return mixture(n, seed=seed, split="eval", families=list(families))
 
 
-def load_problems(task: str | None, data: str | None, n: int, seed: int):
-    """--task FAMILY[:LEVEL] | all, from the held-out split; or --data FILE.jsonl in GSM8K format."""
+def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int, split: str = "eval"):
+    """The first n problems (0: all) of --data FILE (GSM8K-format JSONL or Parquet); or n task-suite problems of
+    `split` spread over the cells `tasks_` names (FAMILY, FAMILY:LEVEL or all; parse_cells)."""
     from ..cli import UserError
     from ..data import tasks
 
@@ -207,10 +210,10 @@ def load_problems(task: str | None, data: str | None, n: int, seed: int):
     if n < 1:
         raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")
     try:
-        levels = tasks.levels_by_family(tasks.parse_cells(tasks.FAMILIES if task in (None, "all") else [task]))
+        cells = tasks.parse_cells(tasks_ or ["all"])
     except ValueError as e:
         raise UserError(str(e)) from None
-    return tasks.mixture(n, seed=seed, split="eval", families=list(levels), levels=levels)
+    return tasks.cells_mixture(n, cells, seed=seed, split=split)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, allow_mps=False)
     if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
         output_file(args.out, replace_ok=earlier_results)
-    problems = load_problems(args.task if not args.data else None, args.data, args.n, args.seed)
+    problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
     tok = Tokenizer.from_dir(args.model)
     engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens, args.samples)
     results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)

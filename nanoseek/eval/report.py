@@ -3,8 +3,8 @@
 Reads every stage directory it finds (a run directory has metrics.jsonl; a speedrun directory has one per stage and
 a summary.json): loss curves (main and MTP), expert load imbalance per MoE layer over time, GRPO reward /
 accuracy / response length, held-out accuracy by stage, by level and by family (a table and accuracy.png), and a
-cost table in the style of
-DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price), plus the machine it ran on.
+cost table in the style of DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price), plus
+the machine it ran on.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import loop
 from .rewards import judge
 from .teacher import LocalTeacher, is_url, make_teacher
 
@@ -60,19 +60,9 @@ class DistillConfig:
 def trace_problems(cfg: DistillConfig):
     """The first cfg.n problems of --data, or cfg.n problems of the train split spread evenly over the cells
     cfg.tasks names (family or family:level)."""
-    from ..cli import UserError
-    from ..data.tasks import levels_by_family, mixture, parse_cells
     from ..eval.evaluate import load_problems
 
-    if cfg.data:
-        return load_problems(None, cfg.data, cfg.n, 0)
-    if cfg.n < 1:
-        raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")
-    try:
-        levels = levels_by_family(parse_cells(cfg.tasks))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return mixture(cfg.n, seed=cfg.seed + 2, split="train", families=list(levels), levels=levels)
+    return load_problems(None if cfg.data else cfg.tasks, cfg.data, cfg.n, cfg.seed + 2, split="train")
 
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
@@ -208,8 +198,6 @@ def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
 def write_cost(run: Path, traces: dict, device: str) -> None:
     """RUN/cost.json for the cost table: the student's SFT plus, from a local teacher, the trace generation (device
     time and FLOPs). A URL teacher's traces ran on someone else's machine and are left out of both."""
-    from . import loop
-
     sft_cost = json.loads((run / "student" / "cost.json").read_text())
     local = traces["flops"] is not None
     wall = sft_cost["wall_s"] + (traces["wall_s"] if local else 0.0)
@@ -225,16 +213,17 @@ def eval_budget(cfg: DistillConfig) -> int:
     return max(320, cfg.max_tokens)
 
 
-def check_prompts(cfg: DistillConfig, problems: list, scored: list) -> None:
-    """Before any work: the problems fit a local teacher's context with --max-tokens, the scored ones both models'."""
+def check_scored(cfg: DistillConfig, scored: list) -> None:
+    """Before any work: the problems teacher and student are scored on fit their contexts (the teacher's traces are
+    checked when it tokenizes them, before it generates)."""
+    from ..checkpoint import read_config
     from ..eval.evaluate import check_context, prompts_for
     from ..tokenizer import Tokenizer
 
-    teacher = None if is_url(cfg.teacher) else cfg.teacher
-    for model_dir, probs, budget in ((teacher, problems, cfg.max_tokens), (teacher, scored, eval_budget(cfg)),
-                                     (cfg.student, scored, eval_budget(cfg))):
-        if model_dir and probs:
-            check_context(model_dir, prompts_for(probs, Tokenizer.from_dir(model_dir), "chat"), budget)
+    for model_dir in (None if is_url(cfg.teacher) else cfg.teacher, cfg.student):
+        if model_dir and scored:
+            check_context(prompts_for(scored, Tokenizer.from_dir(model_dir), "chat"), eval_budget(cfg),
+                          read_config(model_dir).max_position_embeddings, model_dir)
 
 
 def claim_run(run: Path, cfg: DistillConfig) -> None:
@@ -283,13 +272,11 @@ def distill(cfg: DistillConfig) -> dict:
             raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass "
                             "--student DIR")
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
-    check_prompts(cfg, problems, scored)
+    check_scored(cfg, scored)
     if cfg.data and not scored:
         print("distill: --data without --eval-data: teacher and student are not scored (pass --eval-data FILE.jsonl)",
               file=sys.stderr)
-    fix = lambda v: os.path.abspath(v) if v and not is_url(v) else v  # noqa: E731
-    cfg = dataclasses.replace(cfg, teacher=fix(cfg.teacher), student=fix(cfg.student), data=fix(cfg.data),
-                              eval_data=fix(cfg.eval_data))  # a rerun from another directory names the same run
+    cfg = loop.absolute_paths(cfg, "teacher", "student", "data", "eval_data")  # a rerun elsewhere names the same run
     run = Path(cfg.out)
     claim_run(run, cfg)
     try:

@@ -184,7 +184,7 @@ class Curriculum:
         self._order: tuple[int, list[int]] = (-1, [])  # --data: (pass over the file, its order)
 
     def sample(self, step: int, round_: int, n: int):
-        from ..data.tasks import generate, levels_by_family, mixture
+        from ..data.tasks import cells_mixture, generate
 
         if self.pool is not None:
             picks = [self._from_file(j) for j in range(self.position, self.position + n)]
@@ -192,8 +192,7 @@ class Curriculum:
             return picks
         seed = self.cfg.seed * 1_000_003 + step * 101 + round_
         if not self.cfg.adaptive_tasks:
-            levels = levels_by_family(self.cells)
-            return mixture(n, seed=seed, split="train", families=list(levels), levels=levels)
+            return cells_mixture(n, self.cells, seed=seed, split="train")
         rng = random.Random(f"curriculum-{seed}")
         weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.01 for f, lv in self.cells]
         picks = rng.choices(range(len(self.cells)), weights=weights, k=n)
@@ -384,7 +383,7 @@ def evaluate(cfg: GRPOConfig, engine, tok, problems: list) -> dict:
 def grpo(cfg: GRPOConfig) -> dict | None:
     from ..cli import UserError
     from ..engine.engine import Engine
-    from ..eval.evaluate import prompts_for
+    from ..eval.evaluate import check_context, prompts_for
     from ..tokenizer import Tokenizer
 
     if cfg.loss not in LOSSES or cfg.mode not in ("r1", "r1-zero"):
@@ -411,11 +410,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     source = run / "model" if resuming else Path(cfg.model)
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
-    longest = max([0] + [len(p) for p in prompts_for((pool or []) + scored, tok, prompt_style(cfg))])
     context = model.config.max_position_embeddings
-    if longest + cfg.max_new_tokens > context:
-        prompt = f"the longest prompt of --data/--eval-data ({longest} tokens) + " if longest else ""
-        raise UserError(f"{prompt}--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
+    longest = check_context(prompts_for((pool or []) + scored, tok, prompt_style(cfg)), cfg.max_new_tokens, context)
     run.mkdir(parents=True, exist_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the starting model
@@ -501,9 +497,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
-    src.add_argument("--data",
-                     help="train on your own problems instead: GSM8K-format JSONL (question, answer '... #### "
-                                    "N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
+    src.add_argument("--data", help="train on your own problems instead: GSM8K-format JSONL (question, answer '... "
+                                    "#### N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
     p.add_argument("--steps", type=POSITIVE_INT, default=60, help="rollout batches (default 60)")

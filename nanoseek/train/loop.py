@@ -332,10 +332,10 @@ RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "de
 RUN_ENTRIES = ("model", "train_state", "ckpt", "current", "tokenizer", "data", "metrics.jsonl", "cost.json", "done.json")
 
 
-def absolute_paths(cfg: TrainConfig, *fields: str) -> TrainConfig:
-    """cfg with these path fields (a path or a list of paths) made absolute, so a run resumed from another working
-    directory finds its model and data again."""
-    fix = lambda v: os.path.abspath(v) if isinstance(v, str) and v else v  # noqa: E731
+def absolute_paths(cfg, *fields: str):
+    """The config dataclass with these path fields (a path or a list of paths; URLs are left as they are) made
+    absolute, so a run resumed from another working directory finds its model and data again."""
+    fix = lambda v: os.path.abspath(v) if isinstance(v, str) and v and "://" not in v else v  # noqa: E731
     return dataclasses.replace(cfg, **{f: [fix(v) for v in getattr(cfg, f)] if isinstance(getattr(cfg, f), list)
                                        else fix(getattr(cfg, f)) for f in fields})
 

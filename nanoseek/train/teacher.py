@@ -53,11 +53,13 @@ class LocalTeacher:
                ) -> Iterator[tuple[int, Trace]]:
         """(index into questions, trace) for each question, question i sampled with seeds[i]."""
         from ..engine.engine import Engine
+        from ..eval.evaluate import check_context
         from ..flops import generation_flops
 
         prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
         if not prompts:
             return
+        check_context(prompts, max_tokens, self.model.config.max_position_embeddings, "the teacher")
         engine = Engine.for_batch(self.model, len(prompts), max(map(len, prompts)), max_tokens, self.rows)
         step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
         for start in range(0, len(prompts), step):
