@@ -115,7 +115,7 @@ class ChatSession:
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         try:
             while not interrupted:
-                for r, token, finished, _ in self.rt.engine.step():
+                for r, token, finished, *_ in self.rt.engine.step():
                     if r != rid:
                         continue
                     delta = dec.feed(token)

@@ -228,7 +228,7 @@ def test_prefix_sharing_equals_no_sharing(model):
 def run_until_done(engine, events=None):
     out = {}
     while engine.has_work():
-        for rid, tok, fin, reason in engine.step():
+        for rid, tok, fin, reason, _ in engine.step():
             out.setdefault(rid, []).append(tok)
             if events is not None and fin:
                 events[rid] = reason
@@ -246,7 +246,7 @@ def test_continuous_batching_matches_running_alone(model, engine):
         if step == 3:
             rids += [e.submit(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS[2:], (6, 9))]
             assert e.num_waiting == 2
-        for rid, tok, fin, reason in e.step():
+        for rid, tok, fin, reason, _ in e.step():
             out.setdefault(rid, []).append(tok)
             if fin:
                 reasons[rid] = reason
@@ -344,3 +344,55 @@ def test_stop_tokens(engine):
     reasons = {}
     run_until_done(engine, reasons)
     assert reasons[rid] == "stop"
+
+
+def test_logprobs_of_generated_tokens(model, engine):
+    """Sampled at T 0.8 in a batch: each event's log-probability and top-5 are log_softmax of a full forward over the
+    sequence so far (the raw distribution, not the tempered one), and asking for them changes no token."""
+    params = [SamplingParams(max_new_tokens=8, temperature=0.8, seed=i, logprobs=5) for i in range(3)]
+    rids = {engine.submit(p, sp): p for p, sp in zip(PROMPTS[:3], params)}
+    got = {rid: [] for rid in rids}
+    while engine.has_work():
+        for rid, tok, _, _, lp in engine.step():
+            got[rid].append((tok, lp))
+    plain = engine.generate(PROMPTS[:3], max_new_tokens=8, temperature=0.8, seed=0)
+    for (rid, prompt), ref in zip(rids.items(), plain):
+        assert [t for t, _ in got[rid]] == ref
+        seq = list(prompt)
+        for tok, (chosen, top) in got[rid]:
+            with torch.no_grad():
+                want = model(torch.tensor([seq]))[0, -1].log_softmax(-1)
+            assert abs(chosen - want[tok].item()) < 1e-4
+            ids, values = zip(*top)
+            assert list(ids) == want.topk(5).indices.tolist()
+            assert torch.allclose(torch.tensor(values), want.topk(5).values, atol=1e-4)
+            seq.append(tok)
+    assert all(lp is None for *_, lp in [ev for ev in _events(engine, PROMPTS[0])])
+    with pytest.raises(ValueError):
+        engine.submit(PROMPTS[0], SamplingParams(speculative=True, logprobs=1))
+
+
+def _events(engine, prompt):
+    engine.submit(prompt, SamplingParams(max_new_tokens=3))
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    return events
+
+
+def test_score_matches_transformers(model, engine, tmp_path):
+    """score(): each prompt token's log-probability given the ones before, against transformers' log_softmax over the
+    same weights; chunked (prefill_chunk 4) like a long prompt; None for the first token."""
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM.from_pretrained(nanoseek.save_model(model, tmp_path / "m")).eval()
+    prompt = PROMPTS[2]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)  # (T, V)
+    engine.prefill_chunk = 4
+    scored = engine.score(prompt, k=3)
+    assert scored[0] is None and len(scored) == len(prompt)
+    for i, (chosen, top) in enumerate(scored[1:]):
+        assert abs(chosen - ref[i, prompt[i + 1]].item()) < 1e-4
+        assert [t for t, _ in top] == ref[i].topk(3).indices.tolist()
+    assert engine.score([7]) == [None]

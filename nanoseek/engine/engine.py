@@ -15,12 +15,18 @@ One `step()`:
    its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
    `Engine(..., compile=True)`: that forward is compiled with torch.compile (the fast path's compiled step).
-Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason)`. A request finishes with
+Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason, logprob)`. A request finishes with
 reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
 
 Choosing a token: forced tokens (`force_next`) first, else `sampling.sample` with the request's own temperature /
 top-p / top-k and its own seeded generator (so a seeded request's tokens do not depend on its batch-mates).
+
+Log-probabilities (`SamplingParams.logprobs = k`): the event's `logprob` is `(log p(token), [(id, log p), ...] of the k
+likeliest tokens)` under the model's own distribution, log_softmax of the raw logits (before temperature, top-k and
+top-p; vLLM's default "raw_logprobs"), else None. `score(prompt, k)` gives the same for each token of a prompt from
+the tokens before it (one forward, no cache): what `echo` with `logprobs` returns, and how evaluation harnesses score
+a continuation.
 
 Speculative decoding (`SamplingParams.speculative`, greedy only, needs an MTP module): the request carries a draft
 d of the token after next, made by MTP module 1 from the last verified hidden state. A step feeds [t, d] at
@@ -50,7 +56,8 @@ from .cache import LatentCache
 from .fastpath import FastDecoder, logits
 from .sampling import sample
 
-Event = tuple[int, int, bool, "str | None"]  # (request_id, token_id, finished, finish_reason)
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log p(token), the k likeliest [(token id, log p)])
+Event = tuple[int, int, bool, "str | None", "TokenLogprob | None"]  # (request_id, token_id, finished, reason, logprob)
 
 
 # rows for batch jobs: a decode step of a small model costs little more for 512 rows than for 64 (eval_rows.md)
@@ -75,6 +82,7 @@ class SamplingParams:
     seed: int | None = None  # None: the global torch RNG
     stop_token_ids: Sequence[int] | None = None  # emitted, then the request finishes with "stop"
     speculative: bool = False  # MTP draft + verify; greedy only
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and the k likeliest alternatives
 
 
 @dataclass(eq=False)  # compared by identity
@@ -89,6 +97,7 @@ class _Request:
     forced: deque = field(default_factory=deque)
     pos: int = 0  # slots [0, pos) of its row hold this request's latents; out[-1] is fed at pos next
     draft: int | None = None  # speculative: draft for position pos + 1
+    logprob: TokenLogprob | None = None  # of the token being emitted (params.logprobs set)
     done: bool = False
 
 
@@ -145,11 +154,15 @@ class Engine:
             raise ValueError("max_new_tokens must be >= 1")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if params.logprobs is not None and not 0 <= params.logprobs <= self.cfg.vocab_size:
+            raise ValueError(f"logprobs must be in [0, {self.cfg.vocab_size}]")
         if params.speculative:
             if params.temperature > 0:
                 raise ValueError("speculative decoding is greedy only (temperature=0)")
             if len(self.model.mtp_layers) == 0:
                 raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers > 0)")
+            if params.logprobs is not None:
+                raise ValueError("speculative decoding does not compute log-probabilities")
         gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         with self._lock:
             rid = self._next_id
@@ -208,6 +221,22 @@ class Engine:
     def acceptance_rate(self) -> float:
         """Accepted / drafted MTP drafts so far (speculative decoding)."""
         return self.stats["accepted"] / max(self.stats["drafted"], 1)
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: Sequence[int], k: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it, with the k likeliest alternatives (the
+        first token, which nothing predicts, gets None): one forward over the prompt, outside the cache, so it may
+        run between the steps of requests in flight."""
+        ids = torch.tensor([int(t) for t in prompt_ids], device=self.device)[None]  # (1, T)
+        if not 0 < ids.shape[1] <= self.cfg.max_position_embeddings:
+            raise ValueError(f"a prompt to score needs 1 to {self.cfg.max_position_embeddings} tokens")
+        with self._lock, self._eval_mode():
+            h = self.model.hidden_states(ids)[0][0, :-1]  # (T-1, D): position i predicts token i + 1
+            out: list[TokenLogprob | None] = [None]
+            c = self.prefill_chunk  # positions per lm_head call: bounds the (c, V) logits
+            for a in range(0, h.shape[0], c):
+                out += _logprobs(self._logits(h[a : a + c]), ids[0, a + 1 : a + 1 + c].tolist(), k)
+            return out
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -280,20 +309,27 @@ class Engine:
 
     # --- internals ----------------------------------------------------------------------------------------------
     def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
-        """logits (n, V) float -> one token per request: forced, else sampled/greedy."""
+        """logits (n, V) float -> one token per request: forced, else sampled/greedy. Sets each request's
+        `logprob` of the token chosen when it asked for log-probabilities."""
         temps = [r.params.temperature for r in reqs]
         if any(t > 0 for t in temps):
             toks = sample(logits, temps, [r.params.top_p for r in reqs], [r.params.top_k for r in reqs],
                           [r.generator for r in reqs]).tolist()
         else:
             toks = logits.argmax(dim=-1).tolist()
-        return [r.forced.popleft() if r.forced else t for r, t in zip(reqs, toks)]
+        toks = [r.forced.popleft() if r.forced else t for r, t in zip(reqs, toks)]
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if rows:
+            k = max(reqs[i].params.logprobs for i in rows)
+            for i, lp in zip(rows, _logprobs(logits[rows], [toks[i] for i in rows], k)):
+                reqs[i].logprob = (lp[0], lp[1][: reqs[i].params.logprobs])
+        return toks
 
     def _emit(self, req: _Request, tok: int, events: list[Event]) -> None:
         req.out.append(tok)
         reason = "stop" if tok in req.stop else "length" if len(req.out) >= req.max_new else None
         req.done = reason is not None
-        events.append((req.rid, tok, req.done, reason))
+        events.append((req.rid, tok, req.done, reason, req.logprob))
         if req.done:
             self._requests.pop(req.rid, None)
 
@@ -434,3 +470,11 @@ class Engine:
         for r, d in zip(act, drafts):
             r.draft = d
         self._release([r for r in act if r.done])
+
+
+def _logprobs(logits: torch.Tensor, toks: list[int], k: int) -> list[TokenLogprob]:
+    """logits (n, V), the n tokens chosen -> each one's log-probability and the k likeliest [(id, log p)]."""
+    lp = logits.float().log_softmax(dim=-1)  # (n, V)
+    chosen = lp.gather(1, torch.tensor(toks, device=lp.device)[:, None])[:, 0].tolist()  # (n,)
+    top_lp, top_id = lp.topk(min(k, lp.shape[1]), dim=-1)  # (n, k)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_id.tolist(), top_lp.tolist())]

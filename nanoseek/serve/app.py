@@ -5,9 +5,11 @@ chat's history under `/api/conversations` (see webui.py) and the page itself at 
 
 Chat prompts are rendered with the model directory's own chat template (`add_generation_prompt=True`); the answer's
 `<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
-in `content` (reasoning.py). Sampling defaults come from the directory's generation_config.json. Bad input never
-gives a 500: every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement
-(logprobs, penalties, logit_bias, response_format, tools, echo, best_of) are accepted only at their "off" values.
+in `content` (reasoning.py). Log-probabilities (chat `logprobs` / `top_logprobs`, completions `logprobs` and `echo`,
+which scores a prompt's own tokens as evaluation harnesses do) come in OpenAI's shapes (logprobs.py). Sampling
+defaults come from the directory's generation_config.json. Bad input never gives a 500: every error is a 4xx with
+OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties, logit_bias, response_format,
+tools, best_of) are accepted only at their "off" values.
 With `--api-key` (or NANOSEEK_API_KEY) every endpoint but `/health` and the static page needs `Authorization: Bearer
 KEY`. Bound to a loopback address, requests must also name a loopback host (so a web page elsewhere cannot reach the
 server through DNS rebinding).
@@ -28,6 +30,7 @@ import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import add_arguments
 from .generation import Generation, GenerationError
+from .logprobs import CompletionLogprobs, TokenText, chat_entries
 from .runtime import EngineWorker, Runtime
 from .schemas import ApiError, ChatRequest, CompletionRequest, error_body
 
@@ -227,8 +231,26 @@ def sampling_params(rt: Runtime, req, prompt_len: int, *, max_tokens: int | None
     top_p = d["top_p"] if req.top_p is None else req.top_p
     top_k = d["top_k"] if req.top_k is None else max(req.top_k, 0)
     return [SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           seed=None if req.seed is None else req.seed + i, stop_token_ids=rt.stop_ids)
+                           seed=None if req.seed is None else req.seed + i, stop_token_ids=rt.stop_ids,
+                           logprobs=req.logprobs_k)
             for i in range(n)]
+
+
+@dataclass
+class Echo:
+    """What `echo` puts before a completion: its prompt as the model read it (special tokens such as the BOS the
+    server prepends included, so the text and the tokens' offsets agree), and with logprobs the prompt tokens' own."""
+
+    text: str = ""
+    entries: list = field(default_factory=list)  # [(token id, (log p, top) or None)]
+
+
+def echoes(rt: Runtime, req: CompletionRequest, prompts: list[list[int]]) -> list[Echo]:
+    """One Echo per prompt (empty ones without echo). Runs on a worker thread: scoring is a forward per prompt."""
+    if not req.echo:
+        return [Echo() for _ in prompts]
+    k = req.logprobs_k
+    return [Echo(rt.tokenizer.decode(p), [] if k is None else list(zip(p, rt.engine.score(p, k)))) for p in prompts]
 
 
 # --- responses -------------------------------------------------------------------------------------------------------
@@ -236,31 +258,42 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _chat_delta(event) -> list[dict]:
-    deltas = []
+def chat_logprobs(text: TokenText | None, reasoning: list, content: list) -> dict | None:
+    """A chat choice's `logprobs` (None unless asked for): the answer's tokens in `content`, as OpenAI has it, and the
+    reasoning's apart in `reasoning_content`."""
+    if text is None:
+        return None
+    return {"content": chat_entries(text, content), "reasoning_content": chat_entries(text, reasoning), "refusal": None}
+
+
+def _chat_deltas(event, text: TokenText | None) -> list[tuple[dict, dict | None]]:
+    """(delta, logprobs) of each chunk a ChoiceEvent makes: its reasoning, its answer, then its finish."""
+    out = []
     if event.reasoning:
-        deltas.append({"reasoning_content": event.reasoning, "reasoning": event.reasoning})
+        out.append(({"reasoning_content": event.reasoning, "reasoning": event.reasoning},
+                    chat_logprobs(text, event.reasoning_logprobs, [])))
     if event.content:
-        deltas.append({"content": event.content})
-    return deltas
+        out.append(({"content": event.content}, chat_logprobs(text, [], event.content_logprobs)))
+    if event.finish_reason:  # with the entries of tokens that made no text (rarely any)
+        out.append(({}, chat_logprobs(text, event.reasoning_logprobs, event.content_logprobs)))
+    return out
 
 
-async def stream_chat(gen: Generation, head: dict, include_usage: bool):
-    """SSE chunks: a role chunk per choice, reasoning deltas, answer deltas, a finish chunk, [usage], [DONE]."""
+async def stream_chat(gen: Generation, head: dict, include_usage: bool, text: TokenText | None):
+    """SSE chunks: a role chunk per choice, reasoning deltas, answer deltas, a finish chunk, [usage], [DONE].
+    text: turns token ids into the chunks' logprobs (None: not asked for)."""
     usage = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage})
 
     try:
         for i in range(len(gen.jobs)):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for ev in gen.events():
-            for delta in _chat_delta(ev):
-                yield chunk(ev.index, delta)
-            if ev.finish_reason:
-                yield chunk(ev.index, {}, ev.finish_reason)
+            for delta, logprobs in _chat_deltas(ev, text):
+                yield chunk(ev.index, delta, logprobs, ev.finish_reason if not delta else None)
         if include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": gen.usage()})
     except GenerationError as e:
@@ -270,19 +303,26 @@ async def stream_chat(gen: Generation, head: dict, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def stream_completion(gen: Generation, head: dict, include_usage: bool):
+async def stream_completion(gen: Generation, head: dict, include_usage: bool, echo: list[Echo],
+                            logprobs: list[CompletionLogprobs] | None):
+    """SSE chunks: each choice's echoed prompt (with echo), its text deltas, a finish chunk, [usage], [DONE].
+    logprobs: one builder per choice (None: not asked for)."""
     usage = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, finish: str | None = None) -> str:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str, entries: list, finish: str | None = None) -> str:
+        lp = None if logprobs is None else logprobs[index].add(entries)
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         return sse({**head, "object": "text_completion", "choices": [choice], **usage})
 
     try:
+        for i, e in enumerate(echo):
+            if e.text:
+                yield chunk(i, e.text, e.entries)
         async for ev in gen.events():
-            if ev.content or ev.reasoning:
-                yield chunk(ev.index, ev.reasoning + ev.content)
-            if ev.finish_reason:
-                yield chunk(ev.index, "", ev.finish_reason)
+            if ev.finish_reason:  # with the entries of tokens that made no text (rarely any)
+                yield chunk(ev.index, "", ev.content_logprobs, ev.finish_reason)
+            else:
+                yield chunk(ev.index, ev.reasoning + ev.content, ev.content_logprobs)
         if include_usage:
             yield sse({**head, "object": "text_completion", "choices": [], "usage": gen.usage()})
     except GenerationError as e:
@@ -348,6 +388,7 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
     app.add_middleware(BodyLimit)
     auth = [Depends(bearer_checker(api_key))]
     created = int(time.time())
+    token_text = TokenText(rt.tokenizer)  # token id -> text and bytes, for log-probabilities
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -385,11 +426,13 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         gen = Generation(rt, worker, [prompt] * req.n, params, prompt_tokens=len(prompt), split=True,
                          stop=req.stop_list, budget=req.thinking_token_budget)
         h = head("chatcmpl")
+        text = token_text if req.logprobs_k is not None else None
         if req.stream:
-            return _event_stream(stream_chat(gen, h, req.include_usage))
+            return _event_stream(stream_chat(gen, h, req.include_usage, text))
         choices = await _collect(gen, request)
         return {**h, "object": "chat.completion", "usage": gen.usage(), "choices": [
-            {"index": c.index, "logprobs": None, "finish_reason": c.finish_reason,
+            {"index": c.index, "logprobs": chat_logprobs(text, c.reasoning_logprobs, c.content_logprobs),
+             "finish_reason": c.finish_reason,
              "message": {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning,
                          "reasoning": c.reasoning}}
             for c in choices]}
@@ -408,14 +451,17 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
             all_params += sampling_params(rt, req, len(p), max_tokens=max_tokens, max_tokens_param="max_tokens",
                                           prompt_param="prompt", n=req.n)
             all_prompts += [p] * req.n
+        echo = [e for e in await run_in_threadpool(echoes, rt, req, prompts) for _ in range(req.n)]
         gen = Generation(rt, worker, all_prompts, all_params, prompt_tokens=sum(map(len, prompts)), split=False,
                          stop=req.stop_list)
         h = head("cmpl")
+        logprobs = None if req.logprobs_k is None else [CompletionLogprobs(token_text) for _ in all_prompts]
         if req.stream:
-            return _event_stream(stream_completion(gen, h, req.include_usage))
+            return _event_stream(stream_completion(gen, h, req.include_usage, echo, logprobs))
         choices = await _collect(gen, request)
         return {**h, "object": "text_completion", "usage": gen.usage(), "choices": [
-            {"index": c.index, "text": c.content, "logprobs": None, "finish_reason": c.finish_reason}
+            {"index": c.index, "text": echo[c.index].text + c.content, "finish_reason": c.finish_reason,
+             "logprobs": None if logprobs is None else logprobs[c.index].add(echo[c.index].entries + c.content_logprobs)}
             for c in choices]}
 
     add_web_routes(app, history, auth)

@@ -10,7 +10,7 @@ their cache rows are freed.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from .reasoning import CompletionDecoder, SectionTracker, starts_in_reasoning
@@ -27,6 +27,10 @@ class ChoiceEvent:
     reasoning: str = ""
     content: str = ""
     finish_reason: str | None = None
+    # with log-probabilities asked for: [(token id, (log p, top))] of the tokens whose text this event carries (the
+    # last event of a choice also carries those of tokens that made no text)
+    reasoning_logprobs: list = field(default_factory=list)
+    content_logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -35,6 +39,8 @@ class Choice:
     content: str
     reasoning: str | None
     finish_reason: str | None
+    reasoning_logprobs: list
+    content_logprobs: list
 
 
 class Generation:
@@ -59,6 +65,9 @@ class Generation:
                 tracker = SectionTracker(think, end_think, in_reasoning, rt.stop_ids)
             self.jobs.append(Job(prompt, p, partial(self._deliver, loop, i), budget, tracker, force))
         self.finish_reasons: list[str | None] = [None] * len(self.jobs)
+        # log-probabilities per choice and section: all of them, and those not handed out in an event yet
+        self.logprobs = [{"reasoning": [], "content": []} for _ in self.jobs]
+        self._pending = [{"reasoning": [], "content": []} for _ in self.jobs]
         self._live: set[int] = set()
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, index: int, item) -> None:
@@ -90,9 +99,15 @@ class Generation:
         finally:
             self.cancel()
 
-    def _on_token(self, i: int, tok: int, finished: bool, reason: str | None) -> list[ChoiceEvent]:
+    def _on_token(self, i: int, tok: int, finished: bool, reason: str | None, logprob) -> list[ChoiceEvent]:
         dec = self.decoders[i]
         delta = dec.feed(tok)
+        kind = dec.last_kind
+        if kind == "content" and dec.content.strip_leading and not dec.content.text:
+            kind = None  # the whitespace between </think> and the answer, which the answer's text drops too
+        if logprob is not None and kind in ("reasoning", "content"):
+            self.logprobs[i][kind].append((tok, logprob))
+            self._pending[i][kind].append((tok, logprob))
         if dec.stopped:  # a stop string: cut here
             if not finished:
                 self.worker.cancel(self.jobs[i])
@@ -103,18 +118,23 @@ class Generation:
             self.finish_reasons[i] = reason
         out = []
         if delta.reasoning:
-            out.append(ChoiceEvent(i, reasoning=delta.reasoning))
+            out.append(ChoiceEvent(i, reasoning=delta.reasoning, reasoning_logprobs=self._take(i, "reasoning")))
         if delta.content:
-            out.append(ChoiceEvent(i, content=delta.content))
+            out.append(ChoiceEvent(i, content=delta.content, content_logprobs=self._take(i, "content")))
         if finished:
-            out.append(ChoiceEvent(i, finish_reason=reason))
+            out.append(ChoiceEvent(i, finish_reason=reason, reasoning_logprobs=self._take(i, "reasoning"),
+                                   content_logprobs=self._take(i, "content")))
         return out
+
+    def _take(self, i: int, section: str) -> list:
+        taken, self._pending[i][section] = self._pending[i][section], []
+        return taken
 
     async def collect(self) -> list[Choice]:
         async for _ in self.events():
             pass
-        return [Choice(i, d.content_text, d.reasoning_text, self.finish_reasons[i])
-                for i, d in enumerate(self.decoders)]
+        return [Choice(i, d.content_text, d.reasoning_text, self.finish_reasons[i], lp["reasoning"], lp["content"])
+                for i, (d, lp) in enumerate(zip(self.decoders, self.logprobs))]
 
     def usage(self) -> dict:
         completion = sum(d.num_tokens for d in self.decoders)

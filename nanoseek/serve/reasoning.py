@@ -173,6 +173,7 @@ class CompletionDecoder:
         self.reasoning = IncrementalText(tokenizer)
         self.content = IncrementalText(tokenizer, stop, strip_leading=self.tracker.opened)
         self.num_tokens = 0
+        self.last_kind: str | None = None
 
     @property
     def stopped(self) -> bool:
@@ -192,10 +193,13 @@ class CompletionDecoder:
         return self.content.text
 
     def feed(self, tok: int) -> Delta:
+        """One generated token -> the text it makes final; `last_kind` says which section took it ("reasoning",
+        "content", "tag", "end", or None once a stop string has ended the answer)."""
+        self.last_kind = None
         if self.stopped:
             return Delta()
         self.num_tokens += 1
-        kind = self.tracker.feed(tok)
+        self.last_kind = kind = self.tracker.feed(tok)
         if kind == "reasoning":
             return Delta(reasoning=self.reasoning.add(tok))
         if kind == "content":

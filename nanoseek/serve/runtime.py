@@ -219,7 +219,7 @@ class EngineWorker:
                 job.sink(RuntimeError(f"generation failed: {e}"))
             self._jobs.clear()
             return
-        for rid, tok, finished, reason in events:
+        for rid, tok, finished, reason, logprob in events:
             job = self._jobs.get(rid)
             if job is None:
                 continue
@@ -229,4 +229,4 @@ class EngineWorker:
             elif job.tracker is not None:
                 job.tracker.feed(tok)
                 self._enforce_budget(job)
-            job.sink((tok, finished, reason))
+            job.sink((tok, finished, reason, logprob))

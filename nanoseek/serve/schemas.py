@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (vLLM's default for both endpoints)
 
 
 class ApiError(Exception):
@@ -81,19 +82,15 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # OpenAI parameters this server does not implement: accepted at their "off" values, refused otherwise (a client
-    # that asks for log-probabilities or penalties must not silently get an answer without them)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    # that asks for penalties must not silently get an answer without them)
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
-    echo: Any = None
     best_of: Any = None
 
-    @field_validator("logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
-                     "response_format", "tools", "echo", "best_of")
+    @field_validator("frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "best_of")
     @classmethod
     def _unsupported(cls, value, info):
         off = value in (None, False, 0, {}, []) or (info.field_name == "best_of" and value == 1) or (
@@ -129,11 +126,36 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     thinking_token_budget: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None  # {"thinking": false} turns the <think> prefill off
+    logprobs: bool | None = None  # each answer token's log-probability (logprobs.py)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and the k likeliest tokens'
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """The engine's setting: None (off) or how many alternatives to return per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=1)  # default: min(16, what the context leaves), as OpenAI
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # k: each token's and the k likeliest
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_is_false(cls, value):
+        return False if value is None else value
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class ConversationCreate(_Body):
