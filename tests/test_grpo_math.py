@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+
+from nanoseek.train.loop import Dist
 import torch.nn.functional as F
 
 from nanoseek.train.grpo import LOSSES, group_advantages, policy_loss
@@ -150,7 +152,7 @@ def test_a_few_steps_raise_the_reward_on_a_learnable_task(variant):
         ids = torch.tensor([prompts[i // G] + o for i, o in enumerate(outs)])
         mask = torch.tensor([[0] * 3 + [1] * 6] * len(outs), dtype=torch.float32)
         update(cfg, model, ref, opt, Rollout(ids, mask, rewards, rewards, rewards, torch.full((P * G,), 6.0), 0.0),
-               "cpu")
+               Dist())
         history.append(rewards.mean().item())
     assert history[0] < 0.2  # about 1/16 by chance at the start
     assert sum(history[-3:]) / 3 > history[0] + 0.2, history
@@ -245,7 +247,7 @@ def test_zero_advantage_completions_are_skipped_without_changing_the_update(vari
             # SGD: AdamW's division by sqrt(v) would magnify float rounding in near-zero gradients past any tolerance
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.1)
             for _ in range(2):
-                stats = update(cfg, model, ref, opt, batch, "cpu")
+                stats = update(cfg, model, ref, opt, batch, Dist())
             expected = (8 if rewards is with_signal else 1) / 16 if skip else 1.0
             assert stats["trained"] == expected
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -275,7 +277,7 @@ def test_update_is_the_same_whatever_the_padding_and_micro_batches():
         cfg = GRPOConfig(out="unused", lr=1e-2, beta=0.0, max_new_tokens=10, updates_per_batch=2, micro_batch_size=micro)
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        update(cfg, model, None, opt, batch, "cpu")
+        update(cfg, model, None, opt, batch, Dist())
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max().item() > 1e-3
     assert (params[0] - params[1]).abs().max().item() < 1e-6
@@ -367,7 +369,7 @@ def test_rollouts_prompt_and_judge_by_mode(mode):
 
     engine = Scripted()
     cfg = GRPOConfig(out="unused", mode=mode, group_size=2, tasks=["arithmetic:1"])
-    r = rollout(cfg, engine, tok, [problem], 0, Curriculum(cfg))
+    r = rollout(cfg, engine, tok, [problem], 0, Curriculum(cfg), Dist())
     prompt = tok.decode(engine.prompts[0], skip_special_tokens=False)
     if mode == "r1":
         assert prompt.endswith("<｜Assistant｜><think>\n")
@@ -438,3 +440,70 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=says):
             grpo(GRPOConfig(out=str(tmp_path / "err"), **{**common, **kw}))
         assert not (tmp_path / "err").exists()  # refused before the run directory is made
+
+
+DDP_SCRIPT = '''
+import json, sys
+import nanoseek.train.grpo as grpo_module
+from nanoseek.train.rewards import Judgement
+grpo_module.judge = lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None)
+cfg = grpo_module.GRPOConfig(**json.loads(sys.argv[1]))
+result = grpo_module.grpo(cfg)
+if result is not None:
+    print(json.dumps(result))
+'''
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_two_gloo_processes_match_one(tmp_path, monkeypatch, loss):
+    """`torchrun --nproc_per_node=2 ... grpo`: each rank rolls out half of a step's prompts (seeded as one process
+    seeds them) and the gradients are summed over the ranks, so 3 steps (μ = 2, adaptive cells) end where one process
+    ends: the same rollout metrics, and weights equal to float rounding. dapo's ranks each keep their own groups with
+    signal, which one process would choose differently: it must run and learn."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import nanoseek
+    import nanoseek.train.grpo as grpo_module
+    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.rewards import Judgement
+
+    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = tmp_path / "sft"
+    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
+    tok.save(model)
+    common = dict(model=str(model), tasks=["arithmetic:1", "word:1"], adaptive_tasks=True, steps=3, prompts_per_step=4,
+                  group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, eval_every=0,
+                  loss=loss, progress=False, device="cpu")
+    monkeypatch.setattr(grpo_module, "judge", lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None))
+    grpo(GRPOConfig(out=str(tmp_path / "one"), **common))
+    script = tmp_path / "run_grpo.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        json.dumps({**common, "out": str(tmp_path / "two")})],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["cost"]["device"].endswith("2 processes")
+
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    one, two, start = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "one" / "model",
+                                                                          tmp_path / "two" / "model", model))
+    assert any((two[k] - start[k]).abs().max() > 1e-4 for k in two)  # it learned
+    if loss == "dapo":
+        assert len(rows("two")) == 3
+        return
+    keys = ("reward", "accuracy", "response_length", "truncated", "groups_dropped", "cell_accuracy")
+    for a, b in zip(rows("one"), rows("two"), strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}  # the same rollouts
+        assert b["trained"] == pytest.approx(a["trained"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)

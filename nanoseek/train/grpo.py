@@ -26,6 +26,12 @@ Problems: the task suite's train split (`--tasks`, evenly or `--adaptive-tasks`)
 problems (`--data FILE.jsonl`, GSM8K format as `nanoseek eval` reads it), drawn in a seeded order that reshuffles
 every pass over the file; `--eval-data` scores a held-out file of the same format instead of the suite's eval split.
 
+Under `torchrun --nproc_per_node=N` the same command runs data-parallel: every rank draws the step's problems, rolls
+out its 1/N of them (each completion seeded as one process would seed it, so grpo and dr_grpo sample the same
+rollouts), and the gradients of its rows, scaled by the whole batch's normalisers, are summed over the ranks before
+clipping; the curriculum sees every rank's accuracy; rank 0 evaluates, logs and saves. A test matches 2 gloo
+processes against one.
+
 Modes: `r1` starts from an SFT model and prompts with its chat template (which prefills `<think>\\n`);
 `r1-zero` starts from a base model with R1-Zero's plain-text template. In both, the answer follows `</think>`
 (R1-Zero's `<answer>` tags are not used, so one reward function serves both).
@@ -227,21 +233,26 @@ class Curriculum:
         self.position = state.get("position", 0)
 
 
-def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum) -> Rollout:
+def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum, d: loop.Dist) -> Rollout:
+    """This rank's share of `problems` (the step's, the same on every rank), G completions each, judged. The
+    curriculum observes the accuracy of all of them, gathered from every rank."""
     from ..eval.evaluate import prompts_for
 
-    prompts = prompts_for(problems, tok, prompt_style(cfg))
+    P = len(problems) // d.world_size
+    mine = problems[d.rank * P : (d.rank + 1) * P]
+    prompts = prompts_for(mine, tok, prompt_style(cfg))
     G = cfg.group_size
     flat = [p for p in prompts for _ in range(G)]
-    outs = engine.generate(flat, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           seed=cfg.seed * 7919 + step * 65537, stop_token_ids=[tok.eos_id])
+    seed = cfg.seed * 7919 + step * 65537 + d.rank * P * G  # completion i is seeded seed + i, as in one process
+    outs = engine.generate(flat, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                           stop_token_ids=[tok.eos_id])
     prefix = "<think>\n" if cfg.mode == "r1" else ""  # the chat template prefilled it
     overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
     judged, seqs, masks, n_false = [], [], [], 0
     for i, out in enumerate(outs):
         finished = bool(out) and out[-1] == tok.eos_id
         text = prefix + tok.decode(out[:-1] if finished else out)
-        judged.append(judge(text, problems[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens, overlong))
+        judged.append(judge(text, mine[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens, overlong))
         seqs.append(flat[i] + out)
         masks.append([0] * len(flat[i]) + [1] * len(out))
         n_false += bool(false_steps(text))
@@ -249,11 +260,10 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
     pad = tok.eos_id
     ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
     mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], dtype=torch.float32)
-    P = len(problems)
     as_tensor = lambda key: torch.tensor([getattr(j, key) for j in judged]).view(P, G)  # noqa: E731
     lengths = torch.tensor([len(o) for o in outs], dtype=torch.float32)
     truncated = sum(1 for o in outs if not (o and o[-1] == tok.eos_id)) / len(outs)
-    curriculum.observe(problems, as_tensor("accuracy"))
+    curriculum.observe(problems, d.all_gather(as_tensor("accuracy")))
     return Rollout(ids, mask, as_tensor("reward"), as_tensor("accuracy"), as_tensor("format"), lengths, truncated,
                    false_rate=n_false / len(outs))
 
@@ -277,20 +287,24 @@ def concat(a: Rollout, b: Rollout) -> Rollout:
                    a.n_groups_dropped + b.n_groups_dropped, share(a.false_rate, b.false_rate))
 
 
-def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum) -> tuple[Rollout, Rollout]:
-    """-> (batch to train on, everything sampled for the metrics). dapo drops all-equal groups and refills."""
-    seen = rollout(cfg, engine, tok, curriculum.sample(step, 0, cfg.prompts_per_step), step, curriculum)
+def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum, d: loop.Dist) -> tuple[Rollout, Rollout]:
+    """-> (this rank's batch to train on, everything it sampled, for the metrics). dapo drops all-equal groups and
+    refills, round by round on every rank until each has its share (under torchrun each rank keeps the first groups
+    with signal among its own, so the batch is not the one a single process would keep)."""
+    seen = rollout(cfg, engine, tok, curriculum.sample(step, 0, cfg.prompts_per_step), step, curriculum, d)
     if cfg.loss != "dapo":
         return seen, seen
+    share = cfg.prompts_per_step // d.world_size
     batch = keep_groups(seen, seen.rewards.std(dim=1) > 0)
     for round_ in range(1, 4):
-        if batch.rewards.shape[0] >= cfg.prompts_per_step:
+        short = d.all_reduce_sum_(torch.tensor(float(batch.rewards.shape[0] < share), device=d.device))
+        if not short.item():
             break
         extra = rollout(cfg, engine, tok, curriculum.sample(step, round_, cfg.prompts_per_step), step * 10 + round_,
-                        curriculum)
+                        curriculum, d)
         seen = concat(seen, extra)
         batch = concat(batch, keep_groups(extra, extra.rewards.std(dim=1) > 0))
-    n = min(cfg.prompts_per_step, batch.rewards.shape[0])
+    n = min(share, batch.rewards.shape[0])
     keep = torch.zeros(batch.rewards.shape[0], dtype=torch.bool)
     keep[:n] = True
     return keep_groups(batch, keep), seen
@@ -313,19 +327,23 @@ def update_flops(mc, row_lengths: list[int], updates: int, extra_forwards: int) 
 
 
 # --- the run -------------------------------------------------------------------------------------------------------------
-def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
-    """`updates_per_batch` optimiser steps on one rollout batch."""
+def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: loop.Dist) -> dict:
+    """`updates_per_batch` optimiser steps on one rollout batch (this rank's part of it: the loss's normalisers are
+    the whole batch's, and the gradients are summed over the ranks before clipping)."""
+    device = d.device
     adv = group_advantages(r.rewards, cfg.loss).flatten()
     T = cfg.temperature  # the loss scores the distribution the rollouts were sampled from
-    n_seqs, n_tokens = r.ids.shape[0], max(1.0, r.mask[:, 1:].sum().item())
+    total = lambda x: d.all_reduce_sum_(torch.tensor(float(x), dtype=torch.float64, device=device)).item()  # noqa: E731
+    n_seqs, n_tokens = int(total(r.ids.shape[0])), max(1.0, total(r.mask[:, 1:].sum().item()))
     eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
     # Without a KL term a completion whose advantage is 0 (its group's rewards all equal) adds exactly 0 to the
     # gradient, so it is not run at all; the normalisers above stay those of the whole batch, and one completion is
     # kept if none has signal, so the optimiser still steps (momentum, weight decay) as it would have.
     train = adv != 0 if ref is None else torch.ones_like(adv, dtype=torch.bool)
-    train[0] |= not train.any()
+    if train.numel():  # (a rank whose dapo groups were all dropped has none; it still joins the gradient sum)
+        train[0] |= not train.any()
     rows = train.nonzero().flatten()
-    n_trained_tokens = max(1.0, r.mask[rows, 1:].sum().item())
+    n_trained_tokens = max(1.0, total(r.mask[rows, 1:].sum().item()))
     # Rows are right-padded to the longest of the whole rollout batch: micro-batch rows of similar length and cut
     # each micro-batch to its own longest, so the forward does not run over columns of padding.
     T_all = r.mask.shape[1]
@@ -352,12 +370,15 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, device) -> dict:
             stats["kl"] += st["kl"] / n_trained_tokens / cfg.updates_per_batch
             stats["clipped"] += st["clipped"] / n_trained_tokens / cfg.updates_per_batch
             stats["entropy"] += ent / n_trained_tokens / cfg.updates_per_batch
+        d.all_reduce_grads(model)
         stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item() / cfg.updates_per_batch
         opt.step()
         model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
-    stats["trained"] = len(rows) / n_seqs
-    stats["flops"] = update_flops(model.config, ends[rows].tolist(), cfg.updates_per_batch,
-                                  int(cfg.updates_per_batch > 1) + int(ref is not None))
+    for k in ("kl", "clipped", "entropy"):  # each rank's share of the batch's per-token means
+        stats[k] = total(stats[k])
+    stats["trained"] = total(len(rows)) / n_seqs
+    stats["flops"] = total(update_flops(model.config, ends[rows].tolist(), cfg.updates_per_batch,
+                                        int(cfg.updates_per_batch > 1) + int(ref is not None)))
     return stats
 
 
@@ -394,9 +415,10 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn "
                         "in turn")
     d = loop.init_distributed(cfg.device)
-    if d.world_size > 1:
-        raise UserError("grpo runs in one process (rollouts dominate); use one GPU per run")
+    if cfg.prompts_per_step % d.world_size:
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
+    d.barrier()  # every rank has read the run directory before rank 0 writes to it
     pool = None
     if cfg.data:
         from ..eval.evaluate import load_problems
@@ -412,7 +434,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     model = load_model(source, device=d.device)
     context = model.config.max_position_embeddings
     longest = check_context(prompts_for((pool or []) + scored, tok, prompt_style(cfg)), cfg.max_new_tokens, context)
-    run.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the starting model
         ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)
@@ -424,16 +447,18 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         state = loop.load_train_state(run, opt)
         start, prior_wall, flops = state["step"], state["wall_s"], state.get("flops", 0.0)
         curriculum.load_state_dict(state["data"])
-    if not resuming:
+    if not resuming and d.is_main:
         (run / "tokenizer").mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (run / "tokenizer" / f).write_bytes((source / f).read_bytes())
+    d.barrier()
     extra = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
-    engine = Engine(model, max_batch_size=cfg.prompts_per_step * cfg.group_size,
+    engine = Engine(model, max_batch_size=cfg.prompts_per_step // d.world_size * cfg.group_size,
                     max_seq_len=min(context, max(256, longest) + cfg.max_new_tokens))
-    metrics = loop.Metrics(run / "metrics.jsonl", start if resuming else None)
+    metrics = loop.Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
+    scored = scored if d.is_main else []  # rank 0 evaluates
     bar = None
-    if cfg.progress:
+    if cfg.progress and d.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -447,17 +472,23 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             g["lr"] = lr
         t0 = time.perf_counter()
         model.eval()
-        batch, seen = collect(cfg, engine, tok, step, curriculum)
+        batch, seen = collect(cfg, engine, tok, step, curriculum, d)
         t1 = time.perf_counter()
         model.train()
-        stats = update(cfg, model, ref, opt, batch, d.device) if batch.rewards.numel() else {}
+        trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
+        stats = update(cfg, model, ref, opt, batch, d) if trainable else {}  # dapo may have dropped every group
         t2 = time.perf_counter()
-        flops += rollout_flops(model.config, seen) + stats.pop("flops", 0.0)
+        flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
+                                                device=d.device)).item() + stats.pop("flops", 0.0)
+        # every rank sampled as many completions: the means of the ranks' means are the batch's
+        reward, acc, fmt, length, truncated, false_rate = d.all_reduce_mean(torch.tensor(
+            [seen.rewards.mean().item(), seen.accuracy.mean().item(), seen.fmt.mean().item(), seen.lengths.mean().item(),
+             seen.truncated, seen.false_rate], dtype=torch.float64, device=d.device)).tolist()
         row = {
-            "step": step + 1, "reward": round(seen.rewards.mean().item(), 4), "accuracy": round(seen.accuracy.mean().item(), 4),
-            "format_rate": round(seen.fmt.mean().item(), 4), "response_length": round(seen.lengths.mean().item(), 2),
-            "truncated": round(seen.truncated, 4), "groups_dropped": batch.n_groups_dropped,
-            "false_steps": round(seen.false_rate, 4),
+            "step": step + 1, "reward": round(reward, 4), "accuracy": round(acc, 4), "format_rate": round(fmt, 4),
+            "response_length": round(length, 2), "truncated": round(truncated, 4),
+            "groups_dropped": int(d.all_reduce_sum_(torch.tensor(batch.n_groups_dropped, device=d.device)).item()),
+            "false_steps": round(false_rate, 4),
             **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
             "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "wall_s": round(prior_wall + timer.elapsed(), 2),
         }
@@ -467,22 +498,23 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             model.eval()
             row["eval"] = evaluate(cfg, engine, tok, scored)
         metrics.log(row)
-        if seen.truncated > TRUNCATION_WARNING and not warned:  # RL users' most common silent failure: say it once
+        if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL users' most common silent failure: say it once
             warned = True
             (bar.write if bar is not None else print)(
-                f"grpo: {seen.truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens {cfg.max_new_tokens}; a "
+                f"grpo: {truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens {cfg.max_new_tokens}; a "
                 "cut-off completion fails the format check and earns no reward: raise --max-new-tokens", file=sys.stderr)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.end:
+        if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.end) and d.is_main:
             loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(),
                                                                "flops": flops, "config": dataclasses.asdict(cfg)}, extra)
     if bar is not None:
         bar.close()
-    peak, peak_how = loop.device_peak_flops(d.device)
-    cost = loop.cost_summary(prior_wall + timer.elapsed(), 1, flops, peak, cfg.price_per_hour, peak_how)
-    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    d.close()
+    if not d.is_main:
+        return None
+    cost = loop.run_cost(run, d, prior_wall + timer.elapsed(), flops, cfg.price_per_hour)
     return {"stage": "grpo", "model": str(run / "model"), "steps": cfg.end, "final": row, "cost": cost}
 
 
@@ -529,5 +561,6 @@ def run(args: argparse.Namespace) -> int:
             "micro_batch_size", "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume",
             "device", "price_per_hour")
     result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
-    print(json.dumps(result))
+    if result is not None:  # rank 0 under torchrun
+        print(json.dumps(result))
     return 0

@@ -73,6 +73,29 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(n, ...) on every rank -> (world_size · n, ...) in rank order, on t's device."""
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.to(self.device).contiguous())  # NCCL gathers device tensors only
+        return torch.cat(parts).to(t.device)
+
+    def all_reduce_grads(self, model: torch.nn.Module) -> None:
+        """Sum the parameters' gradients over the ranks, in one flat buffer (for updates whose ranks run different
+        numbers of backward passes, which DDP cannot sync). A parameter that no rank has a gradient for keeps None,
+        so the optimiser skips it as one process would."""
+        if self.world_size == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        dist.all_reduce(has)
+        live = [p for p, h in zip(params, has.tolist()) if h > 0]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in live])
+        dist.all_reduce(flat)
+        for p, g in zip(live, flat.split([p.numel() for p in live])):
+            p.grad = g.view_as(p).clone()
+
 
 def init_distributed(device: str = "auto") -> Dist:
     """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
@@ -282,6 +305,18 @@ def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price
     }
 
 
+def run_cost(run: Path, d: Dist, wall_s: float, flops: float, price_per_hour: float) -> dict:
+    """The run's cost row (cost_summary), also written to RUN/cost.json. GPUs: one device per rank; a CPU is one
+    device however many processes share its cores (each rank measured the peak of its share)."""
+    peak, peak_how = device_peak_flops(d.device)
+    shared_cpu = d.device.type != "cuda" and d.world_size > 1
+    n_devices = 1 if shared_cpu else d.world_size
+    device = f"{peak_how}, {d.world_size} processes" if shared_cpu else peak_how
+    cost = cost_summary(wall_s, n_devices, flops, peak * d.world_size, price_per_hour, device)
+    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    return cost
+
+
 class Timer:
     def __init__(self):
         self.start = time.perf_counter()
@@ -444,8 +479,8 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
-    peak, peak_how = device_peak_flops(d.device)
-    peak_all = peak * d.world_size  # every rank measured its own device (or its share of the CPU's cores)
+    peak_all = device_peak_flops(d.device)[0] * d.world_size  # every rank measured its own device (or its share of
+    # the CPU's cores)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
@@ -521,13 +556,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     d.close()
     if not d.is_main:
         return None
-    wall = prior_wall + timer.elapsed()
-    # GPUs: one device per rank. A CPU is one device however many processes share its cores.
-    shared_cpu = d.device.type != "cuda" and d.world_size > 1
-    n_devices = 1 if shared_cpu else d.world_size
-    device = f"{peak_how}, {d.world_size} processes" if shared_cpu else peak_how
-    cost = cost_summary(wall, n_devices, prior_flops + total_flops, peak_all, cfg.price_per_hour, device)
-    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    cost = run_cost(run, d, prior_wall + timer.elapsed(), prior_flops + total_flops, cfg.price_per_hour)
     print(f"cost: {cost['device_hours']} device-hours, {cost['flops']:.3g} FLOPs, MFU {cost['mfu']:.1%} "
           f"({cost['device']}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
     return {"stage": stage, "model": str(run / "model"), "steps": cfg.end, "final": last, "cost": cost}
