@@ -73,6 +73,13 @@ def _ids(value) -> list[int]:
     return []
 
 
+def stop_ids(model_dir: Path, cfg, tokenizer) -> list[int]:
+    """The tokens that end a completion: generation_config.json's eos ids, config.json's, and the tokenizer's."""
+    gen = read_generation_config(model_dir)
+    return sorted({*_ids(gen.get("eos_token_id")), *_ids(cfg.eos_token_id),
+                   *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
+
+
 def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = None,
                  max_batch_size: int = 16, compile: bool | None = None) -> Runtime:
     """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings.
@@ -104,10 +111,8 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
         print("nanoseek: compiling the decode step (~50 s on 2 cores the first time, seconds once cached; "
               "--no-compile skips it)...", file=sys.stderr, flush=True)
         engine.warm_up()
-    gen = read_generation_config(model_dir)
-    stop_ids = sorted({*_ids(gen.get("eos_token_id")), *_ids(cfg.eos_token_id),
-                       *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
-    return Runtime(engine, tokenizer, model_dir, max_model_len, sampling_defaults(gen), stop_ids)
+    return Runtime(engine, tokenizer, model_dir, max_model_len, sampling_defaults(read_generation_config(model_dir)),
+                   stop_ids(model_dir, cfg, tokenizer))
 
 
 @dataclass(eq=False)
