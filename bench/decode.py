@@ -25,6 +25,7 @@ import time
 import torch
 
 import nanoseek
+from nanoseek.bench import best_times
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.engine import Engine
 
@@ -36,29 +37,6 @@ BENCH = dict(
     first_k_dense_replace=1, n_group=4, topk_group=2, num_nextn_predict_layers=0, max_position_embeddings=1024,
     rope_scaling=None, aux_loss_alpha=0.0, eos_token_id=None, initializer_range=0.05,
 )
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_pair(fns: dict, N: int, repeats: int, device: str):
-    """fns: name -> f(n_new_tokens) -> tokens. Returns name -> (best full time, best 1-token time, tokens)."""
-    best = {k: [float("inf"), float("inf"), None] for k in fns}
-    for k, f in fns.items():
-        f(2)  # warm-up
-    for _ in range(repeats):
-        for k, f in fns.items():
-            for slot, n in ((0, N), (1, 1)):
-                sync(device)
-                t = time.perf_counter()
-                out = f(n)
-                sync(device)
-                best[k][slot] = min(best[k][slot], time.perf_counter() - t)
-                if slot == 0:
-                    best[k][2] = out
-    return best
 
 
 def hf_cache_bytes_per_token(hf, ids, new_tokens: int) -> tuple[int, str]:
@@ -117,7 +95,7 @@ def main() -> None:
                 return hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=n,
                                    do_sample=False, pad_token_id=0)[:, P:].tolist()
 
-        best = timed_pair({"ours": lambda n: engine.generate(ids.tolist(), max_new_tokens=n), "hf": run_hf,
+        best = best_times({"ours": lambda n: engine.generate(ids.tolist(), max_new_tokens=n), "hf": run_hf,
                            "modules": lambda n: modules.generate(ids.tolist(), max_new_tokens=n),
                            "compiled": lambda n: compiled.generate(ids.tolist(), max_new_tokens=n)},
                           N, args.repeats, args.device)

@@ -22,9 +22,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "grpo": ("nanoseek.train.grpo", "reasoning RL with verifiable rewards: GRPO, Dr. GRPO or DAPO (R1 / R1-Zero recipes)"),
     "distill": ("nanoseek.train.distill", "distill a teacher (model dir or OpenAI-compatible URL) into a student via verified traces"),
     "serve": ("nanoseek.serve", "OpenAI-compatible server (chat/completions, reasoning split) with a private web chat"),
+    "generate": ("nanoseek.generate", "complete prompts (raw text or through the chat template) from the command line or a file"),
     "chat": ("nanoseek.chat", "chat with a model in the terminal, thinking shown dimmed"),
     "eval": ("nanoseek.eval.evaluate", "pass@1 / maj@k / pass@k of a model on held-out task-suite problems or GSM8K-format JSONL"),
     "report": ("nanoseek.eval.report", "report card (markdown + PNG plots + cost table) of a run or speedrun directory"),
+    "bench": ("nanoseek.bench", "measure this machine: prefill and decode tokens/s (plain and MTP-speculative), training tokens/s and MFU"),
     "convert": ("nanoseek.convert", "re-write a model directory: dtype, FP8 block quantisation, or dequantisation"),
 }
 

@@ -455,6 +455,20 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+def lm_losses(net, model, inputs, labels, segments, use_mtp: bool):
+    """One micro-batch's forward -> (logits (B, T, V), next-token CE, MTP CE, sequence-wise balance loss) on labels
+    (-100 = ignored); `net` is the model or its DDP wrapper. The MTP and balance terms are 0 when off."""
+    zero = torch.zeros((), device=inputs.device)
+    if use_mtp:
+        logits, mtp_logits = net(inputs, return_mtp=True, segments=segments)
+        l_mtp = mtp_loss(mtp_logits, labels)
+    else:
+        logits, l_mtp = net(inputs, segments=segments), zero
+    l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    aux = model.aux_loss()
+    return logits, l_main, l_mtp, zero if aux is None else aux
+
+
 def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, extra_files=(), teacher=None,
         kd_weight: float = 0.0) -> dict | None:
     """Run optimiser steps [start, cfg.end): loss = CE + λ·MTP CE + balance loss on labels (-100 = ignored),
@@ -484,7 +498,6 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
-    zero = torch.zeros((), device=d.device)
     bar = None
     if d.is_main and cfg.progress:
         from tqdm import tqdm
@@ -505,14 +518,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
-                if use_mtp:
-                    logits, mtp_logits = ddp(inputs, return_mtp=True, segments=segments)
-                    l_mtp = mtp_loss(mtp_logits, labels)
-                else:
-                    logits, l_mtp = ddp(inputs, segments=segments), zero
-                l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-                aux = model.aux_loss()
-                aux = zero if aux is None else aux
+                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp)
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
