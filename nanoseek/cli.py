@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 
 # verb -> (module, one-line help)
@@ -30,6 +31,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("nanoseek.convert", "re-write a model directory: dtype, FP8 block quantisation, or dequantisation"),
 }
 
+
+# Verbs that train data-parallel under `torchrun --nproc_per_node=N`; the others refuse to run as N copies of
+# themselves (which would ask a teacher N times, or write one file from N processes)
+DISTRIBUTED = {"pretrain", "sft", "grpo"}
 
 # The options the running command's line set (those that differ from their defaults; None outside the CLI), so a
 # resumed run can say which of them it does not use
@@ -122,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.verb]
     GIVEN = {a.dest for a in verb_parser._actions if getattr(args, a.dest, a.default) != a.default}
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.verb not in DISTRIBUTED:
+            raise UserError(f"nanoseek {args.verb} runs in one process; under torchrun run {', '.join(sorted(DISTRIBUTED))}"
+                            + (" (train the student data-parallel with `torchrun ... nanoseek sft --data RUN/kept.jsonl`)"
+                               if args.verb in ("distill", "speedrun") else ""))
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)

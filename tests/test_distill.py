@@ -3,6 +3,7 @@ resume without re-asking, rejection sampling, and clean errors. Plus trace filte
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,3 +194,28 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="record 1"):
         distill(DistillConfig(out=str(tmp_path / "never"), **{**common, "data": str(bad)}))
     assert not (tmp_path / "never").exists()
+
+
+def test_eval_of_a_served_model_equals_eval_of_its_directory(server, tmp_path):
+    """`nanoseek eval --model URL` (through `nanoseek serve`'s chat endpoint, concurrent requests) extracts the same
+    answers and scores the same as `nanoseek eval --model DIR` of the directory it serves, greedy; a URL with another
+    prompt style, or --served-model with a directory, is a one-line error."""
+    s, d = server
+    env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}
+    common = ["--task", "arithmetic:1", "--n", "6", "--max-new-tokens", "12"]
+
+    def run(*argv):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", "eval", *argv, *common], capture_output=True, text=True,
+                           env=env)
+        return r
+
+    local = run("--model", str(d), "--out", str(tmp_path / "local.jsonl"))
+    remote = run("--model", s.url, "--served-model", str(d), "--concurrency", "3", "--out", str(tmp_path / "url.jsonl"))
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-2000:]
+    assert json.loads(local.stdout.splitlines()[-1]) == json.loads(remote.stdout.splitlines()[-1])
+    rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("local.jsonl", "url.jsonl")]
+    assert [r["extracted"] for r in rows[0]] == [r["extracted"] for r in rows[1]]
+    assert sum(a is not None for r in rows[0] for a in r["extracted"]) >= 3  # the comparison is not all None
+    for argv, says in (([s.url, "--prompt", "plain"], "--prompt chat only"), ([str(d), "--served-model", "x"], "URL")):
+        r = run("--model", *argv)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr

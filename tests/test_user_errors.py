@@ -194,3 +194,14 @@ def test_sft_leaves_out_conversations_whose_answer_starts_past_the_row(capsys, t
     code, err = run_cli(capsys, "sft", "--model", model, "--out", tmp_path / "s2", "--data", tmp_path / "m" / "long.jsonl",
                         "--seq-len", 32, "--no-progress")
     assert code == 1 and "raise --seq-len" in err
+
+
+def test_verbs_that_do_not_train_data_parallel_refuse_torchrun(capsys, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) a verb other than pretrain, sft and grpo would run as N copies of itself (N
+    requests to a teacher per problem, N writers of one file): it is refused before it does anything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run_cli(capsys, "distill", "--teacher", tmp_path, "--out", tmp_path / "d", "--student", tmp_path)
+    assert code == 1 and "distill runs in one process" in err and "sft --data RUN/kept.jsonl" in err
+    assert not (tmp_path / "d").exists()
+    code, err = run_cli(capsys, "eval", "--model", tmp_path)
+    assert code == 1 and "eval runs in one process" in err

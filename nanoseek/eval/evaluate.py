@@ -10,6 +10,9 @@ chance that k samples include a right one: what reinforcement learning could sha
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
 `math-verify`.
 
+`--model URL` scores a model behind any OpenAI-compatible server the same way, through its chat endpoint (the
+server applies the template): your model served elsewhere, or DeepSeek's own API, on the same held-out problems.
+
 Decoding: an engine of up to 512 rows (`Engine.for_batch`) gets the prompts in chunks of twice its rows and
 refills a row as soon as a completion ends, so the 1000-problem evaluation of the CPU speedrun's SFT model takes
 10 s instead of 27 s, with the same completions (bench/results/eval_rows.md).
@@ -95,8 +98,6 @@ def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens:
 
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
              style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
-    from ..data.tasks import check
-
     prompts = prompts_for(problems, tok, style)
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
@@ -115,13 +116,48 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    texts = [tok.decode(o, skip_special_tokens=False) for o in outs]
+    if style != "chat":  # a base model continues with the next document: keep the first one
+        texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
+    return check_completions(problems, texts, samples)
+
+
+def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
+                 seed: int = 0, progress: bool = True) -> list[EvalResult]:
+    """The same evaluation of a model behind an OpenAI-compatible chat endpoint (`client`: a teacher.URLTeacher,
+    which sends the requests concurrently with retries); the server applies its own chat template, and each reply
+    is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it was cut off while reasoning).
+    Sample i of the whole run is asked with seed + i."""
+    questions = [p.question for p in problems for _ in range(samples)]
+    texts = [""] * len(questions)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
+        if not trace.reasoning:
+            texts[i] = trace.answer
+        elif trace.answer or trace.finished:
+            texts[i] = f"<think>\n{trace.reasoning}\n</think>\n\n{trace.answer}"
+        else:  # cut off while reasoning: scored as a local completion that never closed </think> is
+            texts[i] = f"<think>\n{trace.reasoning}"
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return check_completions(problems, texts, samples)
+
+
+def check_completions(problems, texts: list[str], samples: int) -> list[EvalResult]:
+    """Completions (problem-major, `samples` each) -> each problem's extracted answers, checked."""
+    from ..data.tasks import check
+
     results = []
     for i, p in enumerate(problems):
-        texts = [tok.decode(o, skip_special_tokens=False) for o in outs[i * samples : (i + 1) * samples]]
-        if style != "chat":  # a base model continues with the next document: keep the first one
-            texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
-        answers = [extract_answer(t) for t in texts]
-        results.append(EvalResult(p, texts, answers, [a is not None and check(p, a) for a in answers]))
+        group = texts[i * samples : (i + 1) * samples]
+        answers = [extract_answer(t) for t in group]
+        results.append(EvalResult(p, group, answers, [a is not None and check(p, a) for a in answers]))
     return results
 
 
@@ -219,7 +255,13 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE
 
-    p.add_argument("--model", required=True, help="model directory (HF format, with tokenizer files)")
+    p.add_argument("--model", required=True,
+                   help="model directory (HF format, with tokenizer files), or the base URL of an OpenAI-compatible "
+                        "server (nanoseek serve, vLLM, SGLang, DeepSeek's API: its API key from "
+                        "$NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY) to score it on the same problems")
+    p.add_argument("--served-model", metavar="NAME",
+                   help="with a URL: the model to ask for (default: the first the server lists)")
+    p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
@@ -253,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
+    from ..train.teacher import URLTeacher, is_url
 
     if args.samples > 1 and args.temperature <= 0:
         raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
@@ -261,9 +304,22 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
-    tok = Tokenizer.from_dir(args.model)
-    engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens, args.samples)
-    results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt, args.seed)
+    if is_url(args.model):
+        if args.prompt != "chat":
+            raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")
+        try:
+            client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency)
+            results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens, args.seed)
+        except ConnectionError as e:
+            raise UserError(f"{args.model}: {e}") from None
+    else:
+        if args.served_model:
+            raise UserError("--served-model names a model behind a URL; --model is a directory")
+        tok = Tokenizer.from_dir(args.model)
+        engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
+                            args.samples)
+        results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt,
+                           args.seed)
     if args.out is not None:
         rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
                                    r.completions, "extracted": r.answers, "correct": r.correct}) + "\n" for r in results)
