@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     GIVEN = {a.dest for a in verb_parser._actions if getattr(args, a.dest, a.default) != a.default}
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.verb not in DISTRIBUTED:
-            raise UserError(f"nanoseek {args.verb} runs in one process; under torchrun run {', '.join(sorted(DISTRIBUTED))}"
-                            + (" (train the student data-parallel with `torchrun ... nanoseek sft --data RUN/kept.jsonl`)"
-                               if args.verb in ("distill", "speedrun") else ""))
+            hint = (" (train the student data-parallel with `torchrun ... nanoseek sft --data RUN/kept.jsonl`)"
+                    if args.verb in ("distill", "speedrun") else "")
+            raise UserError(f"nanoseek {args.verb} runs in one process; under torchrun run "
+                            f"{', '.join(sorted(DISTRIBUTED))}{hint}")
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)

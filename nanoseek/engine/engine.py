@@ -15,8 +15,8 @@ One `step()`:
    its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
    `Engine(..., compile=True)`: that forward is compiled with torch.compile (the fast path's compiled step).
-Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason, logprob)`. A request finishes with
-reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
+Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason, logprob)`. A request
+finishes with reason "stop" when it emits one of its stop tokens — the stop token IS included as its last token, as
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
 
 Choosing a token: forced tokens (`force_next`) first, else `sampling.sample` with the request's own temperature /

@@ -498,7 +498,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             model.eval()
             row["eval"] = evaluate(cfg, engine, tok, scored)
         metrics.log(row)
-        if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL users' most common silent failure: say it once
+        if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL's most common silent failure: say it
             warned = True
             (bar.write if bar is not None else print)(
                 f"grpo: {truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens {cfg.max_new_tokens}; a "
