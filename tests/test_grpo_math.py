@@ -304,6 +304,26 @@ def test_false_steps_finds_the_false_facts_and_only_those():
     assert checked > 10000  # the checker reads most lines: with a wrong result they are flagged
 
 
+def sevens(text, *a, **kw):
+    """A reward an untrained model earns: a quarter point for each digit 7 it writes."""
+    from nanoseek.train.rewards import Judgement
+
+    return Judgement(text.count("7") / 4, 0.0, 0.0, None)
+
+
+def untrained_model_dir(path):
+    """A random cpu-tiny model with a tokenizer trained on task-suite text, saved at path."""
+    import nanoseek
+    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
+
+    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), path)
+    tok.save(path)
+    return path
+
+
 def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     """`nanoseek grpo` stopped after 2 of 4 steps (--stop-at) and resumed ends with the weights, metrics and
     adaptive-curriculum state of one uninterrupted 4-step run. An untrained model earns no task reward, so the
@@ -314,17 +334,9 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
 
     import nanoseek.train.grpo as grpo_module
     from nanoseek.train.grpo import GRPOConfig, grpo
-    import nanoseek
-    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
-    from nanoseek.train.rewards import Judgement
 
-    monkeypatch.setattr(grpo_module, "judge", lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None))
-    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
-    torch.manual_seed(0)
-    model = tmp_path / "sft"
-    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
-        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
-    tok.save(model)
+    monkeypatch.setattr(grpo_module, "judge", sevens)
+    model = untrained_model_dir(tmp_path / "sft")
     common = dict(model=str(model), tasks=["arithmetic:1", "word:1"], adaptive_tasks=True, steps=4, prompts_per_step=2,
                   group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, save_every=2, eval_every=0,
                   progress=False, device="cpu")
@@ -445,8 +457,8 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
 DDP_SCRIPT = '''
 import json, sys
 import nanoseek.train.grpo as grpo_module
-from nanoseek.train.rewards import Judgement
-grpo_module.judge = lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None)
+from test_grpo_math import sevens
+grpo_module.judge = sevens
 cfg = grpo_module.GRPOConfig(**json.loads(sys.argv[1]))
 result = grpo_module.grpo(cfg)
 if result is not None:
@@ -467,30 +479,23 @@ def test_two_gloo_processes_match_one(tmp_path, monkeypatch, loss):
 
     from safetensors.torch import load_file
 
-    import nanoseek
     import nanoseek.train.grpo as grpo_module
-    from nanoseek.tokenizer import task_suite_texts, train_tokenizer
     from nanoseek.train.grpo import GRPOConfig, grpo
-    from nanoseek.train.rewards import Judgement
 
-    tok = train_tokenizer(task_suite_texts(200, seed=0), vocab_size=300)
-    torch.manual_seed(0)
-    model = tmp_path / "sft"
-    nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(
-        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), model)
-    tok.save(model)
+    model = untrained_model_dir(tmp_path / "sft")
     common = dict(model=str(model), tasks=["arithmetic:1", "word:1"], adaptive_tasks=True, steps=3, prompts_per_step=4,
                   group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, eval_every=0,
                   loss=loss, progress=False, device="cpu")
-    monkeypatch.setattr(grpo_module, "judge", lambda text, *a, **kw: Judgement(text.count("7") / 4, 0.0, 0.0, None))
+    monkeypatch.setattr(grpo_module, "judge", sevens)
     grpo(GRPOConfig(out=str(tmp_path / "one"), **common))
     script = tmp_path / "run_grpo.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(__file__)  # the script imports this file's reward
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                         json.dumps({**common, "out": str(tmp_path / "two")})],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "rror" in line)[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["cost"]["device"].endswith("2 processes")
 
     def rows(run):
