@@ -26,6 +26,14 @@ import time
 import torch
 
 
+OUT_OF_MEMORY = (torch.OutOfMemoryError, RuntimeError, MemoryError)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory"), which is no subclass."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e)
+
+
 # --- timing helpers (bench/decode.py uses them too) -------------------------------------------------------------
 def sync(device) -> None:
     if str(device).startswith("cuda"):
@@ -292,7 +300,9 @@ def run(args: argparse.Namespace) -> int:
             r = measure_decode(engine, B, args, spec=True)
             r["speedup"] = r["decode_tok_s"] / next(d["decode_tok_s"] for d in decode if d["batch"] == B)
             spec.append(r)
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY as e:
+        if not out_of_memory(e):
+            raise
         raise UserError(f"decoding at batch {B} ran out of {device} memory: use smaller --batch-sizes") from None
     del engine, model
     if device.startswith("cuda"):
@@ -304,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
         optimizer = TRAIN_PRESETS[args.preset].get("optimizer", "adamw") if args.preset else "adamw"
         try:
             train = measure_train(load(args, cfg, device, torch.float32), args, device, optimizer)
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY as e:
+            if not out_of_memory(e):
+                raise
             raise UserError(f"a training step of {args.train_batch} x {args.seq_len} tokens ran out of {device} "
                             "memory: use a smaller --train-batch or --seq-len, or --no-train") from None
 

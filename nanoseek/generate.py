@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     p.add_argument("prompt", nargs="*", metavar="PROMPT",
-                   help="text to complete, one argument per prompt (or use --prompts; '--' before a prompt that "
-                        "starts with '-')")
+                   help="text to complete, one argument per prompt (or use --prompts); a prompt that starts with "
+                        "'-' goes after '--', which ends the options: give them all before it")
     p.add_argument("--prompts", metavar="FILE",
                    help='prompts from a file: .jsonl with {"prompt": ...} or {"messages": [...]} (chat) records, '
                         "else one prompt per line (blank lines skipped); '-' reads lines from standard input")
@@ -89,10 +89,12 @@ def read_prompts(args: argparse.Namespace) -> list[Prompt]:
         return [_text_prompt(t, f"prompt {i}", args) for i, t in enumerate(args.prompt, 1)]
     name = "standard input" if args.prompts == "-" else args.prompts
     try:
-        text = sys.stdin.read() if args.prompts == "-" else Path(args.prompts).read_text(encoding="utf-8")
+        text = sys.stdin.read() if args.prompts == "-" else Path(args.prompts).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--prompts {name}: cannot read: {e}") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # lines end at \n only (str.splitlines would also split at U+2028 or a form feed inside a JSON string)
+    lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1)
+             if line.strip()]
     jsonl = args.prompts.endswith(".jsonl")
     out = [(_record(line, f"{name} line {n}", args) if jsonl else _text_prompt(line, f"{name} line {n}", args))
            for n, line in lines]
@@ -240,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not s for s in args.stop):
         raise UserError("--stop must not be empty")
     device = resolve_device(args.device)
-    out = output_file(args.out, overwrite=args.overwrite) if args.out else None
+    out = output_file(args.out, overwrite=args.overwrite) if args.out is not None else None
     cfg = read_config(args.model)
     if args.speculative and cfg.num_nextn_predict_layers == 0:
         raise UserError(f"--speculative needs a model with MTP layers; {args.model} has none")

@@ -4,7 +4,6 @@ the reasoning split, speculative = greedy, --out records, and user mistakes as o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from conftest import tiny_model_dir
 from nanoseek.engine.engine import Engine
-from nanoseek.generate import Prompt, add_arguments, complete, encode
+from nanoseek.generate import Prompt, complete, encode
 
 TEXTS = ["Tom has 3 apples and buys 4 more. The answer is 7.", "What is 12 times 3? It is 36.",
          "<think>\n3 + 4 = 7\n</think>\n\nThe answer is 7."] * 20
@@ -27,23 +26,10 @@ def model(tmp_path_factory):
 
 
 def main(argv: list[str]) -> int:
-    """`nanoseek generate ARGV` through the real CLI once every verb's module exists, else the same parser and
-    error handling on this verb alone."""
-    if importlib.util.find_spec("nanoseek.bench") is not None:
-        from nanoseek.cli import main as cli_main
+    """`nanoseek generate ARGV` through the real CLI."""
+    from nanoseek.cli import main as cli_main
 
-        return cli_main(["generate", *argv])
-    from nanoseek.cli import _user_errors
-    from nanoseek.generate import run
-
-    parser = argparse.ArgumentParser(prog="nanoseek generate")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return cli_main(["generate", *argv])
 
 
 def generate(capsys, model, *argv) -> tuple[str, dict]:
@@ -192,7 +178,7 @@ def test_speculative_equals_greedy(model, capsys):
 def test_prompt_files_and_stdin(model, capsys, tmp_path, monkeypatch):
     _, tok, _ = model
     txt = tmp_path / "p.txt"
-    txt.write_text("Tom has\n\nWhat is\n")
+    txt.write_bytes("\ufeffTom has\r\n\r\nWhat is\n".encode())  # a BOM and CRLF, as Windows editors save
     _, from_txt = generate(capsys, model, "--prompts", str(txt), "--max-new-tokens", "6")
     _, from_args = generate(capsys, model, "Tom has", "What is", "--max-new-tokens", "6")
     assert from_txt == {**from_args, "seconds": from_txt["seconds"], "tokens_per_s": from_txt["tokens_per_s"]}
@@ -202,14 +188,16 @@ def test_prompt_files_and_stdin(model, capsys, tmp_path, monkeypatch):
     # JSONL: a "messages" record goes through the chat template, a "prompt" record stays raw
     jl = tmp_path / "p.jsonl"
     msgs = [{"role": "user", "content": "What is 2?"}]
-    jl.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "Tom has"}) + "\n")
+    jl.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "Tom has"}) + "\n"
+                  + json.dumps({"prompt": "a\u2028b\x0cc"}, ensure_ascii=False) + "\n")  # line breaks only at \\n
     out = tmp_path / "j.jsonl"
     _, s = generate(capsys, model, "--prompts", str(jl), "--max-new-tokens", "6", "--out", str(out))
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    recs = [json.loads(line) for line in out.read_text().split("\n") if line]
     assert recs[0]["prompt"] == msgs and "reasoning" in recs[0] and "reasoning" not in recs[1]
     expected = tok.decode(reference(model, tok.apply_chat_template(msgs), 6), skip_special_tokens=True)
     assert recs[0]["reasoning"] == expected
     assert s["completions"][1] == from_args["completions"][0]
+    assert len(recs) == 3 and recs[2]["prompt"] == "a\u2028b\x0cc"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,6 +63,18 @@ def test_policy_loss_by_hand(variant):
     assert stats["clipped"] == 1.0  # only the first token took the clipped branch
 
 
+def test_kl_estimate_is_bounded():
+    """A token whose log-probability fell 12 nats below the reference's (an MoE routing flip after one step) adds
+    β·10 to the loss, not β·(e^12 − 13), and no gradient; a token 0.5 nats away keeps the exact k3 term."""
+    logp = torch.tensor([[-13.0, -1.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, stats = policy_loss(logp, logp.detach(), ref, torch.tensor([0.0]), torch.ones(1, 2), "dapo", 0.2, 0.2, 1.0,
+                              1, 2, 4)
+    assert math.isclose(stats["kl"], 10 + k3(math.exp(-1.5), math.exp(-1.0)), rel_tol=1e-6)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
+
+
 def test_policy_loss_microbatches_add_up():
     logp, old, ref, adv, mask = case()
     for variant in ("grpo", "dr_grpo", "dapo"):

@@ -313,6 +313,17 @@ def test_completion_logprobs_and_echo_match_the_model(server, model_dir):
     echo_only = post(server, {**body, "logprobs": None}, path="/v1/completions").json()["choices"][0]
     assert echo_only["text"] == choice["text"] and echo_only["logprobs"] is None
 
+    # a stop string cuts the text: the tokens kept are those that show in it (the last may hold the stop's start)
+    words = [t for t in plain["logprobs"]["tokens"][1:] if t.strip() and not t.startswith("bytes:")]
+    assert words, plain["logprobs"]["tokens"]
+    cut = post(server, {**body, "echo": False, "stop": [words[0]]}, path="/v1/completions").json()["choices"][0]
+    kept = ids[len(prompt) :][: len(cut["logprobs"]["tokens"])]
+    assert cut["logprobs"]["tokens"] == [text_of(t)[0] for t in kept]
+    spelled = lambda toks: b"".join(text_of(t)[1] for t in toks).decode("utf-8", errors="replace")  # noqa: E731
+    assert cut["finish_reason"] == "stop" and cut["text"] == plain["text"][: plain["text"].index(words[0])]
+    assert spelled(kept).startswith(cut["text"]) and len(spelled(kept[:-1])) < len(cut["text"])
+    assert all(at < len(cut["text"]) for at in cut["logprobs"]["text_offset"])
+
 
 def test_chat_logprobs(client):
     """Greedy chat with logprobs: the answer's entries spell message.content and the reasoning's spell
@@ -369,6 +380,8 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}', "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": True}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),

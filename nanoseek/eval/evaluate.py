@@ -135,17 +135,19 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
-    for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
-        if not trace.reasoning:
-            texts[i] = trace.answer
-        elif trace.answer or trace.finished:
-            texts[i] = f"<think>\n{trace.reasoning}\n</think>\n\n{trace.answer}"
-        else:  # cut off while reasoning: scored as a local completion that never closed </think> is
-            texts[i] = f"<think>\n{trace.reasoning}"
+    try:
+        for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
+            if not trace.reasoning:
+                texts[i] = trace.answer
+            elif trace.answer or trace.finished:
+                texts[i] = f"<think>\n{trace.reasoning}\n</think>\n\n{trace.answer}"
+            else:  # cut off while reasoning: scored as a local completion that never closed </think> is
+                texts[i] = f"<think>\n{trace.reasoning}"
+            if bar is not None:
+                bar.update()
+    finally:  # an error is then printed on a line of its own
         if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+            bar.close()
     return check_completions(problems, texts, samples)
 
 
@@ -304,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
+    if "://" in args.model and not is_url(args.model):
+        raise UserError(f"--model {args.model}: a model behind a URL is reached over http:// or https://")
     if is_url(args.model):
         if args.prompt != "chat":
             raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")

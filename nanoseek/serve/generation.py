@@ -101,10 +101,11 @@ class Generation:
 
     def _on_token(self, i: int, tok: int, finished: bool, reason: str | None, logprob) -> list[ChoiceEvent]:
         dec = self.decoders[i]
+        shown = len(dec.content.text)
         delta = dec.feed(tok)
         kind = dec.last_kind
-        if kind == "content" and dec.content.strip_leading and not dec.content.text:
-            kind = None  # the whitespace between </think> and the answer, which the answer's text drops too
+        if kind == "content" and len(dec.content.text) == shown and (dec.stopped or not shown):
+            kind = None  # it added no text to the answer: the whitespace after </think>, or text a stop string cut
         if logprob is not None and kind in ("reasoning", "content"):
             self.logprobs[i][kind].append((tok, logprob))
             self._pending[i][kind].append((tok, logprob))

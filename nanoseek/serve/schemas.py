@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (vLLM's default for both endpoints)
@@ -126,8 +126,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     thinking_token_budget: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None  # {"thinking": false} turns the <think> prefill off
-    logprobs: bool | None = None  # each answer token's log-probability (logprobs.py)
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and the k likeliest tokens'
+    logprobs: StrictBool | None = None  # each answer token's log-probability (logprobs.py)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and the k likeliest tokens'
 
     @field_validator("top_logprobs")
     @classmethod

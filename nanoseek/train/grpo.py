@@ -7,8 +7,11 @@ KV-cached generation; the G copies of a prompt share one prefill), scores them w
 Advantage of completion i in its group of G (rewards r):
     grpo, dapo:  A_i = (r_i − mean(r)) / (std(r) + 1e-4)        (std over the group, population form)
     dr_grpo:     A_i =  r_i − mean(r)                             (Dr. GRPO: no std division)
-Per completion token t, with ρ = π(o_t)/π_old(o_t) and the k3 KL estimate to the frozen reference
-    KL_t = π_ref/π − log(π_ref/π) − 1:
+Per completion token t, with ρ = π(o_t)/π_old(o_t) and the k3 KL estimate to the frozen reference, bounded as
+verl bounds it (log π_ref/π clamped to ±20 before exp, the estimate to at most 10)
+    KL_t = min(π_ref/π − log(π_ref/π) − 1, 10):
+(the bound matters for MoE: one Adam step at lr 1e-4 flips a few tokens' expert routing and moves their log-probs by
+several nats; unbounded, exp() of that gave a mean KL of 23 and a gradient norm of 519 at the second update)
     ℓ_t = −[ min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) − β·KL_t ]
 and the batch loss aggregates ℓ as
     grpo:     mean over completions of (mean over the completion's tokens)     (R1's sample-level loss)
@@ -58,6 +61,7 @@ from . import loop
 from .rewards import false_steps, judge
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
+KL_LOG_RATIO, KL_MAX = 20.0, 10.0  # the k3 estimate's bounds (module docstring)
 TRUNCATION_WARNING = 0.2  # warn (once) when more than this share of a step's completions is cut off
 
 
@@ -112,8 +116,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, loss: str, eps_low: float, 
     surrogate = torch.minimum(ratio * a, clipped * a)
     kl = torch.zeros_like(logp)
     if beta > 0 and ref_logp is not None:
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1
+        log_r = (ref_logp - logp).clamp(-KL_LOG_RATIO, KL_LOG_RATIO)
+        kl = (torch.exp(log_r) - log_r - 1).clamp(max=KL_MAX)
     per_token = -(surrogate - beta * kl) * mask
     if loss == "grpo":
         total = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
@@ -340,8 +344,9 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: loop.Dist) -> dict:
     # gradient, so it is not run at all; the normalisers above stay those of the whole batch, and one completion is
     # kept if none has signal, so the optimiser still steps (momentum, weight decay) as it would have.
     train = adv != 0 if ref is None else torch.ones_like(adv, dtype=torch.bool)
-    if train.numel():  # (a rank whose dapo groups were all dropped has none; it still joins the gradient sum)
-        train[0] |= not train.any()
+    if not total(train.sum().item()):  # kept on the first rank that has completions (dapo may have left a rank none)
+        first = int((d.all_gather(torch.tensor([train.numel()])) > 0).nonzero()[0])
+        train[:1] = d.rank == first
     rows = train.nonzero().flatten()
     n_trained_tokens = max(1.0, total(r.mask[rows, 1:].sum().item()))
     # Rows are right-padded to the longest of the whole rollout batch: micro-batch rows of similar length and cut

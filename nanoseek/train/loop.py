@@ -91,6 +91,8 @@ class Dist:
         has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
         dist.all_reduce(has)
         live = [p for p, h in zip(params, has.tolist()) if h > 0]
+        if not live:
+            return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in live])
         dist.all_reduce(flat)
         for p, g in zip(live, flat.split([p.numel() for p in live])):

@@ -99,7 +99,8 @@ class URLTeacher:
             except urllib.error.HTTPError as e:
                 if e.code < 500 and e.code != 429 or attempt == self.retries:  # our mistake, or out of retries
                     detail = e.read().decode(errors="replace")[:300]
-                    raise ConnectionError(f"{self.base}{path}: HTTP {e.code}: {detail}") from None
+                    hint = " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)" if e.code == 401 else ""
+                    raise ConnectionError(f"{self.base}{path}: HTTP {e.code}: {detail}{hint}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 if attempt == self.retries:
                     raise ConnectionError(f"{self.base}{path}: {e}") from None
