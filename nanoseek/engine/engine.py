@@ -225,13 +225,14 @@ class Engine:
     @torch.inference_mode()
     def score(self, prompt_ids: Sequence[int], k: int = 0) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it, with the k likeliest alternatives (the
-        first token, which nothing predicts, gets None): one forward over the prompt, outside the cache, so it may
-        run between the steps of requests in flight."""
+        first token, which nothing predicts, gets None): a chunked prefill into a one-row cache of its own, so it
+        may run between the steps of requests in flight, and a long prompt's attention scores stay (chunk, T)."""
         ids = torch.tensor([int(t) for t in prompt_ids], device=self.device)[None]  # (1, T)
         if not 0 < ids.shape[1] <= self.cfg.max_position_embeddings:
             raise ValueError(f"a prompt to score needs 1 to {self.cfg.max_position_embeddings} tokens")
         with self._lock, self._eval_mode():
-            h = self.model.hidden_states(ids)[0][0, :-1]  # (T-1, D): position i predicts token i + 1
+            cache = LatentCache(self.cfg, 1, ids.shape[1], device=self.device, dtype=self.dtype)
+            h = self._prefill(ids, cache)[0, :-1]  # (T-1, D): position i predicts token i + 1
             out: list[TokenLogprob | None] = [None]
             c = self.prefill_chunk  # positions per lm_head call: bounds the (c, V) logits
             for a in range(0, h.shape[0], c):
