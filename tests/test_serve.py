@@ -313,6 +313,13 @@ def test_completion_logprobs_and_echo_match_the_model(server, model_dir):
     echo_only = post(server, {**body, "logprobs": None}, path="/v1/completions").json()["choices"][0]
     assert echo_only["text"] == choice["text"] and echo_only["logprobs"] is None
 
+    # a text prompt is echoed as sent: the BOS the server put before it is scored against, not echoed
+    text_echo = post(server, {**body, "prompt": "the cat sat on a mat"}, path="/v1/completions").json()["choices"][0]
+    assert text_echo["text"] == "the cat sat on a mat" + plain["text"]
+    assert text_echo["logprobs"]["tokens"] == lp["tokens"][1:]
+    assert text_echo["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    assert text_echo["logprobs"]["text_offset"][0] == 0 and "".join(lp["tokens"][1:len(prompt)]) == "the cat sat on a mat"
+
     # a stop string cuts the text: the tokens kept are those that show in it (the last may hold the stop's start)
     words = [t for t in plain["logprobs"]["tokens"][1:] if t.strip() and not t.startswith("bytes:")]
     assert words, plain["logprobs"]["tokens"]

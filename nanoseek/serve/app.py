@@ -238,8 +238,9 @@ def sampling_params(rt: Runtime, req, prompt_len: int, *, max_tokens: int | None
 
 @dataclass
 class Echo:
-    """What `echo` puts before a completion: its prompt as the model read it (special tokens such as the BOS the
-    server prepends included, so the text and the tokens' offsets agree), and with logprobs the prompt tokens' own."""
+    """What `echo` puts before a completion: the prompt as sent (a text as it was, token ids decoded, special tokens
+    spelled out), and with logprobs its tokens' own. The BOS the server puts before a text is not echoed; the text's
+    first token then has a log-probability, given that BOS."""
 
     text: str = ""
     entries: list = field(default_factory=list)  # [(token id, (log p, top) or None)]
@@ -249,8 +250,14 @@ def echoes(rt: Runtime, req: CompletionRequest, prompts: list[list[int]]) -> lis
     """One Echo per prompt (empty ones without echo). Runs on a worker thread: scoring is a forward per prompt."""
     if not req.echo:
         return [Echo() for _ in prompts]
-    k = req.logprobs_k
-    return [Echo(rt.tokenizer.decode(p), [] if k is None else list(zip(p, rt.engine.score(p, k)))) for p in prompts]
+    sent = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
+    out = []
+    for ids, original in zip(prompts, sent, strict=True):
+        text = original if isinstance(original, str) else rt.tokenizer.decode(ids)
+        added = len(ids) - len(rt.tokenizer.encode(original)) if isinstance(original, str) else 0  # the BOS: 0 or 1
+        scored = [] if req.logprobs_k is None else list(zip(ids, rt.engine.score(ids, req.logprobs_k)))[added:]
+        out.append(Echo(text, scored))
+    return out
 
 
 # --- responses -------------------------------------------------------------------------------------------------------

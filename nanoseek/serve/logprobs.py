@@ -6,7 +6,8 @@
   text does; the `<think>` / `</think>` tags and the end-of-sequence token have no entry, as they have no text.
 - Completions (`logprobs: k`): `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, where `top_logprobs`
   maps token text to log p and `text_offset` is each token's character offset in the returned text. With `echo`
-  the prompt's tokens come first (the first one, which nothing predicts, has null entries), as the model read it.
+  the prompt's tokens come first; a first token that nothing predicts has null entries (a BOS sent as a token id; the
+  BOS the server puts before a text is not echoed, so that text's first token is scored given it).
 
 Values are the model's raw distribution (log_softmax of the logits, before temperature and top-k/top-p; vLLM's
 default), floored at -9999.0 as OpenAI does, since JSON has no -Infinity. A token's `bytes` are its exact UTF-8 bytes;
