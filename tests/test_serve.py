@@ -313,6 +313,16 @@ def test_completion_logprobs_and_echo_match_the_model(server, model_dir):
     echo_only = post(server, {**body, "logprobs": None}, path="/v1/completions").json()["choices"][0]
     assert echo_only["text"] == choice["text"] and echo_only["logprobs"] is None
 
+    # max_tokens 0 (HELM's way): the prompt scored, nothing generated; refused without echo
+    only = post(server, {**body, "max_tokens": 0}, path="/v1/completions").json()
+    assert only["usage"]["completion_tokens"] == 0 and only["choices"][0]["text"] == tok.decode(prompt)
+    assert {k: v[: len(prompt)] for k, v in lp.items()} == only["choices"][0]["logprobs"]
+    streamed_only = [json.loads(line[6:]) for line in httpx.post(
+        server.url + "/v1/completions", json={**body, "max_tokens": 0, "stream": True}, headers=auth(),
+        timeout=30).text.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0] for c in streamed_only] == only["choices"]
+    assert_error(post(server, {**body, "max_tokens": 0, "echo": False}, path="/v1/completions"), 400, "max_tokens")
+
     # a text prompt is echoed as sent: the BOS the server put before it is scored against, not echoed
     text_echo = post(server, {**body, "prompt": "the cat sat on a mat"}, path="/v1/completions").json()["choices"][0]
     assert text_echo["text"] == "the cat sat on a mat" + plain["text"]

@@ -6,7 +6,8 @@ chat's history under `/api/conversations` (see webui.py) and the page itself at 
 Chat prompts are rendered with the model directory's own chat template (`add_generation_prompt=True`); the answer's
 `<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
 in `content` (reasoning.py). Log-probabilities (chat `logprobs` / `top_logprobs`, completions `logprobs` and `echo`,
-which scores a prompt's own tokens as evaluation harnesses do) come in OpenAI's shapes (logprobs.py). Sampling
+which scores a prompt's own tokens as evaluation harnesses do, with `max_tokens: 0` alone) come in OpenAI's shapes
+(logprobs.py). Sampling
 defaults come from the directory's generation_config.json. Bad input never gives a 500: every error is a 4xx with
 OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties, logit_bias, response_format,
 tools, best_of) are accepted only at their "off" values.
@@ -450,6 +451,8 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         prompts = await run_in_threadpool(completion_prompts, rt, req.prompt)
         if len(prompts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"at most {MAX_CHOICES} completions per request (prompts × n)", param="n")
+        if req.max_tokens == 0:  # scoring only (echo): the prompts and their log-probabilities, nothing generated
+            return await score_prompts(req, prompts)
         all_prompts, all_params = [], []
         for p in prompts:
             max_tokens = req.max_tokens
@@ -470,6 +473,35 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
             {"index": c.index, "text": echo[c.index].text + c.content, "finish_reason": c.finish_reason,
              "logprobs": None if logprobs is None else logprobs[c.index].add(echo[c.index].entries + c.content_logprobs)}
             for c in choices]}
+
+    async def score_prompts(req: CompletionRequest, prompts: list[list[int]]):
+        """`max_tokens: 0` with `echo` (how HELM and older harnesses score a text): each prompt as a choice."""
+        if not req.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing: it is for scoring a prompt, with echo: true",
+                           param="max_tokens")
+        for p in prompts:
+            if len(p) > rt.max_model_len:
+                raise ApiError(400, f"the prompt has {len(p)} tokens but this server's context is {rt.max_model_len}",
+                               param="prompt", code="context_length_exceeded")
+        echo = [e for e in await run_in_threadpool(echoes, rt, req, prompts) for _ in range(req.n)]
+        choices = [{"index": i, "text": e.text, "finish_reason": "length",
+                    "logprobs": None if req.logprobs_k is None else CompletionLogprobs(token_text).add(e.entries)}
+                   for i, e in enumerate(echo)]
+        n_prompt = sum(map(len, prompts))
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt,
+                 "completion_tokens_details": {"reasoning_tokens": 0}}
+        h = {**head("cmpl"), "object": "text_completion"}
+        if not req.stream:
+            return {**h, "usage": usage, "choices": choices}
+
+        async def chunks():
+            for c in choices:
+                yield sse({**h, "choices": [c], **({"usage": None} if req.include_usage else {})})
+            if req.include_usage:
+                yield sse({**h, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+
+        return _event_stream(chunks())
 
     add_web_routes(app, history, auth)
     return app

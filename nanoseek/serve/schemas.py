@@ -144,7 +144,8 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=1)  # default: min(16, what the context leaves), as OpenAI
+    max_tokens: int | None = Field(default=None, ge=0)  # default: min(16, what the context leaves), as OpenAI;
+    # 0 with echo: score the prompt only
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # k: each token's and the k likeliest
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt tokens' too)
 
