@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import sys
 import time
 
@@ -107,12 +105,9 @@ def say(msg: str) -> None:
 
 
 def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from .device import cpu_name
+
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the machine skews the numbers
     return {"device": device, "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
@@ -223,7 +218,7 @@ def setup(args: argparse.Namespace):
     from .checkpoint import read_config
     from .cli import UserError
     from .config import get_preset
-    from .device import resolve_device
+    from .device import has_cxx, resolve_device
     from .model import build_model
 
     if args.threads:
@@ -246,7 +241,7 @@ def setup(args: argparse.Namespace):
                         f"({context})")
     if args.train and args.seq_len > context:
         raise UserError(f"--seq-len {args.seq_len} does not fit the model's context ({context})")
-    if args.compile and device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++")):
+    if args.compile and device == "cpu" and not has_cxx():
         raise UserError("--compile needs a C++ compiler on the PATH (inductor writes C++ on the CPU)")
     # sizes before any allocation: a 671B preset is refused, not swapped to death
     weights = sum(p.numel() for p in build_model(cfg, device="meta").parameters()) * dtype.itemsize

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 from ..train.loop import read_metrics
@@ -45,16 +44,9 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
-    cpu = platform.processor() or platform.machine()
-    try:  # the first processor's fields; a VM's model name ("AMD EPYC") hides the generation, family/model do not
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        info = dict(map(str.strip, line.split(":", 1)) for line in first.splitlines() if ":" in line)
-        details = [f"family {info['cpu family']}, model {info['model']}"] if "cpu family" in info else []
-        details += ["AVX-512"] if "avx512f" in info.get("flags", "").split() else []
-        cpu = info.get("model name", cpu) + (f" ({', '.join(details)})" if details else "")
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    from ..device import cpu_name
+
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:

@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import add_arguments
-from .generation import Generation, GenerationError
+from .generation import Generation, GenerationError, usage
 from .logprobs import CompletionLogprobs, TokenText, chat_entries
 from .runtime import EngineWorker, Runtime
 from .schemas import ApiError, ChatRequest, CompletionRequest, error_body
@@ -487,18 +487,16 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         choices = [{"index": i, "text": e.text, "finish_reason": "length",
                     "logprobs": None if req.logprobs_k is None else CompletionLogprobs(token_text).add(e.entries)}
                    for i, e in enumerate(echo)]
-        n_prompt = sum(map(len, prompts))
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt,
-                 "completion_tokens_details": {"reasoning_tokens": 0}}
+        used = usage(sum(map(len, prompts)))
         h = {**head("cmpl"), "object": "text_completion"}
         if not req.stream:
-            return {**h, "usage": usage, "choices": choices}
+            return {**h, "usage": used, "choices": choices}
 
         async def chunks():
             for c in choices:
                 yield sse({**h, "choices": [c], **({"usage": None} if req.include_usage else {})})
             if req.include_usage:
-                yield sse({**h, "choices": [], "usage": usage})
+                yield sse({**h, "choices": [], "usage": used})
             yield "data: [DONE]\n\n"
 
         return _event_stream(chunks())

@@ -101,12 +101,12 @@ class Generation:
 
     def _on_token(self, i: int, tok: int, finished: bool, reason: str | None, logprob) -> list[ChoiceEvent]:
         dec = self.decoders[i]
-        shown = len(dec.content.text)
+        shown = len(dec.content.text) if logprob is not None else 0
         delta = dec.feed(tok)
-        kind = dec.last_kind
+        kind = dec.last_kind if logprob is not None else None
         if kind == "content" and len(dec.content.text) == shown and (dec.stopped or not shown):
             kind = None  # it added no text to the answer: the whitespace after </think>, or text a stop string cut
-        if logprob is not None and kind in ("reasoning", "content"):
+        if kind in ("reasoning", "content"):
             self.logprobs[i][kind].append((tok, logprob))
             self._pending[i][kind].append((tok, logprob))
         if dec.stopped:  # a stop string: cut here
@@ -138,10 +138,15 @@ class Generation:
                 for i, (d, lp) in enumerate(zip(self.decoders, self.logprobs))]
 
     def usage(self) -> dict:
-        completion = sum(d.num_tokens for d in self.decoders)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "completion_tokens_details": {"reasoning_tokens": sum(d.reasoning_tokens for d in self.decoders)},
-        }
+        return usage(self.prompt_tokens, sum(d.num_tokens for d in self.decoders),
+                     sum(d.reasoning_tokens for d in self.decoders))
+
+
+def usage(prompt_tokens: int, completion_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
+    """A response's `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+    }

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import threading
 import traceback
@@ -86,7 +84,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH)."""
     from ..checkpoint import read_config
     from ..cli import UserError
-    from ..device import resolve_device
+    from ..device import has_cxx, resolve_device
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
 
@@ -104,7 +102,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     tokenizer = Tokenizer.from_dir(model_dir)
     device = resolve_device(device)
     if compile is None:
-        compile = device == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+        compile = device == "cpu" and has_cxx()
     engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=max_batch_size,
                                     max_seq_len=max_model_len, compile=compile)
     if engine.fast is not None and engine.fast.compiling:

@@ -13,6 +13,7 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -279,7 +280,13 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for MFU."""
+    """(peak FLOP/s, how it was obtained) for MFU; measured once per device and CPU thread count, so a run's metrics
+    and its cost table divide by the same peak."""
+    return _peak_flops(torch.device(device), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
     from ..flops import measured_peak_flops
 
     if device.type == "cuda":
@@ -288,7 +295,7 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
             if key in name:
                 return peak, f"{name} datasheet bf16 dense"
         return measured_peak_flops(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
-    return measured_peak_flops("cpu"), f"CPU ({torch.get_num_threads()} threads) measured fp32 matmul"
+    return measured_peak_flops("cpu"), f"CPU ({threads} threads) measured fp32 matmul"
 
 
 def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price_per_hour: float, device: str) -> dict:
@@ -495,8 +502,8 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
-    peak_all = device_peak_flops(d.device)[0] * d.world_size  # every rank measured its own device (or its share of
-    # the CPU's cores)
+    # every rank measures its own device (or its share of the CPU's cores)
+    peak_all = device_peak_flops(d.device)[0] * d.world_size
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
