@@ -1,6 +1,6 @@
 """`nanoseek chat --model DIR`: talk to a model in the terminal, in process (no server).
 
-Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint; NO_COLOR turns styling off) and
+Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint on a terminal; NO_COLOR turns styling off) and
 the answer in normal text. Earlier turns stay in the conversation without their reasoning, as R1 expects; when the
 conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts over, `/exit` (or EOF,
 Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
     session = ChatSession(rt, temperature, top_p, args.max_tokens, args.system)
-    printer = Printer(color=not os.environ.get("NO_COLOR"))
+    printer = Printer(color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))  # no escapes into a pipe
     print(f"nanoseek chat with {args.model} on {rt.engine.device}. {HELP}; Ctrl-C stops an answer.")
     while (line := _read("> ")) is not None:
         text = line.strip()

@@ -33,6 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+LONG_TEXT = 10_000  # characters; longer texts are tokenized without holding the GIL (`Tokenizer.encode`)
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<｜begin▁of▁sentence｜>",
     "eos": "<｜end▁of▁sentence｜>",
@@ -258,8 +259,16 @@ class Tokenizer:
 
     # text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        if len(text) > LONG_TEXT:  # encode_batch releases the GIL (encode holds it: a server thread tokenizing a
+            return self.encode_batch([text], add_bos)[0]  # megabyte prompt stalled every stream for seconds)
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self._require(self.bos_id, "bos")] + ids if add_bos else ids
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters of a vocabulary entry: a text of more than 4 × n × this cannot be n tokens or fewer
+        (the 4 covers normalizers that merge characters, e.g. NFC)."""
+        return max(len(self.hf.id_to_token(i) or "") for i in range(self.hf.get_vocab_size(with_added_tokens=True)))
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts at once (parallel in the Rust library)."""

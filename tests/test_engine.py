@@ -332,6 +332,15 @@ def test_sampling(engine):
     assert picked.dtype == torch.long and picked.tolist() == rows.argmax(-1).tolist()
 
 
+def test_extreme_sampling_values_are_greedy_or_off(engine):
+    """A temperature of 1e-40 (logits / t overflow to inf, softmax NaN) samples as greedy, and a top-k past the
+    vocabulary (2^80 overflows a long) is off: neither may fail the step that the batch's other requests share."""
+    assert engine.generate(PROMPTS, max_new_tokens=6, temperature=1e-40, seed=1) == \
+        engine.generate(PROMPTS, max_new_tokens=6)
+    assert engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, top_k=2**80, seed=1) == \
+        engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=1)
+
+
 def test_stop_tokens(engine):
     full = engine.generate(PROMPTS[:2], max_new_tokens=16)
     stop = full[0][5]

@@ -13,6 +13,7 @@ thinking budget forces it. That makes the reasoning split deterministic without 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -83,7 +84,7 @@ class ServerProcess:
 
     def __init__(self, model_dir: Path, log_path: Path, *extra: str, history: Path | None = None,
                  compile: bool = False):
-        self.port = free_port()
+        self.port, self.model_dir = free_port(), model_dir
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = verb_command("serve", "nanoseek.serve") + [
             "--model", str(model_dir), "--port", str(self.port), "--device", "cpu",
@@ -265,7 +266,7 @@ def test_plain_completions(client):
 def post(server, body, path="/v1/chat/completions", headers=None, **kw):
     kw.setdefault("timeout", 30)
     return httpx.post(server.url + path, headers={**auth(), **(headers or {})},
-                      **({"content": body} if isinstance(body, (str, bytes)) else {"json": body}), **kw)
+                      **({"json": body} if isinstance(body, dict) else {"content": body}), **kw)
 
 
 def assert_error(r, status: int, param: str | None = None) -> dict:
@@ -330,6 +331,22 @@ def test_other_errors(server):
     huge = post(server, b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}', path="/v1/completions",
                 headers={"Content-Type": "application/json"})
     assert assert_error(huge, 413)["code"] == "request_too_large"
+
+    def chunked(data: bytes, size=1 << 20):  # httpx sends an iterator with Transfer-Encoding: chunked, no length
+        return iter([data[i:i + size] for i in range(0, len(data), size)])
+
+    hdr = {"Content-Type": "application/json"}
+    huge = post(server, chunked(b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'), path="/v1/completions", headers=hdr)
+    assert assert_error(huge, 413)["code"] == "request_too_large"
+    ok = post(server, chunked(json.dumps({"prompt": "a b", "max_tokens": 2}).encode(), 4), path="/v1/completions",
+              headers=hdr)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2, ok.text
+    # far past the context in characters: refused by its length, before tokenizing (which would take seconds)
+    for body, param in (({"prompt": "1 + 2 = 3. " * 100_000}, "prompt"),
+                        ({"messages": [{"role": "user", "content": "1 + 2 = 3. " * 100_000}]}, "messages")):
+        r = post(server, body, path="/v1/completions" if "prompt" in body else "/v1/chat/completions")
+        err = assert_error(r, 400, param)
+        assert err["code"] == "context_length_exceeded" and " characters, far more" in err["message"]
 
 
 def test_api_key(server):
@@ -444,8 +461,10 @@ def test_history_endpoints(server):
     assert [(m["role"], m["content"], m["reasoning"]) for m in got["messages"]] == [
         ("user", "hello", None), ("assistant", "hi!", "greet back")]
     assert conv["id"] in [c["id"] for c in httpx.get(server.url + "/api/conversations", headers=h).json()["data"]]
-    assert httpx.patch(f"{server.url}/api/conversations/{conv['id']}", json={"title": "renamed"},
-                       headers=h).status_code == 200
+    for title, stored in (("renamed", "renamed"), ("  padded ", "padded"), ("   ", "New chat")):
+        r = httpx.patch(f"{server.url}/api/conversations/{conv['id']}", json={"title": title}, headers=h)
+        assert r.status_code == 200 and r.json()["title"] == stored  # what is stored, not what was sent
+        assert httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h).json()["title"] == stored
     assert httpx.delete(f"{server.url}/api/conversations/{conv['id']}", headers=h).status_code == 200
     assert_error(httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h), 404)
     assert_error(httpx.post(f"{server.url}/api/conversations/nope/messages", json={"role": "user"}, headers=h), 404)
@@ -504,7 +523,21 @@ def test_terminal_chat(model_dir):
     r = subprocess.run(cmd, input="hi\n/clear\nhello again\n/exit\n", capture_output=True, text=True, timeout=120,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    assert "\x1b[2m" in r.stdout  # the reasoning, dimmed
+    assert "\x1b" not in r.stdout  # a pipe gets no styling escapes
     assert "cleared" in r.stdout.lower()
     eof = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert eof.returncode == 0, eof.stderr  # EOF quits cleanly too
+
+
+def test_chat_printer_dims_reasoning_on_a_terminal():
+    import io
+
+    from nanoseek.chat import DIM, RESET, Printer
+
+    for color, want in ((True, f"{DIM}think{RESET}\n\nanswer\n"), (False, "think\n\nanswer\n")):
+        out = io.StringIO()
+        printer = Printer(out, color=color)
+        printer.write("reasoning", "think")
+        printer.write("content", "answer")
+        printer.end()
+        assert out.getvalue() == want

@@ -92,6 +92,15 @@ def test_round_trip(tok):
         assert tok.decode(tok.encode(text)) == text
 
 
+def test_long_texts_tokenize_the_same(tok):
+    """Past LONG_TEXT characters `encode` goes through encode_batch (which releases the GIL): the same ids."""
+    from nanoseek.tokenizer import LONG_TEXT
+
+    text = ("Ünïcödé 12 + 7 = 19 🙂\n" * (LONG_TEXT // 10))[:LONG_TEXT + 5]
+    assert tok.encode(text, add_bos=True) == [tok.bos_id] + tok.hf.encode(text, add_special_tokens=False).ids
+    assert tok.longest_token >= max(len(s) for s in SPECIAL_TOKENS.values())
+
+
 def test_skip_special_tokens_keeps_reasoning_tags(tok):
     ids = tok.encode(f"{SPECIAL_TOKENS['bos']}<think>\nr\n</think>\n\nanswer{SPECIAL_TOKENS['eos']}")
     assert tok.decode(ids, skip_special_tokens=True) == "<think>\nr\n</think>\n\nanswer"

@@ -93,6 +93,35 @@ def test_chat_page_streams_and_keeps_history(server, browser):
     page.close()
 
 
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(server, browser):
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(server.model_dir)
+    words = "the answer is seven and the sum is twelve".split()
+    text = " ".join(words[i % len(words)] for i in range(400))
+    while len(tok.encode(text)) > 110:  # one message fits the 320-token context with a 60-token answer; two do not
+        text = text.rsplit(" ", 1)[0]
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#settings summary")
+    page.fill("#set-max-tokens", "60")
+    page.fill("#set-thinking-budget", "4")
+    for turn in range(1, 4):
+        page.fill("#input", f"{turn} {text}")
+        page.press("#input", "Enter")
+        page.wait_for_function(f"() => document.querySelector('#send').textContent === 'Send' && "
+                               f"document.querySelectorAll('.msg.assistant').length === {turn}", timeout=60_000)
+        last = page.query_selector_all(".msg.assistant")[-1]
+        assert last.query_selector(".error") is None, last.inner_text()  # answered, turn after turn
+        assert last.text_content().strip()
+    assert "earlier messages were left out" in page.inner_text("#status")
+    page.close()
+
+
 def server_model(server) -> str:
     import httpx
 

@@ -48,7 +48,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,12 +73,15 @@ def load_for_inference(path, device="cpu", dtype=None):
     return load_model(path, device=device, dtype=dtype)
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; below GREEDY_BELOW counts as 0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off; at least the vocabulary size is off too
     seed: int | None = None  # None: the global torch RNG
     stop_token_ids: Sequence[int] | None = None  # emitted, then the request finishes with "stop"
     speculative: bool = False  # MTP draft + verify; greedy only
@@ -154,6 +157,10 @@ class Engine:
             raise ValueError("max_new_tokens must be >= 1")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if 0 < params.temperature < GREEDY_BELOW:
+            params = replace(params, temperature=0.0)
+        if params.top_k >= self.cfg.vocab_size:  # keeps every token, so off (a huge k would overflow a long)
+            params = replace(params, top_k=0)
         if params.logprobs is not None and not 0 <= params.logprobs <= self.cfg.vocab_size:
             raise ValueError(f"logprobs must be in [0, {self.cfg.vocab_size}]")
         if params.speculative:

@@ -138,21 +138,50 @@ class LoopbackHostOnly:
 
 
 class BodyLimit:
-    """ASGI middleware: answer 413 to a request whose Content-Length exceeds MAX_BODY_BYTES, before reading it (a
-    multi-megabyte body would otherwise be parsed and tokenized only to be refused for the context length)."""
+    """ASGI middleware: answer 413 to a request body over MAX_BODY_BYTES. A Content-Length says so before the body
+    is read; a chunked body (no length) is read here up to the limit and handed on whole (a multi-megabyte body would
+    otherwise be parsed, tokenized or stored only to be refused for the context length)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            headers = dict(scope.get("headers") or [])
+            length = headers.get(b"content-length", b"0")
+            chunked = b"content-length" not in headers and b"transfer-encoding" in headers
+            if chunked:  # read it here, stopping once past the limit
+                chunks, size, more = [], 0, True
+                while more and size <= MAX_BODY_BYTES:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    more = message.get("more_body", False)
+                length = str(size).encode()
+                receive = _replay(b"".join(chunks), receive)
             if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                body = error_body(f"the request body has {int(length)} bytes; this server takes at most "
-                                  f"{MAX_BODY_BYTES} (no model context holds more)", code="request_too_large")
+                body = error_body(f"the request body has {'over ' if chunked else ''}{int(length)} bytes; this server "
+                                  f"takes at most {MAX_BODY_BYTES} (no model context holds more)",
+                                  code="request_too_large")
                 await JSONResponse(body, status_code=413)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives `body` as the whole request, then defers to `receive` (to see a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 # --- building engine requests ----------------------------------------------------------------------------------------
@@ -184,9 +213,19 @@ def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
     kwargs = req.chat_template_kwargs or {}
     thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", True)))
     try:
-        return rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
+        text = rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking, tokenize=False)
     except (TokenizerError, jinja2.TemplateError) as e:
         raise ApiError(400, f"cannot apply the model's chat template: {e}", param="messages") from None
+    return _encode(rt, text, param="messages")
+
+
+def _encode(rt: Runtime, text: str, param: str, add_bos: bool = False) -> list[int]:
+    """Tokenize a prompt; one far longer than the context is refused by its length in characters, untokenized."""
+    if len(text) > 4 * rt.max_model_len and len(text) > 4 * rt.max_model_len * rt.tokenizer.longest_token:
+        raise ApiError(400, f"the prompt has {len(text)} characters, far more than this server's context of "
+                            f"{rt.max_model_len} tokens holds (--max-model-len)", param=param,
+                       code="context_length_exceeded")
+    return rt.tokenizer.encode(text, add_bos=add_bos)
 
 
 def completion_prompts(rt: Runtime, prompt) -> list[list[int]]:
@@ -199,8 +238,7 @@ def completion_prompts(rt: Runtime, prompt) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            add_bos = tok.bos_id is not None and not p.startswith(tok.bos_token)
-            ids = tok.encode(p, add_bos=add_bos)
+            ids = _encode(rt, p, "prompt", add_bos=tok.bos_id is not None and not p.startswith(tok.bos_token))
         else:
             ids = list(p)
             if any(not 0 <= t < rt.engine.cfg.vocab_size for t in ids):

@@ -93,9 +93,12 @@ class HistoryStore:
                                        "WHERE conversation_id = ? ORDER BY id", (conv_id,))
         return conv
 
-    def rename_conversation(self, conv_id: str, title: str) -> bool:
-        return self._write([("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
-                             (title.strip() or "New chat", time.time(), conv_id))]) > 0
+    def rename_conversation(self, conv_id: str, title: str) -> str | None:
+        """The title as stored (stripped; blank is "New chat"); None if the conversation does not exist."""
+        title = title.strip() or "New chat"
+        found = self._write([("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                              (title, time.time(), conv_id))]) > 0
+        return title if found else None
 
     def delete_conversation(self, conv_id: str) -> bool:
         return self._write([("DELETE FROM conversations WHERE id = ?", (conv_id,))]) > 0

@@ -60,9 +60,10 @@ def add_web_routes(app: FastAPI, history: HistoryStore, auth: list) -> None:
 
     @app.patch("/api/conversations/{conv_id}", dependencies=auth)
     def rename_conversation(conv_id: str, body: ConversationUpdate):
-        if not history.rename_conversation(conv_id, body.title):
+        title = history.rename_conversation(conv_id, body.title)
+        if title is None:
             raise _not_found(conv_id)
-        return {"id": conv_id, "title": body.title}
+        return {"id": conv_id, "title": title}
 
     @app.delete("/api/conversations/{conv_id}", dependencies=auth)
     def delete_conversation(conv_id: str):

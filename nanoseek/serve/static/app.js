@@ -77,9 +77,9 @@ async function api(path, opts = {}) {
   const res = await fetch(path, { method: opts.method || "GET", headers, body, signal: opts.signal });
   if (res.status === 401) { await askForKey(); return api(path, opts); }
   if (!res.ok) {
-    let msg = `${res.status} ${res.statusText}`;
-    try { msg = (await res.json()).error.message; } catch (e) { /* not JSON */ }
-    throw new Error(msg);
+    let msg = `${res.status} ${res.statusText}`, code = null;
+    try { ({ message: msg, code } = (await res.json()).error); } catch (e) { /* not JSON */ }
+    throw Object.assign(new Error(msg), { code });
   }
   return res;
 }
@@ -271,19 +271,31 @@ async function send() {
   }
 }
 
+// Once a conversation outgrows the model's context, its oldest turns are left out of the prompt (as `nanoseek chat`
+// does); they stay in the history.
 async function answer(convId, history) {
   const view = addAssistantMessage("", "", true);
   let reasoning = "", content = "", stopped = false;
   state.abort = new AbortController();
-  try {
-    const turns = history.map((m) => ({ role: m.role, content: m.content }));
-    await streamChat(turns, (kind, t) => {
-      if (kind === "reasoning") reasoning += t; else content += t;
-      view.update(reasoning, content);
-    }, state.abort.signal);
-  } catch (e) {
-    if (e.name === "AbortError") stopped = true; else view.error(e.message);
+  let turns = history.map((m) => ({ role: m.role, content: m.content }));
+  for (;;) {
+    try {
+      await streamChat(turns, (kind, t) => {
+        if (kind === "reasoning") reasoning += t; else content += t;
+        view.update(reasoning, content);
+      }, state.abort.signal);
+    } catch (e) {
+      const next = turns.findIndex((m, i) => i > 0 && m.role === "user");
+      if (e.code === "context_length_exceeded" && next > 0) {
+        turns = turns.slice(next);  // drop the oldest exchange and ask again
+        continue;
+      }
+      if (e.name === "AbortError") stopped = true; else view.error(e.message);
+    }
+    break;
   }
+  if (turns.length < history.length) setStatus(`${history.length - turns.length} earlier messages were left out: ` +
+                                               "the conversation outgrew the model's context");
   view.done(stopped);
   if (!reasoning && !content) return;
   const msg = { role: "assistant", content, reasoning: reasoning || null };
