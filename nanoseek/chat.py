@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling temperature, 0 = greedy (default: the model's generation_config.json, else 1)")
     p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=None,
                    help="nucleus sampling (default: generation_config.json)")
-    p.add_argument("--max-tokens", type=POSITIVE_INT, default=2048, help="most tokens per answer, reasoning included")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=2048,
+                   help="most tokens per answer, reasoning included (default 2048; the context bounds it too)")
     p.add_argument("--max-model-len", type=POSITIVE_INT, default=None,
                    help="context length (default: the model's, ≤ 4096)")
     p.add_argument("--system", default=None, help="a system prompt")
