@@ -27,9 +27,24 @@ RECORDS = [
     ("the answer is -3.5.", "-3.5"),
     ("first 10, then 20, finally 1,000 left", "1,000"),
     ("<think>\n7\n</think>\n\nno idea", None),
+    ("so the probability is \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),  # nested braces: the whole box, not its 4
+    ("\\boxed{1{,}234} and \\boxed{\\dfrac{1}{2}", "1{,}234"),  # an unclosed box is not an answer
+    ("The answer is **18**.", "18"),
+    ("The answer is 18, because 16 - 3 - 4 = 9 and 9 × 2 = 18.", "18"),
+    ("The answer is 12 apples", "12"),
+    ("The answer is 8 × 6 + 10.", "8 × 6 + 10"),  # a countdown expression stays whole
+    ("The answer is Paris.", "Paris"),
+    ("so x = −5", "−5"),  # the Unicode minus
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_boxed_fractions_are_scored_as_fractions():
+    half, four = from_record({"question": "q", "answer": "1/2"}), from_record({"question": "q", "answer": "4"})
+    assert check(half, extract_answer("so \\boxed{\\frac{1}{2}}"))
+    assert not check(four, extract_answer("so \\boxed{\\frac{3}{4}}"))  # was read as its last digit, 4
+    assert check(from_record({"question": "q", "answer": "-5"}), extract_answer("so x = −5"))
 
 
 def test_gsm8k_records_check_numbers_as_numbers():

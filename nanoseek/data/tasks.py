@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import operator
 import random
 import re
@@ -515,14 +516,20 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     question, answer = rec.get("question"), rec.get("answer")
     if not isinstance(question, str) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise ValueError("a record needs a 'question' string and an 'answer' (a string or a number)")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise ValueError(f"the 'answer' is {answer} (no completion can match it)")
     body, sep, final = str(answer).rpartition("####")
     steps = tuple(l for l in body.split("\n") if l.strip()) if sep else ()
     final = (final if sep else str(answer)).strip()
     if not final:
         raise ValueError("the 'answer' is empty (nothing to check a completion against)")
-    level = rec.get("level") or 0
-    if not isinstance(level, int) and not (isinstance(level, str) and level.isdigit()):
-        raise ValueError(f"'level' must be a whole number, got {level!r}")
+    level = rec.get("level")
+    level = 0 if level in (None, "") else level
+    if isinstance(level, str) and re.fullmatch(r"\s*[0-9]+\s*", level):
+        level = int(level)
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or level < 0 or (
+            isinstance(level, float) and not level.is_integer()):  # 2.0 passes: pandas writes a gappy int column so
+        raise ValueError(f"'level' must be a non-negative integer such as 2, got {level!r}")
     family = family or rec.get("family") or "gsm8k"
     meta = rec.get("meta") or {}
     if not isinstance(meta, dict):

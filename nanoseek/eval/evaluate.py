@@ -29,22 +29,44 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+NUMBER = r"[-−]?\d[\d,]*(?:\.\d+)?"  # −: the Unicode minus
+EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
 
 
 def extract_answer(text: str) -> str | None:
     """The final answer in a completion, or None."""
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        return boxed[-1].strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
     for pattern in (r"answer is[:\s]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):
         m = re.findall(pattern, text, flags=re.IGNORECASE)
         if m:
-            return m[-1].strip().rstrip(".")
+            return _phrase_answer(m[-1])
     nums = re.findall(NUMBER, text)
     return nums[-1] if nums else None
+
+
+def _last_boxed(text: str) -> str | None:
+    """What the last closed \\boxed{…} holds, nested braces included (\\boxed{\\frac{3}{4}} is \\frac{3}{4}, not 4)."""
+    for m in reversed(list(re.finditer(r"\\boxed\{", text))):
+        depth = 1
+        for i in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[m.end():i].strip()
+    return None
+
+
+def _phrase_answer(phrase: str) -> str:
+    """The answer in "the answer is …": Markdown emphasis dropped (**18**), and a number followed by words ("18,
+    because …", "18 apples") is that number; an expression or a worded answer stays whole."""
+    phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
+    if re.fullmatch(EXPRESSION, phrase):
+        return phrase
+    lead = re.match(r"\$?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=[\s,;:)]|$)", phrase)
+    return lead.group(1) if lead else phrase
 
 
 @dataclass
