@@ -78,6 +78,70 @@ def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
     assert r.returncode == 1 and "401" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.fixture(scope="module")
+def odd_server():
+    """A loopback HTTP server whose every reply is 200 but not what an OpenAI-compatible API answers: an HTML page
+    (/html: a proxy's login page, a wrong port), a JSON list (/list), a gateway's error object (/err), a model
+    list without ids (/noid)."""
+    import http.server
+    import threading
+
+    replies = {"/html": (b"<html>login</html>", "text/html"), "/list": (b"[]", "application/json"),
+               "/err": (b'{"error": {"message": "quota exceeded"}}', "application/json"),
+               "/noid": (b'{"data": [{"name": "m"}]}', "application/json")}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            body, kind = replies["/" + self.path.split("/")[1]]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_replies_that_are_not_the_api_are_one_line_errors_and_claim_nothing(server, odd_server, tmp_path):
+    s, d = server
+    env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}
+    for path, says in (("/html", "not JSON"), ("/list", "not a JSON object"), ("/err", "quota exceeded"),
+                       ("/noid", "lists no model")):
+        with pytest.raises(ConnectionError, match=says):
+            URLTeacher(odd_server + path)
+        for verb in (["distill", "--teacher", odd_server + path, "--student", str(d), "--out", str(tmp_path / "run"),
+                      "--no-progress"], ["eval", "--model", odd_server + path]):
+            r = subprocess.run([sys.executable, "-m", "nanoseek", *verb, "--n", "2"],
+                               capture_output=True, text=True, env=env)
+            assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    teacher = URLTeacher(s.url, model="m")
+    teacher.base = odd_server + "/err/v1"
+    with pytest.raises(ConnectionError, match="quota exceeded"):
+        teacher.ask("2 + 2?", 8, 0.0, 0)
+    # the failed runs did not claim --out for their URL: the right teacher can use it
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", s.url, "--student", str(d), "--out",
+                        str(tmp_path / "run"), "--n", "2", "--max-tokens", "8", "--no-progress"],
+                       capture_output=True, text=True, env=env)
+    assert "no trace passed verification" in r.stderr, r.stderr  # it asked the teacher
+
+
+def test_kd_weight_with_a_url_teacher_is_refused_before_asking(server, tmp_path):
+    s, d = server
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", s.url, "--student", str(d),
+                        "--out", str(tmp_path / "run"), "--n", "2", "--kd-weight", "0.5", "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY})
+    assert r.returncode == 1 and "--kd-weight needs a local teacher" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing asked, nothing claimed
+
+
 def test_teacher_model_names_the_model_to_ask(server, tmp_path):
     s, d = server
     env = {**os.environ, "NANOSEEK_TEACHER_API_KEY": KEY}

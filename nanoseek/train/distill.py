@@ -271,6 +271,8 @@ def distill(cfg: DistillConfig) -> dict:
         if is_url(cfg.teacher):
             raise UserError("--student-preset needs a local teacher (for its tokenizer); with a URL teacher pass "
                             "--student DIR")
+    if cfg.kd_weight > 0 and is_url(cfg.teacher):
+        raise UserError("--kd-weight needs a local teacher directory (logits are not available over HTTP)")
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
     check_scored(cfg, scored)
     if cfg.data and not scored:
@@ -278,11 +280,11 @@ def distill(cfg: DistillConfig) -> dict:
               file=sys.stderr)
     cfg = loop.absolute_paths(cfg, "teacher", "student", "data", "eval_data")  # a rerun elsewhere names the same run
     run = Path(cfg.out)
-    claim_run(run, cfg)
     try:
         teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency, model=cfg.teacher_model)
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
+    claim_run(run, cfg)  # only now: a mistyped teacher URL must not tie --out to it
     t0 = time.perf_counter()
     try:
         records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
@@ -296,8 +298,6 @@ def distill(cfg: DistillConfig) -> dict:
         raise UserError(f"no trace passed verification ({counts}); a stronger teacher or more samples are needed")
     student = cfg.student or str(fresh_student(cfg, teacher, run))
     kd_teacher = teacher.model if cfg.kd_weight > 0 and isinstance(teacher, LocalTeacher) else None
-    if cfg.kd_weight > 0 and kd_teacher is None:
-        raise UserError("--kd-weight needs a local teacher directory (logits are not available over HTTP)")
     # A few hundred kept traces and a fixed step count would mean dozens of epochs: the student memorises them and
     # forgets what its pretraining taught it (measured: a student base at 0.39 on level-1 arithmetic fell to 0.06 on
     # arithmetic after ~50 epochs of 127 traces). Count epochs instead.

@@ -95,7 +95,7 @@ class URLTeacher:
             try:
                 req = urllib.request.Request(self.base + path, data=data, headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
             except urllib.error.HTTPError as e:
                 if e.code < 500 and e.code != 429 or attempt == self.retries:  # our mistake, or out of retries
                     detail = e.read().decode(errors="replace")[:300]
@@ -104,21 +104,28 @@ class URLTeacher:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 if attempt == self.retries:
                     raise ConnectionError(f"{self.base}{path}: {e}") from None
+            else:
+                return _reply(raw, self.base + path)  # a reply that is not the API's will not heal: no retry
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
 
     def _first_model(self) -> str:
-        models = self._request("/models").get("data", [])
-        if not models:
-            raise ConnectionError(f"{self.base}/models lists no model")
+        models = self._request("/models").get("data")
+        if not isinstance(models, list) or not models or not isinstance(models[0], dict) or "id" not in models[0]:
+            raise ConnectionError(f"{self.base}/models lists no model (name one: distill --teacher-model, eval --served-model)")
         return models[0]["id"]
 
     def ask(self, question: str, max_tokens: int, temperature: float, seed: int) -> Trace:
         body = {"model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": 0.95, "seed": seed}
-        choice = self._request("/chat/completions", body)["choices"][0]
-        msg = choice["message"]
+        reply = self._request("/chat/completions", body)
+        try:
+            choice = reply["choices"][0]
+            msg = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            raise ConnectionError(f"{self.base}/chat/completions: a reply without choices[0].message: "
+                                  f"{json.dumps(reply)[:200]}") from None
         reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
         content = msg.get("content") or ""
         if not reasoning:
@@ -132,6 +139,21 @@ class URLTeacher:
             futures = {pool.submit(self.ask, q, max_tokens, temperature, seeds[i]): i for i, q in enumerate(questions)}
             for f in as_completed(futures):
                 yield futures[f], f.result()
+
+
+def _reply(raw: bytes, url: str) -> dict:
+    """A JSON object from a server, or ConnectionError saying what came instead (an HTML login page, a bare list, a
+    gateway's `{"error": …}` with status 200)."""
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise ConnectionError(f"{url}: the reply is not JSON (is this the API's base URL?): "
+                              f"{raw[:120].decode(errors='replace')!r}") from None
+    if not isinstance(reply, dict):
+        raise ConnectionError(f"{url}: the reply is not a JSON object: {json.dumps(reply)[:120]}")
+    if "error" in reply:
+        raise ConnectionError(f"{url}: the server answered with an error: {json.dumps(reply['error'])[:300]}")
+    return reply
 
 
 def is_url(spec: str) -> bool:
