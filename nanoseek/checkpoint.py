@@ -9,7 +9,8 @@ MTP layers are written with the embedding and output head copies DeepSeek ships 
 
 Loading streams one tensor at a time from safetensors into a model built on the meta device, so a checkpoint never
 sits in memory twice. FP8 checkpoints (e4m3 weights + float32 `weight_scale_inv`) are dequantised on the fly;
-`iter_tensors(path, dequantize=False)` yields the raw FP8 form. Nothing is unpickled.
+`iter_tensors(path, dequantize=False)` yields the raw FP8 form. Nothing is unpickled. transformers' save_pretrained
+drops the MTP layers but keeps num_nextn_predict_layers; such a directory loads without MTP, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from .model.transformer import Transformer, build_model
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_SHARED = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
+_WEIGHT_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")  # a model's weights; other *.safetensors are not
+_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(Exception):
@@ -43,9 +47,13 @@ def read_config(path: str | Path) -> ModelConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     try:
-        return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+        hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: not a JSON object of model settings (it holds {json.dumps(hf)[:40]})")
+    try:
+        return ModelConfig.from_hf(hf)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
@@ -55,9 +63,12 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            data = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         return {name: path / fname for name, fname in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -108,6 +119,11 @@ def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32)
                     else:
                         with _open(files[sname]) as sf2:
                             scale = sf2.get_tensor(sname)
+                    want = tuple(-(-n // block) for n in t.shape)  # one scale per block x block tile
+                    if t.dim() != 2 or tuple(scale.shape) != want:
+                        raise CheckpointError(f"{f}: {sname} has shape {tuple(scale.shape)}, but {name} "
+                                              f"{tuple(t.shape)} in {block}x{block} blocks needs {want} "
+                                              "(see quantization_config.weight_block_size in config.json)")
                     t = dequantize_block(t, scale, dtype, block)
                 yield name, t
 
@@ -117,6 +133,13 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
     path = Path(path)
     cfg = read_config(path)
     cfg.quantization_config = None  # weights are dequantised into `dtype`
+    files = _tensor_files(path)
+    L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    # transformers' save_pretrained drops the MTP layers but keeps num_nextn_predict_layers in config.json
+    mtp_prefixes = tuple(f"model.layers.{i}." for i in range(L, L + n_mtp))
+    no_mtp = n_mtp > 0 and not any(name.startswith(mtp_prefixes) for name in files)
+    if no_mtp:
+        cfg.num_nextn_predict_layers = 0
     model = build_model(cfg, device=device, dtype=dtype, init=False)
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     expected: dict[str, tuple] = {}  # every tensor we need: name -> shape
@@ -130,9 +153,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
         elif not (cfg.tie_word_embeddings and name == "lm_head.weight"):
             expected[name] = tuple(p.shape)
     seen: set[str] = set()
-    L = cfg.num_hidden_layers
     n_layers = L + cfg.num_nextn_predict_layers
-    files = _tensor_files(path)
     for name, t in iter_tensors(path, dequantize=True, dtype=dtype):
         where = f"{path / files[name].name}: tensor {name}"
         if name.endswith("rotary_emb.inv_freq"):
@@ -158,6 +179,10 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint{more}")
+    if no_mtp:
+        warnings.warn(f"{path}: config.json declares {n_mtp} MTP layer(s) but the weights have no MTP layer "
+                      "(transformers' save_pretrained drops it); loaded without MTP (num_nextn_predict_layers=0)",
+                      stacklevel=2)
     model.eval()
     return model
 
@@ -190,7 +215,10 @@ def save_model(
     model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30, dtype=None
 ) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load. `fp8` stores attention and FFN weights
-    as e4m3 with 128×128 block scales (DeepSeek's format); `dtype` casts the rest (default: as in the model)."""
+    as e4m3 with 128×128 block scales (DeepSeek's format); `dtype` casts the rest (default: as in the model).
+    Over an existing model directory, the old model's weight files are replaced or removed; other files are kept."""
+    if dtype is not None:
+        dtype = _save_dtype(dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config.replace()
@@ -218,26 +246,42 @@ def save_model(
             size = 0
         shards[-1].update({k: v.contiguous().clone() for k, v in pieces.items()})
         size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        _atomic_save(shards[0], path / "model.safetensors", meta)
-        (path / "model.safetensors.index.json").unlink(missing_ok=True)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, path / fname, meta)
-            weight_map.update({k: fname for k in shard})
+    n = len(shards)
+    fnames = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = path / "model.safetensors.index.json"
+    # Each file is replaced atomically, the directory is not. config.json and the index tell a loader what the
+    # directory holds: they go first and come back last, so an overwrite cut short (Ctrl-C, kill, full disk) leaves a
+    # directory that fails to load rather than one mixing old and new weights. (Training checkpoints do not rely on
+    # this: train/loop.py writes each into a fresh directory and switches to it atomically.)
+    (path / "config.json").unlink(missing_ok=True)
+    index.unlink(missing_ok=True)
+    for fname, shard in zip(fnames, shards):
+        _atomic_save(shard, path / fname, {"format": "pt"})
+    for f in path.iterdir():  # the old model's weight files that this one does not use
+        if _WEIGHT_FILE.match(f.name) and f.name not in fnames:
+            f.unlink()
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+           "temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
+    _atomic_write(path / "generation_config.json", gen)
+    if n > 1:
+        weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
-        _atomic_write(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _atomic_write(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf_cfg = cfg.to_hf()
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     _atomic_write(path / "config.json", hf_cfg)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
-           "temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
-    _atomic_write(path / "generation_config.json", gen)
     return path
+
+
+def _save_dtype(dtype) -> torch.dtype:
+    """float32 / bfloat16 / float16, as a torch dtype or its name. Any other cast would destroy the weights
+    (integers round them to 0) or write FP8 without the block scales a loader needs."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _SAVE_DTYPES:
+        raise ValueError(f"save_model: dtype {dtype} is not float32, bfloat16 or float16 "
+                         "(for DeepSeek's FP8 format pass fp8=True)")
+    return _SAVE_DTYPES[name]
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, meta: dict) -> None:

@@ -85,3 +85,41 @@ def test_cli_convert_fp8_round_trip(model_dir, tmp_path):
     with torch.no_grad():
         rel = (a(ids) - b(ids)).norm() / a(ids).norm()
     assert rel < 0.05  # e4m3 keeps ~3 significant bits per weight; logits stay close
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"deepseek_v3"', "42"])
+def test_config_not_an_object(model_dir, text):
+    (model_dir / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"config\.json: not a JSON object"):
+        nanoseek.load_model(model_dir)
+
+
+@pytest.mark.parametrize("index", [{"weight_map": []}, [], {"weight_map": {"model.norm.weight": 3}}, {}])
+def test_index_without_weight_map_object(model_dir, index):
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        nanoseek.load_model(model_dir)
+
+
+def test_fp8_scale_shape_does_not_match_block_size(model_dir, tmp_path):
+    fp8 = nanoseek.save_model(nanoseek.load_model(model_dir), tmp_path / "fp8", fp8=True)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [64, 64]  # the scales were written for 128x128 blocks
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: model\.layers\.0\.mlp\.down_proj\.weight_scale_inv "
+                       r"has shape \(1, 2\), but .* \(96, 256\) in 64x64 blocks needs \(2, 4\)"):
+        nanoseek.load_model(fp8)
+
+
+def test_missing_mtp_layer_does_not_hide_a_missing_main_tensor(model_dir):
+    """With the MTP layer absent (as transformers saves it) MTP is dropped, and what else is missing is named."""
+    gone = lambda k: k.startswith("model.layers.4.") or k == "model.norm.weight"  # noqa: E731
+    rewrite(model_dir, lambda t: [t.pop(k) for k in list(t) if gone(k)])
+    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight is missing from the checkpoint$"):
+        nanoseek.load_model(model_dir)
+
+
+def test_partial_mtp_layer_is_an_error(model_dir):
+    rewrite(model_dir, lambda t: t.pop("model.layers.4.eh_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.4\.eh_proj\.weight is missing"):
+        nanoseek.load_model(model_dir)

@@ -1,0 +1,143 @@
+"""Writing over an existing model directory (`save_model`, `nanoseek convert --overwrite`) leaves exactly the new
+model, or, if interrupted, a directory that fails to load; directories written by transformers load back."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import nanoseek
+import nanoseek.checkpoint as ck
+from nanoseek import convert
+from nanoseek.checkpoint import CheckpointError
+
+SINGLE, SHARDS_1M, SHARDS_2M = 4 << 30, 1 << 20, 2 << 20  # cpu-tiny is ~3.8 MiB: one file, 4-5 or 2-3 shards
+
+
+def tiny(seed: int):
+    torch.manual_seed(seed)
+    return nanoseek.build_model(nanoseek.get_preset("cpu-tiny"))
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def weight_files(d) -> set[str]:
+    return {f.name for f in d.iterdir() if f.name.endswith((".safetensors", ".safetensors.index.json"))}
+
+
+@pytest.mark.parametrize("old, new", [(SHARDS_1M, SINGLE), (SINGLE, SHARDS_1M), (SHARDS_1M, SHARDS_2M)])
+def test_save_over_a_model_leaves_only_the_new_weight_files(tmp_path, old, new):
+    d = nanoseek.save_model(tiny(0), tmp_path / "m", max_shard_bytes=old)
+    (d / "notes.txt").write_text("mine")
+    (d / "model.safetensors.bak").write_text("mine too")
+    model = tiny(1)
+    nanoseek.save_model(model, d, max_shard_bytes=new)
+    fresh = weight_files(nanoseek.save_model(model, tmp_path / "fresh", max_shard_bytes=new))
+    assert weight_files(d) == fresh
+    assert (d / "notes.txt").read_text() == "mine" and (d / "model.safetensors.bak").is_file()  # not weight files
+    assert same_weights(model, nanoseek.load_model(d))
+
+
+def test_sharded_over_single_file_is_what_transformers_loads(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    d = nanoseek.save_model(tiny(0), tmp_path / "m")
+    model = tiny(1)
+    nanoseek.save_model(model, d, max_shard_bytes=SHARDS_1M)
+    hf = DeepseekV3ForCausalLM.from_pretrained(d).eval()  # prefers model.safetensors to the index when both exist
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("old, new", [(SHARDS_1M, SHARDS_1M), (SINGLE, SINGLE), (SINGLE, SHARDS_1M)])
+def test_interrupted_overwrite_never_loads_a_mix(tmp_path, monkeypatch, old, new):
+    """Ctrl-C / a kill / a full disk after any file: the directory is the new model or fails to load."""
+    model = tiny(1)
+    n_files = len(weight_files(nanoseek.save_model(model, tmp_path / "fresh", max_shard_bytes=new)))
+    real_save, real_write = ck._atomic_save, ck._atomic_write
+    for stop in range(n_files + 3):  # weight files, then generation_config, index, config.json
+        d = nanoseek.save_model(tiny(0), tmp_path / f"m{stop}", max_shard_bytes=old)
+        calls = []
+
+        def once(real):
+            def write(*a):
+                if len(calls) == stop:
+                    raise Interrupted
+                calls.append(a)
+                real(*a)
+            return write
+
+        monkeypatch.setattr(ck, "_atomic_save", once(real_save))
+        monkeypatch.setattr(ck, "_atomic_write", once(real_write))
+        try:
+            nanoseek.save_model(model, d, max_shard_bytes=new)
+        except Interrupted:
+            pass
+        monkeypatch.setattr(ck, "_atomic_save", real_save)
+        monkeypatch.setattr(ck, "_atomic_write", real_write)
+        try:
+            back = nanoseek.load_model(d)
+        except CheckpointError:
+            continue
+        assert same_weights(model, back), f"interrupted after {stop} files, the directory loads other weights"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float64, "int8", "float8_e4m3fn"])
+def test_save_refuses_non_float_dtypes(tmp_path, dtype):
+    with pytest.raises(ValueError, match=r"float32, bfloat16 or float16.*fp8=True"):
+        nanoseek.save_model(tiny(0), tmp_path / "m", dtype=dtype)
+    assert not (tmp_path / "m").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.bfloat16, "float16"])
+def test_save_accepts_dtype_names(tmp_path, dtype):
+    model = tiny(0)
+    d = nanoseek.save_model(model, tmp_path / "m", dtype=dtype)
+    name = str(dtype).replace("torch.", "")
+    assert ck.read_config(d).torch_dtype == name
+    back = nanoseek.load_model(d)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.to(getattr(torch, name)).float())
+
+
+def test_convert_copies_every_tokenizer_file_and_drops_stale_ones(tmp_path):
+    src = nanoseek.save_model(tiny(0), tmp_path / "in")
+    for name, text in [("tokenizer.json", "{}"), ("tokenizer_config.json", "{}"), ("chat_template.jinja", "NEW"),
+                       ("vocab.json", "{}"), ("merges.txt", "a b")]:
+        (src / name).write_text(text)
+    dst = nanoseek.save_model(tiny(1), tmp_path / "out")
+    for name in ("chat_template.jinja", "chat_template.json", "special_tokens_map.json", "tokenizer.model",
+                 "notes.txt"):
+        (dst / name).write_text("OLD")
+    convert.run(argparse.Namespace(input=str(src), output=str(dst), dtype="float32", fp8=False, overwrite=True))
+    assert (dst / "chat_template.jinja").read_text() == "NEW"
+    assert (dst / "merges.txt").read_text() == "a b" and (dst / "vocab.json").is_file()
+    for name in ("chat_template.json", "special_tokens_map.json", "tokenizer.model"):  # the overwritten model's
+        assert not (dst / name).exists(), name
+    assert (dst / "notes.txt").read_text() == "OLD"
+    assert same_weights(nanoseek.load_model(src), nanoseek.load_model(dst))
+
+
+def test_transformers_save_pretrained_dir_loads_without_mtp(tmp_path):
+    """transformers drops the MTP layer (model.layers.{L}.*) but keeps num_nextn_predict_layers in config.json."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = tiny(0).eval()
+    assert model.config.num_nextn_predict_layers == 1
+    ours = nanoseek.save_model(model, tmp_path / "ours")
+    DeepseekV3ForCausalLM.from_pretrained(ours).save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match=r"no MTP layer.*save_pretrained.*num_nextn_predict_layers=0") as w:
+        back = nanoseek.load_model(tmp_path / "hf")
+    assert len(w) == 1
+    assert back.config.num_nextn_predict_layers == 0
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(back(ids), model(ids), rtol=0, atol=1e-5)
