@@ -3,8 +3,9 @@
 Reads every stage directory it finds (a run directory has metrics.jsonl; a speedrun directory has one per stage and
 a summary.json): loss curves (main and MTP), expert load imbalance per MoE layer over time, GRPO reward /
 accuracy / response length, held-out accuracy by stage, by level and by family (a table and accuracy.png), and a
-cost table in the style of DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price), plus
-the machine it ran on.
+cost table in the style of DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price, a
+stage that never finished marked as interrupted), plus the machine the runs recorded in their cost.json. A damaged
+file, or a damaged entry in one, only makes the report say less.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)  # JSON true/false are ints to Python
+
+
+def read_rows(run: Path) -> list[dict]:
+    """A run's metrics rows; a row without a numeric step is damaged and left out."""
+    return [r for r in read_metrics(run / "metrics.jsonl") if number(r.get("step"))]
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the rows that logged a number under key."""
+    points = [(r["step"], r[key]) for r in rows if number(r.get(key))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
 def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
@@ -40,6 +56,7 @@ def stage_dirs(root: Path) -> dict[str, Path]:
 
 
 def machine() -> str:
+    """The machine making this report: named only when the runs did not record theirs."""
     import torch
 
     if torch.cuda.is_available():
@@ -49,6 +66,19 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+def machine_line(rows: list[dict]) -> str:
+    """The device each stage recorded in its cost.json (one line, stages named when they differ)."""
+    stages: dict[str | None, list[str]] = {}
+    for r in rows:
+        stages.setdefault(r["device"], []).append(r["stage"])
+    if not any(stages):
+        return f"Machine: not recorded by the runs; this report was made on {machine()}"
+    if len(stages) == 1:
+        return f"Machine (recorded by the runs): {next(iter(stages))}"
+    return "Machines (recorded by the runs): " + "; ".join(f"{device or 'not recorded'} ({', '.join(names)})"
+                                                           for device, names in stages.items())
+
+
 def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -56,19 +86,21 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    steps = [r["step"] for r in rows if "loss" in r]
+    steps, loss = series(rows, "loss")
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="main loss")
-        if any(r.get("mtp_loss") for r in rows):
-            ax.plot(steps, [r.get("mtp_loss", 0) for r in rows if "loss" in r], label="MTP loss")
+        ax.plot(steps, loss, label="main loss")
+        mtp_steps, mtp = series(rows, "mtp_loss")
+        if any(mtp):
+            ax.plot(mtp_steps, mtp, label="MTP loss")
         ax.set(xlabel="step", ylabel="cross-entropy", title=f"{name}: loss")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"{name}_loss.png", dpi=110)
         plt.close(fig)
         made.append(f"{name}_loss.png")
-    imb = [(r["step"], r["expert_imbalance"]) for r in rows if r.get("expert_imbalance")]
+    imb = [(r["step"], v) for r in rows
+           if isinstance(v := r.get("expert_imbalance"), list) and v and all(map(number, v))]
     if imb:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for layer in range(len(imb[0][1])):
@@ -80,13 +112,13 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
         fig.savefig(out / f"{name}_experts.png", dpi=110)
         plt.close(fig)
         made.append(f"{name}_experts.png")
-    rl = [r for r in rows if "reward" in r]
-    if rl:
+    if series(rows, "reward")[0]:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
         for ax, key in zip(axes, ("reward", "accuracy", "response_length")):
-            ax.plot([r["step"] for r in rl], [r[key] for r in rl])
+            ax.plot(*series(rows, key))
             ax.set(xlabel="step", title=key)
-        evals = [(r["step"], r["eval"]["pass@1"]) for r in rows if "eval" in r]
+        evals = [(r["step"], r["eval"]["pass@1"]) for r in rows
+                 if isinstance(r.get("eval"), dict) and number(r["eval"].get("pass@1"))]
         if evals:
             axes[1].plot([s for s, _ in evals], [v for _, v in evals], "o--", label="held-out pass@1")
             axes[1].legend(fontsize=7)
@@ -98,9 +130,26 @@ def plot_training(name: str, rows: list[dict], out: Path) -> list[str]:
     return made
 
 
+def pass_at_1(groups) -> dict[str, float]:
+    """{name: pass@1} of a summary's levels or families, without the damaged entries."""
+    if not isinstance(groups, dict):
+        return {}
+    return {str(k): v["pass@1"] for k, v in groups.items() if isinstance(v, dict) and number(v.get("pass@1"))}
+
+
+def read_accuracy(root: Path) -> dict[str, dict]:
+    """summary.json's held-out accuracy, {stage: {"pass@1": p, "levels": {level: p}, "families": {family: p}}},
+    of the stages with a pass@1."""
+    stages = read_json(root / "summary.json").get("stages")
+    if not isinstance(stages, dict):
+        return {}
+    return {name: {"pass@1": s["pass@1"], "levels": pass_at_1(s.get("levels")),
+                   "families": pass_at_1(s.get("families"))}
+            for name, s in stages.items() if isinstance(s, dict) and number(s.get("pass@1"))}
+
+
 def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
-    """accuracy.png: held-out pass@1 of the stages (each with a pass@1), overall and by level (left), by family
-    (right)."""
+    """accuracy.png: held-out pass@1 of the stages (read_accuracy), overall and by level (left), by family (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,10 +157,9 @@ def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
 
     if not stages:
         return []
-    panels = [("by level", lambda s: {"all": s["pass@1"],
-                                      **{f"L{k}": v["pass@1"] for k, v in (s.get("levels") or {}).items()}})]
-    if any(s.get("families") for s in stages.values()):
-        panels.append(("by family", lambda s: {k: v["pass@1"] for k, v in (s.get("families") or {}).items()}))
+    panels = [("by level", lambda s: {"all": s["pass@1"], **{f"L{k}": v for k, v in s["levels"].items()}})]
+    if any(s["families"] for s in stages.values()):
+        panels.append(("by family", lambda s: s["families"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, groups) in zip(axes[0], panels):
         values = {name: groups(s) for name, s in stages.items()}
@@ -128,49 +176,68 @@ def plot_accuracy(stages: dict[str, dict], out: Path) -> list[str]:
     return ["accuracy.png"]
 
 
-def cost_rows(dirs: dict[str, Path], price: float | None) -> list[dict]:
+def cost_rows(root: Path, dirs: dict[str, Path], price: float | None) -> list[dict]:
+    """One row per stage: its cost.json (without one, the wall-clock it logged), the price its dollars are at, the
+    device it recorded, and for a stage that never finished a note of how far it got."""
+    # A speedrun writes done.json when a stage ends; a lone run (pretrain, sft, grpo, distill) ends with its cost.json.
+    speedrun = any((root / name / "done.json").is_file() for name, run in dirs.items() if run != root)
     rows = []
-    for name, d in dirs.items():
-        if d.name == "student" and (d.parent / "cost.json").is_file():
-            d = d.parent  # distill: its cost counts the teacher's traces as well as the student's SFT
-        cost = read_json(d / "cost.json")
-        if not isinstance(cost.get("device_hours"), (int, float)):  # missing or damaged: the wall-clock it logged
-            metrics = read_metrics(d / "metrics.jsonl")
-            wall = metrics[-1].get("wall_s", 0.0) if metrics else 0.0
-            cost = {"device_hours": round(wall / 3600, 5), "flops": None, "mfu": None, "dollars": None,
-                    "price_per_device_hour": price or 2.0}
-        p = price if price is not None else cost.get("price_per_device_hour", 2.0)
-        rows.append({"stage": name, **cost, "dollars": round(cost["device_hours"] * p, 4), "price": p})
+    for name, run in dirs.items():
+        d = run.parent if run.name == "student" and (run.parent / "cost.json").is_file() else run
+        cost = read_json(d / "cost.json")  # distill's, in the parent, counts the teacher's traces as well
+        known = {k: v for k, v in cost.items() if number(v)}  # a damaged field is left out
+        finished = (root / name / "done.json").is_file() if speedrun else "device_hours" in known
+        logged = [] if finished and "device_hours" in known else read_rows(run)
+        walls = [r["wall_s"] for r in logged if number(r.get("wall_s"))]
+        hours = known.get("device_hours", round(walls[-1] / 3600, 5) if walls else 0.0)
+        p = price if price is not None else known.get("price_per_device_hour", 2.0)
+        device = cost.get("device") if isinstance(cost.get("device"), str) else None
+        if device and known.get("devices", 1) > 1:
+            device = f"{known['devices']} × {device}"
+        note = None if finished else "interrupted" + (f" at step {logged[-1]['step']}" if logged else "")
+        rows.append({"stage": name, "device_hours": hours, "flops": known.get("flops"), "mfu": known.get("mfu"),
+                     "price": p, "dollars": round(hours * p, 4), "device": device, "note": note})
     return rows
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    lines = ["## Cost (DeepSeek-V3 style)", "", "| stage | device-hours | FLOPs | MFU | dollars |", "|---|---|---|---|---|"]
+    for r in rows:
+        stage = f"{r['stage']} ({r['note']})" if r["note"] else r["stage"]
+        flops = f"{r['flops']:.3g}" if r["flops"] else "–"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "–"
+        lines.append(f"| {stage} | {r['device_hours']:.4f} | {flops} | {mfu} | ${r['dollars']:.4f} |")
+    total_h, total = sum(r["device_hours"] for r in rows), sum(r["dollars"] for r in rows)
+    prices: dict[float, list[str]] = {}
+    for r in rows:
+        prices.setdefault(r["price"], []).append(r["stage"])
+    at = ", ".join(f"${p:g}/device-hour" + (f" ({', '.join(names)})" if len(prices) > 1 else "")
+                   for p, names in prices.items())
+    lines += [f"| **total** | {total_h:.4f} | | | ${total:.4f} |", "",
+              f"Dollars at {at} (DeepSeek-V3: 2.788M H800 GPU-hours = $5.576M at $2).", ""]
+    if any(r["note"] for r in rows):
+        lines += ["An interrupted stage counts only the device time it had recorded when it stopped.", ""]
+    return lines
 
 
 def write_report(root: Path, price: float | None = None) -> Path:
     dirs = stage_dirs(root)
-    stages = read_json(root / "summary.json").get("stages")
-    stages = {k: v for k, v in stages.items() if isinstance(v, dict) and isinstance(v.get("pass@1"), (int, float))
-              } if isinstance(stages, dict) else {}
-    lines = [f"# nanoseek report: {root}", "", f"Machine: {machine()}", ""]
+    rows = cost_rows(root, dirs, price)
+    lines = [f"# nanoseek report: {root}", "", machine_line(rows), ""]
+    stages = read_accuracy(root)
     if stages:
         lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels | families |", "|---|---|---|---|"]
         for name, s in stages.items():
-            levels = ", ".join(f"L{k}: {v['pass@1']:.2f}" for k, v in (s.get("levels") or {}).items())
-            families = ", ".join(f"{k}: {v['pass@1']:.2f}" for k, v in (s.get("families") or {}).items())
+            levels = ", ".join(f"L{k}: {v:.2f}" for k, v in s["levels"].items())
+            families = ", ".join(f"{k}: {v:.2f}" for k, v in s["families"].items())
             lines.append(f"| {name} | {s['pass@1']:.3f} | {levels} | {families} |")
         lines.append("")
         for png in plot_accuracy(stages, root):
             lines += [f"![{png}]({png})", ""]
-    rows = cost_rows(dirs, price)
     if rows:
-        total_h = sum(r["device_hours"] for r in rows)
-        lines += ["## Cost (DeepSeek-V3 style)", "", "| stage | device-hours | FLOPs | MFU | dollars |", "|---|---|---|---|---|"]
-        for r in rows:
-            flops = f"{r['flops']:.3g}" if r.get("flops") else "–"
-            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
-            lines.append(f"| {r['stage']} | {r['device_hours']:.4f} | {flops} | {mfu} | ${r['dollars']:.4f} |")
-        lines += [f"| **total** | {total_h:.4f} | | | ${sum(r['dollars'] for r in rows):.4f} |", "",
-                  f"Dollars at ${rows[0]['price']}/device-hour (DeepSeek-V3: 2.788M H800 GPU-hours = $5.576M at $2).", ""]
+        lines += cost_table(rows)
     for name, d in dirs.items():
-        for png in plot_training(name, read_metrics(d / "metrics.jsonl"), root):
+        for png in plot_training(name, read_rows(d), root):
             lines += [f"![{png}]({png})", ""]
     out = root / "report.md"
     out.write_text("\n".join(lines))

@@ -287,6 +287,7 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
 
 @functools.lru_cache(maxsize=None)
 def _peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
+    from ..device import cpu_name
     from ..flops import measured_peak_flops
 
     if device.type == "cuda":
@@ -295,7 +296,7 @@ def _peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
             if key in name:
                 return peak, f"{name} datasheet bf16 dense"
         return measured_peak_flops(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
-    return measured_peak_flops("cpu"), f"CPU ({threads} threads) measured fp32 matmul"
+    return measured_peak_flops("cpu"), f"{cpu_name()}, {threads} thread{'s' * (threads != 1)}, measured fp32 matmul"
 
 
 def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price_per_hour: float, device: str) -> dict:

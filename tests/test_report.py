@@ -1,0 +1,143 @@
+"""`nanoseek report` on small synthetic run directories, written as the trainers and the speedrun write them
+(metrics.jsonl, cost.json, done.json, summary.json): the machine and prices the runs recorded, interrupted stages,
+and damaged files that only make the report say less."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanoseek.eval.report import write_report
+
+CPU = "CPU (2 threads) measured fp32 matmul"
+
+
+def cost(device: str = CPU, devices: int = 1, hours: float = 0.5, price: float = 2.0) -> dict:
+    return {"device": device, "devices": devices, "wall_s": hours * 3600 / devices, "device_hours": hours,
+            "flops": 1e15, "mfu": 0.3, "price_per_device_hour": price, "dollars": hours * price}
+
+
+def stage(root, name, steps=4, cost_json=None, done=True):
+    """A run directory root/name as a speedrun stage leaves it: metrics.jsonl, then cost.json, then done.json."""
+    d = root / name
+    d.mkdir(parents=True)
+    rows = [{"step": s, "loss": 5.0 / s, "wall_s": 10.0 * s} for s in range(1, steps + 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if cost_json is not None:
+        (d / "cost.json").write_text(json.dumps(cost_json))
+    if done:
+        (d / "done.json").write_text(json.dumps({"stage": name, "cost": cost_json}))
+    return d
+
+
+def cost_table(report: str) -> dict[str, str]:
+    """The cost table's rows by stage cell."""
+    table = report.split("## Cost")[1].split("\n\n")[1]
+    return {r.split("|")[1].strip(): r for r in table.splitlines()[2:]}
+
+
+def test_machine_is_the_one_the_runs_recorded_not_this_one(tmp_path):
+    from nanoseek.device import cpu_name
+
+    stage(tmp_path, "pretrain", cost_json=cost())
+    stage(tmp_path, "sft", cost_json=cost())
+    report = write_report(tmp_path).read_text()
+    assert f"Machine (recorded by the runs): {CPU}\n" in report
+    assert cpu_name() not in report
+
+
+def test_machines_that_differ_are_named_per_stage(tmp_path):
+    stage(tmp_path, "pretrain", cost_json=cost("NVIDIA H800 datasheet bf16 dense", devices=8))
+    stage(tmp_path, "sft", cost_json=cost())
+    stage(tmp_path, "grpo", cost_json={k: v for k, v in cost().items() if k != "device"})
+    report = write_report(tmp_path).read_text()
+    assert (f"Machines (recorded by the runs): 8 × NVIDIA H800 datasheet bf16 dense (pretrain); {CPU} (sft); "
+            "not recorded (grpo)\n") in report
+
+
+def test_without_a_recorded_machine_this_one_is_labelled_as_such(tmp_path):
+    from nanoseek.device import cpu_name
+
+    stage(tmp_path, "pretrain", cost_json={k: v for k, v in cost().items() if k != "device"})
+    report = write_report(tmp_path).read_text()
+    assert f"Machine: not recorded by the runs; this report was made on {cpu_name()}" in report
+
+
+def test_each_recorded_price_is_named_under_the_table(tmp_path):
+    stage(tmp_path, "pretrain", cost_json=cost(hours=0.5, price=2.0))
+    stage(tmp_path, "sft", cost_json=cost(hours=0.25, price=10.0))
+    stage(tmp_path, "grpo", cost_json=cost(hours=0.25, price=2.0))
+    report = write_report(tmp_path).read_text()
+    rows = cost_table(report)
+    assert "$1.0000" in rows["pretrain"] and "$2.5000" in rows["sft"] and "$0.5000" in rows["grpo"]
+    assert "Dollars at $2/device-hour (pretrain, grpo), $10/device-hour (sft) (DeepSeek-V3:" in report
+    # --price-per-hour bills every stage at one price: the note names it alone
+    report = write_report(tmp_path, price=3.0).read_text()
+    assert "Dollars at $3/device-hour (DeepSeek-V3:" in report and "$0.7500" in cost_table(report)["sft"]
+
+
+def test_an_interrupted_stage_is_marked_in_the_cost_table(tmp_path):
+    stage(tmp_path, "pretrain", cost_json=cost())
+    stage(tmp_path, "sft", cost_json=cost())  # training finished, killed before the stage's own evaluation ended
+    (tmp_path / "sft" / "done.json").unlink()
+    stage(tmp_path, "grpo", steps=7, done=False)  # killed mid-training: no cost.json, no done.json
+    report = write_report(tmp_path).read_text()
+    rows = cost_table(report)
+    assert set(rows) == {"pretrain", "sft (interrupted at step 4)", "grpo (interrupted at step 7)", "**total**"}
+    assert "| grpo (interrupted at step 7) | 0.0194 |" in rows["grpo (interrupted at step 7)"]  # 70 s logged
+    assert "interrupted stage" in report.split("## Cost")[1]
+
+
+def test_a_lone_run_that_finished_is_not_marked_interrupted(tmp_path):
+    """A run made by `nanoseek pretrain` has no done.json (only the speedrun writes it): its cost.json says it
+    finished."""
+    run = stage(tmp_path, "run", cost_json=cost(), done=False)
+    assert set(cost_table(write_report(run).read_text())) == {"run", "**total**"}
+    (run / "cost.json").unlink()
+    assert "run (interrupted at step 4)" in cost_table(write_report(run).read_text())
+
+
+@pytest.mark.parametrize("damaged, levels", [
+    ({"levels": [0.5, 0.1]}, ""),
+    ({"levels": {"1": {"n": 3}, "2": {"n": 3, "pass@1": 0.4}}}, "L2: 0.40"),
+    ({"levels": {"1": 0.5, "2": {"pass@1": 0.4}}, "families": "word"}, "L2: 0.40"),
+    ({"levels": {"2": {"pass@1": 0.4}}, "families": {"word": {"pass@1": "high"}}}, "L2: 0.40"),
+], ids=["levels-list", "level-without-pass@1", "level-number-families-string", "family-pass@1-string"])
+def test_a_damaged_summary_only_makes_the_report_say_less(tmp_path, damaged, levels):
+    stage(tmp_path, "pretrain", cost_json=cost())
+    summary = {"stages": {"pretrain": {"pass@1": 0.3, **damaged}, "sft": {"pass@1": "?"}, "grpo": [1]}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = write_report(tmp_path).read_text()
+    accuracy = report.split("## Held-out accuracy by stage")[1].split("\n\n")[1].splitlines()
+    assert accuracy[2:] == [f"| pretrain | 0.300 | {levels} |  |"]  # sft and grpo have no pass@1
+    assert (tmp_path / "accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("row", [
+    {"loss": 1.0}, {"step": 5, "reward": 0.5},
+    {"step": 5, "reward": 0.5, "accuracy": 0.5, "response_length": 9, "eval": [0.5]},
+], ids=["no-step", "reward-alone", "eval-list"])
+def test_a_damaged_metrics_row_is_skipped(tmp_path, row):
+    run = stage(tmp_path, "run", cost_json=cost(), done=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    assert cost_table(write_report(run).read_text())["run"].startswith("| run | 0.5000 |")
+    assert (run / "run_loss.png").is_file()
+
+
+def test_an_interrupted_runs_time_is_its_last_good_rows(tmp_path):
+    run = stage(tmp_path, "run", done=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": "5", "wall_s": 50.0}) + "\n" + json.dumps({"wall_s": 60.0}) + "\n")
+    assert " | 0.0111 | " in cost_table(write_report(run).read_text())["run (interrupted at step 4)"]  # 40 s
+
+
+@pytest.mark.parametrize("damaged", [{"flops": "many"}, {"mfu": [0.3]}, {"price_per_device_hour": "2"},
+                                     {"device": 7}])
+def test_a_damaged_cost_json_leaves_out_what_is_damaged(tmp_path, damaged):
+    run = stage(tmp_path, "run", cost_json={**cost(), **damaged}, done=False)
+    report = write_report(run).read_text()
+    row = cost_table(report)["run"]
+    assert row.startswith("| run | 0.5000 |") and row.endswith("| $1.0000 |")
+    assert ("Machine: not recorded by the runs" in report) == ("device" in damaged)
