@@ -23,6 +23,9 @@ POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediat
                   "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                   "moe_intermediate_size", "moe_layer_freq")
 OPTIONAL_SIZES = ("q_lora_rank",)  # None: queries from one full-rank q_proj (V2-Lite)
+FLAGS = ("tie_word_embeddings", "attention_bias", "rope_interleave", "norm_topk_prob", "seq_aux")  # true / false
+YARN_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "attention_factor")
 COUNTS = ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace",
           "num_nextn_predict_layers")  # >= 0; the expert counts may also be None (0 / None: a dense model)
 
@@ -128,6 +131,8 @@ class ModelConfig:
             need((value is None and name.startswith(("n_", "num_experts"))) or
                  (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
                  f"{name} must be a non-negative integer, got {value!r}")
+        for name in FLAGS:  # the string "False" (--set attention_bias=False) would count as true
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in (self.rope_theta, self.rms_norm_eps)),
              "rope_theta and rms_norm_eps must be positive numbers")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not implemented (DeepSeek-V3 uses silu)")
@@ -150,6 +155,12 @@ class ModelConfig:
         if rs is not None:
             kind = rs.get("type", rs.get("rope_type"))
             need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (yarn only)")
+            if kind == "yarn":
+                need(isinstance(rs.get("factor"), (int, float)) and rs["factor"] > 0,
+                     f"rope_scaling (yarn) needs a positive number 'factor', got {rs.get('factor')!r}")
+                bad = [k for k in YARN_NUMBERS if rs.get(k) is not None and
+                       (isinstance(rs[k], bool) or not isinstance(rs[k], (int, float)))]
+                need(not bad, f"rope_scaling {', '.join(bad)} must be numbers")
 
     # --- Hugging Face config.json ---------------------------------------------------------------------------
     @classmethod

@@ -421,7 +421,7 @@ def test_curriculum_draws_a_data_file_pass_by_pass():
     assert [p.question for p in other.sample(0, 0, 5)] != passes[0]
 
 
-def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
+def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch, capsys):
     """`nanoseek grpo --data FILE --eval-data FILE`: trains on the file's problems (a 4-step run stopped at 2 and
     resumed matches an uninterrupted one), evaluates on the other file; user mistakes are one-line errors."""
     import json
@@ -464,6 +464,10 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=says):
             grpo(GRPOConfig(out=str(tmp_path / "err"), **{**common, **kw}))
         assert not (tmp_path / "err").exists()  # refused before the run directory is made
+    capsys.readouterr()
+    grpo(GRPOConfig(out=str(tmp_path / "no-eval"), **{**common, "eval_every": 0, "steps": 1}))
+    assert "--eval-data is not used" in capsys.readouterr().err
+    assert not any("eval" in json.loads(line) for line in (tmp_path / "no-eval" / "metrics.jsonl").open())
 
 
 DDP_SCRIPT = '''

@@ -154,6 +154,66 @@ def test_resume_says_what_it_keeps_and_refuses_another_stage(capsys, tmp_path):
     assert code == 0 and "no checkpoint to resume; starting a new run" in err
 
 
+def test_resume_keeps_the_runs_own_length_unless_given(capsys, tmp_path):
+    run, args = tmp_path / "run", [a for a in TINY if a not in ("--steps", "1")]
+    assert run_cli(capsys, "pretrain", "--out", run, *args, "--steps", "3", "--save-every", "1", "--stop-at", "1")[0] == 0
+    code, err = run_cli(capsys, "pretrain", "--out", run, "--resume", "--no-progress", "--set", "num_hidden_layers=2",
+                        "--no-document-mask")
+    state = json.loads((run / "train_state" / "state.json").read_text())
+    assert code == 0 and state["step"] == 3  # not the preset's 2000 steps
+    assert (state["config"]["steps"], state["config"]["save_every"]) == (3, 1)
+    assert "overrides {'num_hidden_layers': 2}" in err and "document_mask False" in err  # said to be not used
+    assert run_cli(capsys, "pretrain", "--out", run, "--resume", "--no-progress", "--steps", "4")[0] == 0
+    assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 4  # given: extends the run
+
+
+def test_resume_trains_on_the_runs_own_shards_after_the_data_changed(capsys, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}: {i} + {i} = {2 * i}"}) + "\n" for i in range(40)))
+    run, args = tmp_path / "run", [a for a in TINY if a not in ("--steps", "1")]
+    assert run_cli(capsys, "pretrain", "--out", run, *args, "--data", data, "--steps", "3", "--stop-at", "1")[0] == 0
+    shards = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    data.write_text(data.read_text() + json.dumps({"text": "an edit after the run started"}) + "\n")
+    code, err = run_cli(capsys, "pretrain", "--out", run, "--resume", "--no-progress")
+    assert code == 0 and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == shards  # its own tokens, untouched
+
+
+def test_data_files_add_up_and_a_tokenizer_without_bos_is_refused(capsys, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, n in ((a, 30), (b, 20)):
+        path.write_text("".join(json.dumps({"text": f"{path.stem} {i} + 1 = {i + 1}"}) + "\n" for i in range(n)))
+    assert run_cli(capsys, "pretrain", "--out", tmp_path / "r", *TINY, "--data", a, "--data", b)[0] == 0
+    assert json.loads((tmp_path / "r" / "data" / "meta.json").read_text())["n_docs"] == 50  # both files
+    assert run_cli(capsys, "pretrain", "--out", tmp_path / "r2", *TINY, "--data")[0] == 2  # no file: a usage error
+    plain = HFTokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel()
+    plain.train([str(a)], trainers.BpeTrainer(vocab_size=300))
+    (tmp_path / "tok").mkdir()
+    plain.save(str(tmp_path / "tok" / "tokenizer.json"))
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r3", *TINY, "--data", a, "--tokenizer",
+                        tmp_path / "tok")
+    assert code == 1 and "no begin/end-of-sentence token" in err
+
+
+def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_path):
+    from nanoseek.config import ConfigError, get_preset
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "pretrain", "--out", run, *TINY, "--set", "attention_bias=False",
+                   "--set", "tie_word_embeddings=True")[0] == 0
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    assert cfg["attention_bias"] is False and cfg["tie_word_embeddings"] is True
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r2", *TINY, "--set", "norm_topk_prob=no")
+    assert code == 1 and "norm_topk_prob must be true or false" in err
+    for bad in ({"type": "yarn"}, {"type": "yarn", "factor": "x"}, {"type": "yarn", "factor": 4, "beta_fast": "b"}):
+        with pytest.raises(ConfigError, match="rope_scaling"):
+            get_preset("cpu-tiny").replace(rope_scaling=bad)
+
+
 def test_a_torn_metrics_line_is_skipped(tmp_path):
     """A kill during a write can leave half a line at the end of metrics.jsonl: resume and report skip it."""
     from nanoseek.train.loop import Metrics, read_metrics

@@ -429,9 +429,11 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         from ..eval.evaluate import load_problems
 
         pool = load_problems(None, cfg.data, 0, 0)
-    scored = eval_problems(cfg) if cfg.eval_every or cfg.eval_data else []
+    scored = eval_problems(cfg) if cfg.eval_every else []
     if cfg.data and not scored and cfg.eval_every:
         print("grpo: training on --data without --eval-data: no periodic held-out evaluation", file=sys.stderr)
+    if cfg.eval_data and not cfg.eval_every:
+        print("grpo: --eval-data is not used: --eval-every 0 turns the periodic evaluation off", file=sys.stderr)
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)

@@ -371,6 +371,8 @@ class TrainConfig:
 
 # Fields a resumed run may change; everything else comes from the run's saved config.
 RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "device", "out")
+PER_INVOCATION = ("resume", "stop_at", "progress", "device", "out")  # the rest: the run's own unless given again
+DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argparse dest -> config field
 
 
 # What a run directory may hold before its first checkpoint (a failed or interrupted start leaves some of it)
@@ -406,11 +408,14 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
     state = json.loads((run / "train_state" / "state.json").read_text())
+    # options the command line set (all of them for a config built in Python); --steps and --save-every change the
+    # run only when given: their defaults would otherwise stretch its schedule to the preset's length
+    given = {DEST_FIELDS.get(k, k) for k in cli.GIVEN} if cli.GIVEN is not None else set(state["config"])
     try:
-        restored = dataclasses.replace(type(cfg)(**state["config"]), **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+        restored = dataclasses.replace(type(cfg)(**state["config"]), **{
+            k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in PER_INVOCATION or k in given})
     except TypeError:  # the saved config has fields this stage's does not
         raise UserError(f"{run} holds a run of another stage than this one; choose a new --out") from None
-    given = cli.GIVEN if cli.GIVEN is not None else set(state["config"])  # options the command line set
     ignored = [f"{k} {getattr(cfg, k)!r} (the run's: {getattr(restored, k)!r})" for k in state["config"]
                if k not in RESUMABLE_CHANGES and k in given and getattr(cfg, k) != getattr(restored, k)]
     if ignored:

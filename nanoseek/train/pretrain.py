@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
-    p.add_argument("--data", nargs="*", default=[],
-                   help="JSONL/Parquet files with {'text'} or {'messages'}; default: the task suite")
+    p.add_argument("--data", nargs="+", action="extend", default=[],
+                   help="JSONL/Parquet files with {'text'} or {'messages'} (repeatable); default: the task suite")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="sequences per forward per process (gradient accumulation fills the rest)")
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="α, sequence-wise balance loss weight (default: the preset's 1e-4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
-                        "VALUE is JSON: numbers, true/false, null)")
+                        "VALUE is JSON: numbers, true/false, null; True/False/None too)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
     p.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), help="vocabulary of the tokenizer trained for this run")
     p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite documents to generate when no --data is given")
@@ -116,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     )
 
 
+PYTHON_SPELLINGS = {"True": "true", "False": "false", "None": "null"}  # --set attention_bias=False means false
 FROM_TOKENIZER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 
 
@@ -131,6 +132,7 @@ def parse_overrides(items: list[str], preset: str) -> dict:
         if key in FROM_TOKENIZER:
             raise UserError(f"--set {key}: the run sets it itself (the vocabulary and special ids from its tokenizer, "
                             "float32 master weights)")
+        value = PYTHON_SPELLINGS.get(value, value)
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -187,8 +189,9 @@ def read_user_texts(paths: list[str], tok=None) -> list[str]:
 
 def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, resuming: bool):
     """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them. A
-    resumed run keeps its tokenizer; a fresh one makes its own (a failed earlier attempt may have left one made
-    with other settings)."""
+    resumed run keeps its tokenizer and its shards, whatever the --data files hold now; a fresh one makes its own (a
+    failed earlier attempt may have left some made with other settings)."""
+    from ..cli import UserError
     from ..data.corpus import build_shards
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
@@ -196,6 +199,9 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, res
     if d.is_main and not (resuming and (tok_dir / "tokenizer.json").is_file()):
         if cfg.tokenizer:
             tok = Tokenizer.from_dir(cfg.tokenizer)
+            if tok.bos_id is None or tok.eos_id is None:
+                raise UserError(f"--tokenizer {cfg.tokenizer}: no begin/end-of-sentence token (documents are packed "
+                                "between them; set bos_token and eos_token in its tokenizer_config.json)")
         else:
             texts = read_user_texts(cfg.data) if cfg.data else task_suite_texts(min(cfg.n_docs, 10000), cfg.seed)
             tok = train_tokenizer(texts, vocab_size=cfg.vocab_size or get_preset(cfg.preset).vocab_size)
@@ -206,7 +212,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, res
         os.replace(tmp, tok_dir)
     d.barrier()
     tok = Tokenizer.from_dir(tok_dir)
-    if d.is_main:
+    if d.is_main and not (resuming and (shard_dir / "meta.json").is_file()):  # meta.json: a finished build
         texts = read_user_texts(cfg.data, tok) if cfg.data else task_suite_corpus(cfg.n_docs, cfg.seed, tok)
         build_shards(texts, tok, shard_dir, progress=cfg.progress)
     d.barrier()
