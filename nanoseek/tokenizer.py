@@ -383,8 +383,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Train a byte-level BPE tokenizer with DeepSeek's special tokens and R1 chat "
                                    "template; write tokenizer.json + tokenizer_config.json to --out.")
     t.add_argument("--out", required=True, help="directory to write")
-    t.add_argument("--data", nargs="*", default=[],
-                   help="JSONL/Parquet files with {'text'} or {'messages'} records; default: the task suite")
+    t.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="JSONL/Parquet files with {'text'} or {'messages'} records (repeated --data add up); "
+                        "default: the task suite")
     t.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), default=512, help="vocabulary size (default 512)")
     t.add_argument("--n-docs", type=POSITIVE_INT, default=10000, help="task-suite problems to train on without --data")
     t.add_argument("--seed", type=SEED, default=0, help="task-suite seed")
@@ -408,8 +409,8 @@ def _training_texts(args: argparse.Namespace) -> list[str]:
 
     if not args.data:
         return task_suite_texts(args.n_docs, args.seed)
-    for path in args.data:
-        if not Path(path).is_file():
+    for path in args.data:  # before reading any: a typo in the last file should not wait for the others
+        if not Path(path).exists():
             raise UserError(f"{path}: no such file")
     try:
         return list(read_texts(args.data))
@@ -424,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown action {args.action!r}")
     if not args.out.strip():
         raise UserError("--out must name a directory")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after training
+        raise UserError(f"--out {args.out} is a file; name a directory")
     if (Path(args.out) / "config.json").is_file():
         raise UserError(f"{args.out} is a model directory: a new tokenizer would no longer match its embeddings; "
                         "choose another --out")

@@ -75,8 +75,12 @@ def test_read_texts(tmp_path, tok):
     p.write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"messages": messages}) + "\n")
     assert list(read_texts(p)) == ["plain", "user: hi\nassistant: <think>\nx\n</think>\n\nyo"]
     rendered = list(read_texts([p], tokenizer=tok))[1]
-    assert rendered == tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    assert rendered.startswith(SPECIAL_TOKENS["bos"]) and rendered == render_messages(messages, tok)
+    template = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert template == SPECIAL_TOKENS["bos"] + rendered + SPECIAL_TOKENS["eos"] and rendered == render_messages(
+        messages, tok)  # build_shards puts BOS and EOS around every document: once each
+    ids = np.fromfile(next(build_shards([rendered], tok, tmp_path / "shards", progress=False).glob("*.bin")),
+                      dtype=np.uint16).tolist()
+    assert ids == tok.encode(template) and ids.count(tok.bos_id) == ids.count(tok.eos_id) == 1
     (tmp_path / "bad.jsonl").write_text('{"question": "?"}\n')
     with pytest.raises(ValueError, match="record 1"):
         list(read_texts(tmp_path / "bad.jsonl"))
@@ -88,6 +92,60 @@ def test_read_parquet(tmp_path):
 
     pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "d.parquet")
     assert list(read_texts(tmp_path / "d.parquet")) == ["x", "y"]
+
+
+
+def test_lone_surrogate_names_its_line(tmp_path):
+    """Valid JSON, but no tokenizer can encode it: refused where it is read, in text and in messages alike."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok \\ud83d\\ude00 and a \\\\ud800 spelled out"}\n{"text": "hello \\ud800 world"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: .*lone surrogate \\ud800"):
+        list(read_texts(p))
+    p.write_text('{"messages": [{"role": "user", "content": "cut \\udfff"}]}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: .*lone surrogate \\udfff"):
+        list(read_records(p))
+    p.write_text('{"text": "ok \\ud83d\\ude00 and a \\\\ud800 spelled out"}\n')  # a pair, and an escaped backslash
+    assert list(read_texts(p)) == ["ok \U0001f600 and a \\ud800 spelled out"]
+
+
+def test_byte_order_mark_is_skipped(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8-sig")  # as Notepad and PowerShell 5 write
+    assert list(read_texts(p)) == ["a", "b"]
+
+
+def test_undecodable_lines_name_their_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "a"}\n{"text": "b\xff"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 text"):
+        list(read_records(p))
+    p.write_text('{"text": "a"}\n{"text": ' + "[" * 50000 + "]" * 50000 + "}\n")  # valid JSON, too deep to parse
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: JSON nested too deeply"):
+        list(read_records(p))
+
+
+def test_a_directory_says_to_give_its_files(tmp_path):
+    folder = tmp_path / "dataset.parquet"  # a Parquet dataset as Spark writes it
+    folder.mkdir()
+    for path in (folder, tmp_path):
+        with pytest.raises(ValueError) as e:
+            read_records(path)
+        assert str(e.value).startswith(f"{path} is a directory; give the files in it (e.g. {path}/*.parquet")
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "notparquet.parquet").write_text('{"text": "a"}\n')
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    for name, says in (("notparquet", "magic bytes"), ("empty", "size is 0")):
+        with pytest.raises(ValueError, match=rf"{name}\.parquet: cannot read as Parquet: .*{says}"):
+            list(read_records(tmp_path / f"{name}.parquet"))
+    raw = pa.array([b"ok", b"\xed\xa0\x80"])  # an encoded surrogate: not UTF-8, though the column says string
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 2, raw.buffers())}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: a string column is not UTF-8 text"):
+        list(read_records(tmp_path / "bad.parquet"))
 
 
 # --- shards --------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 
 import nanoseek
 from conftest import tiny_model_dir
-from nanoseek.train.sft import ChatLoader, rows_per_epoch, tokenize_conversations
+from nanoseek.train.sft import ChatLoader, add_arguments, rows_per_epoch, tokenize_conversations
+from test_user_errors import run_cli
 
 CONVS = [
     {"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
@@ -92,3 +94,29 @@ def test_bad_data_is_one_line(base_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanoseek", "sft", "--model", str(base), "--out", str(tmp_path / "o"),
                         "--data", str(bad), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 1 and "messages" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_only_conversations_are_reported(base_dir, tmp_path, capsys):
+    base, _, _ = base_dir
+    data = tmp_path / "chats.jsonl"
+    prompt_only = {"messages": [{"role": "user", "content": "What is 1 + 1?"}]}
+    data.write_text("".join(json.dumps(c) + "\n" for c in [prompt_only] * 5 + CONVS[:10]))
+    code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--steps", 1,
+                        "--batch-size", 2, "--seq-len", 64, "--no-progress")
+    assert code == 0 and "sft: 5 of 15 conversations have no assistant turn and are left out" in err
+
+
+def test_data_files_add_up_and_bad_ones_are_one_line(base_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--model", "m", "--out", "o", "--data", "a.jsonl", "--data", "b.jsonl"]).data == \
+        ["a.jsonl", "b.jsonl"]
+    base, _, data = base_dir
+    code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data")
+    assert code == 2 and "--data" in err and not (tmp_path / "o").exists()  # not the task suite in its place
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(json.dumps(CONVS[0]) + '\n{"messages": [{"role": "user", "content": "cut \\ud83d"}]}\n')
+    code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--data", cut,
+                        "--no-progress")
+    assert code == 1 and err == f"error: {cut}:2: text is not valid Unicode (lone surrogate \\ud83d); fix or " \
+                                "remove that record\n"

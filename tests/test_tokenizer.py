@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 
 import pytest
@@ -267,4 +268,34 @@ def test_cli_user_errors(tmp_path):
     bad.write_text('{"text": "ok"}\n{broken\n')
     module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(bad))
     with pytest.raises(UserError, match="bad.jsonl:2"):
+        module.run(args)
+
+
+def test_cli_data_files_add_up(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"text": "from a"}\n')
+    b.write_text('{"text": "from b"}\n')
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(a), "--data", str(b))
+    assert module._training_texts(args) == ["from a", "from b"]
+    with pytest.raises(SystemExit):  # `--data $(ls empty/*.jsonl)`: an error, not the task suite
+        cli_args("train", "--out", str(tmp_path / "tok"), "--data")
+
+
+def test_cli_out_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
+    from nanoseek.cli import UserError
+
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    module, args = cli_args("train", "--out", str(out), "--n-docs", "50")
+    monkeypatch.setattr(module, "train_tokenizer", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(UserError, match=re.escape(f"--out {out} is a file; name a directory")):
+        module.run(args)
+    assert out.read_text() == "keep me"
+
+
+def test_cli_data_that_is_a_directory(tmp_path):
+    from nanoseek.cli import UserError
+
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(tmp_path))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path} is a directory; give the files in it")):
         module.run(args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -37,6 +38,8 @@ ENCODE_BATCH = 512  # documents tokenized per call (the Rust tokenizer paralleli
 def read_records(path) -> Iterator[dict]:
     """Records of a JSONL (.jsonl/.json, one object a line) or Parquet (.parquet) file."""
     path = Path(path)
+    if path.is_dir():  # e.g. a Parquet dataset as Spark or HF datasets write it
+        raise ValueError(f"{path} is a directory; give the files in it (e.g. {path}/*.parquet or {path}/*.jsonl)")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
@@ -45,36 +48,52 @@ def read_records(path) -> Iterator[dict]:
     raise ValueError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; expected .jsonl, .json or .parquet")
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    try:
-        yield from _jsonl_records(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-
-
-def _jsonl_records(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a decoding error can name its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: skip a byte-order mark
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg}") from e
+                raise ValueError(f"{where}: not valid JSON: {e.msg}") from e
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply (a record is {{'text': ...}} or "
+                                 "{'messages': [...]})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            # A lone \ud800 escape is valid JSON, but no tokenizer can encode it (e.g. text cut inside an emoji).
+            # Only an escape can make one (strict UTF-8 refuses encoded surrogates), so other lines skip the check.
+            bad = "\\u" in line and _SURROGATE.search(json.dumps(record, ensure_ascii=False))
+            if bad:
+                raise ValueError(f"{where}: text is not valid Unicode (lone surrogate \\u{ord(bad.group()):04x}); "
+                                 "fix or remove that record")
             yield record
 
 
 def _read_parquet(path: Path) -> Iterator[dict]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'nanoseek[parquet]', or pyarrow)") from e
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    for batch in pq.ParquetFile(path).iter_batches():
-        yield from batch.to_pylist()
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: cannot read as Parquet: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: a string column is not UTF-8 text ({e.reason})") from None
 
 
 def _paths(paths) -> list:
@@ -95,9 +114,11 @@ def check_messages(messages) -> None:
 
 
 def render_messages(messages: list[dict], tokenizer=None) -> str:
-    """A chat as training text: the tokenizer's chat template, or `role: content` lines without one."""
+    """A chat as training text: the tokenizer's chat template without its opening BOS and closing EOS (build_shards
+    puts every document between the two), or `role: content` lines without a tokenizer."""
     if tokenizer is not None:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        return text.removeprefix(tokenizer.bos_token or "").removesuffix(tokenizer.eos_token or "")
     return "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages)
 
 

@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
-    p.add_argument("--data", nargs="+", action="extend", default=[],
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
                    help="JSONL/Parquet files with {'text'} or {'messages'} (repeatable); default: the task suite")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
@@ -160,6 +160,7 @@ def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
     fall to 7% of the level-1 documents, against a quarter of the evaluation (bench/results/pretrain_cpu.md)."""
     import random
 
+    from ..data.corpus import render_messages
     from ..data.tasks import mixture, to_chat, to_text
 
     n_all = n_l2 = n_docs * 15 // 100
@@ -172,8 +173,7 @@ def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
     for i, p in enumerate(problems):
         docs.append(to_text(p))
         if i % 4 == 0:
-            chat = tok.apply_chat_template(to_chat(p)["messages"], add_generation_prompt=False, tokenize=False)
-            docs.append(chat.removeprefix(tok.decode([tok.bos_id])))  # build_shards adds BOS itself
+            docs.append(render_messages(to_chat(p)["messages"], tok))
     return docs
 
 

@@ -134,8 +134,7 @@ def load_conversations(cfg: SFTConfig) -> list[dict]:
 
 
 def tokenize_conversations(convs: list[dict], tok) -> list[tuple[list[int], list[int]]]:
-    samples = [tok.chat_sample(c["messages"]) for c in convs]
-    return [(ids, mask) for ids, mask in samples if any(mask)]  # nothing to learn from prompt-only records
+    return [tok.chat_sample(c["messages"]) for c in convs]
 
 
 def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
@@ -156,9 +155,13 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
         raise UserError(f"{source}: no tokenizer.json (SFT renders chats with the model directory's own tokenizer)")
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
-    samples = tokenize_conversations(load_conversations(cfg), tok)
+    convs = tokenize_conversations(load_conversations(cfg), tok)
+    samples = [(ids, mask) for ids, mask in convs if any(mask)]  # nothing to learn from prompt-only records
     if not samples:
         raise UserError("no conversation has an assistant turn to learn from")
+    if len(samples) < len(convs):
+        print(f"sft: {len(convs) - len(samples)} of {len(convs)} conversations have no assistant turn and are left "
+              "out", file=sys.stderr)
     fits = [(ids, mask) for ids, mask in samples if mask.index(1) < cfg.seq_len]  # a row keeps seq_len + 1 tokens
     if len(fits) < len(samples):
         if not fits:
@@ -188,8 +191,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="starting model directory (e.g. RUN/model of a pretraining run)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--data", nargs="*", default=[],
-                   help="chat JSONL/Parquet ({'messages': [...]}); default: task suite in R1 format")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="chat JSONL/Parquet ({'messages': [...]}; repeated --data add up); default: task suite in "
+                        "R1 format")
     p.add_argument("--n-samples", type=POSITIVE_INT, default=4000,
                    help="task-suite conversations when no --data (default 4000)")
     p.add_argument("--steps", type=POSITIVE_INT, default=300, help="optimiser steps (default 300)")
