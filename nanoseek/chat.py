@@ -1,9 +1,9 @@
 """`nanoseek chat --model DIR`: talk to a model in the terminal, in process (no server).
 
-Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint on a terminal; NO_COLOR turns styling off) and
-the answer in normal text. Earlier turns stay in the conversation without their reasoning, as R1 expects; when the
-conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts over, `/exit` (or EOF,
-Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
+Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint, on a terminal only; NO_COLOR
+turns styling off) and the answer in normal text. Earlier turns stay in the conversation without their reasoning, as
+R1 expects; when the conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts
+over, `/exit` (or EOF, Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
 """
 
 from __future__ import annotations

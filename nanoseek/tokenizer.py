@@ -259,8 +259,10 @@ class Tokenizer:
 
     # text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        if len(text) > LONG_TEXT:  # encode_batch releases the GIL (encode holds it: a server thread tokenizing a
-            return self.encode_batch([text], add_bos)[0]  # megabyte prompt stalled every stream for seconds)
+        # encode_batch releases the GIL and encode holds it: a server thread tokenizing a megabyte prompt with
+        # encode stalled every stream for seconds
+        if len(text) > LONG_TEXT:
+            return self.encode_batch([text], add_bos)[0]
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self._require(self.bos_id, "bos")] + ids if add_bos else ids
 

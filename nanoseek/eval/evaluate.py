@@ -49,7 +49,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def _last_boxed(text: str) -> str | None:
-    """What the last closed \\boxed{…} holds, nested braces included (\\boxed{\\frac{3}{4}} is \\frac{3}{4}, not 4)."""
+    """What the last closed \\boxed{…} holds, nested braces included: \\boxed{\\frac{3}{4}} is \\frac{3}{4},
+    not 4."""
     for m in reversed(list(re.finditer(r"\\boxed\{", text))):
         depth = 1
         for i in range(m.end(), len(text)):

@@ -221,7 +221,8 @@ def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
 
 def _encode(rt: Runtime, text: str, param: str, add_bos: bool = False) -> list[int]:
     """Tokenize a prompt; one far longer than the context is refused by its length in characters, untokenized."""
-    if len(text) > 4 * rt.max_model_len and len(text) > 4 * rt.max_model_len * rt.tokenizer.longest_token:
+    limit = 4 * rt.max_model_len  # (a cheap first test: longest_token reads the whole vocabulary once)
+    if len(text) > limit and len(text) > limit * rt.tokenizer.longest_token:
         raise ApiError(400, f"the prompt has {len(text)} characters, far more than this server's context of "
                             f"{rt.max_model_len} tokens holds (--max-model-len)", param=param,
                        code="context_length_exceeded")

@@ -113,7 +113,8 @@ class URLTeacher:
     def _first_model(self) -> str:
         models = self._request("/models").get("data")
         if not isinstance(models, list) or not models or not isinstance(models[0], dict) or "id" not in models[0]:
-            raise ConnectionError(f"{self.base}/models lists no model (name one: distill --teacher-model, eval --served-model)")
+            raise ConnectionError(f"{self.base}/models lists no model (name one: distill --teacher-model, "
+                                  "eval --served-model)")
         return models[0]["id"]
 
     def ask(self, question: str, max_tokens: int, temperature: float, seed: int) -> Trace:
