@@ -247,7 +247,8 @@ def write_report(root: Path, price: float | None = None) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE
 
-    p.add_argument("run", help="a run directory (with metrics.jsonl) or a speedrun directory")
+    p.add_argument("run", help="a run directory (with metrics.jsonl) or a speedrun directory; report.md and its PNG "
+                   "plots are written into it, replacing an earlier report")
     p.add_argument("--price-per-hour", type=NONNEGATIVE,
                    help="dollars per device-hour (default: what each run recorded)")
 
