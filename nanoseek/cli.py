@@ -117,7 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    code = run_verb(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the
+        # interpreter, abort a finished run now and then ("terminate called without an active exception", exit -6).
+        # Everything is written and closed by now: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_verb(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:

@@ -471,15 +471,29 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch, capsys):
 
 
 DDP_SCRIPT = '''
-import json, sys
+import sys
 import nanoseek.train.grpo as grpo_module
+from nanoseek.cli import main
 from test_grpo_math import sevens
 grpo_module.judge = sevens
-cfg = grpo_module.GRPOConfig(**json.loads(sys.argv[1]))
-result = grpo_module.grpo(cfg)
-if result is not None:
-    print(json.dumps(result))
+main(["grpo", *sys.argv[1:]])  # as `torchrun ... -m nanoseek grpo ...` runs it, with this file's reward
 '''
+
+
+def grpo_flags(cfg: dict) -> list[str]:
+    """GRPOConfig fields -> `nanoseek grpo` flags."""
+    flags = []
+    for key, value in cfg.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "progress":
+            flags += [] if value else ["--no-progress"]
+        elif value is True:
+            flags.append(flag)
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif value is not False:
+            flags += [flag, str(value)]
+    return flags
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo"])
@@ -509,7 +523,7 @@ def test_two_gloo_processes_match_one(tmp_path, monkeypatch, loss):
     here = os.path.dirname(__file__)  # the script imports this file's reward
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        json.dumps({**common, "out": str(tmp_path / "two")})],
+                        *grpo_flags({**common, "out": str(tmp_path / "two")})],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "rror" in line)[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["cost"]["device"].endswith("2 processes")
