@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = run_verb(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    loop = sys.modules.get("nanoseek.train.loop")
+    if loop is not None and loop.STARTED_PROCESS_GROUP:
         # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the
         # interpreter, abort a finished run now and then ("terminate called without an active exception", exit -6).
         # Everything is written and closed by now: leave without the teardown.

@@ -100,14 +100,19 @@ class Dist:
             p.grad = g.view_as(p).clone()
 
 
+STARTED_PROCESS_GROUP = False  # set by init_distributed; cli.main then leaves without the interpreter's teardown
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
     from ..device import resolve_device
 
+    global STARTED_PROCESS_GROUP
     device = resolve_device(device, allow_mps=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device(device if device != "cuda" else "cuda:0"))
+    STARTED_PROCESS_GROUP = True
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local)
