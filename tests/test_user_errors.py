@@ -197,6 +197,13 @@ def test_data_files_add_up_and_a_tokenizer_without_bos_is_refused(capsys, tmp_pa
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r3", *TINY, "--data", a, "--tokenizer",
                         tmp_path / "tok")
     assert code == 1 and "no begin/end-of-sentence token" in err
+    for flags, says in ((["--tokenizer", tmp_path / "tok", "--vocab-size", "300"], "brings its own vocabulary"),
+                        (["--set", "max_position_embeddings=16"], "shorter than a training row")):
+        code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r4", *TINY, *flags)
+        assert code == 1 and says in err  # was silently ignored or raised
+    code, err = run_cli(capsys, "distill", "--teacher", "ftp://host/model", "--student", tmp_path, "--out",
+                        tmp_path / "d")
+    assert code == 1 and "http:// or https://" in err
 
 
 def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_path):

@@ -262,6 +262,8 @@ def distill(cfg: DistillConfig) -> dict:
 
     # everything that can be checked is checked before any teacher time is spent
     device = resolve_device(cfg.device, allow_mps=False)
+    if "://" in cfg.teacher and not is_url(cfg.teacher):
+        raise UserError(f"--teacher {cfg.teacher}: a teacher URL is http:// or https://")
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
     if cfg.student and not all((Path(cfg.student) / f).is_file() for f in ("config.json", "tokenizer.json")):

@@ -107,6 +107,11 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     d["micro_batch_size"] = loop.micro_batch_default(d["batch_size"], d["micro_batch_size"],
                                                      args.micro_batch_size is not None)
     overrides = parse_overrides(args.set, args.preset)
+    if args.tokenizer and args.vocab_size:
+        raise UserError("--vocab-size sizes a tokenizer trained for this run; --tokenizer brings its own vocabulary")
+    if overrides.get("max_position_embeddings", d["seq_len"]) < d["seq_len"]:
+        raise UserError(f"--set max_position_embeddings={overrides['max_position_embeddings']} is shorter than a "
+                        f"training row (--seq-len {d['seq_len']})")
     return PretrainConfig(
         out=args.out, preset=args.preset, data=args.data, resume=args.resume, save_every=args.save_every,
         seed=args.seed, stop_at=args.stop_at, schedule=args.schedule, mtp_weight=args.mtp_weight,
