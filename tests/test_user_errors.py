@@ -167,6 +167,18 @@ def test_resume_keeps_the_runs_own_length_unless_given(capsys, tmp_path):
     assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 4  # given: extends the run
 
 
+def test_sft_and_grpo_resume_without_model(capsys, tmp_path):
+    base = tmp_path / "base"
+    assert run_cli(capsys, "pretrain", "--out", base, *TINY)[0] == 0
+    sft = ["--steps", "2", "--batch-size", "2", "--seq-len", "64", "--n-samples", "8", "--no-progress"]
+    assert run_cli(capsys, "sft", "--model", base / "model", "--out", tmp_path / "s", *sft, "--stop-at", "1")[0] == 0
+    assert run_cli(capsys, "sft", "--out", tmp_path / "s", "--resume", "--no-progress")[0] == 0  # the run's own model
+    assert json.loads((tmp_path / "s" / "train_state" / "state.json").read_text())["step"] == 2
+    for verb in ("sft", "grpo"):
+        code, err = run_cli(capsys, verb, "--out", tmp_path / f"new-{verb}", "--no-progress")
+        assert code == 1 and "--model names the model to start from" in err
+
+
 def test_resume_trains_on_the_runs_own_shards_after_the_data_changed(capsys, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": f"document {i}: {i} + {i} = {2 * i}"}) + "\n" for i in range(40)))

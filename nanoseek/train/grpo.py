@@ -423,6 +423,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if cfg.prompts_per_step % d.world_size:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
+    if not resuming and not cfg.model:
+        raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
     d.barrier()  # every rank has read the run directory before rank 0 writes to it
     pool = None
     if cfg.data:
@@ -528,7 +530,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
-    p.add_argument("--model", required=True, help="starting model: the SFT model (r1) or a base model (r1-zero)")
+    p.add_argument("--model", default="", help="starting model: the SFT model (r1) or a base model (r1-zero); --resume of a run uses its own")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1",
                    help="r1: prompts through the model's chat template (after SFT); r1-zero: R1-Zero's plain-text "

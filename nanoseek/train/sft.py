@@ -144,6 +144,8 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 
     d = loop.init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data"))
+    if not resuming and not cfg.model:
+        raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
     loop.grad_accum_steps(cfg, d)
     run = Path(cfg.out)
     if d.is_main:
@@ -189,7 +191,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
-    p.add_argument("--model", required=True, help="starting model directory (e.g. RUN/model of a pretraining run)")
+    p.add_argument("--model", default="", help="starting model directory (e.g. RUN/model of a pretraining run); --resume of a run uses its own")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
                    help="chat JSONL/Parquet ({'messages': [...]}; repeated --data add up); default: task suite in "
