@@ -24,11 +24,8 @@ import time
 import torch
 
 
-OUT_OF_MEMORY = (torch.OutOfMemoryError, RuntimeError, MemoryError)
-
-
 def out_of_memory(e: BaseException) -> bool:
-    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory"), which is no subclass."""
+    """A GPU's OutOfMemoryError, or the CPU allocator's plain RuntimeError ("can't allocate memory")."""
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in str(e)
 
 
@@ -295,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
             r = measure_decode(engine, B, args, spec=True)
             r["speedup"] = r["decode_tok_s"] / next(d["decode_tok_s"] for d in decode if d["batch"] == B)
             spec.append(r)
-    except OUT_OF_MEMORY as e:
+    except (RuntimeError, MemoryError) as e:  # OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
             raise
         raise UserError(f"decoding at batch {B} ran out of {device} memory: use smaller --batch-sizes") from None
@@ -309,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer = TRAIN_PRESETS[args.preset].get("optimizer", "adamw") if args.preset else "adamw"
         try:
             train = measure_train(load(args, cfg, device, torch.float32), args, device, optimizer)
-        except OUT_OF_MEMORY as e:
+        except (RuntimeError, MemoryError) as e:  # OutOfMemoryError is a RuntimeError
             if not out_of_memory(e):
                 raise
             raise UserError(f"a training step of {args.train_batch} x {args.seq_len} tokens ran out of {device} "

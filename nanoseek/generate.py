@@ -148,7 +148,7 @@ def encode(prompts: list[Prompt], tok) -> list[list[int]]:
     ids = []
     for p in prompts:
         if p.messages is None:
-            ids.append(tok.encode(p.shown, add_bos=tok.bos_id is not None and not p.shown.startswith(tok.bos_token)))
+            ids.append(tok.encode(p.shown, add_bos=tok.needs_bos(p.shown)))
             continue
         if tok.chat_template is None:
             raise UserError(f"{p.where}: this model's tokenizer has no chat template (drop --chat / use prompts)")

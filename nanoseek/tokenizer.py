@@ -266,6 +266,10 @@ class Tokenizer:
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self._require(self.bos_id, "bos")] + ids if add_bos else ids
 
+    def needs_bos(self, text: str) -> bool:
+        """Does a raw-text prompt get a BOS put first (as HF tokenizers and /v1/completions do)? Not if it has one."""
+        return self.bos_id is not None and not text.startswith(self.bos_token)
+
     @functools.cached_property
     def longest_token(self) -> int:
         """The most characters of a vocabulary entry: a text of more than 4 × n × this cannot be n tokens or fewer

@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
-    from ..train.teacher import URLTeacher, is_url
+    from ..train.teacher import URLTeacher, check_scheme, is_url
 
     if args.samples > 1 and args.temperature <= 0:
         raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
@@ -329,8 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
-    if "://" in args.model and not is_url(args.model):
-        raise UserError(f"--model {args.model}: a model behind a URL is reached over http:// or https://")
+    check_scheme(args.model, "--model")
     if is_url(args.model):
         if args.prompt != "chat":
             raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")

@@ -7,10 +7,9 @@ Chat prompts are rendered with the model directory's own chat template (`add_gen
 `<think>…</think>` reasoning comes back in `message.reasoning_content` and `message.reasoning` (vLLM's name), the rest
 in `content` (reasoning.py). Log-probabilities (chat `logprobs` / `top_logprobs`, completions `logprobs` and `echo`,
 which scores a prompt's own tokens as evaluation harnesses do, with `max_tokens: 0` alone) come in OpenAI's shapes
-(logprobs.py). Sampling
-defaults come from the directory's generation_config.json. Bad input never gives a 500: every error is a 4xx with
-OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties, logit_bias, response_format,
-tools, best_of) are accepted only at their "off" values.
+(logprobs.py). Sampling defaults come from the directory's generation_config.json. Bad input never gives a 500:
+every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties,
+logit_bias, response_format, tools, best_of) are accepted only at their "off" values.
 With `--api-key` (or NANOSEEK_API_KEY) every endpoint but `/health` and the static page needs `Authorization: Bearer
 KEY`. Bound to a loopback address, requests must also name a loopback host (so a web page elsewhere cannot reach the
 server through DNS rebinding).
@@ -239,7 +238,7 @@ def completion_prompts(rt: Runtime, prompt) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            ids = _encode(rt, p, "prompt", add_bos=tok.bos_id is not None and not p.startswith(tok.bos_token))
+            ids = _encode(rt, p, "prompt", add_bos=tok.needs_bos(p))
         else:
             ids = list(p)
             if any(not 0 <= t < rt.engine.cfg.vocab_size for t in ids):
@@ -294,7 +293,7 @@ def echoes(rt: Runtime, req: CompletionRequest, prompts: list[list[int]]) -> lis
     out = []
     for ids, original in zip(prompts, sent, strict=True):
         text = original if isinstance(original, str) else rt.tokenizer.decode(ids)
-        added = len(ids) - len(rt.tokenizer.encode(original)) if isinstance(original, str) else 0  # the BOS: 0 or 1
+        added = int(isinstance(original, str) and rt.tokenizer.needs_bos(original))  # the BOS is not echoed
         scored = [] if req.logprobs_k is None else list(zip(ids, rt.engine.score(ids, req.logprobs_k)))[added:]
         out.append(Echo(text, scored))
     return out

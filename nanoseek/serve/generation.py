@@ -65,8 +65,7 @@ class Generation:
                 tracker = SectionTracker(think, end_think, in_reasoning, rt.stop_ids)
             self.jobs.append(Job(prompt, p, partial(self._deliver, loop, i), budget, tracker, force))
         self.finish_reasons: list[str | None] = [None] * len(self.jobs)
-        # log-probabilities per choice and section: all of them, and those not handed out in an event yet
-        self.logprobs = [{"reasoning": [], "content": []} for _ in self.jobs]
+        # log-probabilities per choice and section not handed out in an event yet
         self._pending = [{"reasoning": [], "content": []} for _ in self.jobs]
         self._live: set[int] = set()
 
@@ -107,7 +106,6 @@ class Generation:
         if kind == "content" and len(dec.content.text) == shown and (dec.stopped or not shown):
             kind = None  # it added no text to the answer: the whitespace after </think>, or text a stop string cut
         if kind in ("reasoning", "content"):
-            self.logprobs[i][kind].append((tok, logprob))
             self._pending[i][kind].append((tok, logprob))
         if dec.stopped:  # a stop string: cut here
             if not finished:
@@ -132,10 +130,12 @@ class Generation:
         return taken
 
     async def collect(self) -> list[Choice]:
-        async for _ in self.events():
-            pass
-        return [Choice(i, d.content_text, d.reasoning_text, self.finish_reasons[i], lp["reasoning"], lp["content"])
-                for i, (d, lp) in enumerate(zip(self.decoders, self.logprobs))]
+        reasoning, content = [[] for _ in self.jobs], [[] for _ in self.jobs]  # the events' log-probabilities
+        async for e in self.events():
+            reasoning[e.index] += e.reasoning_logprobs
+            content[e.index] += e.content_logprobs
+        return [Choice(i, d.content_text, d.reasoning_text, self.finish_reasons[i], reasoning[i], content[i])
+                for i, d in enumerate(self.decoders)]
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, sum(d.num_tokens for d in self.decoders),

@@ -28,7 +28,7 @@ import torch
 
 from . import loop
 from .rewards import judge
-from .teacher import LocalTeacher, is_url, make_teacher
+from .teacher import LocalTeacher, check_scheme, is_url, make_teacher
 
 
 @dataclass
@@ -262,8 +262,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     # everything that can be checked is checked before any teacher time is spent
     device = resolve_device(cfg.device, allow_mps=False)
-    if "://" in cfg.teacher and not is_url(cfg.teacher):
-        raise UserError(f"--teacher {cfg.teacher}: a teacher URL is http:// or https://")
+    check_scheme(cfg.teacher, "--teacher")
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
     if cfg.student and not all((Path(cfg.student) / f).is_file() for f in ("config.json", "tokenizer.json")):

@@ -530,7 +530,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
-    p.add_argument("--model", default="", help="starting model: the SFT model (r1) or a base model (r1-zero); --resume of a run uses its own")
+    p.add_argument("--model", default="",
+                   help="starting model: the SFT model (r1) or a base model (r1-zero); "
+                        "--resume of a run uses its own")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--mode", choices=["r1", "r1-zero"], default="r1",
                    help="r1: prompts through the model's chat template (after SFT); r1-zero: R1-Zero's plain-text "

@@ -191,7 +191,9 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
-    p.add_argument("--model", default="", help="starting model directory (e.g. RUN/model of a pretraining run); --resume of a run uses its own")
+    p.add_argument("--model", default="",
+                   help="starting model directory (e.g. RUN/model of a pretraining run); "
+                        "--resume of a run uses its own")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
                    help="chat JSONL/Parquet ({'messages': [...]}; repeated --data add up); default: task suite in "

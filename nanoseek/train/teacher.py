@@ -162,6 +162,14 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
+def check_scheme(spec: str, option: str) -> None:
+    """A model named with another scheme (ftp://…) would otherwise be read as a directory path."""
+    from ..cli import UserError
+
+    if "://" in spec and not is_url(spec):
+        raise UserError(f"{option} {spec}: a model behind a URL is reached over http:// or https://")
+
+
 def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None
                  ) -> LocalTeacher | URLTeacher:
     """A URL teacher asks for `model` (default: the first one its /models lists); a directory is a local teacher."""
