@@ -94,7 +94,6 @@ def test_read_parquet(tmp_path):
     assert list(read_texts(tmp_path / "d.parquet")) == ["x", "y"]
 
 
-
 def test_lone_surrogate_names_its_line(tmp_path):
     """Valid JSON, but no tokenizer can encode it: refused where it is read, in text and in messages alike."""
     p = tmp_path / "d.jsonl"
