@@ -13,7 +13,7 @@ import pytest
 from nanoseek.data.tasks import generate
 from nanoseek.train.distill import DistillConfig, collect_traces, filter_traces, trace_problems
 from nanoseek.train.teacher import URLTeacher, split_reasoning
-from test_serve import ServerProcess, build_model_dir
+from test_serve import ServerProcess, build_model_dir, free_port
 
 KEY = "distill-key"
 
@@ -131,6 +131,28 @@ def test_replies_that_are_not_the_api_are_one_line_errors_and_claim_nothing(serv
                         str(tmp_path / "run"), "--n", "2", "--max-tokens", "8", "--no-progress"],
                        capture_output=True, text=True, env=env)
     assert "no trace passed verification" in r.stderr, r.stderr  # it asked the teacher
+
+
+def test_a_refused_connection_fails_at_once_until_the_server_has_answered(server, monkeypatch):
+    """A wrong port is a one-line error without the ~30 s of retries; once the server has answered, a refused
+    connection (a server restarting) is retried with backoff."""
+    from nanoseek.train import teacher as teacher_module
+
+    sleeps = []
+    monkeypatch.setattr(teacher_module.time, "sleep", sleeps.append)
+    refused = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match="cannot reach .*is the server running"):
+        URLTeacher(refused)
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        URLTeacher(refused, model="m").ask("2 + 2?", 8, 0.0, 0)
+    assert sleeps == []
+    s, _ = server
+    monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", KEY)
+    teacher = URLTeacher(s.url, retries=2)  # asks /models: the server has answered
+    teacher.base = refused + "/v1"
+    with pytest.raises(ConnectionError) as e:
+        teacher.ask("2 + 2?", 8, 0.0, 0)
+    assert "cannot reach" not in str(e.value) and sleeps == [1.0, 2.0]
 
 
 def test_kd_weight_with_a_url_teacher_is_refused_before_asking(server, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +84,7 @@ class URLTeacher:
             self.base += "/v1"
         self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
+        self.answered = False  # until the server has answered once, a refused connection is a wrong URL: no retry
         self.model = model or self._first_model()
 
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -102,9 +104,14 @@ class URLTeacher:
                     hint = " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)" if e.code == 401 else ""
                     raise ConnectionError(f"{self.base}{path}: HTTP {e.code}: {detail}{hint}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                unreachable = isinstance(getattr(e, "reason", e), (ConnectionRefusedError, socket.gaierror))
+                if unreachable and not self.answered:
+                    raise ConnectionError(f"cannot reach {self.base}{path}: {getattr(e, 'reason', e)} (is the server "
+                                          "running, and is the URL right?)") from None
                 if attempt == self.retries:
                     raise ConnectionError(f"{self.base}{path}: {e}") from None
             else:
+                self.answered = True
                 return _reply(raw, self.base + path)  # a reply that is not the API's will not heal: no retry
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
