@@ -167,6 +167,16 @@ def test_resume_keeps_the_runs_own_length_unless_given(capsys, tmp_path):
     assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 4  # given: extends the run
 
 
+def test_a_finished_run_resumed_reports_where_it_is(capsys, tmp_path):
+    run, args = tmp_path / "run", [a for a in TINY if a not in ("--steps", "1")]
+    assert run_cli(capsys, "pretrain", "--out", run, *args, "--steps", "2")[0] == 0
+    for extra in ([], ["--steps", "1"]):
+        assert main(["pretrain", "--out", str(run), "--resume", "--no-progress", *extra]) == 0
+        out = capsys.readouterr()
+        summary = json.loads(out.out.strip().splitlines()[-1])
+        assert "already at step 2" in out.err and summary["steps"] == 2 and summary["final"]["step"] == 2, summary
+
+
 def test_sft_and_grpo_resume_without_model(capsys, tmp_path):
     base = tmp_path / "base"
     assert run_cli(capsys, "pretrain", "--out", base, *TINY)[0] == 0

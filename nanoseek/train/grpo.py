@@ -524,7 +524,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if not d.is_main:
         return None
     cost = loop.run_cost(run, d, prior_wall + timer.elapsed(), flops, cfg.price_per_hour)
-    return {"stage": "grpo", "model": str(run / "model"), "steps": cfg.end, "final": row, "cost": cost}
+    return loop.run_summary("grpo", run, max(start, cfg.end), row, cost)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -279,6 +279,14 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+def run_summary(stage: str, run: Path, step: int, last: dict, cost: dict) -> dict:
+    """The JSON a training command ends with. `step`: where the run is; `last`: the last row this invocation logged,
+    or (a resumed run that was already done) the run's last logged row."""
+    if not last:
+        last = (read_metrics(run / "metrics.jsonl") or [{}])[-1]
+    return {"stage": stage, "model": str(run / "model"), "steps": step, "final": last, "cost": cost}
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU on GPUs.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
                  "4090": 165e12}
@@ -585,4 +593,4 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     cost = run_cost(run, d, prior_wall + timer.elapsed(), prior_flops + total_flops, cfg.price_per_hour)
     print(f"cost: {cost['device_hours']} device-hours, {cost['flops']:.3g} FLOPs, MFU {cost['mfu']:.1%} "
           f"({cost['device']}), ${cost['dollars']} at ${cfg.price_per_hour}/device-hour", file=sys.stderr)
-    return {"stage": stage, "model": str(run / "model"), "steps": cfg.end, "final": last, "cost": cost}
+    return run_summary(stage, run, max(start, cfg.end), last, cost)
