@@ -51,6 +51,22 @@ def test_train_eval_disjoint(family, level):
     assert all(p.family == family and p.level == level for p in train + evals)
 
 
+def test_a_word_problem_is_one_problem_in_every_template():
+    """The same generated values in each template of a scenario and level are one problem (one uid, one split),
+    whatever order the template states them in ("Rosa is 15. Ivan is 3 years older" / "3 years older than Priya,
+    who is 15"), so a held-out word problem is never trained on in another phrasing."""
+    import random as stdlib_random
+
+    from nanoseek.data.tasks import SCENARIOS, WORD_TEMPLATES
+
+    for (scenario, level), templates in WORD_TEMPLATES.items():
+        for seed in range(20):
+            values, _, answer = SCENARIOS[scenario](stdlib_random.Random(seed), level)
+            uids = {Problem("word", level, t.format(**values), (), str(answer), {"scenario": scenario}).uid
+                    for t in templates}
+            assert len(uids) == 1, (scenario, level, [t.format(**values) for t in templates])
+
+
 def test_uid_is_hash_of_content_not_phrasing():
     p = generate("arithmetic", 1, 1)[0]
     q = Problem(p.family, p.level, "Compute " + p.meta["expression"], (), p.answer, dict(p.meta))

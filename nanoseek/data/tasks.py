@@ -55,8 +55,8 @@ class Problem:
             key = self.meta["expression"]
         elif self.family == "countdown" and "numbers" in self.meta:
             key = f"{sorted(self.meta['numbers'])} -> {self.meta['target']}"
-        elif self.family == "word" and "scenario" in self.meta:
-            key = f"{self.meta['scenario']}:{self.level}:{re.findall(DIGITS, self.question)}"
+        elif self.family == "word" and "scenario" in self.meta:  # templates state the values in different orders
+            key = f"{self.meta['scenario']}:{self.level}:{sorted(map(int, re.findall(DIGITS, self.question)))}"
         else:
             key = " ".join(self.question.lower().split())
         return hashlib.sha256(f"{self.family}\n{key}".encode()).hexdigest()[:16]
