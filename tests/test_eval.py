@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_model_dir
 from nanoseek.cli import main
-from nanoseek.data.tasks import check, from_record
+from nanoseek.data.tasks import Problem, check, from_record, generate
 from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, run_eval, summarize
 
 RECORDS = [
@@ -77,6 +77,9 @@ def test_summary_by_hand():
     assert "cells" not in s  # one family: the levels are the cells
     one = summarize([_result(p1, ["7"], "7"), _result(p2, ["3"], "36")])
     assert one == {"n": 2, "pass@1": 0.5, "levels": {"1": {"n": 2, "pass@1": 0.5}}}  # no maj@1 / pass@1 twice
+    p = generate("arithmetic", 1, 1)[0]
+    again = Problem(p.family, p.level, "Compute " + p.meta["expression"], p.steps, p.answer, p.meta)  # rephrased
+    assert summarize([_result(p, ["7"], "7"), _result(again, ["7"], "7")])["distinct"] == 1
 
 
 def test_pass_at_k_estimator_and_cells():

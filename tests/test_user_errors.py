@@ -75,7 +75,7 @@ def test_a_fresh_pretrain_makes_its_own_tokenizer(capsys, tmp_path):
     assert len(vocab) == 280
 
 
-def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path):
+def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path, monkeypatch):
     """eval --out replaces only an earlier eval --out file; tasks --out and tokenizer train need --overwrite."""
     data = tmp_path / "problems.jsonl"
     data.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
@@ -94,6 +94,15 @@ def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path):
     assert run_cli(capsys, "tasks", "--out", data, "--n", 2, "--overwrite")[0] == 0
     assert len(data.read_text().splitlines()) == 2
     assert "name it .jsonl" in run_cli(capsys, "tasks", "--out", tmp_path / "q.parquet", "--n", 2)[1]
+    from nanoseek.data import tasks
+
+    def small_cell(family, level, n, **kw):  # the error a cell gives when --n asks more than it holds
+        raise ValueError(f"only 3 distinct eval problems found for {family}:{level}, {n} asked")
+
+    monkeypatch.setattr(tasks, "generate", small_cell)
+    code, err = run_cli(capsys, "tasks", "--out", tmp_path / "big.jsonl", "--tasks", "word:1", "--n", 5, "--split", "eval")
+    assert code == 1 and err.startswith("error: only 3 distinct") and "--n" in err and "Traceback" not in err, err
+    monkeypatch.undo()
     tok = tmp_path / "tok"
     assert run_cli(capsys, "tokenizer", "train", "--out", tok, "--n-docs", 50)[0] == 0
     code, err = run_cli(capsys, "tokenizer", "train", "--out", tok, "--n-docs", 50)

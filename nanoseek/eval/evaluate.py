@@ -194,7 +194,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize(results: list[EvalResult]) -> dict:
     """pass@1 (mean over samples); when K > 1 also maj@K and pass@k for k = 2, 4, 8, … and K; the same per level,
-    per family and per (family, level) cell."""
+    per family and per (family, level) cell. `distinct`: how many different problems the n are, when fewer."""
     def score(rs):
         out = {"n": len(rs), "pass@1": round(sum(sum(r.correct) / len(r.correct) for r in rs) / max(1, len(rs)), 4)}
         K = len(rs[0].correct) if rs else 1
@@ -211,6 +211,9 @@ def summarize(results: list[EvalResult]) -> dict:
         return out
 
     summary = score(results)
+    distinct = len({r.problem.uid for r in results})
+    if distinct < len(results):  # a small cell's problems come back in other phrasings (tasks.generate)
+        summary["distinct"] = distinct
     by_level, by_family, by_cell = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in results:
         by_level[r.problem.level].append(r)
@@ -272,9 +275,9 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
         raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")
     try:
         cells = tasks.parse_cells(tasks_ or ["all"])
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return tasks.cells_mixture(n, cells, seed=seed, split=split)
+        return tasks.cells_mixture(n, cells, seed=seed, split=split)
+    except ValueError as e:  # a bad cell, or more problems than a small cell holds
+        raise UserError(f"{e}; ask for fewer with --n" if "distinct" in str(e) else str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
