@@ -37,11 +37,11 @@ def sync(device) -> None:
 
 def best_times(fns: dict, N: int, repeats: int, device) -> dict:
     """fns: name -> f(n_new_tokens) -> tokens. Returns name -> [best time for N tokens, best time for 1 token (s),
-    tokens of the last N-token call], after one 2-token warm-up call each; the fns alternate within every repeat,
+    tokens of the last N-token call], after a 2-token and a 1-token warm-up call each; the fns alternate within every repeat,
     so a drifting machine affects them alike."""
     best = {k: [float("inf"), float("inf"), None] for k in fns}
     for k, f in fns.items():
-        f(2)  # warm-up
+        f(2), f(1)  # warm-up of both lengths timed below
     for _ in range(repeats):
         for k, f in fns.items():
             for slot, n in ((0, N), (1, 1)):
@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "layers)")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure a training step: tokens/s, MFU, dollars per million tokens")
+    p.add_argument("--optimizer", choices=["adamw", "muon"],
+                   help="the training step's optimiser (default: the preset's; adamw for --model, whose directory does "
+                        "not record one; the speedrun's pretraining uses muon)")
     p.add_argument("--train-batch", type=POSITIVE_INT, default=8, help="sequences per training step (default 8)")
     p.add_argument("--seq-len", type=bounded(int, 2), default=256, help="tokens per training sequence (default 256)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -95,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reported apart. Default: the eager engine")
     p.add_argument("--price-per-hour", type=NONNEGATIVE, default=2.0, help="dollars per device-hour (default 2.0)")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads (default: PyTorch's choice)")
+
+
+def num(x: float | None, spec: str, unit: str = "") -> str:
+    return "–" if x is None else format(x, spec) + unit
 
 
 def say(msg: str) -> None:
@@ -155,10 +162,14 @@ def measure_decode(engine, B: int, args, spec: bool) -> dict:
         return out
 
     t_n, t_1, _ = best_times({"run": run}, N, args.repeats, engine.device)["run"]
-    # seconds per decode step, excluding prefill and the first token (kept positive: at a tiny N, noise can win)
-    step = max(t_n - t_1, 1e-9) / (N - 1)
-    r = {"batch": B, "prefill_tok_s": B * P / t_1, "first_token_ms": t_1 * 1e3, "decode_tok_s": B / step,
-         "step_ms": step * 1e3, "tokens": counted["tokens"], "decode_steps": counted["decode_steps"]}
+    # seconds per decode step, excluding prefill and the first token; None when the N-token run was no slower than
+    # the 1-token one (at a small N, timing noise can win): no rate is better than a made-up one
+    step = (t_n - t_1) / (N - 1) if t_n > t_1 else None
+    if step is None:
+        say(f"batch {B}: {N} new tokens took no longer than 1, so no decode rate; raise --new-tokens or --repeats")
+    r = {"batch": B, "prefill_tok_s": B * P / t_1, "first_token_ms": t_1 * 1e3,
+         "decode_tok_s": B / step if step else None, "step_ms": step * 1e3 if step else None,
+         "tokens": counted["tokens"], "decode_steps": counted["decode_steps"]}
     if spec:
         r |= {"drafted": counted["drafted"], "accepted": counted["accepted"],
               "acceptance_rate": counted["accepted"] / max(counted["drafted"], 1)}
@@ -224,7 +235,7 @@ def setup(args: argparse.Namespace):
     if device.startswith("mps"):
         raise UserError("--device mps: bench measures cpu or cuda devices")
     device = "cuda:0" if device == "cuda" else device
-    if args.model:
+    if args.model is not None:
         if not os.path.isdir(args.model):
             raise UserError(f"--model {args.model}: no such model directory")
         cfg = read_config(args.model)
@@ -290,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         for B in sorted({sizes[0], sizes[-1]}) if spec_ok else []:  # the smallest batch (1 by default) and largest
             say(f"MTP-speculative decode, batch {B}")
             r = measure_decode(engine, B, args, spec=True)
-            r["speedup"] = r["decode_tok_s"] / next(d["decode_tok_s"] for d in decode if d["batch"] == B)
+            plain = next(d["decode_tok_s"] for d in decode if d["batch"] == B)
+            r["speedup"] = r["decode_tok_s"] / plain if r["decode_tok_s"] and plain else None
             spec.append(r)
     except (RuntimeError, MemoryError) as e:  # OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
@@ -303,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     train = None
     if args.train:
         say(f"training step, batch {args.train_batch} x {args.seq_len} tokens, best of {args.repeats}")
-        optimizer = TRAIN_PRESETS[args.preset].get("optimizer", "adamw") if args.preset else "adamw"
+        optimizer = args.optimizer or (TRAIN_PRESETS[args.preset].get("optimizer", "adamw") if args.preset else "adamw")
         try:
             train = measure_train(load(args, cfg, device, torch.float32), args, device, optimizer)
         except (RuntimeError, MemoryError) as e:  # OutOfMemoryError is a RuntimeError
@@ -337,7 +349,7 @@ def rounded(x):
 
 def print_table(r: dict, name: str) -> None:
     m, c, spec = r["machine"], r["params"], {s["batch"]: s for s in r["speculative"] or []}
-    hw = m["gpu"] or f"{m['cpu']}, {m['threads']} threads on {m['cores']} cores"
+    hw = m["gpu"] or f"{m['cpu']}, {m['threads']} thread{'s' * (m['threads'] != 1)} on {m['cores']} cores"
     if m["load_avg_1m"] is not None:
         hw += f", load average {m['load_avg_1m']:.1f} at the start"
     print(f"nanoseek bench: {name}, {c['total'] / 1e6:.3g}M parameters ({c['active'] / 1e6:.3g}M active per token"
@@ -346,14 +358,15 @@ def print_table(r: dict, name: str) -> None:
           f"{r['new_tokens']} new tokens, greedy, best of {r['repeats']}; "
           + (f"decode compiled ({r['compile_s']:.1f} s to compile)" if r["compile"] else "eager decode (--compile: "
              "torch.compile, as `nanoseek serve` does on the CPU)") + "\n")
-    print("| batch | prefill tok/s | first token ms | decode tok/s | ms/step | MTP-speculative tok/s | vs plain | "
-          "draft acceptance |")
+    print("| batch | prefill tok/s | first token ms | decode tok/s | ms/step | MTP-speculative tok/s (eager) | "
+          f"vs plain{' (compiled)' if r['compile'] else ''} | draft acceptance |")
     print("|---|---|---|---|---|---|---|---|")
     for d in r["decode"]:
         s = spec.get(d["batch"])
-        more = f"{s['decode_tok_s']:.1f} | {s['speedup']:.2f}x | {s['acceptance_rate']:.0%}" if s else "– | – | –"
-        print(f"| {d['batch']} | {d['prefill_tok_s']:.0f} | {d['first_token_ms']:.1f} | {d['decode_tok_s']:.1f} | "
-              f"{d['step_ms']:.2f} | {more} |")
+        more = (f"{num(s['decode_tok_s'], '.1f')} | {num(s['speedup'], '.2f', 'x')} | {s['acceptance_rate']:.0%}" if s
+                else "– | – | –")
+        print(f"| {d['batch']} | {d['prefill_tok_s']:.0f} | {d['first_token_ms']:.1f} | {num(d['decode_tok_s'], '.1f')} | "
+              f"{num(d['step_ms'], '.2f')} | {more} |")
     kv, full = r["kv_cache_bytes_per_token"], r["full_kv_bytes_per_token"]
     print(f"\nKV cache: {kv} bytes per token (MLA latent + rope key, {m['dtype']}); full per-head K/V would be "
           f"{full} ({1 - kv / full:.1%} less)")
