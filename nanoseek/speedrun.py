@@ -81,6 +81,25 @@ def mark_done(stage_dir: Path, result: dict) -> dict:
     return result
 
 
+def claim(out: Path, settings: dict) -> None:
+    """Rerunning resumes, so OUT must hold a speedrun of these settings: its stages would otherwise mix seeds or
+    presets (a finished stage is skipped, whatever its settings were)."""
+    from .cli import UserError
+
+    path = out / "speedrun.json"
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            held = None
+        if held != settings:
+            raise UserError(f"{out} holds a speedrun of other settings ({held}, asked {settings}); rerun with "
+                            "those to resume it, or choose a new --out")
+    elif any(done(out / s) for s in STAGES):
+        log(f"{out} holds stages of a speedrun that did not record its settings; taking them as {settings}")
+    path.write_text(json.dumps(settings))
+
+
 def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
     from .eval.evaluate import evaluate_dir, held_out
 
@@ -97,6 +116,7 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     t0 = time.perf_counter()
     stages: dict[str, dict] = {}
     out.mkdir(parents=True, exist_ok=True)
+    claim(out, {"preset": preset, "seed": seed})
 
     def stage(name: str, fn):
         d = out / name
@@ -147,14 +167,20 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import SEED
 
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu (2 cores, ~20 min) or gpu (1 H100, ~10 min)")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", metavar="{cpu,gpu}",
+                   help="cpu (2 cores, ~20 min) or gpu (1 H100, ~10 min); `smoke` is the tests' wiring check, whose "
+                        "teacher is too small to pass verification unless the test writes its traces first")
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every stage (data, initialisation, rollouts)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import UserError
     from .device import resolve_device
+
+    if not str(args.out).strip():
+        raise UserError("--out must name a directory")
 
     device = resolve_device(args.device, allow_mps=False)
     summary = speedrun(Path(args.out), args.preset, device, args.seed)

@@ -155,6 +155,7 @@ def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
     (["--samples", "4"], "identical completions"),
     (["--task", "arithmetic:9"], "arithmetic has levels 1, 2, 3, 4"),
     (["--task", "arithmetic:x"], "arithmetic has levels"),
+    (["--task", "arithmetic:"], "arithmetic has levels"),  # not every level
     (["--task", "poetry"], "unknown task"),
     (["--data", "{bad}"], "record 1: a record needs"),
 ])

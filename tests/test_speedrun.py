@@ -46,6 +46,10 @@ def test_smoke_speedrun(tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and r2.stderr.count("already done") == 5
+    # ... of the same settings only: another seed would mix seeds across the stages
+    r3 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out),
+                         "--seed", "1"], capture_output=True, text=True, timeout=900)
+    assert r3.returncode == 1 and "holds a speedrun of other settings" in r3.stderr and "already done" not in r3.stderr
 
 
 def test_cpu_student_has_at_most_half_the_teachers_active_parameters():

@@ -157,8 +157,9 @@ def test_resume_says_what_it_keeps_and_refuses_another_stage(capsys, tmp_path):
     assert code == 0 and "already at step 2" in err and "not used" not in err
     code, err = run_cli(capsys, "sft", "--model", run / "model", "--out", run, "--resume", "--no-progress")
     assert code == 1 and "another stage" in err
-    code, err = run_cli(capsys, "pretrain", "--out", "", *TINY)
-    assert code == 1 and "--out must name" in err
+    for verb in (["pretrain", *TINY], ["speedrun", "--preset", "smoke"]):
+        code, err = run_cli(capsys, verb[0], "--out", "", *verb[1:])
+        assert code == 1 and "--out must name" in err, err
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "typo", *TINY, "--resume")
     assert code == 0 and "no checkpoint to resume; starting a new run" in err
 

@@ -369,10 +369,10 @@ def parse_cells(specs) -> list[tuple[str, int]]:
         if spec == "all":
             cells += [(fam, level) for fam in FAMILIES for level in LEVELS[fam]]
             continue
-        fam, _, lvl = spec.partition(":")
+        fam, colon, lvl = spec.partition(":")
         if fam not in FAMILIES:
             raise ValueError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)}")
-        if lvl and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):
+        if colon and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):  # "arithmetic:" names no level
             raise ValueError(f"task {spec!r}: {fam} has levels {', '.join(map(str, LEVELS[fam]))}")
         cells += [(fam, int(lvl))] if lvl else [(fam, level) for level in LEVELS[fam]]
     return list(dict.fromkeys(cells))

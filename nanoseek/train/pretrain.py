@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..tokenizer import MIN_VOCAB
 
     p.add_argument("--preset", default="cpu-tiny",
-                   help="model size: cpu-tiny, small, v2-lite, v3-671b (default cpu-tiny)")
+                   help="model size: cpu-tiny, cpu-student, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
