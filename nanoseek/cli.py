@@ -149,7 +149,7 @@ def run_verb(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         return 130
     finally:
         GIVEN = None

@@ -235,6 +235,10 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "eval_data", "eval_n", "concurrency",
                                                                           "device", "progress")}
     what["tasks"] = None if cfg.data else list(cfg.tasks)
+    home = run.resolve().parent
+    for k in ("teacher", "student", "data"):  # a speedrun's models sit beside its distill run: moving OUT moves them
+        if what.get(k) and not is_url(what[k]) and Path(what[k]).resolve().is_relative_to(home):
+            what[k] = str(Path(what[k]).resolve().relative_to(home))
     path = run / "distill.json"
     if path.is_file():
         try:
