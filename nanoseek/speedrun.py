@@ -101,9 +101,23 @@ def claim(out: Path, settings: dict) -> None:
 
 
 def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
+    """Held-out summary of a stage's model, kept beside it (held_out.json) so a rerun or a resumed speedrun does not
+    score it again; it is reused only for the same n and style and the same model files (config.json's time: a
+    checkpoint writes it last)."""
     from .eval.evaluate import evaluate_dir, held_out
 
-    return evaluate_dir(model_dir, held_out(n, TASKS), device, style=style)[0]
+    key = {"n": n, "style": style, "model_time_ns": (model_dir / "config.json").stat().st_mtime_ns}
+    path = model_dir.parent / "held_out.json"
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+            if kept.get("key") == key:
+                return kept["summary"]
+        except (json.JSONDecodeError, AttributeError, KeyError):
+            pass
+    summary = evaluate_dir(model_dir, held_out(n, TASKS), device, style=style)[0]
+    path.write_text(json.dumps({"key": key, "summary": summary}))
+    return summary
 
 
 def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
