@@ -37,8 +37,8 @@ def sync(device) -> None:
 
 def best_times(fns: dict, N: int, repeats: int, device) -> dict:
     """fns: name -> f(n_new_tokens) -> tokens. Returns name -> [best time for N tokens, best time for 1 token (s),
-    tokens of the last N-token call], after a 2-token and a 1-token warm-up call each; the fns alternate within every repeat,
-    so a drifting machine affects them alike."""
+    tokens of the last N-token call], after a 2-token and a 1-token warm-up call each; the fns alternate within every
+    repeat, so a drifting machine affects them alike."""
     best = {k: [float("inf"), float("inf"), None] for k in fns}
     for k, f in fns.items():
         f(2), f(1)  # warm-up of both lengths timed below
@@ -365,8 +365,8 @@ def print_table(r: dict, name: str) -> None:
         s = spec.get(d["batch"])
         more = (f"{num(s['decode_tok_s'], '.1f')} | {num(s['speedup'], '.2f', 'x')} | {s['acceptance_rate']:.0%}" if s
                 else "– | – | –")
-        print(f"| {d['batch']} | {d['prefill_tok_s']:.0f} | {d['first_token_ms']:.1f} | {num(d['decode_tok_s'], '.1f')} | "
-              f"{num(d['step_ms'], '.2f')} | {more} |")
+        print(f"| {d['batch']} | {d['prefill_tok_s']:.0f} | {d['first_token_ms']:.1f} | "
+              f"{num(d['decode_tok_s'], '.1f')} | {num(d['step_ms'], '.2f')} | {more} |")
     kv, full = r["kv_cache_bytes_per_token"], r["full_kv_bytes_per_token"]
     print(f"\nKV cache: {kv} bytes per token (MLA latent + rope key, {m['dtype']}); full per-head K/V would be "
           f"{full} ({1 - kv / full:.1%} less)")

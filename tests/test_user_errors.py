@@ -100,7 +100,8 @@ def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path, monkeypatc
         raise ValueError(f"only 3 distinct eval problems found for {family}:{level}, {n} asked")
 
     monkeypatch.setattr(tasks, "generate", small_cell)
-    code, err = run_cli(capsys, "tasks", "--out", tmp_path / "big.jsonl", "--tasks", "word:1", "--n", 5, "--split", "eval")
+    code, err = run_cli(capsys, "tasks", "--out", tmp_path / "big.jsonl", "--tasks", "word:1", "--n", 5,
+                        "--split", "eval")
     assert code == 1 and err.startswith("error: only 3 distinct") and "--n" in err and "Traceback" not in err, err
     monkeypatch.undo()
     tok = tmp_path / "tok"
