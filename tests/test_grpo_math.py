@@ -513,8 +513,10 @@ def test_two_gloo_processes_match_one(tmp_path, monkeypatch, loss):
     from nanoseek.train.grpo import GRPOConfig, grpo
 
     model = untrained_model_dir(tmp_path / "sft")
+    # 32 new tokens: the untrained model writes a 7 about once in 300 tokens, so with 8 a run could see no 7 at all,
+    # have no group with signal and not learn (it did, once the task suite's word problems changed)
     common = dict(model=str(model), tasks=["arithmetic:1", "word:1"], adaptive_tasks=True, steps=3, prompts_per_step=4,
-                  group_size=4, max_new_tokens=8, temperature=1.0, updates_per_batch=2, lr=1e-3, eval_every=0,
+                  group_size=4, max_new_tokens=32, temperature=1.0, updates_per_batch=2, lr=1e-3, eval_every=0,
                   loss=loss, progress=False, device="cpu")
     monkeypatch.setattr(grpo_module, "judge", sevens)
     grpo(GRPOConfig(out=str(tmp_path / "one"), **common))
