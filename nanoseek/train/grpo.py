@@ -423,8 +423,6 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if cfg.prompts_per_step % d.world_size:
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
-    if not resuming and not cfg.model:
-        raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
     d.barrier()  # every rank has read the run directory before rank 0 writes to it
     pool = None
     if cfg.data:

@@ -417,6 +417,8 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
                             f"{', …' if len(foreign) > 3 else ''}); choose a new or empty --out")
         if cfg.resume and cli.GIVEN is not None and "resume" in cli.GIVEN:
             print(f"{run}: no checkpoint to resume; starting a new run", file=sys.stderr)
+        if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
+            raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")

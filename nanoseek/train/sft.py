@@ -144,8 +144,6 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 
     d = loop.init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data"))
-    if not resuming and not cfg.model:
-        raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
     loop.grad_accum_steps(cfg, d)
     run = Path(cfg.out)
     if d.is_main:
