@@ -302,6 +302,8 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"thinking": "false"}},
+     "chat_template_kwargs.thinking"),  # a string "false" would have turned thinking on
 ])
 def test_bad_chat_requests_are_4xx(server, body, param):
     assert_error(post(server, body, headers={"Content-Type": "application/json"}), 400, param)

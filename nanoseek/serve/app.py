@@ -210,7 +210,11 @@ def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
                 for i, m in enumerate(req.messages)]
     kwargs = req.chat_template_kwargs or {}
-    thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", True)))
+    key = "thinking" if "thinking" in kwargs else "enable_thinking"
+    thinking = kwargs.get(key, True)
+    if not isinstance(thinking, bool):  # the string "false" would be truthy
+        raise ApiError(400, f"chat_template_kwargs.{key} must be true or false, not {thinking!r}",
+                       param=f"chat_template_kwargs.{key}")
     try:
         text = rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking, tokenize=False)
     except (TokenizerError, jinja2.TemplateError) as e:
