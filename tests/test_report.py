@@ -98,6 +98,17 @@ def test_a_lone_run_that_finished_is_not_marked_interrupted(tmp_path):
     assert "run (interrupted at step 4)" in cost_table(write_report(run).read_text())
 
 
+def test_a_lone_distill_run_is_one_distill_row(tmp_path):
+    """`nanoseek distill --out RUN` trains its student in RUN/student; RUN/cost.json adds the teacher's traces."""
+    run = tmp_path / "d"
+    stage(run, "student", cost_json=cost(hours=0.25), done=False)
+    (run / "distill.json").write_text("{}")
+    (run / "cost.json").write_text(json.dumps(cost(hours=0.5)))
+    rows = cost_table(write_report(run).read_text())
+    assert set(rows) == {"distill", "**total**"}
+    assert "| distill | 0.5000 |" in rows["distill"]
+
+
 @pytest.mark.parametrize("damaged, levels", [
     ({"levels": [0.5, 0.1]}, ""),
     ({"levels": {"1": {"n": 3}, "2": {"n": 3, "pass@1": 0.4}}}, "L2: 0.40"),

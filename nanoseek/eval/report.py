@@ -44,6 +44,8 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
 def stage_dirs(root: Path) -> dict[str, Path]:
     if (root / "metrics.jsonl").is_file():
         return {root.name: root}
+    if (root / "distill.json").is_file() and (root / "student" / "metrics.jsonl").is_file():
+        return {"distill": root / "student"}  # a lone distill run: its student's SFT, costed with the traces
     found = {}
     from ..speedrun import STAGES  # a speedrun's stages, listed in the order they ran
 
