@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -441,7 +442,11 @@ def run(args: argparse.Namespace) -> int:
     texts = _training_texts(args)
     if not texts:
         raise UserError("no training text")
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after training
     tok = train_tokenizer(texts, vocab_size=args.vocab_size, show_progress=True)
+    if tok.vocab_size < args.vocab_size:
+        print(f"tokenizer: the text allows only {tok.vocab_size} of the {args.vocab_size} tokens asked for (every "
+              "pair seen at least twice is merged); give more --data or --n-docs for more", file=sys.stderr)
     tok.save(args.out)
     print(json.dumps({"out": str(args.out), "vocab_size": tok.vocab_size}))
     return 0

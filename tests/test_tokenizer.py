@@ -299,3 +299,21 @@ def test_cli_data_that_is_a_directory(tmp_path):
     module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(tmp_path))
     with pytest.raises(UserError, match=re.escape(f"{tmp_path} is a directory; give the files in it")):
         module.run(args)
+
+
+def test_cli_out_that_cannot_be_made_fails_before_training(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("keep me")
+    module, args = cli_args("train", "--out", str(tmp_path / "afile" / "tok"), "--n-docs", "50")
+    monkeypatch.setattr(module, "train_tokenizer", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(NotADirectoryError):  # reported by the CLI as one line
+        module.run(args)
+
+
+def test_cli_says_on_stderr_when_the_vocabulary_is_smaller_than_asked(tmp_path, capsys):
+    data = tmp_path / "small.jsonl"
+    data.write_text('{"text": "ab ab ab"}\n')
+    module, args = cli_args("train", "--out", str(tmp_path / "tok"), "--data", str(data), "--vocab-size", "1000")
+    assert module.run(args) == 0
+    out, err = capsys.readouterr()
+    got = json.loads(out.splitlines()[-1])["vocab_size"]
+    assert got < 1000 and f"only {got} of the 1000 tokens" in err
