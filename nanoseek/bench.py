@@ -156,7 +156,7 @@ def measure_decode(engine, B: int, args, spec: bool) -> dict:
 
     def run(n):
         before = dict(engine.stats)
-        out = engine.generate(prompts, max_new_tokens=n, speculative=spec)
+        out = engine.generate(prompts, max_new_tokens=n, speculative=spec, stop_token_ids=())  # n tokens each
         if n == N:  # greedy: every N-token run emits the same tokens in the same steps
             counted.update({k: engine.stats[k] - before[k] for k in before}, tokens=sum(map(len, out)))
         return out

@@ -195,6 +195,26 @@ def test_engine_greedy_matches_reference_and_transformers(model, engine, tmp_pat
         assert o == greedy_reference(model, p, 24)[: len(o)]
 
 
+def test_generate_stops_at_the_configs_eos_by_default_as_transformers_does(model, tmp_path):
+    """DESIGN.md's `engine.generate(prompts, max_new_tokens=128, temperature=0.0)` with no stop ids: the config's
+    eos ends a completion, as in transformers' greedy generate; stop_token_ids=() runs to max_new_tokens."""
+    import copy
+
+    from transformers import DeepseekV3ForCausalLM
+
+    m = copy.deepcopy(model)
+    full = Engine(m, max_seq_len=64).generate(PROMPTS[:1], max_new_tokens=24, stop_token_ids=())[0]
+    m.config.eos_token_id = full[5]  # a token this prompt's greedy run emits, first at index first
+    first = full.index(full[5])
+    engine = Engine(m, max_seq_len=64)
+    assert engine.generate(PROMPTS[:1], max_new_tokens=24)[0] == full[: first + 1]
+    assert engine.generate(PROMPTS[:1], max_new_tokens=24, stop_token_ids=())[0] == full
+    hf = DeepseekV3ForCausalLM.from_pretrained(nanoseek.save_model(m, tmp_path / "m")).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(PROMPTS[:1]), max_new_tokens=24, do_sample=False, pad_token_id=0)[0]
+    assert ref[len(PROMPTS[0]):].tolist() == full[: first + 1]
+
+
 @pytest.mark.parametrize("kw", [{}, {"fast_decode": False}, {"speculative": True}])
 def test_training_mode_is_restored(model, kw):
     """A model in training mode (GRPO) stays so, and no routing stats are recorded: the module forwards run in eval

@@ -221,7 +221,7 @@ class Engine:
             return
         stats = dict(self.stats)
         for n in (1, 2)[: self.max_batch_size]:
-            self.generate([[0, 0, 0]] * n, max_new_tokens=2)  # one decode step at position 3
+            self.generate([[0, 0, 0]] * n, max_new_tokens=2, stop_token_ids=())  # one decode step at position 3
         self.stats = stats
 
     @property
@@ -291,12 +291,16 @@ class Engine:
         stop_token_ids: Sequence[int] | None = None,
         speculative: bool = False,
     ) -> list[list[int]]:
-        """New tokens only, per prompt; a stop token that ends a completion is its last element. Prompt i is
-        seeded with seed + i (so repeated prompts give different samples), or with seed[i] when seed is a list.
-        Uses the step machinery, so it needs an idle engine (do not mix with server requests). `speculative`
-        requires temperature 0."""
+        """New tokens only, per prompt; a stop token that ends a completion is its last element. stop_token_ids
+        None stops at the config's eos_token_id, as transformers' generate does; () generates max_new_tokens
+        always. Prompt i is seeded with seed + i (so repeated prompts give different samples), or with seed[i]
+        when seed is a list. Uses the step machinery, so it needs an idle engine (do not mix with server
+        requests). `speculative` requires temperature 0."""
         if max_new_tokens < 1:
             return [[] for _ in prompts]
+        if stop_token_ids is None:
+            eos = self.cfg.eos_token_id
+            stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         with self._lock:
             if self.has_work():
                 raise RuntimeError("generate() needs an idle engine (requests are in flight)")

@@ -149,9 +149,9 @@ def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tok
 
     engine = Engine.from_pretrained(model_dir, device=device)
     prompts = [[engine.cfg.bos_token_id or 0] + [5 + i] * 8 for i in range(n_prompts)]
-    engine.generate(prompts[:1], max_new_tokens=4)  # warm-up
+    engine.generate(prompts[:1], max_new_tokens=4, stop_token_ids=())  # warm-up
     t = time.perf_counter()
-    outs = engine.generate(prompts, max_new_tokens=new_tokens)
+    outs = engine.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # new_tokens each
     return sum(len(o) for o in outs) / (time.perf_counter() - t)
 
 
