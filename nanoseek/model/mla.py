@@ -13,7 +13,7 @@ Two ways to compute the same attention:
 - absorbed (decoding with a `LatentCache`): never expand. Since q_nope·k_nope = q_nope·(W_uk c) = (W_ukᵀ q_nope)·c,
   fold W_uk into the query and score against the cached latent directly; likewise apply W_uv after the weighted
   sum of latents. The cache holds only c and k_pe: R + Dr values per token per layer (576 for V3, against
-  2·H·(Dn+Dr) ≈ 40K for a full K/V cache).
+  H·(Dn+Dr+Dv) = 40,960 for a full K/V cache: K is Dn+Dr wide per head, V is Dv).
 """
 
 from __future__ import annotations
