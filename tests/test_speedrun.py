@@ -30,7 +30,9 @@ def test_smoke_speedrun(tmp_path):
     for stage in ("pretrain", "sft", "grpo", "distill"):
         assert 0.0 <= summary["stages"][stage]["pass@1"] <= 1.0
     assert "teacher_pass@1" in summary["stages"]["distill"]
-    assert summary["stages"]["distill"]["params_active"] * 2 <= summary["stages"]["distill"]["teacher_params_active"]
+    dist = summary["stages"]["distill"]
+    assert dist["params_active"] * 2 <= dist["teacher_params_active"] and dist["params_total"] > 0
+    assert dist["decode_tokens_per_s"] > 0 and dist["teacher_decode_tokens_per_s"] > 0
     assert (out / summary["final_model"].split(str(out) + "/")[-1] / "config.json").is_file()
     assert len((out / "distill" / "traces.jsonl").read_text().splitlines()) == len(problems)
     report = (out / "report.md").read_text()
