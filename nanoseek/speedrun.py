@@ -26,15 +26,16 @@ PRESETS = {
         # rows packed with whole conversations (~74 a step): from the same base, 0.445 on 1000 problems at lr 1e-3,
         # against 0.426 with one conversation per padded row (about half of it padding); lr 2e-3 / 3e-3 / 4e-3 give
         # 0.479 / 0.478 / 0.475. From a later base: 200 steps over 8000 conversations 0.470, 300 over 8000 0.488,
-        # 300 over 12000 0.505 (bench/results/sft_cpu.md)
-        "sft": dict(steps=300, batch_size=32, micro_batch_size=32, seq_len=320, lr=2e-3, n_samples=12000),
+        # 300 over 12000 0.505; after the word-problem split fix, 300 over 12000 0.472 / 0.504 and 400 over 16000
+        # 0.509 / 0.512 on seeds 0 / 1 (bench/results/sft_cpu.md)
+        "sft": dict(steps=400, batch_size=32, micro_batch_size=32, seq_len=320, lr=2e-3, n_samples=16000),
         # rollouts at T 0.6: sampled at T 1 the AdamW-pretrained model solved half the two-step problems it solved
         # greedily.
         # β 0: no reference model, and the update skips the ~half of completions whose group has no signal.
         # lr 5e-5, μ 1: from padded-row SFT models 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or
         # μ 2 nothing, 80 steps +1.2; from packed-row SFT models 60 steps moved −1.1 (lr 2e-5: +0.4) and +0.0, within
         # a rerun's noise, and from the SFT model at 0.470 −2.9 to +1.0 over five runs (bench/results/grpo_cpu.md).
-        # 30 steps (~2.5 s each on 2 cores) leave the SFT stage its 300 steps inside 20 min
+        # 30 steps (~2.5 s each on 2 cores) leave the SFT stage its 400 steps inside 20 min
         "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
                      temperature=0.6, beta=0.0, eval_every=30, eval_n=100, adaptive_tasks=True),
         # the student learns only from the kept traces (~40% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
