@@ -247,7 +247,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_nextn_predict_layers=1,
         torch_dtype="float32",
     ),
-    # small: ~250M total / ~100M active, for one GPU.
+    # small: ~244M total / ~127M active (+18M MTP), for one GPU.
     "small": ModelConfig(
         vocab_size=32768,
         hidden_size=768,

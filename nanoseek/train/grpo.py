@@ -537,7 +537,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "template, for a base model that can follow an instruction (default r1)")
     p.add_argument("--loss", choices=LOSSES, default="grpo", help="grpo (R1), dr_grpo, or dapo")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--tasks", nargs="+", default=["arithmetic"], help="task-suite families[:level] to train on")
+    src.add_argument("--tasks", nargs="+", default=["arithmetic"],
+                     help="task-suite families[:level] to train on (default: arithmetic; every family: "
+                          "arithmetic word countdown)")
     src.add_argument("--data", help="train on your own problems instead: GSM8K-format JSONL (question, answer '... "
                                     "#### N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",

@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "VALUE is JSON: numbers, true/false, null; True/False/None too)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
     p.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), help="vocabulary of the tokenizer trained for this run")
-    p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite documents to generate when no --data is given")
+    p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite problems to generate when no --data is given "
+                   "(each a text document; every fourth also a chat document)")
     p.add_argument("--fp8", action="store_true",
                    help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
                         "checkpoints keep float32 master weights: `nanoseek convert RUN/model OUT --fp8` writes "
