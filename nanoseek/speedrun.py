@@ -35,7 +35,7 @@ PRESETS = {
         # lr 5e-5, μ 1: from padded-row SFT models 100 steps gained +0.3 to +2.8 points on 1000 problems, lr 1e-4 or
         # μ 2 nothing, 80 steps +1.2; from packed-row SFT models 60 steps moved −1.1 (lr 2e-5: +0.4) and +0.0, within
         # a rerun's noise, and from the SFT model at 0.470 −2.9 to +1.0 over five runs (bench/results/grpo_cpu.md).
-        # 30 steps (~2.5 s each on 2 cores) leave the SFT stage its 400 steps inside 20 min
+        # 30 steps (~1.3 s each on 2 cores of the Zen 5 VM) leave the SFT stage its 400 steps inside 20 min
         "grpo": dict(steps=30, prompts_per_step=16, group_size=8, max_new_tokens=256, lr=5e-5, updates_per_batch=1,
                      temperature=0.6, beta=0.0, eval_every=30, eval_n=100, adaptive_tasks=True),
         # the student learns only from the kept traces (~40% of them): 4000 problems gave it 0.379 on 1000, 3000 gave
