@@ -158,7 +158,8 @@ def test_a_few_steps_raise_the_reward_on_a_learnable_task(variant):
     history = []
     for step in range(10):
         model.eval()
-        outs = engine.generate([p for p in prompts for _ in range(G)], max_new_tokens=6, temperature=1.0, seed=step * 100)
+        outs = engine.generate([p for p in prompts for _ in range(G)], max_new_tokens=6, temperature=1.0,
+                              seed=step * 100, stop_token_ids=())  # 6 tokens each: the toy task has no eos
         model.train()
         rewards = torch.tensor([sum(t == target for t in o) / len(o) for o in outs]).view(P, G)
         ids = torch.tensor([prompts[i // G] + o for i, o in enumerate(outs)])
