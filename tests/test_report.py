@@ -109,6 +109,27 @@ def test_a_lone_distill_run_is_one_distill_row(tmp_path):
     assert "| distill | 0.5000 |" in rows["distill"]
 
 
+def test_teacher_and_student_side_by_side(tmp_path):
+    """Issue 7's teacher-vs-student report: from a speedrun's summary.json, or a lone distill run's report.json."""
+    stage(tmp_path, "distill", cost_json=cost())
+    summary = {"stages": {"distill": {"pass@1": 0.44, "teacher_pass@1": 0.5, "params_total": 217448,
+                                      "teacher_params_total": 775584, "params_active": 217448,
+                                      "teacher_params_active": 443808, "decode_tokens_per_s": 13809.3,
+                                      "teacher_decode_tokens_per_s": "fast"}}}  # a damaged value is left out
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = write_report(tmp_path).read_text()
+    assert "| teacher | 0.500 | 775,584 | 443,808 | – |" in report
+    assert "| student | 0.440 | 217,448 | 217,448 | 13,809 |" in report
+
+    run = tmp_path / "lone"
+    stage(run, "student", cost_json=cost(), done=False)
+    (run / "distill.json").write_text("{}")
+    (run / "report.json").write_text(json.dumps({"student": {"pass@1": None, "params_total": 10, "params_active": 10,
+                                                             "decode_tokens_per_s": 99.0}}))  # a URL teacher: none
+    report = write_report(run).read_text()
+    assert "| student | – | 10 | 10 | 99 |" in report and "| teacher |" not in report
+
+
 @pytest.mark.parametrize("damaged, levels", [
     ({"levels": [0.5, 0.1]}, ""),
     ({"levels": {"1": {"n": 3}, "2": {"n": 3, "pass@1": 0.4}}}, "L2: 0.40"),

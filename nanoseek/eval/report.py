@@ -2,10 +2,11 @@
 
 Reads every stage directory it finds (a run directory has metrics.jsonl; a speedrun directory has one per stage and
 a summary.json): loss curves (main and MTP), expert load imbalance per MoE layer over time, GRPO reward /
-accuracy / response length, held-out accuracy by stage, by level and by family (a table and accuracy.png), and a
-cost table in the style of DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price, a
-stage that never finished marked as interrupted), plus the machine the runs recorded in their cost.json. A damaged
-file, or a damaged entry in one, only makes the report say less.
+accuracy / response length, held-out accuracy by stage, by level and by family (a table and accuracy.png), a
+distillation's teacher against its student (pass@1, parameters, decode tokens/s), and a cost table in the style of
+DeepSeek-V3's (device-hours per stage, FLOPs, MFU, dollars at a configurable price, a stage that never finished
+marked as interrupted), plus the machine the runs recorded in their cost.json. A damaged file, or a damaged entry in
+one, only makes the report say less.
 """
 
 from __future__ import annotations
@@ -222,6 +223,33 @@ def cost_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def teacher_and_student(root: Path) -> dict[str, dict]:
+    """{"teacher": {...}, "student": {...}}: pass@1, parameters (total, active) and decode tokens/s of a distillation,
+    from a speedrun's summary.json or a lone distill run's report.json; {} when neither records them."""
+    keys = ("pass@1", "params_total", "params_active", "decode_tokens_per_s")
+    d = read_json(root / "summary.json").get("stages", {})
+    d = d.get("distill") if isinstance(d, dict) else None
+    if isinstance(d, dict):
+        found = {"teacher": {k: d.get(f"teacher_{k}") for k in keys}, "student": {k: d.get(k) for k in keys}}
+    else:
+        rep = read_json(root / "report.json")
+        found = {who: {k: rep[who].get(k) for k in keys} for who in ("teacher", "student")
+                 if isinstance(rep.get(who), dict)}
+    return {who: v for who, v in found.items() if any(number(x) for x in v.values())}
+
+
+def teacher_student_table(models: dict[str, dict]) -> list[str]:
+    def cell(v, fmt):
+        return format(v, fmt) if number(v) else "–"
+
+    lines = ["## Teacher vs student", "", "| model | pass@1 | parameters (total) | active | decode tokens/s |",
+             "|---|---|---|---|---|"]
+    for who, m in models.items():
+        lines.append(f"| {who} | {cell(m['pass@1'], '.3f')} | {cell(m['params_total'], ',')} | "
+                     f"{cell(m['params_active'], ',')} | {cell(m['decode_tokens_per_s'], ',.0f')} |")
+    return lines + [""]
+
+
 def write_report(root: Path, price: float | None = None) -> Path:
     dirs = stage_dirs(root)
     rows = cost_rows(root, dirs, price)
@@ -236,6 +264,9 @@ def write_report(root: Path, price: float | None = None) -> Path:
         lines.append("")
         for png in plot_accuracy(stages, root):
             lines += [f"![{png}]({png})", ""]
+    models = teacher_and_student(root)
+    if models:
+        lines += teacher_student_table(models)
     if rows:
         lines += cost_table(rows)
     for name, d in dirs.items():
