@@ -8,7 +8,9 @@ verb runs, so `nanoseek --help` stays fast. Errors a user can cause (bad paths, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import math
 import os
 import sys
@@ -117,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = run_verb(sys.argv[1:] if argv is None else argv)
+    try:
+        code = run_verb(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # a second Ctrl-C (torchrun forwards its own) while the first was being handled
+        code = 130
     loop = sys.modules.get("nanoseek.train.loop")
     if loop is not None and loop.STARTED_PROCESS_GROUP:
         # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the
@@ -129,9 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Whether e is a collective that broke because another process of the run exited (its error says why)."""
+    return isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def run_verb(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+    else:
+        args = parser.parse_args(argv)
     if not args.verb:
         parser.print_help()
         return 2
@@ -146,8 +166,13 @@ def run_verb(argv: list[str]) -> int:
                             f"{', '.join(sorted(DISTRIBUTED))}{hint}")
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank() == 0:  # every rank checks the same things: one copy of the message
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if rank() == 0 or not peer_failed(e):
+            raise
+        return 1  # the process that exited first said why; its traceback would only bury that
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         return 130

@@ -250,6 +250,27 @@ def test_rank_sharding_union(shard_dir):
     assert all(loader.state_dict() == single.state_dict() for loader in ranks)
 
 
+def test_a_step_sees_the_same_chunks_however_it_is_split(shard_dir):
+    """A step of 8 chunks taken whole, as 2 micro-batches of 4, or by 2 ranks × 2 micro-batches of 2: the same chunks
+    every step, also across epoch boundaries (an epoch ends before a step, never inside one). The corpus has 469
+    chunks, 5 past the last whole step: a boundary decided per micro-batch would start the next epoch mid-step."""
+    def steps(micro, world, n):
+        loaders = [PackedLoader(shard_dir, batch_size=micro, seq_len=16, seed=7, rank=r, world_size=world,
+                                step_chunks=8) for r in range(world)]
+        out = []
+        for _ in range(n):
+            rows = [x for loader in loaders for _ in range(8 // (micro * world)) for x in loader.next_batch()[0]]
+            out.append(sorted(tuple(x.tolist()) for x in rows))
+        return out
+
+    assert PackedLoader(shard_dir, batch_size=8, seq_len=16).n_chunks % 8 == 5
+    n = 2 * PackedLoader(shard_dir, batch_size=8, seq_len=16).steps_per_epoch + 1  # into the third epoch
+    whole = steps(8, 1, n)
+    assert steps(4, 1, n) == whole and steps(2, 2, n) == whole and steps(1, 2, n) == whole
+    with pytest.raises(ValueError, match="multiple"):
+        PackedLoader(shard_dir, batch_size=3, seq_len=16, step_chunks=8)
+
+
 def test_too_small(shard_dir):
     with pytest.raises(ValueError, match="global batch"):
         PackedLoader(shard_dir, batch_size=10_000, seq_len=64)

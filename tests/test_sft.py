@@ -120,3 +120,28 @@ def test_data_files_add_up_and_bad_ones_are_one_line(base_dir, tmp_path, capsys)
                         "--no-progress")
     assert code == 1 and err == f"error: {cut}:2: text is not valid Unicode (lone surrogate \\ud83d); fix or " \
                                 "remove that record\n"
+
+
+def test_loss_is_the_mean_over_the_steps_tokens_however_the_batch_is_split(base_dir, tmp_path):
+    """Short and long answers in one batch: with micro-batches of 1 row, each row's mean loss weighs by its share of
+    the step's supervised tokens (not 1/accum), so step 1's loss and gradient are those of the whole batch at once.
+    The start model is trained a little first, so that its loss differs between short and long answers."""
+    base, _, data = base_dir
+    run_sft(base, tmp_path / "start", data)
+    long = "<think>\n" + "\n".join(f"{a} + {a} = {2 * a}" for a in range(1, 9)) + "\n</think>\n\nThe answer is 16."
+    convs = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                           {"role": "assistant", "content": long if (a + b) % 2 else f"The answer is {a + b}."}]}
+             for a in range(6) for b in range(6)]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    first = {}
+    for micro in ("4", "1"):
+        out = tmp_path / f"m{micro}"
+        cmd = [sys.executable, "-m", "nanoseek", "sft", "--model", str(tmp_path / "start" / "model"), "--out", str(out),
+               "--data", str(mixed), "--steps", "1", "--batch-size", "4", "--micro-batch-size", micro,
+               "--seq-len", "64", "--no-progress"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        first[micro] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["4"]["loss"] == pytest.approx(first["1"]["loss"], abs=2e-5)
+    assert first["4"]["grad_norm"] == pytest.approx(first["1"]["grad_norm"], rel=1e-3)

@@ -56,6 +56,7 @@ def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "notes.txt", *TINY)
     assert code == 1 and err.startswith("error:") and (tmp_path / "notes.txt").read_text() == "keep me"
+    assert "is a file; name a run directory" in err  # not "[Errno 17] File exists"
 
 
 def test_pretrain_never_replaces_a_data_folder_that_is_not_its_own(capsys, tmp_path):

@@ -310,11 +310,14 @@ class PackedLoader:
     """Fixed-length (inputs, labels) batches over memory-mapped token shards; seeded, rank-sharded, resumable.
 
     Chunk k is tokens [k·T, k·T + T + 1) of the concatenated stream: inputs its first T tokens, labels its last T.
-    Every step consumes batch_size × world_size chunks of the epoch's permutation; this rank takes positions
-    rank, rank + world_size, ... of them. An epoch ends when fewer than a global batch of chunks remain.
+    Every call consumes batch_size × world_size chunks of the epoch's permutation; this rank takes positions
+    rank, rank + world_size, ... of them. An optimiser step of step_chunks chunks (all micro-batches of all ranks;
+    default one call's) starts a new epoch when fewer than step_chunks remain, so a step sees the same chunks
+    however it is split into micro-batches and processes.
     """
 
-    def __init__(self, shard_dir, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, shard_dir, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 step_chunks: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
         if not 0 <= rank < world_size:
@@ -332,15 +335,18 @@ class PackedLoader:
         self.total_tokens = int(self.starts[-1])
         self.n_chunks = max(self.total_tokens - 1, 0) // seq_len
         self.global_batch = batch_size * world_size
-        if self.n_chunks < self.global_batch:
+        self.step_chunks = step_chunks or self.global_batch
+        if self.step_chunks % self.global_batch:
+            raise ValueError(f"step_chunks {self.step_chunks} is not a multiple of {batch_size} × {world_size}")
+        if self.n_chunks < self.step_chunks:
             raise ValueError(f"{self.dir}: {self.total_tokens} tokens make {self.n_chunks} sequences of "
-                             f"{seq_len}+1, fewer than one global batch of {self.global_batch}")
+                             f"{seq_len}+1, fewer than one global batch of {self.step_chunks}")
         self.epoch, self.position = 0, 0
         self._order = None
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.n_chunks // self.global_batch
+        return self.n_chunks // self.step_chunks
 
     def order(self, epoch: int) -> np.ndarray:
         """The permutation of chunk indices for an epoch (the same on every rank)."""
@@ -362,7 +368,9 @@ class PackedLoader:
         """(inputs, labels): int64 tensors of shape (batch_size, seq_len)."""
         import torch
 
-        if self.position + self.global_batch > self.n_chunks:
+        step_start = self.position % self.step_chunks == 0
+        if (step_start and self.position + self.step_chunks > self.n_chunks) or (
+                self.position + self.global_batch > self.n_chunks):  # (a run saved mid-epoch by older code)
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         if self._order is None:
             self._order = self.order(self.epoch)

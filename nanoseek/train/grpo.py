@@ -420,9 +420,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn "
                         "in turn")
     d = loop.init_distributed(cfg.device)
-    if cfg.prompts_per_step % d.world_size:
-        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
+    if cfg.prompts_per_step % d.world_size:  # after restore_config: a resumed run keeps its own value
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
     d.barrier()  # every rank has read the run directory before rank 0 writes to it
     pool = None
     if cfg.data:
@@ -431,9 +431,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         pool = load_problems(None, cfg.data, 0, 0)
     scored = eval_problems(cfg) if cfg.eval_every else []
     if cfg.data and not scored and cfg.eval_every:
-        print("grpo: training on --data without --eval-data: no periodic held-out evaluation", file=sys.stderr)
+        loop.notice("grpo: training on --data without --eval-data: no periodic held-out evaluation")
     if cfg.eval_data and not cfg.eval_every:
-        print("grpo: --eval-data is not used: --eval-every 0 turns the periodic evaluation off", file=sys.stderr)
+        loop.notice("grpo: --eval-data is not used: --eval-every 0 turns the periodic evaluation off")
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)

@@ -103,6 +103,12 @@ class Dist:
 STARTED_PROCESS_GROUP = False  # set by init_distributed; cli.main then leaves without the interpreter's teardown
 
 
+def notice(msg: str) -> None:
+    """A line on stderr for the user, from one process only (under torchrun every rank reaches the same notices)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr)
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
     from ..device import resolve_device
@@ -383,7 +389,9 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; everything else comes from the run's saved config.
-RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "device", "out")
+# (micro_batch_size: a step's loss is the mean over all its tokens however it is split, so a resumed run may split
+# it otherwise, e.g. under torchrun)
+RESUMABLE_CHANGES = ("resume", "stop_at", "steps", "save_every", "progress", "device", "out", "micro_batch_size")
 PER_INVOCATION = ("resume", "stop_at", "progress", "device", "out")  # the rest: the run's own unless given again
 DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argparse dest -> config field
 
@@ -409,6 +417,8 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     if not str(cfg.out).strip():
         raise UserError("--out must name a run directory")
     run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file; name a run directory")
     if not has_checkpoint(run):
         foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
                          ) if run.is_dir() else []
@@ -416,7 +426,7 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
             raise UserError(f"{run} holds files that are not a training run ({', '.join(foreign[:3])}"
                             f"{', …' if len(foreign) > 3 else ''}); choose a new or empty --out")
         if cfg.resume and cli.GIVEN is not None and "resume" in cli.GIVEN:
-            print(f"{run}: no checkpoint to resume; starting a new run", file=sys.stderr)
+            notice(f"{run}: no checkpoint to resume; starting a new run")
         if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
             raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
         return cfg, False
@@ -434,12 +444,21 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     ignored = [f"{k} {getattr(cfg, k)!r} (the run's: {getattr(restored, k)!r})" for k in state["config"]
                if k not in RESUMABLE_CHANGES and k in given and getattr(cfg, k) != getattr(restored, k)]
     if ignored:
-        print(f"{run}: resuming with the run's own settings; this command's differ and are not used: "
-              + ", ".join(ignored), file=sys.stderr)
+        notice(f"{run}: resuming with the run's own settings; this command's differ and are not used: "
+               + ", ".join(ignored))
     if state["step"] >= restored.end:
-        print(f"{run}: the run is already at step {state['step']} (asked to run to {restored.end}); nothing to do",
-              file=sys.stderr)
+        notice(f"{run}: the run is already at step {state['step']} (asked to run to {restored.end}); nothing to do")
     return restored, True
+
+
+def resumed_micro_batch(cfg: TrainConfig, resuming: bool) -> TrainConfig:
+    """A resumed pretrain or sft run keeps its micro-batch unless --micro-batch-size is given, capped at the batch
+    each process gets now: a run started in one process resumes under torchrun without naming a new split."""
+    from .. import cli
+
+    if not resuming or cli.GIVEN is None or "micro_batch_size" in cli.GIVEN:  # (None: a config built in Python)
+        return cfg
+    return dataclasses.replace(cfg, micro_batch_size=micro_batch_default(cfg.batch_size, cfg.micro_batch_size, False))
 
 
 def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> int:
@@ -483,6 +502,17 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (B, T)
     mask = (labels != -100).float()
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_weights(labels: list[torch.Tensor], d: Dist) -> list[tuple[float, float]]:
+    """Per micro-batch, (next-token, MTP) weights for its mean losses so that the step's loss is the mean over every
+    supervised position of the step, whatever its split into micro-batches and processes: n_i × world_size / N, with
+    N the positions of the whole step summed over ranks (DDP averages gradients over ranks, hence × world_size).
+    MTP counts the positions of its first depth (labels[:, 1:]). One micro-batch in one process: exactly 1.0."""
+    counts = torch.tensor([[(y != -100).sum().item(), (y[:, 1:] != -100).sum().item()] for y in labels],
+                          dtype=torch.float64)  # (micro-batches, 2)
+    totals = d.all_reduce_sum_(counts.sum(0).to(d.device)).cpu().clamp(min=1)
+    return [(float(n_main), float(n_mtp)) for n_main, n_mtp in (counts * d.world_size / totals).tolist()]
 
 
 def lm_losses(net, model, inputs, labels, segments, use_mtp: bool):
@@ -539,22 +569,25 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(3, device=d.device)  # main CE, MTP CE, balance loss
+        sums = torch.zeros(3, device=d.device)  # main CE, MTP CE, balance loss (+ KD)
         tokens = flops = 0.0
-        for micro in range(accum):
-            inputs, labels = (t.to(d.device) for t in loader.next_batch())
+        batches = [loader.next_batch() for _ in range(accum)]
+        weights = token_weights([labels for _, labels in batches], d)
+        for micro, ((inputs, labels), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
+            inputs, labels = inputs.to(d.device), labels.to(d.device)
             segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
             tokens += inputs.numel()
             flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
                 logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp)
+                aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
-                    aux = aux + kd_weight * distill_kl(logits, t_logits, labels)
-                ((l_main + cfg.mtp_weight * l_mtp + aux) / accum).backward()
-            sums += torch.stack([l_main.detach(), l_mtp.detach(), aux.detach()]) / accum
+                    aux = aux + kd_weight * distill_kl(logits, t_logits, labels) * w_main
+                (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux).backward()
+            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -242,6 +242,7 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
 
     d = loop.init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "data", "tokenizer"))
+    cfg = loop.resumed_micro_batch(cfg, resuming)
     loop.grad_accum_steps(cfg, d)  # validate the batch split before any work
     run = Path(cfg.out)
     if d.is_main:
@@ -259,7 +260,7 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
         convert_to_fp8(model)  # swaps the GEMMs only: parameter names, checkpoints and resume are unchanged
     try:
         loader = PackedLoader(shard_dir, batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                              rank=d.rank, world_size=d.world_size)
+                              rank=d.rank, world_size=d.world_size, step_chunks=cfg.batch_size)
     except ValueError as e:  # too little data for one batch
         raise UserError(f"{e}: give more --data (or --n-docs), or a smaller --batch-size or --seq-len") from None
     extra_files = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +143,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
 
     d = loop.init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data"))
+    cfg = loop.resumed_micro_batch(cfg, resuming)
     loop.grad_accum_steps(cfg, d)
     run = Path(cfg.out)
     if d.is_main:
@@ -160,14 +160,14 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     if not samples:
         raise UserError("no conversation has an assistant turn to learn from")
     if len(samples) < len(convs):
-        print(f"sft: {len(convs) - len(samples)} of {len(convs)} conversations have no assistant turn and are left "
-              "out", file=sys.stderr)
+        loop.notice(f"sft: {len(convs) - len(samples)} of {len(convs)} conversations have no assistant turn and are "
+                    "left out")
     fits = [(ids, mask) for ids, mask in samples if mask.index(1) < cfg.seq_len]  # a row keeps seq_len + 1 tokens
     if len(fits) < len(samples):
         if not fits:
             raise UserError(f"every conversation's answer starts past --seq-len {cfg.seq_len}; raise --seq-len")
-        print(f"sft: {len(samples) - len(fits)} of {len(samples)} conversations answer only past --seq-len "
-              f"{cfg.seq_len} and are left out", file=sys.stderr)
+        loop.notice(f"sft: {len(samples) - len(fits)} of {len(samples)} conversations answer only past --seq-len "
+                    f"{cfg.seq_len} and are left out")
         samples = fits
     bos = model.config.bos_token_id
     pack = cfg.document_mask and bos is not None and all(ids[0] == bos for ids, _ in samples)

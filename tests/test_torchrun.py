@@ -1,0 +1,74 @@
+"""Runs under `torchrun --nproc_per_node=2` (gloo, CPU): a run started in one process resumes in two, sft's loss is the
+mean over the step's tokens however the batch is split over processes, a resumed grpo run checks its prompt split
+again, and a failure on rank 0 alone is one error line, not the other rank's gloo traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+BASE = ["--preset", "cpu-tiny", "--batch-size", "8", "--seq-len", "48", "--n-docs", "600", "--vocab-size", "320",
+        "--warmup", "3", "--no-progress"]  # no --micro-batch-size: one process takes the whole batch at once
+
+
+def nanoseek(*args, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    r = subprocess.run([sys.executable, *launch, "-m", "nanoseek", *map(str, args)], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pt") / "whole"
+    nanoseek("pretrain", "--out", run, "--steps", 4, *BASE)
+    return run
+
+
+def test_a_one_process_run_resumes_in_two(one_process_run, tmp_path):
+    """Stopped at step 2 in one process (micro-batch 8), resumed under torchrun without naming a new split: each rank
+    takes 4 rows, and the run goes on as the one-process run did."""
+    run = tmp_path / "split"
+    nanoseek("pretrain", "--out", run, "--steps", 4, "--stop-at", 2, *BASE)
+    nanoseek("pretrain", "--out", run, "--steps", 4, "--resume", *BASE, procs=2)
+    whole, split = losses(one_process_run), losses(run)
+    assert len(split) == 4 and split[:2] == whole[:2]
+    assert split[2:] == pytest.approx(whole[2:], rel=1e-4)
+
+
+def test_sft_in_two_processes_has_the_loss_of_one(one_process_run, tmp_path):
+    """The step's loss is the mean over all its supervised tokens, whichever process and micro-batch holds them."""
+    args = ["sft", "--model", one_process_run / "model", "--steps", 1, "--batch-size", 4, "--seq-len", 96,
+            "--n-samples", 40, "--no-progress"]
+    nanoseek(*args, "--out", tmp_path / "one")
+    nanoseek(*args, "--out", tmp_path / "two", procs=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+
+
+def test_a_resumed_grpo_run_checks_its_prompt_split_again(one_process_run, tmp_path):
+    args = ["grpo", "--model", one_process_run / "model", "--out", tmp_path / "g", "--steps", 2,
+            "--prompts-per-step", 3, "--group-size", 2, "--max-new-tokens", 8, "--eval-every", 0, "--no-progress"]
+    nanoseek(*args, "--stop-at", 1)
+    r = nanoseek(*args, "--resume", procs=2, check=False)
+    assert r.returncode != 0 and r.stderr.count("--prompts-per-step 3 does not split evenly over 2 processes") == 1
+
+
+def test_a_failure_on_rank_0_alone_is_one_line(tmp_path):
+    """Rank 0 alone reads --data; the other rank, waiting for it, must not add a gloo traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no closing brace"\n')
+    r = nanoseek("pretrain", "--out", tmp_path / "run", "--steps", 2, "--data", bad, *BASE, procs=2, check=False)
+    assert r.returncode != 0
+    assert r.stderr.count("error:") == 1 and "not valid JSON" in r.stderr
+    assert "[rank1]: Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr
