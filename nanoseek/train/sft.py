@@ -3,7 +3,10 @@
 Each conversation is rendered with the model directory's own chat template; the loss covers only the assistant
 turns (their content and the end-of-sentence token that closes them), never the prompt. With no --data, the
 training split of the task suite is rendered in R1's reasoning format. Same run directory, resume, metrics and
-multi-process behaviour as pretraining (shared `loop.fit`).
+multi-process behaviour as pretraining (shared `loop.fit`): the loss is the mean over all supervised tokens of a step,
+however it is split over micro-batches and processes. One difference remains: each process pads its rows to its own
+longest, and the router's load counts (which move the aux-loss-free bias) include that padding, so runs split
+differently drift apart by about 1e-4 in loss after a few steps (tests/test_torchrun.py checks the first step).
 """
 
 from __future__ import annotations
