@@ -6,7 +6,7 @@
 
 Each stage writes its own run directory under OUT (pretrain/, sft/, grpo/, student_base/, distill/), so any stage
 can be rerun or inspected with the per-stage commands. Re-running the same command resumes: finished stages are
-skipped. The `cpu` preset is sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
+skipped, and the last line's `resumed` lists them (its `wall_s` counts only this invocation). The `cpu` preset is sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     p = PRESETS[preset]
     t0 = time.perf_counter()
     stages: dict[str, dict] = {}
+    resumed: list[str] = []  # stages an earlier invocation finished: wall_s below counts this invocation only
     out.mkdir(parents=True, exist_ok=True)
     claim(out, {"preset": preset, "seed": seed})
 
@@ -137,6 +138,7 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
         d = out / name
         if done(d):
             log(f"{name}: already done, skipping")
+            resumed.append(name)
             return json.loads((d / "done.json").read_text())
         log(f"{name} ...")
         start = time.perf_counter()
@@ -174,6 +176,8 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     best = max(("sft", "grpo", "distill"), key=lambda s: stages[s]["pass@1"])
     final = {"sft": out / "sft" / "model", "grpo": out / "grpo" / "model", "distill": out / "distill" / "student" / "model"}[best]
     summary = {"stages": stages, "final_model": str(final), "wall_s": round(time.perf_counter() - t0, 1)}
+    if resumed:  # their own times are each stage's done.json stage_wall_s
+        summary["resumed"] = resumed
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     from .eval.report import write_report
 

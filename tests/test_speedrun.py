@@ -48,7 +48,9 @@ def test_smoke_speedrun(tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and r2.stderr.count("already done") == 5
-    assert json.loads(r2.stdout.strip().splitlines()[-1])["stages"] == summary["stages"]  # kept, not scored again
+    again = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert again["stages"] == summary["stages"]  # kept, not scored again
+    assert "resumed" not in summary and again["resumed"] == ["pretrain", "sft", "grpo", "student_base", "distill"]
     assert json.loads((out / "sft" / "held_out.json").read_text())["summary"] == summary["stages"]["sft"]
     # ... of the same settings only: another seed would mix seeds across the stages
     r3 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out),
