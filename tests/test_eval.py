@@ -40,6 +40,31 @@ def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
+def test_answers_the_checking_audit_found_misread():
+    twelve = from_record({"question": "q", "answer": "12"})
+    countdown = from_record({"question": "q", "answer": "(6 × 7) ÷ 3", "family": "countdown",
+                             "meta": {"numbers": [6, 7, 3], "target": 14}})
+    right = ["The answer is 8 + 4 = 12.",  # was read as 8
+             "<think>\n3 × 4\n</think>\n12, as computed above.",  # was "12,"
+             "The answer is 12 (3 × 4).",  # was the whole phrase
+             "The answer is **$12**.",  # was empty
+             "The answer is as follows:\n12",  # was "as follows:"
+             "The answer is approx. 12"]  # was "approx"
+    assert [check(twelve, extract_answer(t)) for t in right] == [True] * len(right)
+    assert not check(twelve, extract_answer("The answer is 8 + 4 = 13."))
+    assert check(countdown, extract_answer("The answer is 6 × 7 ÷ 3 = 14."))  # was read as 6
+    assert check(countdown, extract_answer("\\boxed{6 \\times 7 \\div 3}"))  # LaTeX operators
+    with pytest.raises(ValueError, match="integers"):  # string meta had made every answer wrong, silently
+        from_record({"question": "q", "answer": "x", "family": "countdown", "meta": {"numbers": ["6"], "target": "6"}})
+
+
+def test_majority_votes_on_values_not_strings():
+    p = from_record({"question": "q", "answer": "12"})
+    answers = ["13", "12", "12.0"]
+    s = summarize([EvalResult(p, answers, answers, [check(p, a) for a in answers])])
+    assert s["maj@3"] == 1.0  # "12" and "12.0" are one answer, 2 votes of 3
+
+
 def test_boxed_fractions_are_scored_as_fractions():
     half, four = from_record({"question": "q", "answer": "1/2"}), from_record({"question": "q", "answer": "4"})
     assert check(half, extract_answer("so \\boxed{\\frac{1}{2}}"))
@@ -129,6 +154,8 @@ def test_run_eval_reads_and_checks_each_sample(model_dir):
               "<think>\n1200 - 200 = 1000\n</think>\n\nThe answer is 1,000.", "The answer is 100."]
     results = run_eval(ScriptedEngine(tok, script), tok, problems, samples=2, temperature=0.6, progress=False)
     assert [r.correct for r in results] == [[True, False], [True, True], [True, False]]
+    eos = ScriptedEngine(tok, ["The answer is 7<｜end▁of▁sentence｜>"])  # no full stop before the chat's EOS
+    assert run_eval(eos, tok, problems[:1], progress=False)[0].correct == [True]
     s = summarize(results)
     assert (s["pass@1"], s["maj@2"], s["pass@2"]) == (pytest.approx(2 / 3, abs=1e-4), 1.0, 1.0)
 

@@ -416,7 +416,7 @@ def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=N
 
 
 # --- checking ---------------------------------------------------------------------------------------------------
-def _number(text) -> Fraction | None:
+def as_number(text) -> Fraction | None:
     """'1,234', '+7', '42.0', '-3', '5.' -> a number; anything else -> None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
@@ -453,6 +453,8 @@ def eval_expression(text: str, used: list[int] | None = None, positive: bool = F
             raise ValueError("an intermediate result is not a positive integer")
         return v
 
+    for latex, op in (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/")):  # \boxed{(3 + 4) \times 5}
+        text = text.replace(latex, op)
     return walk(ast.parse(text.translate(_ASCII).strip(), mode="eval").body)
 
 
@@ -460,7 +462,7 @@ def _check_countdown(meta: dict, predicted: str) -> bool:
     if not isinstance(predicted, str) or len(predicted) > 200:
         return False
     expr, eq, rhs = predicted.partition("=")
-    if eq and _number(rhs) != meta["target"]:  # "(3 + 4) × 5 = 35" is fine, "= 36" is not
+    if eq and as_number(rhs) != meta["target"]:  # "(3 + 4) × 5 = 35" is fine, "= 36" is not
         return False
     used: list[int] = []
     value = eval_expression(expr, used, positive=True)
@@ -472,7 +474,8 @@ def check(problem: Problem, predicted: str) -> bool:
     try:
         if problem.family == "countdown":
             return _check_countdown(problem.meta, predicted)
-        got, want = _number(predicted), _number(problem.answer)
+        predicted = predicted.rpartition("=")[2]  # "8 + 4 = 12" answers 12
+        got, want = as_number(predicted), as_number(problem.answer)
         if problem.family in FAMILIES or (got is not None and want is not None):
             return got is not None and got == want  # the suite's answers are integers: "8 + 3" is not "11"
         return _math_equal(problem.answer, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
@@ -538,6 +541,9 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     if family == "countdown":
         if not {"numbers", "target"} <= meta.keys():
             raise ValueError("a countdown record needs meta with 'numbers' and 'target'")
-    elif _number(final) is not None:
+        ints = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not ints(meta["target"]) or not isinstance(meta["numbers"], list) or not all(map(ints, meta["numbers"])):
+            raise ValueError("countdown meta needs integers: {'numbers': [3, 4, 5], 'target': 35} (no strings)")
+    elif as_number(final) is not None:
         final = final.replace(",", "")
     return Problem(family, int(level), question, steps, final, meta)

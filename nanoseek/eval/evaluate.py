@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-NUMBER = r"[-−]?\d[\d,]*(?:\.\d+)?"  # −: the Unicode minus
+NUMBER = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"  # −: the Unicode minus; commas only as thousands separators
 EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
 
 
@@ -40,10 +40,12 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
+    text = re.sub(r"\*\*|`", "", text)  # Markdown emphasis: "The answer is **$18**."
     for pattern in (r"answer is[:\s]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):
-        m = re.findall(pattern, text, flags=re.IGNORECASE)
-        if m:
-            return _phrase_answer(m[-1])
+        m = list(re.finditer(pattern, text, flags=re.IGNORECASE))
+        # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
+        if m and (re.search(r"\d", m[-1].group(1)) or not re.search(NUMBER, text[m[-1].end():])):
+            return _phrase_answer(m[-1].group(1))
     nums = re.findall(NUMBER, text)
     return nums[-1] if nums else None
 
@@ -63,11 +65,25 @@ def _last_boxed(text: str) -> str | None:
 def _phrase_answer(phrase: str) -> str:
     """The answer in "the answer is …": Markdown emphasis dropped (**18**), and a number followed by words ("18,
     because …", "18 apples") is that number; an expression or a worded answer stays whole."""
+    from ..data.tasks import eval_expression
+
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
-    if re.fullmatch(EXPRESSION, phrase):
-        return phrase
+    if re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", phrase):  # "(3 + 4) × 5", "8 + 4 = 12"
+        try:
+            eval_expression(phrase.partition("=")[0])
+            return phrase
+        except (ValueError, SyntaxError, ZeroDivisionError):  # "12 (3 × 4)": the number, then its working
+            pass
     lead = re.match(r"\$?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=[\s,;:)]|$)", phrase)
     return lead.group(1) if lead else phrase
+
+
+def vote_key(answer: str):
+    """What maj@K votes on: a number's value ("1,000", "1000.0" and "1000" agree), else the stripped text."""
+    from ..data.tasks import as_number
+
+    value = as_number(answer)
+    return value if value is not None else answer.strip()
 
 
 @dataclass
@@ -140,8 +156,8 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     if bar is not None:
         bar.close()
     texts = [tok.decode(o, skip_special_tokens=False) for o in outs]
-    if style != "chat":  # a base model continues with the next document: keep the first one
-        texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
+    # up to the end of the answer (a chat completion ends with EOS; a base model continues with the next document)
+    texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
     return check_completions(problems, texts, samples)
 
 
@@ -201,10 +217,11 @@ def summarize(results: list[EvalResult]) -> dict:
         if K > 1:
             maj = 0
             for r in rs:
-                votes = Counter(a for a in r.answers if a is not None)
+                keys = [None if a is None else vote_key(a) for a in r.answers]  # "12" and "12.0" are one vote
+                votes = Counter(k for k in keys if k is not None)
                 if votes:
                     best = votes.most_common(1)[0][0]
-                    maj += r.correct[r.answers.index(best)]
+                    maj += r.correct[keys.index(best)]
             out[f"maj@{K}"] = round(maj / len(rs), 4)
             for k in sorted({2**i for i in range(1, K.bit_length()) if 2**i < K} | {K}):
                 out[f"pass@{k}"] = round(sum(pass_at_k(K, sum(r.correct), k) for r in rs) / len(rs), 4)
