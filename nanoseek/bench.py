@@ -7,7 +7,7 @@ and decode tokens/s without the prefill (batch / time per step, a step being (ti
 (N − 1)). With MTP layers, also MTP-speculative decoding (the engine's draft-and-verify: the same tokens) at the
 smallest and largest batch, with its draft acceptance rate. Then one training step as `nanoseek pretrain` takes it
 (next-token + λ·MTP + balance loss, backward, clipping, optimiser step, routing-bias update): tokens/s, MFU against
-the device's peak (train/loop.py's datasheet table on GPUs, a measured matmul on the CPU) and dollars per million
+the device's peak (train/metrics.py's datasheet table on GPUs, a measured matmul on the CPU) and dollars per million
 tokens. Every time is the best of --repeats after a warm-up, synchronised on CUDA. Prints tables, then one JSON line
 with every number and the machine. The side-by-side comparisons with transformers behind our performance claims are
 the scripts in bench/; this verb measures nanoseek alone, on the user's machine and model.
@@ -179,7 +179,7 @@ def measure_decode(engine, B: int, args, spec: bool) -> dict:
 def measure_train(model, args, device: str, optimizer: str) -> dict:
     """One pretraining step (the loss of train/loop.py's `fit`, one micro-batch) on random ids: best of --repeats."""
     from .flops import flops_per_token
-    from .train import loop
+    from .train import loop, metrics
 
     cfg, B, T = model.config, args.train_batch, args.seq_len
     model.train()
@@ -212,7 +212,7 @@ def measure_train(model, args, device: str, optimizer: str) -> dict:
         sync(device)
         best = min(best, time.perf_counter() - t)
     say("measuring the device's peak FLOP/s")
-    peak, peak_how = loop.device_peak_flops(torch.device(device))
+    peak, peak_how = metrics.device_peak_flops(torch.device(device))
     tok_s = B * T / best
     flops = flops_per_token(cfg, T, training=True, with_mtp=use_mtp)  # per token, forward + backward
     return {"batch": B, "seq_len": T, "optimizer": optimizer, "mtp": use_mtp, "loss": loss, "step_ms": best * 1e3,

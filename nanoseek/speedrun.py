@@ -6,7 +6,8 @@
 
 Each stage writes its own run directory under OUT (pretrain/, sft/, grpo/, student_base/, distill/), so any stage
 can be rerun or inspected with the per-stage commands. Re-running the same command resumes: finished stages are
-skipped, and the last line's `resumed` lists them (its `wall_s` counts only this invocation). The `cpu` preset is sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
+skipped, and the last line's `resumed` lists them (its `wall_s` counts only this invocation). The `cpu` preset is
+sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_p
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
     """A kill during a write can leave half a line at the end of metrics.jsonl: resume and report skip it."""
-    from nanoseek.train.loop import Metrics, read_metrics
+    from nanoseek.train.metrics import Metrics, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -40,8 +40,7 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    text = re.sub(r"\*\*|`", "", text)  # Markdown emphasis: "The answer is **$18**."
-    for pattern in (r"answer is[:\s]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):
+    for pattern in (r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):  # past "**$" of **$18**
         m = list(re.finditer(pattern, text, flags=re.IGNORECASE))
         # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
         if m and (re.search(r"\d", m[-1].group(1)) or not re.search(NUMBER, text[m[-1].end():])):

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..train.loop import read_metrics
+from ..train.metrics import read_metrics
 
 
 def read_json(path: Path) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import loop
+from . import metrics as metrics_lib
 from .rewards import judge
 from .teacher import LocalTeacher, check_scheme, is_url, make_teacher
 
@@ -202,8 +203,8 @@ def write_cost(run: Path, traces: dict, device: str) -> None:
     local = traces["flops"] is not None
     wall = sft_cost["wall_s"] + (traces["wall_s"] if local else 0.0)
     flops = sft_cost["flops"] + (traces["flops"] if local else 0.0)
-    peak, how = loop.device_peak_flops(torch.device(device))
-    cost = loop.cost_summary(wall, 1, flops, peak, sft_cost["price_per_device_hour"], how)
+    peak, how = metrics_lib.device_peak_flops(torch.device(device))
+    cost = metrics_lib.cost_summary(wall, 1, flops, peak, sft_cost["price_per_device_hour"], how)
     cost["parts"] = {"teacher_traces": traces, "student_sft": {k: sft_cost[k] for k in ("wall_s", "flops")}}
     (run / "cost.json").write_text(json.dumps(cost, indent=1))
 

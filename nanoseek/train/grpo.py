@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model
 from ..flops import flops_per_token, generation_flops
 from . import loop
+from . import metrics as metrics_lib
 from .rewards import false_steps, judge
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -462,14 +463,14 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     extra = [run / "tokenizer" / f for f in ("tokenizer.json", "tokenizer_config.json")]
     engine = Engine(model, max_batch_size=cfg.prompts_per_step // d.world_size * cfg.group_size,
                     max_seq_len=min(context, max(256, longest) + cfg.max_new_tokens))
-    metrics = loop.Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
+    metrics = metrics_lib.Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     scored = scored if d.is_main else []  # rank 0 evaluates
     bar = None
     if cfg.progress and d.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.end, initial=start, desc=f"grpo ({cfg.loss})", unit="step", file=sys.stderr, dynamic_ncols=True)
-    timer = loop.Timer()
+    timer = metrics_lib.Timer()
     row, warned = {}, False
     if start == 0 and scored and cfg.eval_every:
         metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
@@ -521,8 +522,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     d.close()
     if not d.is_main:
         return None
-    cost = loop.run_cost(run, d, prior_wall + timer.elapsed(), flops, cfg.price_per_hour)
-    return loop.run_summary("grpo", run, max(start, cfg.end), row, cost)
+    cost = metrics_lib.run_cost(run, d, prior_wall + timer.elapsed(), flops, cfg.price_per_hour)
+    return metrics_lib.run_summary("grpo", run, max(start, cfg.end), row, cost)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

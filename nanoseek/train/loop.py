@@ -1,5 +1,5 @@
 """What every training stage shares: distributed set-up, the optimiser and LR schedule, atomic checkpoints with exact
-resume, the metrics file, and the cost table.
+resume, and the optimisation loop (the metrics file and the cost table are in metrics.py).
 
 Run directory layout:
     RUN/model          -> current/model          an HF model directory (+ tokenizer files)
@@ -13,7 +13,6 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import inspect
 import json
@@ -22,7 +21,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from ..checkpoint import save_model
 from ..flops import flops_per_token
 from ..model.mtp import mtp_loss
 from . import muon as muon_lib
+from .metrics import Metrics, Timer, device_peak_flops, run_cost, run_summary
 
 KEEP_CHECKPOINTS = 2
 
@@ -105,7 +104,9 @@ STARTED_PROCESS_GROUP = False  # set by init_distributed; cli.main then leaves w
 
 def notice(msg: str) -> None:
     """A line on stderr for the user, from one process only (under torchrun every rank reaches the same notices)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    from ..cli import rank
+
+    if rank() == 0:
         print(msg, file=sys.stderr)
 
 
@@ -249,109 +250,6 @@ def load_train_state(run: Path, opt) -> dict:
     _load_optimizer(opt, load_file(str(ts / "optimizer.safetensors")), state["optimizer"])
     set_rng_state(load_file(str(ts / "rng.safetensors")), state["rng"])
     return state
-
-
-# --- metrics and cost ----------------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a line that does not parse (the last one, cut by a kill mid-write) is skipped."""
-    rows = []
-    for line in Path(path).read_text(errors="replace").splitlines() if Path(path).is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-class Metrics:
-    """Appends one JSON object per logged step to RUN/metrics.jsonl; on resume, drops lines past the checkpoint so
-    the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-        if not enabled:
-            return
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.is_file():
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-
-    def log(self, row: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def run_summary(stage: str, run: Path, step: int, last: dict, cost: dict) -> dict:
-    """The JSON a training command ends with. `step`: where the run is; `last`: the last row this invocation logged,
-    or (a resumed run that was already done) the run's last logged row."""
-    if not last:
-        last = (read_metrics(run / "metrics.jsonl") or [{}])[-1]
-    return {"stage": stage, "model": str(run / "model"), "steps": step, "final": last, "cost": cost}
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU on GPUs.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                 "4090": 165e12}
-
-
-def device_peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for MFU; measured once per device and CPU thread count, so a run's metrics
-    and its cost table divide by the same peak."""
-    return _peak_flops(torch.device(device), torch.get_num_threads())
-
-
-@functools.lru_cache(maxsize=None)
-def _peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
-    from ..device import cpu_name
-    from ..flops import measured_peak_flops
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} datasheet bf16 dense"
-        return measured_peak_flops(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
-    return measured_peak_flops("cpu"), f"{cpu_name()}, {threads} thread{'s' * (threads != 1)}, measured fp32 matmul"
-
-
-def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price_per_hour: float, device: str) -> dict:
-    """DeepSeek-V3-style cost table row: device-hours, FLOPs, MFU against `peak` (FLOP/s of all the devices
-    together) and dollars at `price_per_hour` per device."""
-    hours = wall_s * n_devices / 3600
-    return {
-        "device": device,
-        "devices": n_devices,
-        "wall_s": round(wall_s, 1),
-        "device_hours": round(hours, 5),
-        "flops": float(f"{flops:.4g}"),
-        "mfu": round(flops / max(wall_s, 1e-9) / peak, 4),
-        "price_per_device_hour": price_per_hour,
-        "dollars": round(hours * price_per_hour, 4),
-    }
-
-
-def run_cost(run: Path, d: Dist, wall_s: float, flops: float, price_per_hour: float) -> dict:
-    """The run's cost row (cost_summary), also written to RUN/cost.json. GPUs: one device per rank; a CPU is one
-    device however many processes share its cores (each rank measured the peak of its share)."""
-    peak, peak_how = device_peak_flops(d.device)
-    shared_cpu = d.device.type != "cuda" and d.world_size > 1
-    n_devices = 1 if shared_cpu else d.world_size
-    device = f"{peak_how}, {d.world_size} processes" if shared_cpu else peak_how
-    cost = cost_summary(wall_s, n_devices, flops, peak * d.world_size, price_per_hour, device)
-    (run / "cost.json").write_text(json.dumps(cost, indent=1))
-    return cost
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 # --- the optimisation loop -------------------------------------------------------------------------------------------
@@ -510,9 +408,11 @@ def token_weights(labels: list[torch.Tensor], d: Dist) -> list[tuple[float, floa
     N the positions of the whole step summed over ranks (DDP averages gradients over ranks, hence × world_size).
     MTP counts the positions of its first depth (labels[:, 1:]). One micro-batch in one process: exactly 1.0."""
     counts = torch.tensor([[(y != -100).sum().item(), (y[:, 1:] != -100).sum().item()] for y in labels],
-                          dtype=torch.float64)  # (micro-batches, 2)
-    totals = d.all_reduce_sum_(counts.sum(0).to(d.device)).cpu().clamp(min=1)
-    return [(float(n_main), float(n_mtp)) for n_main, n_mtp in (counts * d.world_size / totals).tolist()]
+                          dtype=torch.float64)  # (micro-batches, 2); labels are still on the host
+    totals = counts.sum(0)
+    if d.world_size > 1:  # (one process: no round trip through the device)
+        totals = d.all_reduce_sum_(totals.to(d.device)).cpu()
+    return [(float(n_main), float(n_mtp)) for n_main, n_mtp in (counts * d.world_size / totals.clamp(min=1)).tolist()]
 
 
 def lm_losses(net, model, inputs, labels, segments, use_mtp: bool):
