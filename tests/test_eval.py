@@ -28,7 +28,7 @@ RECORDS = [
     ("first 10, then 20, finally 1,000 left", "1,000"),
     ("<think>\n7\n</think>\n\nno idea", None),
     ("so the probability is \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),  # nested braces: the whole box, not its 4
-    ("\\boxed{1{,}234} and \\boxed{\\dfrac{1}{2}", "1{,}234"),  # an unclosed box is not an answer
+    ("\\boxed{1{,}234} and \\boxed{\\dfrac{1}{2}", "1,234"),  # an unclosed box is not an answer
     ("The answer is **18**.", "18"),
     ("The answer is 18, because 16 - 3 - 4 = 9 and 9 × 2 = 18.", "18"),
     ("The answer is 12 apples", "12"),
@@ -54,6 +54,15 @@ def test_answers_the_checking_audit_found_misread():
     assert not check(twelve, extract_answer("The answer is 8 + 4 = 13."))
     assert check(countdown, extract_answer("The answer is 6 × 7 ÷ 3 = 14."))  # was read as 6
     assert check(countdown, extract_answer("\\boxed{6 \\times 7 \\div 3}"))  # LaTeX operators
+    assert check(countdown, extract_answer("<think>\nwork\n</think>\n\n(6 × 7) ÷ 3"))  # was read as its last 3
+    assert check(countdown, extract_answer("<think>\nwork\n</think>\n\n**6 × 7 ÷ 3 = 14**"))
+    assert not check(countdown, extract_answer("<think>\nwork\n</think>\n\n6 × 7 + 3"))
+    boxed = ["\\boxed{\\$12}", "\\boxed{12 \\text{ apples}}", "\\boxed{\\text{12}}", "\\boxed{$12$}"]
+    assert [check(twelve, extract_answer(t)) for t in boxed] == [True] * len(boxed)  # were "\\$12", ...
+    assert check(from_record({"question": "q", "answer": "1234"}), extract_answer("\\boxed{1\\,234}"))
+    assert not check(twelve, extract_answer("\\boxed{1 2}"))  # was 12: a space does not join digits
+    assert not check(from_record({"question": "q", "answer": "78"}), "7 8")
+    assert check(from_record({"question": "q", "answer": "-3"}), "- 3")  # but may follow a sign
     with pytest.raises(ValueError, match="integers"):  # string meta had made every answer wrong, silently
         from_record({"question": "q", "answer": "x", "family": "countdown", "meta": {"numbers": ["6"], "target": "6"}})
 

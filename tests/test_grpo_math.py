@@ -120,6 +120,11 @@ def test_rewards_on_crafted_completions(problem):
         assert j.format == 0 and j.accuracy == 0 and j.reward == 0, text
     stuffed = f"<think>\nhmm\n</think>\n\n{int(ans) - 1} or {ans} or {int(ans) + 1}"
     assert judge(stuffed, problem).accuracy == 0 and judge(stuffed, problem).format == 1
+    a, b = int(ans) // 2, int(ans) - int(ans) // 2
+    worked = f"<think>\nhmm\n</think>\n\n{a} + {b} = {ans}, so the answer is {ans}."  # working, not stuffing
+    assert judge(worked, problem).accuracy == 1
+    false_working = f"<think>\nhmm\n</think>\n\n{a} + {b} = {int(ans) + 1} = {ans}, so the answer is {ans}."
+    assert judge(false_working, problem).accuracy == 0
 
 
 def test_overlong_penalty():

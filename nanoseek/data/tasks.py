@@ -417,14 +417,16 @@ def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=N
 
 # --- checking ---------------------------------------------------------------------------------------------------
 def as_number(text) -> Fraction | None:
-    """'1,234', '+7', '42.0', '-3', '5.' -> a number; anything else -> None."""
+    """'1,234', '1 234', '+7', '42.0', '-3', '- 3', '5.' -> a number; anything else ('7 8', '12,34') -> None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
-    s = text.strip().replace(" ", "").replace("−", "-").removeprefix("+").removesuffix(".")
-    if "," in s:
-        if not re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", s):
-            return None
-        s = s.replace(",", "")
+    s = re.sub(r"^([-+])\s+", r"\1", text.strip().replace("−", "-")).removeprefix("+").removesuffix(".")  # "- 3"
+    s = re.sub(r"[\u00a0\u2009\u202f]", " ", s)  # no-break and thin spaces
+    for sep in ",", " ":  # thousands separators: "1,234" and "1 234", not "12,34" or "7 8"
+        if sep in s:
+            if not re.fullmatch(rf"-?[0-9]{{1,3}}({sep}[0-9]{{3}})+(\.[0-9]+)?", s):
+                return None
+            s = s.replace(sep, "")
     return Fraction(s) if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", s) else None
 
 

@@ -4,7 +4,7 @@ Problems come from the task suite's held-out split (`--task arithmetic`, `--task
 GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or just `N`, optional `level`).
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
-"answer is …", "Answer: …", or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
+"answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
 maj@K is the accuracy of the most common extracted answer and pass@k (k = 2, 4, …, K, the unbiased estimator) the
 chance that k samples include a right one: what reinforcement learning could sharpen into pass@1 without new skills.
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
@@ -39,14 +39,43 @@ def extract_answer(text: str) -> str | None:
         text = text.rsplit("</think>", 1)[1]
     boxed = _last_boxed(text)
     if boxed is not None:
-        return boxed
+        return _boxed_answer(boxed)
     for pattern in (r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):  # past "**$" of **$18**
         m = list(re.finditer(pattern, text, flags=re.IGNORECASE))
         # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
         if m and (re.search(r"\d", m[-1].group(1)) or not re.search(NUMBER, text[m[-1].end():])):
             return _phrase_answer(m[-1].group(1))
+    bare = _bare_expression(text)
+    if bare is not None:
+        return bare
     nums = re.findall(NUMBER, text)
     return nums[-1] if nums else None
+
+
+def _boxed_answer(boxed: str) -> str:
+    """A number in LaTeX dress is that number: \\boxed{\\$12}, \\boxed{12 \\text{ apples}}, \\boxed{1\\,234},
+    \\boxed{1{,}234}; anything else stays as written, for math-verify to read (\\frac{3}{4}, sets, intervals)."""
+    plain = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", boxed)
+    plain = re.sub(r"(?<=\d)\\,(?=\d{3})", "", plain).replace("{,}", ",").replace("\\$", "").replace("$", "")
+    plain = re.sub(r"\\[,;! ]", " ", plain)
+    m = re.fullmatch(rf"\s*({NUMBER})\s*(?:[A-Za-z][A-Za-z .]*)?", plain)  # the number, then perhaps its unit
+    return m.group(1) if m else boxed
+
+
+def _bare_expression(text: str) -> str | None:
+    """A last line that is only an expression, as a countdown answer may be ("(6 × 7) ÷ 3", "**6 × 7 ÷ 3 = 14**"):
+    the whole expression, not its last number."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    line = re.sub(r"[*_`$]", "", lines[-1]).strip().rstrip(".").strip() if lines else ""
+    if not re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", line) or not re.search(r"\d\s*[-−+×÷*/]\s*[(\d]", line):
+        return None
+    from ..data.tasks import eval_expression
+
+    try:
+        eval_expression(line.partition("=")[0])
+        return line
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        return None
 
 
 def _last_boxed(text: str) -> str | None:

@@ -8,7 +8,8 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
   the completion ended by itself (not cut off at the token limit).
 - accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
   `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
-  stuffing", a numeric answer section listing several candidate numbers, scores 0 accuracy; reasoning that is the same
+  stuffing", a numeric answer section listing several candidate numbers (the operands of a true equation shown as
+  working do not count), scores 0 accuracy; reasoning that is the same
   line repeated over and over fails the format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
@@ -33,6 +34,8 @@ MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is deg
 # side is numbers and + - × ÷ and whose right side is one integer (then optionally ", ..." or a full stop).
 STEP = re.compile(r"^[ \t]*(?P<lhs>[-(]*\d+\)*(?: [+\-×÷] [-(]*\d+\)*)+) = (?P<rhs>-?\d+)"
                   r"(?:, remainder (?P<rem>\d+))?(?=[ \t]*$|,|\.[ \t]*$)", re.M)
+
+EQUATION = re.compile(r"(?P<lhs>[-(]*\d+\)*(?:\s*[-+×÷*/]\s*[-(]*\d+\)*)+)\s*=\s*(?P<rhs>-?\d+)(?![\d.,]\d)")
 
 
 @dataclass
@@ -66,12 +69,25 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     answer = extract_answer(text) if fmt else None
     answer_part = text.rsplit(END_THINK, 1)[-1]
     numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
-    stuffed = numeric and len(set(re.findall(NUMBER, answer_part))) > MAX_ANSWER_NUMBERS
+    stuffed = numeric and len(set(re.findall(NUMBER, _results_only(answer_part)))) > MAX_ANSWER_NUMBERS
     acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
     penalty = 0.0
     if overlong_cache and max_tokens:
         penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
+
+
+def _results_only(answer: str) -> str:
+    """The answer section with every true equation's working replaced by its result ("8 + 4 = 12, so 12" -> "12, so
+    12"), so that showing the working is not answer stuffing; a false one ("8 + 4 = 13 = 12") stays whole."""
+
+    def result(m: re.Match) -> str:
+        try:
+            return m.group("rhs") if eval_expression(m.group("lhs")) == int(m.group("rhs")) else m.group(0)
+        except (ValueError, SyntaxError, ZeroDivisionError):
+            return m.group(0)
+
+    return EQUATION.sub(result, answer)
 
 
 def false_steps(text: str) -> list[tuple[int, int]]:
