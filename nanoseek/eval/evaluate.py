@@ -4,9 +4,10 @@ Problems come from the task suite's held-out split (`--task arithmetic`, `--task
 GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or just `N`, optional `level`).
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
 drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
-"answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last number. pass@1 is the mean correctness over all K samples; with K > 1,
-maj@K is the accuracy of the most common extracted answer and pass@k (k = 2, 4, …, K, the unbiased estimator) the
-chance that k samples include a right one: what reinforcement learning could sharpen into pass@1 without new skills.
+"answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last number. pass@1 is
+the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
+pass@k (k = 2, 4, …, K, the unbiased estimator) the chance that k samples include a right one: what reinforcement
+learning could sharpen into pass@1 without new skills.
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
 `math-verify`.
 
