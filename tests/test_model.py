@@ -155,6 +155,32 @@ def test_sequence_balance_loss_by_hand():
     assert math.isclose(moe._sequence_balance_loss(scores, idx).item(), expected, rel_tol=1e-6)
 
 
+def test_padding_counts_in_no_router_load_or_balance_loss():
+    """Rows padded to a common length, with the padding marked: the router's loads and the balance loss are those of
+    the rows alone (so a batch split differently over processes moves the routing bias alike)."""
+    model = tiny(aux_loss_alpha=0.01)
+    model.train()
+    torch.manual_seed(1)
+    rows = [torch.randint(3, 512, (1, n)) for n in (5, 12)]
+    loads, aux = [], []
+    for r in rows:
+        model(r, return_mtp=True)
+        loads.append([m.load.clone() for m in model.moe_layers()])
+        aux.append(model.aux_loss())
+        model.update_routing_bias(0.0)
+    batch = torch.full((2, 12), 1)  # the pad id: any token
+    batch[0, :5], batch[1] = rows[0][0], rows[1][0]
+    real = batch != -1
+    real[0, 5:] = False
+    model(batch, return_mtp=True, token_mask=real)
+    for m, a, b in zip(model.moe_layers(), *loads):
+        assert torch.equal(m.load, a + b)
+    assert torch.allclose(model.aux_loss(), (aux[0] + aux[1]) / 2, rtol=1e-5)
+    model.update_routing_bias(0.0)
+    model(batch, return_mtp=True)  # unmarked, the padding counts
+    assert not all(torch.equal(m.load, a + b) for m, a, b in zip(model.moe_layers(), *loads))
+
+
 def test_mtp_and_main_loss_fall():
     model = tiny()
     model.train()

@@ -34,10 +34,11 @@ def test_labels_cover_only_assistant_turns(base_dir):
     samples = tokenize_conversations(CONVS[:4], tok)
     loader = ChatLoader(samples, 4, 128, tok.eos_id)
     order = loader._order()
-    inputs, labels = loader.next_batch()
+    inputs, labels, real = loader.next_batch()
     for row, (ids, mask) in enumerate(samples[i] for i in order):  # supervised exactly where the mask says, shifted by one
         expected = torch.tensor(ids[1:]).masked_fill(~torch.tensor(mask[1:], dtype=torch.bool), -100)
         assert torch.equal(labels[row, : len(ids) - 1], expected)
+        assert real[row].sum() == len(ids) - 1 and real[row, : len(ids) - 1].all()  # the padding is marked
     text = tok.decode(labels[labels != -100].tolist())
     assert "What is" not in text and "<｜User｜>" not in text
     assert text.count("The answer is") == 4 and text.count("<｜end▁of▁sentence｜>") == 4
@@ -47,10 +48,10 @@ def test_packed_rows_compute_what_each_conversation_computes_alone(base_dir):
     d, tok, _ = base_dir
     samples = tokenize_conversations(CONVS[:40], tok)
     packed = ChatLoader(samples, 2, 128, tok.eos_id, pack=True)
-    x, y = packed.next_batch()
+    x, y, _ = packed.next_batch()
     k = packed.position  # the conversations those two rows hold, in the loader's order
     assert k >= 4 and x.shape[0] == 2  # several conversations per row
-    padded_x, padded_y = ChatLoader(samples, k, 128, tok.eos_id).next_batch()  # the same k, one per row
+    padded_x, padded_y, _ = ChatLoader(samples, k, 128, tok.eos_id).next_batch()  # the same k, one per row
     assert (x == tok.eos_id).sum() < (padded_x == tok.eos_id).sum()  # less padding
     assert rows_per_epoch(samples, 128, pack=False) == 40 and rows_per_epoch(samples, 128, pack=True) <= 40 // 3
     model = nanoseek.load_model(d).eval()

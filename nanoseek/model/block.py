@@ -19,7 +19,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, span=None, mask=None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); an additive mask (B, 1, T, T) of 0 / -inf keeps packed documents apart."""
+    def forward(self, x, cos, sin, positions=None, cache=None, span=None, mask=None, token_mask=None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); an additive mask (B, 1, T, T) of 0 / -inf keeps packed documents apart;
+        token_mask (B, T) bool, False on padding, which then moves no MoE balancing."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, span, mask=mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))

@@ -21,7 +21,8 @@ Balancing: the per-expert token counts of every forward are accumulated in `load
 `update_bias(γ)` applies DeepSeek-V3's aux-loss-free rule b_i += γ·sign(mean load − load_i) and resets `load`.
 With `aux_loss_alpha > 0` in training, the sequence-wise balance loss
   L = α Σ_i f_i P_i,  f_i = E/(K·T) · #(tokens of the sequence routed to i),  P_i = mean_t s_{t,i}/Σ_j s_{t,j}
-is averaged over sequences and left in `aux_loss` for the trainer to add.
+is averaged over sequences and left in `aux_loss` for the trainer to add. A training forward may mark padding
+(`token_mask`): it counts in neither, so rows padded to another length route and balance alike.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class MoE(nn.Module):
         self.load: torch.Tensor | None = None  # float32 tokens per expert since the last bias update (training)
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). In training, `token_mask` (B, T) bool marks the real tokens: padding (False)
+        is computed but counts in neither `load` nor the balance loss."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
@@ -153,19 +156,31 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training:
+            real = None if token_mask is None else token_mask.reshape(B, T)
+            if real is not None:
+                counts = torch.bincount(indices[real.flatten()].flatten(), minlength=self.n_experts)
             self.load = counts.float() if self.load is None else self.load + counts
-            self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T * self.top_k))
+            self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, self.top_k), real)
         return y
 
-    def _sequence_balance_loss(self, scores_BTE: torch.Tensor, indices_BM: torch.Tensor) -> torch.Tensor | None:
+    def _sequence_balance_loss(self, scores_BTE: torch.Tensor, indices_BTK: torch.Tensor,
+                               real_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+        """α Σ_i f_i P_i per sequence over its real tokens (all, without `real_BT`), averaged over sequences."""
         if not self.aux_alpha:
             return None
         B, T, E = scores_BTE.shape
-        P = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(dim=1)  # (B, E)
-        f = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
-            1, indices_BM, torch.ones_like(indices_BM, dtype=torch.float32)
-        ) * (E / (self.top_k * T))
-        return self.aux_alpha * (f * P).sum(-1).mean()
+        share = scores_BTE / scores_BTE.sum(-1, keepdim=True)  # (B, T, E)
+        picks = torch.ones(B, indices_BTK[0].numel(), device=scores_BTE.device)  # (B, T·K)
+        if real_BT is None:
+            P, n = share.mean(dim=1), T  # (B, E)
+        else:  # padding counts in neither P nor f; a row of padding alone drops out of the mean
+            real = real_BT.float()
+            n = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1) real tokens per sequence
+            P = (share * real[..., None]).sum(1) / n
+            picks = real[..., None].expand(B, T, self.top_k).reshape(B, -1)
+        f = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(1, indices_BTK.reshape(B, -1), picks)
+        per_seq = (f * (E / (self.top_k * n)) * P).sum(-1)  # (B,)
+        return self.aux_alpha * (per_seq if real_BT is None else per_seq[real_BT.any(1)]).mean()
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> None:

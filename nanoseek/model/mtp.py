@@ -38,10 +38,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * D, D, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, positions=None, cache=None, span=None, mask=None) -> torch.Tensor:
+    def forward(self, h_prev, emb, cos, sin, positions=None, cache=None, span=None, mask=None,
+                token_mask=None) -> torch.Tensor:
         """h_prev (B, T, D) hidden of depth k-1, emb (B, T, D) embeddings of the tokens k ahead -> h^k (B, T, D)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, positions, cache, span, mask)
+        return super().forward(x, cos, sin, positions, cache, span, mask, token_mask)
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

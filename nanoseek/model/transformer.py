@@ -64,18 +64,19 @@ class Transformer(nn.Module):
         cache=None,  # engine.cache.LatentCache: decode with the absorbed latent cache
         return_mtp: bool = False,
         segments: torch.Tensor | None = None,  # (B, T) document index of each token of a packed row (training)
+        token_mask: torch.Tensor | None = None,  # (B, T) bool, training: False on padding (no MoE balancing)
     ):
         """-> logits (B, T, V); with return_mtp, (logits, [logits of MTP depth k: (B, T-k, V)]).
 
         With `segments`, a row packs several documents: a token attends only to earlier tokens of its own document,
         and positions restart at 0 where a document starts, so each document is computed as if it were alone."""
-        h, cos, sin, mask = self.hidden_states(input_ids, positions, cache, segments)
+        h, cos, sin, mask = self.hidden_states(input_ids, positions, cache, segments, token_mask)
         logits = self.lm_head(h)
         if not return_mtp:
             return logits
-        return logits, self.mtp_logits(input_ids, h, cos, sin, mask)
+        return logits, self.mtp_logits(input_ids, h, cos, sin, mask, token_mask)
 
-    def hidden_states(self, input_ids, positions=None, cache=None, segments=None):
+    def hidden_states(self, input_ids, positions=None, cache=None, segments=None, token_mask=None):
         """-> final normed hidden (B, T, D), the rope cos/sin used, and the document mask (B, 1, T, T) or None."""
         B, T = input_ids.shape
         mask = None
@@ -91,10 +92,10 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.main_layers:
-            x = layer(x, cos, sin, positions if cache is not None else None, cache, span, mask)
+            x = layer(x, cos, sin, positions if cache is not None else None, cache, span, mask, token_mask)
         return self.model.norm(x), cos, sin, mask
 
-    def mtp_logits(self, input_ids, h, cos, sin, mask=None) -> list[torch.Tensor]:
+    def mtp_logits(self, input_ids, h, cos, sin, mask=None, token_mask=None) -> list[torch.Tensor]:
         """Training-time MTP: depth k sees positions [0, T-k) and predicts the token k+1 ahead."""
         outs, h_prev, T = [], h, input_ids.shape[1]
         for k, layer in enumerate(self.mtp_layers, start=1):
@@ -102,7 +103,8 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])
-            h_prev = layer(h_prev[:, :n], emb, cos[:, :n], sin[:, :n], mask=None if mask is None else mask[..., :n, :n])
+            h_prev = layer(h_prev[:, :n], emb, cos[:, :n], sin[:, :n], mask=None if mask is None else mask[..., :n, :n],
+                           token_mask=None if token_mask is None else token_mask[:, k:])  # padding of the tokens k ahead
             outs.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return outs
 

@@ -415,15 +415,16 @@ def token_weights(labels: list[torch.Tensor], d: Dist) -> list[tuple[float, floa
     return [(float(n_main), float(n_mtp)) for n_main, n_mtp in (counts * d.world_size / totals.clamp(min=1)).tolist()]
 
 
-def lm_losses(net, model, inputs, labels, segments, use_mtp: bool):
+def lm_losses(net, model, inputs, labels, segments, use_mtp: bool, real=None):
     """One micro-batch's forward -> (logits (B, T, V), next-token CE, MTP CE, sequence-wise balance loss) on labels
-    (-100 = ignored); `net` is the model or its DDP wrapper. The MTP and balance terms are 0 when off."""
+    (-100 = ignored); `net` is the model or its DDP wrapper; `real` (B, T) bool marks the tokens that are not
+    padding (None: all). The MTP and balance terms are 0 when off."""
     zero = torch.zeros((), device=inputs.device)
     if use_mtp:
-        logits, mtp_logits = net(inputs, return_mtp=True, segments=segments)
+        logits, mtp_logits = net(inputs, return_mtp=True, segments=segments, token_mask=real)
         l_mtp = mtp_loss(mtp_logits, labels)
     else:
-        logits, l_mtp = net(inputs, segments=segments), zero
+        logits, l_mtp = net(inputs, segments=segments, token_mask=real), zero
     l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     aux = model.aux_loss()
     return logits, l_main, l_mtp, zero if aux is None else aux
@@ -436,7 +437,9 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
     with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
     (inputs, labels) and state_dict()/load_state_dict(). With a `teacher` model (same vocabulary), kd_weight ·
-    KL(teacher ‖ student) on the supervised positions joins the loss. Returns the result dict on rank 0."""
+    KL(teacher ‖ student) on the supervised positions joins the loss. A loader that pads may return a third tensor,
+    (B, T) bool False on padding, which then counts in no router load or balance loss. Returns the result dict on
+    rank 0."""
     run = Path(cfg.out)
     accum = grad_accum_steps(cfg, d)
     mc = model.config
@@ -473,15 +476,16 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         sums = torch.zeros(3, device=d.device)  # main CE, MTP CE, balance loss (+ KD)
         tokens = flops = 0.0
         batches = [loader.next_batch() for _ in range(accum)]
-        weights = token_weights([labels for _, labels in batches], d)
-        for micro, ((inputs, labels), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
+        weights = token_weights([batch[1] for batch in batches], d)
+        for micro, ((inputs, labels, *real), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
             inputs, labels = inputs.to(d.device), labels.to(d.device)
+            real = real[0].to(d.device) if real else None
             segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
             tokens += inputs.numel()
             flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
-                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp)
+                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real)
                 aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():

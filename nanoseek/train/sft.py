@@ -4,9 +4,9 @@ Each conversation is rendered with the model directory's own chat template; the 
 turns (their content and the end-of-sentence token that closes them), never the prompt. With no --data, the
 training split of the task suite is rendered in R1's reasoning format. Same run directory, resume, metrics and
 multi-process behaviour as pretraining (shared `loop.fit`): the loss is the mean over all supervised tokens of a step,
-however it is split over micro-batches and processes. One difference remains: each process pads its rows to its own
-longest, and the router's load counts (which move the aux-loss-free bias) include that padding, so runs split
-differently drift apart by about 1e-4 in loss after a few steps (tests/test_torchrun.py checks the first step).
+however it is split over micro-batches and processes. Each process pads its rows to its own longest; the padding
+counts in no router load (which moves the aux-loss-free bias) and no balance loss, so runs split differently stay
+together (tests/test_torchrun.py).
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ class ChatLoader:
             ids += x[: self.seq_len]
             mask += m[: self.seq_len]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> inputs (B, T) and labels (B, T), labels = next token on assistant positions, else -100."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> inputs (B, T), labels (B, T) = next token on assistant positions, else -100, and real (B, T) bool,
+        False on padding."""
         rows = [self._next_row() for _ in range(self.batch_size * self.world)][self.rank :: self.world]
         T = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
@@ -87,7 +88,8 @@ class ChatLoader:
             ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
-        return ids[:, :-1], labels
+        real = torch.arange(T - 1)[None, :] < torch.tensor([len(x) for x, _ in rows])[:, None]
+        return ids[:, :-1], labels, real
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
