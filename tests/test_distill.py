@@ -139,7 +139,7 @@ def test_a_refused_connection_fails_at_once_until_the_server_has_answered(server
     from nanoseek.train import teacher as teacher_module
 
     sleeps = []
-    monkeypatch.setattr(teacher_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr(teacher_module.URLTeacher, "_backoff", lambda self, delay: sleeps.append(delay) or False)
     refused = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match="cannot reach .*is the server running"):
         URLTeacher(refused)
@@ -269,7 +269,10 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
     common = dict(teacher="http://127.0.0.1:9/v1", student=str(d), data=str(train), steps=1, batch_size=2, eval_n=2,
                   progress=False)  # make_teacher is scripted below; a URL teacher is not checked for its context
     result = distill(DistillConfig(out=str(tmp_path / "run"), eval_data=str(held), **common))
-    assert sorted(Scripted.asked) == sorted(json.loads(line)["question"] for line in train.read_text().splitlines())
+    asked = [q for q in Scripted.asked if q.startswith("Ann")]  # then it is scored on the --eval-data questions
+    assert sorted(asked) == sorted(json.loads(line)["question"] for line in train.read_text().splitlines())
+    # a URL teacher is scored too: "What is i + 3?" gets i + 2 + i % 2, right for i = 1 of the first 2
+    assert result["teacher"]["pass@1"] == 0.5 and result["teacher"]["params_total"] is None
     kept = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "run" / "kept.jsonl").read_text().splitlines()]
     assert sorted(kept) == [f"Ann has {i} pens and gets 2 more. How many now?" for i in (0, 2, 4)]
     assert result["traces"]["wrong"] == 3 and isinstance(result["student"]["pass@1"], float)

@@ -203,8 +203,10 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    refused: list[str] = []
     try:
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
+            refused += [trace.error] if trace.error else []
             if not trace.reasoning:
                 texts[i] = trace.answer
             elif trace.answer or trace.finished:
@@ -216,6 +218,9 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
+    if refused:
+        print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
+              "scored as wrong", file=sys.stderr)
     return check_completions(problems, texts, samples)
 
 

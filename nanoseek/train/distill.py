@@ -58,6 +58,9 @@ class DistillConfig:
     progress: bool = True
 
 
+REFUSALS_BEFORE_ABORT = 8  # requests the teacher refused before it answered any: stop asking
+
+
 def trace_problems(cfg: DistillConfig):
     """The first cfg.n problems of --data, or cfg.n problems of the train split spread evenly over the cells
     cfg.tasks names (family or family:level)."""
@@ -72,12 +75,16 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
     one would have (from a local teacher, whose sampling is seeded per request)."""
     done = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
                 done[(rec["uid"], rec["sample"])] = rec
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by an interruption
+        if text and not text.endswith("\n"):  # drop that cut line, or the next record would be appended to it
+            with path.open("r+") as f:
+                f.truncate(len(text[: text.rfind("\n") + 1].encode()))
     todo = [(p, s, cfg.seed + k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
             if (p.uid, s) not in done]
     bar = None
@@ -85,10 +92,16 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="teacher traces", unit="trace", file=sys.stderr, dynamic_ncols=True)
+    refused: list[str] = []  # requests the server refused: not saved, so a rerun asks them again
     with path.open("a") as f:
         for i, trace in teacher.traces([p.question for p, _, _ in todo], cfg.max_tokens, cfg.temperature,
                                        [seed for _, _, seed in todo]):
             p, s, _ = todo[i]
+            if trace.error:
+                refused.append(trace.error)
+                if len(refused) >= REFUSALS_BEFORE_ABORT and not done:  # the settings, not one question
+                    raise ConnectionError(f"the teacher refused the first {len(refused)} requests: {trace.error}")
+                continue
             rec = {"uid": p.uid, "sample": s, "question": p.question, "reasoning": trace.reasoning,
                    "answer": trace.answer, "finished": trace.finished}
             f.write(json.dumps(rec) + "\n")
@@ -98,6 +111,9 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if refused:
+        print(f"distill: the teacher refused {len(refused)} of {len(todo)} requests (first: {refused[0]}); they are "
+              "left out, and a rerun asks them again", file=sys.stderr)
     return list(done.values())
 
 
@@ -145,15 +161,21 @@ def fresh_student(cfg: DistillConfig, teacher, run: Path) -> Path:
     return out
 
 
-def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tokens: int = 64) -> float:
+def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tokens: int = 64, repeats: int = 3
+                        ) -> float:
+    """Tokens per second of `n_prompts` rows decoding `new_tokens` each: the best of `repeats` timed runs after a
+    warm-up of the same shape (one run of ~0.1 s on a shared 2-core machine moved by up to 6x)."""
     from ..engine.engine import Engine
 
     engine = Engine.from_pretrained(model_dir, device=device)
     prompts = [[engine.cfg.bos_token_id or 0] + [5 + i] * 8 for i in range(n_prompts)]
-    engine.generate(prompts[:1], max_new_tokens=4, stop_token_ids=())  # warm-up
-    t = time.perf_counter()
-    outs = engine.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # new_tokens each
-    return sum(len(o) for o in outs) / (time.perf_counter() - t)
+    best = 0.0
+    for run in range(repeats + 1):  # run 0 warms up
+        t = time.perf_counter()
+        outs = engine.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=())  # new_tokens each
+        if run:
+            best = max(best, sum(len(o) for o in outs) / (time.perf_counter() - t))
+    return best
 
 
 def scored_problems(cfg: DistillConfig) -> list:
@@ -184,15 +206,35 @@ def describe(model_dir: str, device: str, problems: list, max_new_tokens: int) -
             "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
 
 
+def describe_url(teacher, problems: list, max_new_tokens: int, progress: bool) -> dict:
+    """A URL teacher's pass@1 on `problems`, asked greedily through its chat endpoint as `nanoseek eval --model URL`
+    asks; its parameters and decoding speed are the server's to know (None)."""
+    from ..eval.evaluate import run_eval_url, summarize
+
+    try:
+        summary = summarize(run_eval_url(teacher, problems, max_new_tokens=max_new_tokens, progress=progress))
+    except ConnectionError as e:  # the student is trained and scored: say so, and leave the teacher unscored
+        print(f"distill: the teacher could not be scored ({e})", file=sys.stderr)
+        summary = {}
+    return {"pass@1": summary.get("pass@1"), "levels": summary.get("levels"), "params_total": None,
+            "params_active": None, "decode_tokens_per_s": None}
+
+
 def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
     """Add this process's trace collection to RUN/traces_cost.json (a resumed run adds to what earlier ones spent;
     the part of an interrupted collection is not counted). flops None: a URL teacher, whose machine did the work."""
     path = run / "traces_cost.json"
-    cost = json.loads(path.read_text()) if path.is_file() else {"wall_s": 0.0, "flops": 0.0 if flops is not None else None}
+    cost = {"wall_s": 0.0, "flops": 0.0 if flops is not None else None}
+    try:
+        cost = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet (or, from older versions, one cut short: its time is lost)
+        pass
     cost["wall_s"] = round(cost["wall_s"] + wall_s, 2)
     if flops is not None and cost["flops"] is not None:
         cost["flops"] += flops
-    path.write_text(json.dumps(cost))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cost))
+    tmp.replace(path)
     return cost
 
 
@@ -225,6 +267,21 @@ def check_scored(cfg: DistillConfig, scored: list) -> None:
         if model_dir and scored:
             check_context(prompts_for(scored, Tokenizer.from_dir(model_dir), "chat"), eval_budget(cfg),
                           read_config(model_dir).max_position_embeddings, model_dir)
+
+
+def check_same_vocabulary(teacher: str, student: str) -> None:
+    """Logit distillation compares the two models' distributions token id by token id: the same tokenizer (its
+    tokens and their ids) and the same output size, or the KL would pair unrelated tokens."""
+    from ..checkpoint import read_config
+    from ..cli import UserError
+    from ..tokenizer import Tokenizer
+
+    vocab = [Tokenizer.from_dir(d).hf.get_vocab(with_added_tokens=True) for d in (teacher, student)]
+    sizes = [read_config(d).vocab_size for d in (teacher, student)]
+    if vocab[0] != vocab[1] or sizes[0] != sizes[1]:
+        raise UserError(f"--kd-weight: the student ({student}) does not share the teacher's tokenizer (vocab_size "
+                        f"{sizes[1]} against {sizes[0]}, {len(vocab[1])} against {len(vocab[0])} tokens, or other "
+                        "ids); distill without --kd-weight, or start from --student-preset, which takes the teacher's")
 
 
 def claim_run(run: Path, cfg: DistillConfig) -> None:
@@ -279,6 +336,8 @@ def distill(cfg: DistillConfig) -> dict:
                             "--student DIR")
     if cfg.kd_weight > 0 and is_url(cfg.teacher):
         raise UserError("--kd-weight needs a local teacher directory (logits are not available over HTTP)")
+    if cfg.kd_weight > 0 and cfg.student:
+        check_same_vocabulary(cfg.teacher, cfg.student)
     problems, scored = trace_problems(cfg), scored_problems(cfg)  # a bad data file is refused before anything runs
     check_scored(cfg, scored)
     if cfg.data and not scored:
@@ -316,6 +375,8 @@ def distill(cfg: DistillConfig) -> dict:
     report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, scored, eval_budget(cfg))}
     if isinstance(teacher, LocalTeacher):
         report["teacher"] = describe(cfg.teacher, device, scored, eval_budget(cfg))
+    elif scored:
+        report["teacher"] = describe_url(teacher, scored, eval_budget(cfg), cfg.progress)
     (run / "report.json").write_text(json.dumps(report, indent=1))
     return {"stage": "distill", "model": str(run / "student" / "model"), "sft": result["final"] if result else None, **report}
 

@@ -9,15 +9,18 @@ Nothing leaves the machine except the requests to the URL the user names.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import socket
-import time
+import ssl
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 
@@ -26,6 +29,11 @@ class Trace:
     reasoning: str
     answer: str
     finished: bool  # ended by itself rather than by the token limit
+    error: str = ""  # the server refused this one request (e.g. HTTP 400 for a prompt too long for it): no trace
+
+
+class Refused(ConnectionError):
+    """The server refused one request (HTTP 400, 413, 422): that request's fault, not the run's."""
 
 
 def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
@@ -76,15 +84,23 @@ class LocalTeacher:
 
 
 class URLTeacher:
-    """Any OpenAI-compatible /v1/chat/completions endpoint (nanoseek serve, vLLM, SGLang, DeepSeek's API)."""
+    """Any OpenAI-compatible /v1/chat/completions endpoint (nanoseek serve, vLLM, SGLang, DeepSeek's API).
+
+    A request that fails for the network or the server (5xx, 429, a dropped connection) is retried with backoff; one
+    the server refuses as such (400, 413, 422: a prompt too long for its context, a content filter) becomes a
+    Trace with `error`, so one bad question does not stop the run. When the consumer stops (an error, Ctrl-C),
+    queued requests are cancelled and retries end; at most `concurrency` requests in flight are still answered,
+    unused."""
 
     def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5, timeout: float = 300):
         self.base = url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
+        check_url(self.base)
         self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
         self.answered = False  # until the server has answered once, a refused connection is a wrong URL: no retry
+        self.stop = threading.Event()  # set when the consumer of traces() stops: retries end, nothing new is asked
         self.model = model or self._first_model()
 
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -102,20 +118,29 @@ class URLTeacher:
                 if e.code < 500 and e.code != 429 or attempt == self.retries:  # our mistake, or out of retries
                     detail = e.read().decode(errors="replace")[:300]
                     hint = " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)" if e.code == 401 else ""
-                    raise ConnectionError(f"{self.base}{path}: HTTP {e.code}: {detail}{hint}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                unreachable = isinstance(getattr(e, "reason", e), (ConnectionRefusedError, socket.gaierror))
-                if unreachable and not self.answered:
-                    raise ConnectionError(f"cannot reach {self.base}{path}: {getattr(e, 'reason', e)} (is the server "
-                                          "running, and is the URL right?)") from None
+                    error = Refused if e.code in (400, 413, 422) and path == "/chat/completions" else ConnectionError
+                    raise error(f"{self.base}{path}: HTTP {e.code}: {detail}{hint}") from None
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, a reply cut short, ...
+                reason = getattr(e, "reason", e)
+                # before any answer: no server there, or not an HTTP(S) one at that address
+                wrong_url = isinstance(reason, (ConnectionRefusedError, socket.gaierror, ssl.SSLError,
+                                                http.client.BadStatusLine))
+                if wrong_url and not self.answered:
+                    raise ConnectionError(f"cannot reach {self.base}{path}: {reason!r} (is the server running, and is "
+                                          "the URL right?)") from None
                 if attempt == self.retries:
-                    raise ConnectionError(f"{self.base}{path}: {e}") from None
+                    raise ConnectionError(f"{self.base}{path}: {e!r}") from None
             else:
                 self.answered = True
                 return _reply(raw, self.base + path)  # a reply that is not the API's will not heal: no retry
-            time.sleep(delay)
+            if self._backoff(delay):
+                raise ConnectionError(f"{self.base}{path}: stopped")
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+    def _backoff(self, delay: float) -> bool:
+        """Wait `delay` seconds before a retry; True if the run stopped meanwhile (then no retry)."""
+        return self.stop.wait(delay)
 
     def _first_model(self) -> str:
         models = self._request("/models").get("data")
@@ -127,26 +152,59 @@ class URLTeacher:
     def ask(self, question: str, max_tokens: int, temperature: float, seed: int) -> Trace:
         body = {"model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": 0.95, "seed": seed}
-        reply = self._request("/chat/completions", body)
         try:
-            choice = reply["choices"][0]
-            msg = choice["message"]
-        except (KeyError, IndexError, TypeError):
+            reply = self._request("/chat/completions", body)
+        except Refused as e:
+            return Trace("", "", False, error=str(e))
+        choice = (reply.get("choices") or [None])[0]
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
             raise ConnectionError(f"{self.base}/chat/completions: a reply without choices[0].message: "
-                                  f"{json.dumps(reply)[:200]}") from None
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
-        content = msg.get("content") or ""
-        if not reasoning:
-            reasoning, content = split_reasoning(content)
+                                  f"{json.dumps(reply)[:200]}")
+        reasoning = _text(msg.get("reasoning_content")) or _text(msg.get("reasoning"))
+        content = _text(msg.get("content"))
+        if not reasoning:  # '<think>r</think>a', or 'r</think>a' from a template that prefilled <think>
+            reasoning, content = split_reasoning(content, prefilled="</think>" in content)
         return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop")
 
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
-        """(index into questions, trace) as the answers arrive; question i is asked with seeds[i]."""
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.ask, q, max_tokens, temperature, seeds[i]): i for i, q in enumerate(questions)}
-            for f in as_completed(futures):
-                yield futures[f], f.result()
+        """(index into questions, trace) as the answers arrive; question i is asked with seeds[i]. A failure yields
+        the answers that had arrived, then raises; either way the queued requests are cancelled."""
+        self.stop.clear()
+        pool = ThreadPoolExecutor(self.concurrency)
+        pending = {pool.submit(self.ask, q, max_tokens, temperature, seeds[i]): i for i, q in enumerate(questions)}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in [f for f in finished if f.exception() is None]:
+                    yield pending.pop(f), f.result()
+                for f in finished:
+                    if f in pending:  # a failed request ends the run, after the answers that arrived with it
+                        raise f.exception()
+        finally:
+            self.stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _text(value) -> str:
+    """A message field as text: a string, or the text parts of a list of content parts; anything else ''."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def check_url(url: str) -> None:
+    """ConnectionError at once for a URL that no retry can fix: no host, a port that is not a number, bad IPv6."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as e:
+        raise ConnectionError(f"{url}: not a valid URL ({e})") from None
+    if not parts.hostname:
+        raise ConnectionError(f"{url}: no host in the URL (e.g. http://127.0.0.1:8000)")
 
 
 def _reply(raw: bytes, url: str) -> dict:

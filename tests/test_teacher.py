@@ -1,0 +1,174 @@
+"""The URL teacher against a scripted OpenAI-compatible server on loopback: what it does when one request, the
+server or the consumer fails (cancel the queue, keep what arrived, skip a refused question), and the reply shapes
+and URLs it must read or refuse in one line. Plus the run-level guards of `distill` around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from nanoseek.train.distill import DistillConfig, add_traces_cost, collect_traces, trace_problems
+from nanoseek.train.teacher import URLTeacher
+
+
+class Script:
+    """What the server answers to a question, by a word in it; every chat request is counted."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+        self.delay = 0.0
+
+    def reply(self, question: str) -> tuple[int, dict]:
+        self.asked.append(question)
+        time.sleep(self.delay)
+        if "REFUSE" in question:
+            return 400, {"error": {"message": "prompt too long"}}
+        if "CLOSEONLY" in question:  # a server without a reasoning parser, after a template that prefilled <think>
+            message = {"role": "assistant", "content": "2 + 2 = 4\n</think>\n\nThe answer is 4."}
+        elif "PARTS" in question:
+            message = {"role": "assistant", "content": [{"type": "text", "text": "<think>2 + 2 = 4</think>"},
+                                                        {"type": "text", "text": "The answer is 4."}]}
+        elif "NULL" in question:
+            message = None
+        else:
+            message = {"role": "assistant", "content": "<think>add</think>The answer is 4."}
+        return 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+
+@pytest.fixture
+def scripted():
+    script = Script()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._send(*script.reply(body["messages"][0]["content"]))
+
+        def _send(self, code, obj):
+            raw = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    httpd.shutdown()
+
+
+def test_a_stopped_consumer_cancels_the_queued_requests(scripted):
+    """Ctrl-C, or an error while saving, used to let every queued request go out (and be paid for) unused."""
+    url, script = scripted
+    script.delay = 0.2
+    teacher = URLTeacher(url, concurrency=2)
+    gen = teacher.traces([f"q{i}" for i in range(20)], 8, 0.0, list(range(20)))
+    next(gen)
+    gen.close()
+    time.sleep(0.6)
+    assert len(script.asked) <= 4  # the first answer and the requests in flight, not 20
+
+
+def test_a_failed_request_ends_the_run_after_the_answers_that_arrived(scripted, monkeypatch):
+    url, script = scripted
+    script.delay = 0.1
+    teacher = URLTeacher(url, concurrency=2, retries=0)
+    real_ask = teacher.ask
+    monkeypatch.setattr(teacher, "ask", lambda q, *a: (_ for _ in ()).throw(ConnectionError("down")) if q == "q3"
+                        else real_ask(q, *a))
+    got = []
+    with pytest.raises(ConnectionError, match="down"):
+        for i, trace in teacher.traces([f"q{i}" for i in range(40)], 8, 0.0, list(range(40))):
+            got.append(i)
+    time.sleep(0.3)
+    assert 3 not in got and len(script.asked) <= 8  # not the 39 others
+
+
+def test_a_refused_question_is_skipped_and_asked_again_on_resume(scripted, tmp_path):
+    url, script = scripted
+    cfg = DistillConfig(teacher=url, out=str(tmp_path), n=6, max_tokens=8, progress=False)
+    problems = trace_problems(cfg)
+    problems[2] = dataclasses.replace(problems[2], question="REFUSE " + problems[2].question)  # never taken
+    path = tmp_path / "traces.jsonl"
+    records = collect_traces(cfg, URLTeacher(url, concurrency=3), problems, path)
+    assert len(records) == 5 and len(path.read_text().splitlines()) == 5
+    script.asked.clear()
+    assert len(collect_traces(cfg, URLTeacher(url), problems, path)) == 5
+    assert len(script.asked) == 1 and script.asked[0].startswith("REFUSE")
+
+
+def test_a_server_that_refuses_everything_stops_the_run(scripted, tmp_path):
+    url, script = scripted
+    cfg = DistillConfig(teacher=url, out=str(tmp_path), n=40, max_tokens=8, progress=False)
+    problems = [dataclasses.replace(p, question="REFUSE " + p.question) for p in trace_problems(cfg)]
+    with pytest.raises(ConnectionError, match="refused the first 8 requests: .*prompt too long"):
+        collect_traces(cfg, URLTeacher(url, concurrency=2), problems, tmp_path / "traces.jsonl")
+    time.sleep(0.3)
+    assert len(script.asked) <= 11  # and the rest were not asked
+
+
+def test_reply_shapes(scripted):
+    url, _ = scripted
+    teacher = URLTeacher(url)
+    for question in ("CLOSEONLY", "PARTS"):  # reasoning closed by </think> alone; content as a list of parts
+        trace = teacher.ask(question, 8, 0.0, 0)
+        assert (trace.reasoning, trace.answer) == ("2 + 2 = 4", "The answer is 4."), question
+    with pytest.raises(ConnectionError, match="without choices"):
+        teacher.ask("NULL", 8, 0.0, 0)
+
+
+@pytest.mark.parametrize("url, says", [("http://127.0.0.1:abc", "not a valid URL"), ("http://[::1", "not a valid URL"),
+                                       ("http://", "no host")])
+def test_urls_no_retry_can_fix_fail_at_once(url, says):
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=says):
+        URLTeacher(url)
+    assert time.perf_counter() - start < 5  # not ~30 s of retries
+
+
+def test_a_cut_line_is_dropped_before_new_records_are_appended(scripted, tmp_path):
+    """A kill mid-write leaves a partial last line; the next record used to be appended to it and lost."""
+    url, script = scripted
+    cfg = DistillConfig(teacher=url, out=str(tmp_path), n=4, max_tokens=8, progress=False)
+    problems, path = trace_problems(cfg), tmp_path / "traces.jsonl"
+    collect_traces(cfg, URLTeacher(url), problems, path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:15])
+    collect_traces(cfg, URLTeacher(url), problems, path)
+    script.asked.clear()
+    assert len(collect_traces(cfg, URLTeacher(url), problems, path)) == 4 and script.asked == []
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_a_cut_traces_cost_file_does_not_block_a_resume(tmp_path):
+    (tmp_path / "traces_cost.json").write_text("")
+    assert add_traces_cost(tmp_path, 2.0, 1e9) == {"wall_s": 2.0, "flops": 1e9}
+    assert json.loads((tmp_path / "traces_cost.json").read_text()) == {"wall_s": 2.0, "flops": 1e9}
+
+
+def test_logit_distillation_needs_the_teachers_tokenizer(tmp_path):
+    """KL over the vocabulary pairs token ids: another tokenizer (here 300 tokens against 400) is refused before any
+    teacher time is spent, not a size-mismatch traceback after it (or, at equal sizes, a KL of unrelated tokens)."""
+    from conftest import tiny_model_dir
+    from nanoseek.cli import UserError
+    from nanoseek.train.distill import distill
+    from test_serve import build_model_dir
+
+    teacher = build_model_dir(tmp_path / "teacher")
+    student, _, _ = tiny_model_dir(tmp_path / "student", ["What is 2 + 2? The answer is 4."] * 20, "d.jsonl", [])
+    with pytest.raises(UserError, match="does not share the teacher's tokenizer"):
+        distill(DistillConfig(teacher=str(teacher), student=str(student), out=str(tmp_path / "run"), n=2,
+                              kd_weight=0.5, progress=False, device="cpu"))
+    assert not (tmp_path / "run").exists()
