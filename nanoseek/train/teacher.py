@@ -183,7 +183,8 @@ class URLTeacher:
                     if f in pending:  # a failed request ends the run, after the answers that arrived with it
                         raise f.exception()
         finally:
-            self.stop.set()
+            if pending:  # stopped early (an error, Ctrl-C, a consumer that closed us): no retries in flight either
+                self.stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
 
