@@ -96,13 +96,15 @@ SEED = bounded(int, 0, 2**32 - 1)  # numpy's and Python's generators take any of
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .tokenizer import TokenizerError
 
-    # OSErrors a path the user gave can cause: "error: [Errno 17] File exists: 'out.txt'" is the whole story
-    return (UserError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError, FileExistsError,
-            IsADirectoryError, NotADirectoryError, PermissionError)
+    # OSErrors a path the user gave or the disk can cause: "error: [Errno 17] File exists: 'out.txt'", "[Errno 28] No
+    # space left on device" is the whole story (and SafetensorError is how safetensors says the same)
+    return (UserError, CheckpointError, ConfigError, TokenizerError, OSError, SafetensorError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -252,11 +253,19 @@ class Tokenizer:
         }
 
     def save(self, path) -> None:
+        """tokenizer.json and tokenizer_config.json, each written whole under a temporary name and then renamed, so
+        a full disk or a kill leaves no half-written file that a rerun would take for a tokenizer."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(path / "tokenizer.json"))
-        (path / "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
+        texts = {"tokenizer.json": self.hf.to_str(pretty=True),
+                 "tokenizer_config.json": json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n"}
+        for name, text in texts.items():
+            tmp = path / f".{name}.tmp"
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, path / name)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     # text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

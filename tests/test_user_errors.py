@@ -63,7 +63,7 @@ def test_pretrain_never_replaces_a_data_folder_that_is_not_its_own(capsys, tmp_p
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "corpus.jsonl").write_text('{"text": "mine"}\n')
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY)
-    assert code == 1 and "not token shards" in err
+    assert code == 1 and "not a training run" in err  # refused before anything is written
     assert (tmp_path / "data" / "corpus.jsonl").read_text() == '{"text": "mine"}\n'
 
 

@@ -168,9 +168,26 @@ def read_meta(shard_dir) -> dict | None:
         return None
 
 
+def cache_complete(shard_dir) -> bool:
+    """A finished build whose every shard file is whole (a copy or disk fault can cut one short)."""
+    meta = read_meta(shard_dir)
+    return meta is not None and not damaged_shards(Path(shard_dir), meta)
+
+
+def damaged_shards(shard_dir: Path, meta: dict) -> list[str]:
+    """The shard files of `meta` that are missing or not the size it records."""
+    size = np.dtype(meta.get("dtype", "uint16")).itemsize
+    bad = []
+    for s in meta.get("shards", []):
+        path = shard_dir / s["file"]
+        if not path.is_file() or path.stat().st_size != s["tokens"] * size:
+            bad.append(s["file"])
+    return bad
+
+
 def _cache_matches(out_dir: Path, fingerprint: str) -> bool:
     meta = read_meta(out_dir)
-    return meta is not None and meta.get("fingerprint") == fingerprint
+    return meta is not None and meta.get("fingerprint") == fingerprint and cache_complete(out_dir)
 
 
 class _ShardWriter:
@@ -326,6 +343,10 @@ class PackedLoader:
         meta = read_meta(self.dir)
         if meta is None:
             raise FileNotFoundError(f"{self.dir / META}: no token shards here (build them with build_shards)")
+        bad = damaged_shards(self.dir, meta)
+        if bad:
+            raise FileNotFoundError(f"{self.dir}: token shard {bad[0]} is missing or cut short ({len(bad)} damaged); "
+                                    f"delete {self.dir} and it is rebuilt")
         self.meta = meta
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
@@ -386,12 +407,17 @@ class PackedLoader:
     def __next__(self):
         return self.next_batch()
 
+    @property
+    def fingerprint(self) -> str | None:
+        return self.meta.get("fingerprint")
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "n_chunks": self.n_chunks}
+                "n_chunks": self.n_chunks, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "n_chunks"):
-            if key in state and state[key] != getattr(self, key):
+        """ValueError if the state is for other shards (other text or tokenizer) or another chunking."""
+        for key in ("fingerprint", "seed", "seq_len", "n_chunks"):
+            if state.get(key) is not None and state[key] != getattr(self, key):
                 raise ValueError(f"loader state is for {key}={state[key]}, this loader has {getattr(self, key)}")
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None

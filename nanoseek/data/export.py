@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(lines)
     else:
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        os.replace(tmp, out)  # a reader never sees half a file
+        try:
+            tmp.write_text(lines, encoding="utf-8")
+            os.replace(tmp, out)  # a reader never sees half a file
+        finally:
+            tmp.unlink(missing_ok=True)  # (a full disk leaves none behind)
         cells = Counter(f"{p.family}:{p.level}" for p in problems)
         print(json.dumps({"out": str(out), "format": args.format, "split": args.split, "n": len(problems),
                           "cells": dict(sorted(cells.items()))}))

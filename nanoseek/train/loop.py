@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -227,14 +228,18 @@ def save_checkpoint(run: Path, model, opt, step: int, state: dict, extra_files: 
     (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    for sub in ("model", "train_state"):  # before the switch: once `current` exists, the run resumes through them
+        if not (run / sub).is_symlink():
+            (run / sub).symlink_to(Path("current") / sub)
     link_tmp = run / ".current.tmp"
     link_tmp.unlink(missing_ok=True)
     link_tmp.symlink_to(Path("ckpt") / name)
     os.replace(link_tmp, run / "current")  # the atomic switch
-    for sub in ("model", "train_state"):
-        if not (run / sub).is_symlink():
-            (run / sub).symlink_to(Path("current") / sub)
-    for old in sorted((run / "ckpt").glob("step-*"))[:-KEEP_CHECKPOINTS]:
+    # keep this checkpoint and the one before; a later step's is from an abandoned start (a fresh run over the
+    # leftovers of a failed one)
+    steps = sorted(((int(p.name[5:]), p) for p in (run / "ckpt").glob("step-*") if p.name[5:].isdigit()))
+    earlier = [p for s, p in steps if s <= step]
+    for old in earlier[:-KEEP_CHECKPOINTS] + [p for s, p in steps if s > step]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -294,8 +299,21 @@ PER_INVOCATION = ("resume", "stop_at", "progress", "device", "out")  # the rest:
 DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argparse dest -> config field
 
 
-# What a run directory may hold before its first checkpoint (a failed or interrupted start leaves some of it)
-RUN_ENTRIES = ("model", "train_state", "ckpt", "current", "tokenizer", "data", "metrics.jsonl", "cost.json", "done.json")
+def leftover(entry: Path) -> bool:
+    """Whether an entry of a run directory without a checkpoint is what a failed or interrupted start of a run
+    leaves, and so may be replaced: the links, checkpoints, tokenizer files, token shards and logs a run writes,
+    never a user's own file or directory that happens to have one of those names."""
+    names = lambda: {c.name for c in entry.iterdir()}  # noqa: E731
+    if entry.name in ("model", "train_state", "current"):
+        return entry.is_symlink()
+    if entry.name == "ckpt":
+        return entry.is_dir() and not entry.is_symlink() and all(re.fullmatch(r"\.?step-\d+(\.tmp)?", n) for n in names())
+    if entry.name == "tokenizer":
+        return entry.is_dir() and not entry.is_symlink() and names() <= {"tokenizer.json", "tokenizer_config.json"}
+    if entry.name == "data":
+        return entry.is_dir() and not entry.is_symlink() and all(re.fullmatch(r"meta\.json|shard-\d+\.bin", n)
+                                                                 for n in names())
+    return entry.name in ("metrics.jsonl", "cost.json", "done.json") and entry.is_file()
 
 
 def absolute_paths(cfg, *fields: str):
@@ -318,7 +336,7 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file; name a run directory")
     if not has_checkpoint(run):
-        foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
+        foreign = sorted(p.name for p in run.iterdir() if not leftover(p) and not p.name.startswith(".")
                          ) if run.is_dir() else []
         if foreign:
             raise UserError(f"{run} holds files that are not a training run ({', '.join(foreign[:3])}"
@@ -449,7 +467,13 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     if resuming:
         state = load_train_state(run, opt)
         start, prior_wall, prior_flops = state["step"], state["wall_s"], state["flops"]
-        loader.load_state_dict(state["data"])
+        try:
+            loader.load_state_dict(state["data"])
+        except ValueError as e:  # e.g. RUN/data rebuilt from --data files that changed since
+            from ..cli import UserError
+
+            raise UserError(f"{run}: the training data is not what the run was trained on ({e}); resume with the "
+                            "data it started with, or start a new run") from None
     ddp = model
     if d.world_size > 1:
         # the routing-bias buffers stay equal on every rank without syncing (each applies the all-reduced load)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,9 +36,11 @@ class Metrics:
             return
         if resume_step is None:
             self.path.write_text("")
-        elif self.path.is_file():
+        elif self.path.is_file():  # rewritten whole, then swapped in: a kill meanwhile loses no history
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
         if self.enabled:

@@ -195,15 +195,19 @@ def read_user_texts(paths: list[str], tok=None) -> list[str]:
 
 def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, resuming: bool):
     """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them. A
-    resumed run keeps its tokenizer and its shards, whatever the --data files hold now; a fresh one makes its own (a
-    failed earlier attempt may have left some made with other settings)."""
+    resumed run keeps its tokenizer and its shards, whatever the --data files hold now: a deleted RUN/tokenizer comes
+    back from RUN/model, and shards deleted or cut short are rebuilt from --data and refused (by `loop.fit`) if they
+    are not the ones the run trained on. A fresh run makes its own (a failed earlier attempt may have left some made
+    with other settings)."""
     from ..cli import UserError
-    from ..data.corpus import build_shards
+    from ..data.corpus import build_shards, cache_complete
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
     tok_dir, shard_dir = run / "tokenizer", run / "data"
     if d.is_main and not (resuming and (tok_dir / "tokenizer.json").is_file()):
-        if cfg.tokenizer:
+        if resuming and (run / "model" / "tokenizer.json").is_file():  # the one the run trained with, not a new one
+            tok = Tokenizer.from_dir(run / "model")
+        elif cfg.tokenizer:
             tok = Tokenizer.from_dir(cfg.tokenizer)
             if tok.bos_id is None or tok.eos_id is None:
                 raise UserError(f"--tokenizer {cfg.tokenizer}: no begin/end-of-sentence token (documents are packed "
@@ -218,7 +222,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, res
         os.replace(tmp, tok_dir)
     d.barrier()
     tok = Tokenizer.from_dir(tok_dir)
-    if d.is_main and not (resuming and (shard_dir / "meta.json").is_file()):  # meta.json: a finished build
+    if d.is_main and not (resuming and cache_complete(shard_dir)):  # (rebuilt shards must match the run's: fit checks)
         texts = read_user_texts(cfg.data, tok) if cfg.data else task_suite_corpus(cfg.n_docs, cfg.seed, tok)
         build_shards(texts, tok, shard_dir, progress=cfg.progress)
     d.barrier()

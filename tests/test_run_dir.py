@@ -1,0 +1,155 @@
+"""What a run directory guards: a user's own files that happen to bear a run's names, a resume whose tokenizer or
+token shards went missing or were cut short, and checkpoints and metrics across a kill at the wrong moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.data.corpus import PackedLoader, build_shards
+from nanoseek.train import loop
+from nanoseek.train.metrics import Metrics
+from test_pretrain import metrics, pretrain, weights
+
+
+def test_a_fresh_run_leaves_a_users_files_alone(tmp_path, capsys):
+    """A `data/` with the user's training file, a `tokenizer/` with their notes, a `model/` directory: a fresh run
+    used to delete the first two and fail at its first checkpoint on the third."""
+    for name, files in (("data", ["train.jsonl", "meta.json"]), ("tokenizer", ["tokenizer.json", "notes.md"]),
+                        ("model", ["config.json"])):
+        run = tmp_path / name
+        (run / name).mkdir(parents=True)
+        for f in files:
+            (run / name / f).write_text("{}")
+        assert main(["pretrain", "--out", str(run), "--steps", "2", "--preset", "cpu-tiny", "--no-progress"]) == 1
+        assert "holds files that are not a training run" in capsys.readouterr().err
+        assert sorted(p.name for p in (run / name).iterdir()) == sorted(files)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A run stopped at step 4 of 8, and the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("stopped")
+    pretrain(root / "whole", steps=8)
+    pretrain(root / "half", "--stop-at", "4", steps=8)
+    return root
+
+
+def write_docs(path, k: int) -> None:
+    word = ["plus", "added to", "and also"][k]
+    path.write_text("".join(json.dumps({"text": f"{i} {word} {k} is {i + k}. " * 4}) + "\n" for i in range(300)))
+
+
+def test_a_resume_without_its_tokenizer_takes_the_models(tmp_path):
+    """RUN/tokenizer deleted and the --data file edited since: the resume used to train a new tokenizer on today's
+    file and ship it beside weights trained with the old one."""
+    data, run = tmp_path / "docs.jsonl", tmp_path / "run"
+    write_docs(data, 1)
+    pretrain(run, "--data", str(data), "--stop-at", "2", steps=4)
+    before = (run / "tokenizer" / "tokenizer.json").read_text()
+    write_docs(data, 2)
+    shutil.rmtree(run / "tokenizer")
+    pretrain(run, "--resume", "--data", str(data), steps=4)
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == before
+    assert (run / "model" / "tokenizer.json").read_text() == before
+
+
+def test_a_resume_refuses_shards_rebuilt_from_other_data(tmp_path):
+    """RUN/data deleted and the --data file edited since: the rebuilt shards are not the run's (it used to train on
+    them silently, or fail with a traceback when their size differed)."""
+    data, run = tmp_path / "docs.jsonl", tmp_path / "run"
+    write_docs(data, 1)
+    pretrain(run, "--data", str(data), "--stop-at", "2", steps=4)
+    write_docs(data, 2)
+    shutil.rmtree(run / "data")
+    r = pretrain(run, "--resume", "--data", str(data), steps=4, check=False)
+    assert r.returncode == 1 and "not what the run was trained on" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cut_shard_is_rebuilt_on_resume(stopped, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped / "half", run, symlinks=True)
+    shard = sorted((run / "data").glob("shard-*.bin"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(FileNotFoundError, match=f"{shard.name} is missing or cut short"):
+        PackedLoader(run / "data", batch_size=4, seq_len=48)
+    pretrain(run, "--resume", steps=8)  # the same problems again: the same shards, and the run goes on as before
+    assert all(torch.equal(a, b) for a, b in zip(weights(run).values(), weights(stopped / "whole").values()))
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(stopped / "whole")]
+
+
+def test_build_shards_rebuilds_a_damaged_cache(tmp_path):
+    from nanoseek.tokenizer import train_tokenizer
+
+    texts = [f"doc {i} " * 20 for i in range(50)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    out = build_shards(texts, tok, tmp_path / "data", progress=False)
+    shard = out / "shard-00000.bin"
+    size = shard.stat().st_size
+    os.truncate(shard, 10)
+    build_shards(texts, tok, out, progress=False)
+    assert shard.stat().st_size == size
+
+
+def test_checkpoints_and_links_survive_a_kill_and_leftovers(tmp_path, monkeypatch):
+    """The model/train_state links exist before `current` does (a kill right after the switch used to leave a
+    whole checkpoint that a resume did not see); a fresh run's checkpoint is never pruned in favour of later steps
+    an abandoned run left."""
+    from nanoseek.config import get_preset
+    from nanoseek.model import build_model
+
+    model = build_model(get_preset("cpu-tiny"))
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    for step in (5, 6):  # leftovers of an abandoned start
+        (run / "ckpt" / f"step-{step:06d}").mkdir(parents=True)
+    real_replace = os.replace
+
+    def killed_after_switch(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("current"):
+            raise KeyboardInterrupt  # kill -9 here: nothing after the switch runs
+
+    monkeypatch.setattr(loop.os, "replace", killed_after_switch)
+    with pytest.raises(KeyboardInterrupt):
+        loop.save_checkpoint(run, model, opt, 2, {"data": {}})
+    assert loop.has_checkpoint(run)
+    monkeypatch.setattr(loop.os, "replace", real_replace)
+    loop.save_checkpoint(run, model, opt, 3, {"data": {}})
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-000002", "step-000003"]
+    assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 3
+
+
+def test_a_kill_while_metrics_are_trimmed_loses_no_history(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+    real_write = type(path).write_text
+
+    def killed_midway(self, text, *a, **kw):
+        real_write(self, text[: len(text) // 2], *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        Metrics(path, resume_step=3)
+    monkeypatch.undo()
+    assert len(path.read_text().splitlines()) == 5  # was cut to half a line
+
+
+def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """A full or read-only disk is the machine's state, not a bug: one line, no traceback."""
+    import nanoseek.data.export as export
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.os, "replace", full)
+    assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), "--n", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # and no half-written .tmp
