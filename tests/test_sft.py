@@ -88,6 +88,18 @@ def test_sft_loss_falls_and_resume_is_exact(base_dir, tmp_path):
     assert (part / "model" / "tokenizer.json").is_file()
 
 
+def test_a_resume_refuses_edited_data(base_dir, tmp_path):
+    """The --data file changed since the run started: resuming would silently train on other conversations."""
+    base, _, data = base_dir
+    edited = tmp_path / "chats.jsonl"
+    edited.write_text(data.read_text())
+    run_sft(base, tmp_path / "run", edited, "--stop-at", "6")
+    edited.write_text(data.read_text().replace("The answer is", "So it is"))
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "sft", "--out", str(tmp_path / "run"), "--resume",
+                        "--data", str(edited), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 1 and "not what the run was trained on" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_data_is_one_line(base_dir, tmp_path):
     base, _, _ = base_dir
     bad = tmp_path / "bad.jsonl"

@@ -12,9 +12,11 @@ together (tests/test_torchrun.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,7 @@ class ChatLoader:
         self.seed, self.rank, self.world, self.pack = seed, rank, world_size, pack
         self.epoch, self.position = 0, 0
         self._cached: tuple[int, list[int]] | None = None
+        self._fingerprint: str | None = None
 
     def _order(self) -> list[int]:
         if self._cached is None or self._cached[0] != self.epoch:
@@ -92,10 +95,23 @@ class ChatLoader:
         return ids[:, :-1], labels, real
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """ValueError if the state is for other conversations (a --data file edited since the run started)."""
+        if state.get("fingerprint") not in (None, self.fingerprint()):
+            raise ValueError(f"loader state is for conversations {state['fingerprint'][:12]}…, these are "
+                             f"{self.fingerprint()[:12]}…")
         self.epoch, self.position = state["epoch"], state["position"]
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenized conversations and their loss masks, in order."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for ids, mask in self.samples:
+                h.update(len(ids).to_bytes(4, "little") + array("i", ids).tobytes() + bytes(mask))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 def rows_per_epoch(samples: list[tuple[list[int], list[int]]], seq_len: int, pack: bool) -> int:
