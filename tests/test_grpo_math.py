@@ -393,6 +393,8 @@ def test_rollouts_prompt_and_judge_by_mode(mode):
     completions = {"r1": [reasoning, "<think>\n" + reasoning], "r1-zero": [" <think>\n" + reasoning, reasoning]}[mode]
 
     class Scripted:
+        max_seq_len = 1024  # room for any prompt here
+
         def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
             self.prompts = prompts
             return [tok.encode(c) + [tok.eos_id] for c in completions]

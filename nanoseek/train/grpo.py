@@ -46,6 +46,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -241,11 +242,13 @@ class Curriculum:
 def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum, d: loop.Dist) -> Rollout:
     """This rank's share of `problems` (the step's, the same on every rank), G completions each, judged. The
     curriculum observes the accuracy of all of them, gathered from every rank."""
-    from ..eval.evaluate import prompts_for
+    from ..eval.evaluate import check_context, prompts_for
 
     P = len(problems) // d.world_size
     mine = problems[d.rank * P : (d.rank + 1) * P]
     prompts = prompts_for(mine, tok, prompt_style(cfg))
+    check_context(prompts, cfg.max_new_tokens, engine.max_seq_len, "the rollout engine, sized from a sample of the "
+                  "task's prompts: a shorter --max-new-tokens leaves room")  # not a silently cut completion
     G = cfg.group_size
     flat = [p for p in prompts for _ in range(G)]
     seed = cfg.seed * 7919 + step * 65537 + d.rank * P * G  # completion i is seeded seed + i, as in one process
@@ -273,12 +276,14 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
                    false_rate=n_false / len(outs))
 
 
-def keep_groups(r: Rollout, keep: torch.Tensor) -> Rollout:
-    """Sub-select groups (P,) bool; rows of ids/mask follow their group."""
+def keep_groups(r: Rollout, keep: torch.Tensor, dropped: bool = True) -> Rollout:
+    """Sub-select groups (P,) bool; rows of ids/mask follow their group. `dropped`: count the others in
+    n_groups_dropped (groups without signal), else keep the count (a batch trimmed to its share)."""
     G = r.rewards.shape[1]
     rows = keep.repeat_interleave(G)
+    n_dropped = r.n_groups_dropped + int((~keep).sum()) if dropped else r.n_groups_dropped
     return Rollout(r.ids[rows], r.mask[rows], r.rewards[keep], r.accuracy[keep], r.fmt[keep], r.lengths[rows],
-                   r.truncated, int((~keep).sum()), r.false_rate)
+                   r.truncated, n_dropped, r.false_rate)
 
 
 def concat(a: Rollout, b: Rollout) -> Rollout:
@@ -305,14 +310,15 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum, d: 
         short = d.all_reduce_sum_(torch.tensor(float(batch.rewards.shape[0] < share), device=d.device))
         if not short.item():
             break
-        extra = rollout(cfg, engine, tok, curriculum.sample(step, round_, cfg.prompts_per_step), step * 10 + round_,
-                        curriculum, d)
+        # seeded as a step of its own beyond any real one (step·10 + round met step 10·s + r's main rollout)
+        extra = rollout(cfg, engine, tok, curriculum.sample(step, round_, cfg.prompts_per_step),
+                        (cfg.steps + step) * 4 + round_, curriculum, d)
         seen = concat(seen, extra)
         batch = concat(batch, keep_groups(extra, extra.rewards.std(dim=1) > 0))
     n = min(share, batch.rewards.shape[0])
     keep = torch.zeros(batch.rewards.shape[0], dtype=torch.bool)
     keep[:n] = True
-    return keep_groups(batch, keep), seen
+    return keep_groups(batch, keep, dropped=False), seen
 
 
 # --- FLOPs for the cost table -------------------------------------------------------------------------------------------
@@ -393,11 +399,26 @@ def eval_problems(cfg: GRPOConfig) -> list:
     families being trained (none when training on --data without --eval-data: the suite would not say much)."""
     from ..eval.evaluate import held_out, load_problems
 
+    from ..cli import UserError
+
     if cfg.eval_data:
         return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
     if cfg.data:
         return []
-    return held_out(cfg.eval_n, sorted({t.partition(":")[0] for t in cfg.tasks}), seed=12345)
+    try:
+        return held_out(cfg.eval_n, sorted({family for family, _ in task_cells(cfg)}), seed=12345)
+    except ValueError as e:  # more problems than the families' eval split holds
+        raise UserError(f"--eval-n {cfg.eval_n}: {e}") from None
+
+
+def sample_prompts(cfg: GRPOConfig, tok, per_cell: int = 64) -> list[list[int]]:
+    """Prompts of `per_cell` training problems of each task cell: what the rollouts will look like, to size the
+    engine (the task suite's problems are drawn step by step, so the longest is not known in advance)."""
+    from ..data.tasks import generate
+    from ..eval.evaluate import prompts_for
+
+    problems = [p for family, level in task_cells(cfg) for p in generate(family, level, per_cell, seed=cfg.seed)]
+    return prompts_for(problems, tok, prompt_style(cfg))
 
 
 def evaluate(cfg: GRPOConfig, engine, tok, problems: list) -> dict:
@@ -442,6 +463,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     model = load_model(source, device=d.device)
     context = model.config.max_position_embeddings
     longest = check_context(prompts_for((pool or []) + scored, tok, prompt_style(cfg)), cfg.max_new_tokens, context)
+    if pool is None:  # the suite's prompts: a sample of them, with a quarter to spare for longer ones
+        longest = max(longest, math.ceil(1.25 * max(map(len, sample_prompts(cfg, tok)))))
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
     ref = None

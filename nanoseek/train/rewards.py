@@ -4,13 +4,13 @@ A completion is judged on the full assistant text: in `r1` mode the chat templat
 prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 
 - format = 1 iff the text is exactly one well-formed `<think> reasoning </think> answer`: one opening and one
-  closing tag, in that order, non-empty reasoning, a non-empty answer after `</think>` that contains no tags, and
-  the completion ended by itself (not cut off at the token limit).
+  closing tag, in that order, non-empty reasoning, a non-empty answer after `</think>` that contains no tags (nor a
+  chat template's special tokens, which would open another turn), and the completion ended by itself (not cut off
+  at the token limit).
 - accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
   `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
   stuffing", a numeric answer section listing several candidate numbers (the operands of a true equation shown as
-  working do not count), scores 0 accuracy; reasoning that is the same
-  line repeated over and over fails the format.
+  working do not count), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
 - false steps, for GRPO's `false_steps` metric (the share of rollouts that state one): the reasoning lines that
@@ -35,7 +35,10 @@ MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is deg
 STEP = re.compile(r"^[ \t]*(?P<lhs>[-(]*\d+\)*(?: [+\-×÷] [-(]*\d+\)*)+) = (?P<rhs>-?\d+)"
                   r"(?:, remainder (?P<rem>\d+))?(?=[ \t]*$|,|\.[ \t]*$)", re.M)
 
-EQUATION = re.compile(r"(?P<lhs>[-(]*\d+\)*(?:\s*[-+×÷*/]\s*[-(]*\d+\)*)+)\s*=\s*(?P<rhs>-?\d+)(?![\d.,]\d)")
+# "16 − 3 = 13", "2.5 × 4 = 10", "1,200 + 300 = 1,500", "9 × $2 = $18", "6 x 7 = 42": working beside an answer
+_OPERAND = r"[-−(]*\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\)*"
+EQUATION = re.compile(rf"(?P<lhs>{_OPERAND}(?:\s*[-−+×x·÷*/]\s*{_OPERAND})+)\s*=\s*"
+                      rf"(?P<rhs>[-−]?\$?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?)(?![\d.,]\d)")
 
 
 @dataclass
@@ -54,7 +57,7 @@ def format_ok(text: str, finished: bool = True) -> bool:
     if m is None:
         return False
     reasoning, answer = m.group(1).strip(), m.group(2).strip()
-    if not reasoning or not answer or "<" in answer and re.search(r"</?\w+>", answer):
+    if not reasoning or not answer or "<" in answer and re.search(r"</?\w+>|<｜", answer):  # tags, chat tokens
         return False
     lines = [l.strip() for l in reasoning.splitlines() if l.strip()]
     return not lines or max(lines.count(l) for l in set(lines)) <= MAX_REPEATS
@@ -81,11 +84,15 @@ def _results_only(answer: str) -> str:
     """The answer section with every true equation's working replaced by its result ("8 + 4 = 12, so 12" -> "12, so
     12"), so that showing the working is not answer stuffing; a false one ("8 + 4 = 13 = 12") stays whole."""
 
+    def exact(text: str) -> str:  # "$1,200" -> "1200", "2.5" -> "(25/10)", "x" and "·" -> "×": eval_expression's terms
+        text = re.sub(r"\$|(?<=\d),(?=\d{3})", "", text).replace("x", "×").replace("·", "×")
+        return re.sub(r"(\d+)\.(\d+)", lambda d: f"({d[1]}{d[2]}/{10 ** len(d[2])})", text)
+
     def result(m: re.Match) -> str:
         try:
-            return m.group("rhs") if eval_expression(m.group("lhs")) == int(m.group("rhs")) else m.group(0)
+            return m["rhs"] if eval_expression(exact(m["lhs"])) == eval_expression(exact(m["rhs"])) else m[0]
         except (ValueError, SyntaxError, ZeroDivisionError):
-            return m.group(0)
+            return m[0]
 
     return EQUATION.sub(result, answer)
 
