@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,32 +75,58 @@ def log(msg: str) -> None:
     print(f"[speedrun] {msg}", file=sys.stderr, flush=True)
 
 
+MODELS = {"pretrain": "model", "sft": "model", "grpo": "model", "student_base": "model", "distill": "student/model"}
+
+
+def write_json(path: Path, obj) -> None:
+    """Written whole under a temporary name, then renamed: a kill or a full disk leaves the old file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def done(stage_dir: Path) -> bool:
-    return (stage_dir / "done.json").is_file()
+    """The stage finished: its done.json reads (one cut short by a full disk does not count: the stage resumes), and
+    its model is there (a UserError names the stage to delete otherwise)."""
+    from .cli import UserError
+
+    try:
+        json.loads((stage_dir / "done.json").read_text())
+    except (OSError, ValueError):
+        return False
+    model = stage_dir / MODELS[stage_dir.name]
+    if not (model / "config.json").is_file():
+        raise UserError(f"{stage_dir} finished, but its model {model} is gone; delete {stage_dir} and rerun to train "
+                        "that stage again")
+    return True
 
 
 def mark_done(stage_dir: Path, result: dict) -> dict:
-    (stage_dir / "done.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json(stage_dir / "done.json", result)
     return result
 
 
 def claim(out: Path, settings: dict) -> None:
-    """Rerunning resumes, so OUT must hold a speedrun of these settings: its stages would otherwise mix seeds or
-    presets (a finished stage is skipped, whatever its settings were)."""
+    """Rerunning resumes, so OUT must hold a speedrun of these settings (its stages would otherwise mix seeds or
+    presets: a finished stage is skipped, whatever its settings were), or be new or empty: the speedrun writes its
+    stages, summary and report there, and never over a user's files."""
     from .cli import UserError
 
     path = out / "speedrun.json"
     if path.is_file():
         try:
             held = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            held = None
+        except ValueError:
+            raise UserError(f"{path} is damaged, so the settings of the speedrun in {out} are unknown; choose a new "
+                            f"--out (or, if it ran with these settings, write {json.dumps(settings)} into it)") from None
         if held != settings:
             raise UserError(f"{out} holds a speedrun of other settings ({held}, asked {settings}); rerun with "
                             "those to resume it, or choose a new --out")
-    elif any(done(out / s) for s in STAGES):
-        log(f"{out} holds stages of a speedrun that did not record its settings; taking them as {settings}")
-    path.write_text(json.dumps(settings))
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty and holds no speedrun (no speedrun.json); choose a new or empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
 
 
 def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
@@ -118,7 +145,7 @@ def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
         except (json.JSONDecodeError, AttributeError, KeyError):
             pass
     summary = evaluate_dir(model_dir, held_out(n, TASKS), device, style=style)[0]
-    path.write_text(json.dumps({"key": key, "summary": summary}))
+    write_json(path, {"key": key, "summary": summary})
     return summary
 
 
@@ -132,7 +159,10 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     t0 = time.perf_counter()
     stages: dict[str, dict] = {}
     resumed: list[str] = []  # stages an earlier invocation finished: wall_s below counts this invocation only
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        from .cli import UserError
+
+        raise UserError(f"--out {out} is a file; name a directory")
     claim(out, {"preset": preset, "seed": seed})
 
     def stage(name: str, fn):
@@ -179,7 +209,7 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     summary = {"stages": stages, "final_model": str(final), "wall_s": round(time.perf_counter() - t0, 1)}
     if resumed:  # their own times are each stage's done.json stage_wall_s
         summary["resumed"] = resumed
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(out / "summary.json", summary)
     from .eval.report import write_report
 
     write_report(out)

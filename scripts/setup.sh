@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+if [ ! -x .venv/bin/pip ]; then  # none yet, or one a failed attempt left without pip: make it anew
+  "$PY" -m venv --clear .venv || {
+    echo "error: '$PY -m venv' failed; install Python's venv module (Debian/Ubuntu: apt install python3-venv)" >&2
+    exit 1
+  }
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then

@@ -19,6 +19,7 @@ def test_smoke_speedrun(tmp_path):
     cfg = DistillConfig(teacher="", out="", tasks=TASKS, seed=0, **PRESETS["smoke"]["distill"])
     problems = trace_problems(cfg)
     (out / "distill").mkdir(parents=True)
+    (out / "speedrun.json").write_text(json.dumps({"preset": "smoke", "seed": 0}))  # a run stopped in its distill
     with (out / "distill" / "traces.jsonl").open("w") as f:
         for p in problems[:-2]:  # the teacher still has to answer the last two
             f.write(json.dumps({"uid": p.uid, "sample": 0, "question": p.question, "reasoning": "\n".join(p.steps),
@@ -56,6 +57,32 @@ def test_smoke_speedrun(tmp_path):
     r3 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out),
                          "--seed", "1"], capture_output=True, text=True, timeout=900)
     assert r3.returncode == 1 and "holds a speedrun of other settings" in r3.stderr and "already done" not in r3.stderr
+    # a done.json cut short (a full disk) resumes that stage, which has nothing left to do; a lost model is one line
+    (out / "sft" / "done.json").write_text("")
+    r4 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+                        capture_output=True, text=True, timeout=900)
+    assert r4.returncode == 0 and r4.stderr.count("already done") == 4, r4.stderr[-3000:]
+    assert json.loads(r4.stdout.strip().splitlines()[-1])["stages"] == summary["stages"]
+    (out / "grpo" / "model").unlink()
+    r5 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+                        capture_output=True, text=True, timeout=900)
+    assert r5.returncode == 1 and f"delete {out / 'grpo'} and rerun" in r5.stderr and "Traceback" not in r5.stderr
+
+
+def test_an_out_of_other_files_or_a_damaged_record_is_refused_before_any_stage(tmp_path):
+    """The speedrun writes summary.json, report.md and plots into OUT: a folder of the user's own is refused (it
+    used to be overwritten), and so is a damaged speedrun.json (it used to refuse every setting, saying nothing)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "speedrun.json").write_text("")
+    for out, says in ((mine, "is not empty and holds no speedrun"), (damaged, "speedrun.json is damaged")):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 1 and says in r.stderr and "[speedrun] pretrain" not in r.stderr, r.stderr
+    assert (mine / "report.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["report.md"]
 
 
 def test_cpu_student_has_at_most_half_the_teachers_active_parameters():
