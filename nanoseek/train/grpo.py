@@ -397,9 +397,8 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: loop.Dist) -> dict:
 def eval_problems(cfg: GRPOConfig) -> list:
     """The problems of the periodic evaluation: the first eval_n of --eval-data, or the suite's eval split of the
     families being trained (none when training on --data without --eval-data: the suite would not say much)."""
-    from ..eval.evaluate import held_out, load_problems
-
     from ..cli import UserError
+    from ..eval.evaluate import held_out, load_problems
 
     if cfg.eval_data:
         return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
