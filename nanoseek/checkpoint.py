@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_json
 from .config import ConfigError, ModelConfig
 from .model.fp8 import BLOCK, FP8_DTYPE, dequantize_block, quantize_block
 from .model.transformer import Transformer, build_model
@@ -262,15 +263,15 @@ def save_model(
             f.unlink()
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
-    _atomic_write(path / "generation_config.json", gen)
+    write_json(path / "generation_config.json", gen, indent=2)
     if n > 1:
         weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
-        _atomic_write(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     hf_cfg = cfg.to_hf()
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    _atomic_write(path / "config.json", hf_cfg)
+    write_json(path / "config.json", hf_cfg, indent=2)
     return path
 
 
@@ -290,7 +291,3 @@ def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path, meta: dict) -> No
     os.replace(tmp, dest)
 
 
-def _atomic_write(dest: Path, obj) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, dest)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from .atomic import write_json
 
 
 # Per-preset stage settings. cpu: cpu-tiny teacher, cpu-student (half its active parameters) student.
@@ -76,13 +77,6 @@ def log(msg: str) -> None:
 
 
 MODELS = {"pretrain": "model", "sft": "model", "grpo": "model", "student_base": "model", "distill": "student/model"}
-
-
-def write_json(path: Path, obj) -> None:
-    """Written whole under a temporary name, then renamed: a kill or a full disk leaves the old file or none."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def done(stage_dir: Path) -> bool:

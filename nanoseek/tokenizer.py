@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -255,17 +254,12 @@ class Tokenizer:
     def save(self, path) -> None:
         """tokenizer.json and tokenizer_config.json, each written whole under a temporary name and then renamed, so
         a full disk or a kill leaves no half-written file that a rerun would take for a tokenizer."""
+        from .atomic import write_json, write_text
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        texts = {"tokenizer.json": self.hf.to_str(pretty=True),
-                 "tokenizer_config.json": json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n"}
-        for name, text in texts.items():
-            tmp = path / f".{name}.tmp"
-            try:
-                tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, path / name)
-            finally:
-                tmp.unlink(missing_ok=True)
+        write_text(path / "tokenizer.json", self.hf.to_str(pretty=True))
+        write_json(path / "tokenizer_config.json", self.config(), indent=2)
 
     # text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

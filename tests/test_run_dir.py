@@ -143,12 +143,12 @@ def test_a_kill_while_metrics_are_trimmed_loses_no_history(tmp_path, monkeypatch
 
 def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys):
     """A full or read-only disk is the machine's state, not a bug: one line, no traceback."""
-    import nanoseek.data.export as export
+    import nanoseek.atomic as atomic
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export.os, "replace", full)
+    monkeypatch.setattr(atomic.os, "replace", full)
     assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), "--n", "4"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err

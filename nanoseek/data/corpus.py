@@ -187,7 +187,7 @@ def damaged_shards(shard_dir: Path, meta: dict) -> list[str]:
 
 def _cache_matches(out_dir: Path, fingerprint: str) -> bool:
     meta = read_meta(out_dir)
-    return meta is not None and meta.get("fingerprint") == fingerprint and cache_complete(out_dir)
+    return meta is not None and meta.get("fingerprint") == fingerprint and not damaged_shards(out_dir, meta)
 
 
 class _ShardWriter:

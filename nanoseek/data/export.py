@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
+
+from .. import atomic
 
 RENDERINGS = ("gsm8k", "chat", "text")
 
@@ -54,12 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out == "-":
         sys.stdout.write(lines)
     else:
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            tmp.write_text(lines, encoding="utf-8")
-            os.replace(tmp, out)  # a reader never sees half a file
-        finally:
-            tmp.unlink(missing_ok=True)  # (a full disk leaves none behind)
+        atomic.write_text(out, lines)  # a reader never sees half a file
         cells = Counter(f"{p.family}:{p.level}" for p in problems)
         print(json.dumps({"out": str(out), "format": args.format, "split": args.split, "n": len(problems),
                           "cells": dict(sorted(cells.items()))}))

@@ -68,15 +68,21 @@ def _bare_expression(text: str) -> str | None:
     the whole expression, not its last number."""
     lines = [l for l in text.splitlines() if l.strip()]
     line = re.sub(r"[*_`$]", "", lines[-1]).strip().rstrip(".").strip() if lines else ""
-    if not re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", line) or not re.search(r"\d\s*[-−+×÷*/]\s*[(\d]", line):
-        return None
+    return line if re.search(r"\d\s*[-−+×÷*/]\s*[(\d]", line) and _is_expression(line) else None
+
+
+def _is_expression(text: str) -> bool:
+    """An arithmetic expression, perhaps followed by "= value" ("(3 + 4) × 5", "8 + 4 = 12"), that parses as one
+    ("12 (3 × 4)" does not: a number, then its working)."""
     from ..data.tasks import eval_expression
 
+    if not re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", text):
+        return False
     try:
-        eval_expression(line.partition("=")[0])
-        return line
+        eval_expression(text.partition("=")[0])
+        return True
     except (ValueError, SyntaxError, ZeroDivisionError):
-        return None
+        return False
 
 
 def _last_boxed(text: str) -> str | None:
@@ -94,15 +100,9 @@ def _last_boxed(text: str) -> str | None:
 def _phrase_answer(phrase: str) -> str:
     """The answer in "the answer is …": Markdown emphasis dropped (**18**), and a number followed by words ("18,
     because …", "18 apples") is that number; an expression or a worded answer stays whole."""
-    from ..data.tasks import eval_expression
-
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
-    if re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", phrase):  # "(3 + 4) × 5", "8 + 4 = 12"
-        try:
-            eval_expression(phrase.partition("=")[0])
-            return phrase
-        except (ValueError, SyntaxError, ZeroDivisionError):  # "12 (3 × 4)": the number, then its working
-            pass
+    if _is_expression(phrase):
+        return phrase
     lead = re.match(r"\$?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=[\s,;:)]|$)", phrase)
     return lead.group(1) if lead else phrase
 

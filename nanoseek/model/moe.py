@@ -157,8 +157,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         if self.training:
             real = None if token_mask is None else token_mask.reshape(B, T)
-            if real is not None:
-                counts = torch.bincount(indices[real.flatten()].flatten(), minlength=self.n_experts)
+            if real is not None:  # real tokens' picks only; a scatter, not a masked select (no host sync on CUDA)
+                picks = real.reshape(-1, 1).expand(-1, self.top_k).reshape(-1).float()  # (N·K,)
+                counts = torch.zeros(self.n_experts, device=x.device).scatter_add_(0, indices.flatten(), picks)
             self.load = counts.float() if self.load is None else self.load + counts
             self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, self.top_k), real)
         return y

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from . import loop
 from . import metrics as metrics_lib
 from .rewards import judge
@@ -232,9 +233,7 @@ def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
     cost["wall_s"] = round(cost["wall_s"] + wall_s, 2)
     if flops is not None and cost["flops"] is not None:
         cost["flops"] += flops
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cost))
-    tmp.replace(path)
+    atomic.write_json(path, cost)
     return cost
 
 
@@ -248,7 +247,7 @@ def write_cost(run: Path, traces: dict, device: str) -> None:
     peak, how = metrics_lib.device_peak_flops(torch.device(device))
     cost = metrics_lib.cost_summary(wall, 1, flops, peak, sft_cost["price_per_device_hour"], how)
     cost["parts"] = {"teacher_traces": traces, "student_sft": {k: sft_cost[k] for k in ("wall_s", "flops")}}
-    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    atomic.write_json(run / "cost.json", cost)
 
 
 def eval_budget(cfg: DistillConfig) -> int:
@@ -311,9 +310,7 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     if run.is_dir() and any(run.iterdir()) and not (run / "traces.jsonl").is_file():  # (older runs have no record)
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
-    tmp = run / "distill.json.tmp"
-    tmp.write_text(json.dumps(what, indent=1))
-    tmp.replace(path)
+    atomic.write_json(path, what)
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -377,7 +374,7 @@ def distill(cfg: DistillConfig) -> dict:
         report["teacher"] = describe(cfg.teacher, device, scored, eval_budget(cfg))
     elif scored:
         report["teacher"] = describe_url(teacher, scored, eval_budget(cfg), cfg.progress)
-    (run / "report.json").write_text(json.dumps(report, indent=1))
+    atomic.write_json(run / "report.json", report)
     return {"stage": "distill", "model": str(run / "student" / "model"), "sft": result["final"] if result else None, **report}
 
 

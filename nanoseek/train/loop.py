@@ -299,21 +299,22 @@ PER_INVOCATION = ("resume", "stop_at", "progress", "device", "out")  # the rest:
 DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argparse dest -> config field
 
 
+RUN_LINKS = ("model", "train_state", "current")
+RUN_FILES = ("metrics.jsonl", "cost.json", "done.json")
+RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",
+               "data": r"meta\.json|shard-\d+\.bin"}  # folder -> the names of what a run writes in it
+
+
 def leftover(entry: Path) -> bool:
     """Whether an entry of a run directory without a checkpoint is what a failed or interrupted start of a run
     leaves, and so may be replaced: the links, checkpoints, tokenizer files, token shards and logs a run writes,
     never a user's own file or directory that happens to have one of those names."""
-    names = lambda: {c.name for c in entry.iterdir()}  # noqa: E731
-    if entry.name in ("model", "train_state", "current"):
+    if entry.name in RUN_LINKS:
         return entry.is_symlink()
-    if entry.name == "ckpt":
-        return entry.is_dir() and not entry.is_symlink() and all(re.fullmatch(r"\.?step-\d+(\.tmp)?", n) for n in names())
-    if entry.name == "tokenizer":
-        return entry.is_dir() and not entry.is_symlink() and names() <= {"tokenizer.json", "tokenizer_config.json"}
-    if entry.name == "data":
-        return entry.is_dir() and not entry.is_symlink() and all(re.fullmatch(r"meta\.json|shard-\d+\.bin", n)
-                                                                 for n in names())
-    return entry.name in ("metrics.jsonl", "cost.json", "done.json") and entry.is_file()
+    if entry.name in RUN_FOLDERS:
+        return entry.is_dir() and not entry.is_symlink() and all(
+            re.fullmatch(RUN_FOLDERS[entry.name], c.name) for c in entry.iterdir())
+    return entry.name in RUN_FILES and entry.is_file()
 
 
 def absolute_paths(cfg, *fields: str):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from .. import atomic
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; a line that does not parse (the last one, cut by a kill mid-write) is skipped."""
@@ -38,9 +39,7 @@ class Metrics:
             self.path.write_text("")
         elif self.path.is_file():  # rewritten whole, then swapped in: a kill meanwhile loses no history
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            os.replace(tmp, self.path)
+            atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, row: dict) -> None:
         if self.enabled:
@@ -105,7 +104,7 @@ def run_cost(run: Path, d, wall_s: float, flops: float, price_per_hour: float) -
     n_devices = 1 if shared_cpu else d.world_size
     device = f"{peak_how}, {d.world_size} processes" if shared_cpu else peak_how
     cost = cost_summary(wall_s, n_devices, flops, peak * d.world_size, price_per_hour, device)
-    (run / "cost.json").write_text(json.dumps(cost, indent=1))
+    atomic.write_json(run / "cost.json", cost)
     return cost
 
 
