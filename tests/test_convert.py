@@ -63,27 +63,27 @@ def test_interrupted_overwrite_never_loads_a_mix(tmp_path, monkeypatch, old, new
     """Ctrl-C / a kill / a full disk after any file: the directory is the new model or fails to load."""
     model = tiny(1)
     n_files = len(weight_files(nanoseek.save_model(model, tmp_path / "fresh", max_shard_bytes=new)))
-    real_save, real_write = ck._atomic_save, ck._atomic_write
+    real_save, real_write = ck._atomic_save, ck.write_json
     for stop in range(n_files + 3):  # weight files, then generation_config, index, config.json
         d = nanoseek.save_model(tiny(0), tmp_path / f"m{stop}", max_shard_bytes=old)
         calls = []
 
         def once(real):
-            def write(*a):
+            def write(*a, **kw):
                 if len(calls) == stop:
                     raise Interrupted
                 calls.append(a)
-                real(*a)
+                real(*a, **kw)
             return write
 
         monkeypatch.setattr(ck, "_atomic_save", once(real_save))
-        monkeypatch.setattr(ck, "_atomic_write", once(real_write))
+        monkeypatch.setattr(ck, "write_json", once(real_write))
         try:
             nanoseek.save_model(model, d, max_shard_bytes=new)
         except Interrupted:
             pass
         monkeypatch.setattr(ck, "_atomic_save", real_save)
-        monkeypatch.setattr(ck, "_atomic_write", real_write)
+        monkeypatch.setattr(ck, "write_json", real_write)
         try:
             back = nanoseek.load_model(d)
         except CheckpointError:
