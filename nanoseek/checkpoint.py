@@ -111,7 +111,7 @@ def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32)
                     t = sf.get_tensor(name)
                 except (SafetensorError, OSError, RuntimeError) as e:
                     raise CheckpointError(f"{f}: tensor {name} is unreadable, the file may be truncated ({e})") from None
-                if dequantize and t.dtype == FP8_DTYPE:
+                if dequantize and t.is_floating_point() and t.element_size() == 1:  # any float8 (e4m3fn, e5m2, ...)
                     sname = name + "_scale_inv"
                     if sname not in files:
                         raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname}")
@@ -268,9 +268,8 @@ def save_model(
         weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
         write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    hf_cfg = cfg.to_hf()
-    if dtype is not None:
-        hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    hf_cfg = cfg.to_hf()  # torch_dtype: what the unquantised weights are stored in
+    hf_cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
     write_json(path / "config.json", hf_cfg, indent=2)
     return path
 

@@ -42,5 +42,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.copy2(src / name, dst / name)
         else:
             (dst / name).unlink(missing_ok=True)
+    if (src / "generation_config.json").is_file():  # its stop ids and sampling defaults (serve, chat, generate read them)
+        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
     print(json.dumps({"output": str(dst), "fp8": args.fp8, "dtype": args.dtype}))
     return 0

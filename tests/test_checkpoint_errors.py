@@ -87,6 +87,17 @@ def test_cli_convert_fp8_round_trip(model_dir, tmp_path):
     assert rel < 0.05  # e4m3 keeps ~3 significant bits per weight; logits stay close
 
 
+def test_fp8_weights_of_another_float8_type_are_scaled(model_dir, tmp_path):
+    fp8 = nanoseek.save_model(nanoseek.load_model(model_dir), tmp_path / "fp8", fp8=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert load_file(str(fp8 / "model.safetensors"))[name].dtype == torch.float8_e4m3fn
+    want = dict(nanoseek.load_model(fp8).named_parameters())[name]
+    rewrite(fp8, lambda t: t.update({name: t[name].float().to(torch.float8_e5m2)}))  # as an e5m2 checkpoint stores it
+    got = dict(nanoseek.load_model(fp8).named_parameters())[name]
+    assert got.abs().max() < 1  # scaled back, not the raw codes (up to 448)
+    assert torch.allclose(got, want, rtol=0.13, atol=0)  # e5m2 keeps 2 mantissa bits of e4m3's 3
+
+
 @pytest.mark.parametrize("text", ["[]", "null", '"deepseek_v3"', "42"])
 def test_config_not_an_object(model_dir, text):
     (model_dir / "config.json").write_text(text)

@@ -4,9 +4,11 @@ model, or, if interrupted, a directory that fails to load; directories written b
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import nanoseek
 import nanoseek.checkpoint as ck
@@ -124,6 +126,36 @@ def test_convert_copies_every_tokenizer_file_and_drops_stale_ones(tmp_path):
         assert not (dst / name).exists(), name
     assert (dst / "notes.txt").read_text() == "OLD"
     assert same_weights(nanoseek.load_model(src), nanoseek.load_model(dst))
+
+
+def test_convert_keeps_the_inputs_generation_config(tmp_path):
+    src = nanoseek.save_model(tiny(0), tmp_path / "in")
+    gen = '{"bos_token_id": 0, "eos_token_id": [1, 7], "do_sample": true, "temperature": 0.3, "top_p": 0.9}'
+    (src / "generation_config.json").write_text(gen)  # its stop ids and sampling defaults are what serve uses
+    convert.run(argparse.Namespace(input=str(src), output=str(tmp_path / "out"), dtype="float32", fp8=False,
+                                   overwrite=False))
+    assert (tmp_path / "out" / "generation_config.json").read_text() == gen
+
+
+def test_config_names_the_dtype_the_weights_are_stored_in(tmp_path):
+    bf16 = nanoseek.save_model(tiny(0), tmp_path / "bf16", dtype="bfloat16")
+    out = nanoseek.save_model(nanoseek.load_model(bf16), tmp_path / "f32")  # loaded as float32, saved as it is
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert load_file(str(out / "model.safetensors"))["lm_head.weight"].dtype == torch.float32
+
+
+def test_tied_head_is_the_embedding_after_build_save_and_load(tmp_path):
+    cfg = nanoseek.get_preset("cpu-tiny")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = nanoseek.build_model(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3)  # as training moves the shared tensor
+    back = nanoseek.load_model(nanoseek.save_model(model, tmp_path / "tied"))
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    assert torch.allclose(back(ids), model(ids), atol=1e-5)
 
 
 def test_transformers_save_pretrained_dir_loads_without_mtp(tmp_path):

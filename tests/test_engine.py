@@ -301,6 +301,23 @@ def test_cancel_frees_slot_and_force_next(model, engine):
     assert toks[:3] == forced and toks[3:] == engine.generate([PROMPTS[3] + forced], max_new_tokens=7)[0]
 
 
+def test_a_speculative_request_waits_for_a_plain_batch(model, engine):
+    """One batch never mixes the two modes: a request of the other mode waits for the running batch to finish."""
+    e = Engine(model, max_batch_size=4, max_seq_len=96)
+    a = e.submit(PROMPTS[0], SamplingParams(max_new_tokens=6))
+    e.step()
+    b = e.submit(PROMPTS[1], SamplingParams(max_new_tokens=6, speculative=True))
+    got = run_until_done(e)
+    assert got[b] == engine.generate([PROMPTS[1]], max_new_tokens=6)[0]
+    assert len(got[a]) == 5  # the first token came from the step above
+
+
+@pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"prefill_chunk": 0}])
+def test_engine_refuses_empty_batches_or_chunks(model, kw):
+    with pytest.raises(ValueError):
+        Engine(model, max_seq_len=32, **kw)
+
+
 def test_speculative_equals_greedy(model, engine):
     plain = engine.generate(PROMPTS, max_new_tokens=20)
     assert engine.generate(PROMPTS, max_new_tokens=20, speculative=True) == plain

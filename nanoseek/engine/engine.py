@@ -111,6 +111,8 @@ class Engine:
         self.cfg = cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if max_batch_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch_size and prefill_chunk must be >= 1, got {max_batch_size}, {prefill_chunk}")
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
         self.cache = LatentCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
@@ -366,6 +368,8 @@ class Engine:
         new: list[_Request] = []
         while self._waiting and len(new) < free and self._waiting[0].params.speculative == spec:
             new.append(self._waiting.popleft())
+        if not new:  # the queue's head is of the other mode: it waits until the running batch is done
+            return
         # distinct prompts first (they are prefilled), repeats after (their rows are copies)
         keys = [tuple(r.prompt) if self.share_prefix else r.rid for r in new]
         first: dict = {}

@@ -174,6 +174,8 @@ def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, init: bool 
     model.to(dtype=dtype)
     if str(device) != "meta":
         model.to_empty(device=device)
+        if cfg.tie_word_embeddings:  # to_empty gives every module its own tensor: tie the head to the embedding again
+            model.lm_head.weight = model.model.embed_tokens.weight
         if init:
             model.init_weights()
     return model
