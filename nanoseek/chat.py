@@ -94,7 +94,7 @@ class ChatSession:
             print(f"(that message is longer than the context of {rt.max_model_len} tokens)")
             return
         tok = rt.tokenizer
-        dec = CompletionDecoder(tok, in_reasoning=starts_in_reasoning(prompt, tok.think_id, tok.end_think_id),
+        dec = CompletionDecoder(tok, in_reasoning=starts_in_reasoning(prompt, tok),
                                 end_ids=rt.stop_ids)
         params = SamplingParams(max_new_tokens=min(self.max_tokens, rt.max_model_len - len(prompt)),
                                 temperature=self.temperature, top_p=self.top_p, top_k=rt.defaults["top_k"],

@@ -131,9 +131,13 @@ def _record(line: str, where: str, args) -> Prompt:
             raise UserError(f'{where}: "prompt" must be a string')
         return _text_prompt(rec["prompt"], where, args)
     msgs = rec["messages"]
-    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                    and isinstance(m.get("content"), str) for m in msgs)):
+    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                    for m in msgs)):
         raise UserError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    roles = ("system", "developer", "user", "assistant")  # as the server takes them (a developer message is a system one)
+    if any(m.get("role") not in roles for m in msgs):
+        raise UserError(f"{where}: a message's role must be one of {', '.join(roles)}")
+    msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in msgs]
     return Prompt(where, msgs, _with_system(msgs, args.system))
 
 
@@ -173,7 +177,7 @@ def complete(engine, tok, prompts: list[list[int]], samples: int = 1, *, max_new
     flat = [(p, c) for p, c in zip(prompts, chat, strict=True) for _ in range(samples)]
     decoders, reasons, rids = [], {}, {}  # reasons: completion index -> finish reason
     for i, (p, split) in enumerate(flat):
-        in_reasoning = split and starts_in_reasoning(p, tok.think_id, tok.end_think_id)  # the template opened <think>
+        in_reasoning = split and starts_in_reasoning(p, tok)  # the template opened <think>
         decoders.append(CompletionDecoder(tok, split=split, in_reasoning=in_reasoning, stop=stop, end_ids=stop_ids))
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=None if temperature == 0 else seed + i, stop_token_ids=stop_ids,

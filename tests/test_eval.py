@@ -74,6 +74,47 @@ def test_majority_votes_on_values_not_strings():
     assert s["maj@3"] == 1.0  # "12" and "12.0" are one answer, 2 votes of 3
 
 
+def test_answers_the_second_eval_audit_found_misread():
+    gold = lambda a: from_record({"question": "q", "answer": a})  # noqa: E731
+    assert [check(gold("42"), extract_answer(f"The answer is {w}42.")) for w in ("therefore ", "approximately ",
+            "€", "just ")] == [True] * 4  # were the whole phrase, never a number
+    assert check(gold("18"), extract_answer("The answer is 18! Great."))
+    assert not check(gold("12"), extract_answer("The answer is 12 or 13."))  # a hedge was read as its first number
+    assert not check(gold("12"), extract_answer("The answer is 12, 13, 14 or 15"))
+    assert check(gold("6"), extract_answer("The answer is 5.\n\nWait, I made an error. Answer: 6"))  # the correction
+    six = extract_answer("<think>\n10 - 4 = 6\n</think>\n\nThe answer is 6.")
+    assert [check(gold(g), six) for g in ("#### 6 dollars", "6 apples", "\\$6", "\\$6.00")] == [True] * 4
+    assert check(gold("18.50 dollars"), "18.5") and check(gold("Paris"), "paris") and not check(gold("Paris"), "Sarip")
+    assert check(gold("\\{1, 2\\}"), "\\{2, 1\\}") and check(gold("\\sqrt{2}"), "\\sqrt 2")  # LaTeX still read
+    with pytest.raises(ValueError, match="'family' must be a string"):  # was a traceback after the whole evaluation
+        from_record({"question": "q", "answer": "5", "family": 5})
+    assert from_record({"question": "q", "answer": "5", "level": float("nan")}).level == 0  # a Parquet column's gap
+
+
+def test_a_url_reply_is_scored_as_the_same_local_completion():
+    """A reply cut off right after </think> (content "", not null) has no answer, as locally; one that ended inside
+    the reasoning (content null) is scored from it, as a local completion that never closed </think> is."""
+    from nanoseek.eval.evaluate import run_eval_url
+    from nanoseek.train.teacher import Trace
+
+    class Client:
+        def traces(self, questions, max_tokens, temperature, seeds):
+            yield 0, Trace("2 + 3 = 5", "", False, closed=True)
+            yield 1, Trace("2 + 3 = 5", "", False, closed=False)
+
+    five = from_record({"question": "What is 2 + 3?", "answer": "5"})
+    results = run_eval_url(Client(), [five, five], progress=False)
+    locally = [extract_answer("2 + 3 = 5\n</think>"), extract_answer("2 + 3 = 5")]
+    assert [r.answers[0] for r in results] == locally == [None, "2 + 3 = 5"]
+
+
+def test_majority_pools_answers_as_check_reads_them():
+    p, half = from_record({"question": "q", "answer": "12"}), from_record({"question": "q", "answer": "1/2"})
+    rows = [(p, ["12", "3 × 4 = 12", "8 + 4 = 12", "13", "13"]), (half, ["1/2", "0.5", "\\frac{1}{2}", "3", "3"])]
+    s = summarize([EvalResult(q, a, a, [check(q, x) for x in a]) for q, a in rows])
+    assert s["maj@5"] == 1.0  # was 0.0: the two 13s (and 3s) outvoted three ways of writing the right answer
+
+
 def test_boxed_fractions_are_scored_as_fractions():
     half, four = from_record({"question": "q", "answer": "1/2"}), from_record({"question": "q", "answer": "4"})
     assert check(half, extract_answer("so \\boxed{\\frac{1}{2}}"))

@@ -173,3 +173,43 @@ def test_a_damaged_cost_json_leaves_out_what_is_damaged(tmp_path, damaged):
     row = cost_table(report)["run"]
     assert row.startswith("| run | 0.5000 |") and row.endswith("| $1.0000 |")
     assert ("Machine: not recorded by the runs" in report) == ("device" in damaged)
+
+
+@pytest.mark.parametrize("name", ["cost.json", "summary.json"])
+def test_a_file_that_is_not_utf8_only_makes_the_report_say_less(tmp_path, name):
+    stage(tmp_path, "pretrain", cost_json=cost())
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": {"pretrain": {"pass@1": 0.3}}}))
+    (tmp_path / ("pretrain/" if name == "cost.json" else "") / name).write_bytes(b"\xff\xfe\x00bad")
+    assert "| pretrain |" in write_report(tmp_path).read_text()
+
+
+def test_a_speedrun_without_its_summary_reports_the_stages_scored_so_far(tmp_path):
+    """summary.json comes at the end; each stage keeps its held-out score in held_out.json as soon as it is scored."""
+    for name, p in (("pretrain", 0.31), ("sft", 0.5)):
+        stage(tmp_path, name, cost_json=cost())
+        (tmp_path / name / "held_out.json").write_text(json.dumps({"key": {}, "summary": {
+            "pass@1": p, "levels": {"1": {"pass@1": p + 0.1}}}}))
+    stage(tmp_path, "grpo", steps=3, done=False)  # in progress: not scored yet
+    report = write_report(tmp_path).read_text()
+    accuracy = report.split("## Held-out accuracy by stage")[1].split("\n\n")[1].splitlines()
+    assert accuracy[2:] == ["| pretrain | 0.310 | L1: 0.41 |  |", "| sft | 0.500 | L1: 0.60 |  |"]
+    assert (tmp_path / "accuracy.png").is_file()
+
+
+def test_a_student_reported_on_its_own_has_its_own_cost(tmp_path):
+    """`nanoseek report RUN/distill/student`: the student's cost.json, not the distill run's (which adds the traces)."""
+    run = tmp_path / "d"
+    student = stage(run, "student", cost_json=cost(hours=0.25), done=False)
+    (run / "distill.json").write_text("{}")
+    (run / "cost.json").write_text(json.dumps(cost(hours=0.5)))
+    assert "| student | 0.2500 |" in cost_table(write_report(student).read_text())["student"]
+
+
+def test_a_resumed_run_is_not_reported_with_the_cost_of_its_earlier_stop(tmp_path):
+    """--stop-at writes cost.json; --resume takes it away until the run ends, so a resumed run killed meanwhile is
+    reported as interrupted, with the time it logged."""
+    from nanoseek.train.metrics import Metrics
+
+    run = stage(tmp_path, "run", steps=6, cost_json=cost(hours=0.001), done=False)
+    Metrics(run / "metrics.jsonl", resume_step=6).log({"step": 7, "loss": 0.5, "wall_s": 70.0})  # then killed
+    assert " | 0.0194 | " in cost_table(write_report(run).read_text())["run (interrupted at step 7)"]

@@ -192,13 +192,14 @@ def test_chat_streamed_equals_non_streamed_greedy(client):
     assert choice.finish_reason == "length" and full.usage.completion_tokens == 30
     assert full.usage.prompt_tokens > 0
     assert full.usage.total_tokens == full.usage.prompt_tokens + 30
-    # the template prefilled <think>, the model never closes it: everything is reasoning
+    # the template prefilled <think>, the model never closes it: everything is reasoning, and no answer (null) came
     assert choice.message.reasoning_content and choice.message.reasoning == choice.message.reasoning_content
+    assert choice.message.content is None
     assert full.usage.completion_tokens_details.reasoning_tokens == 30
     role, reasoning, content, finish, usage, chunks = collect_stream(
         ask(client, max_tokens=30, stream=True, stream_options={"include_usage": True}))
     assert role == "assistant"
-    assert (reasoning, content) == (choice.message.reasoning_content, choice.message.content)
+    assert (reasoning, content) == (choice.message.reasoning_content, "")
     assert finish == {0: "length"}
     assert chunks[-1].choices == [] and usage.completion_tokens == 30
     assert usage.prompt_tokens == full.usage.prompt_tokens
@@ -505,7 +506,9 @@ def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
     }
     for prefilled, ids in cases.items():
         prompt = tok.apply_chat_template([{"role": "user", "content": "q"}], thinking=prefilled)
-        assert starts_in_reasoning(prompt, tok.think_id, tok.end_think_id) == prefilled
+        assert starts_in_reasoning(prompt, tok) == prefilled
+        typed = tok.apply_chat_template([{"role": "user", "content": "q <think>"}], thinking=prefilled)
+        assert starts_in_reasoning(typed, tok) == prefilled  # a tag the user typed opens nothing
         dec = CompletionDecoder(tok, in_reasoning=prefilled, end_ids=[tok.eos_id])
         deltas = [dec.feed(t) for t in ids] + [dec.finish()]
         assert all("\ufffd" not in d.reasoning + d.content for d in deltas)

@@ -94,6 +94,34 @@ def test_completion_logprobs_and_echo_match_the_model(server, model_dir):
     assert cut["finish_reason"] == "stop" and cut["text"] == plain["text"][: plain["text"].index(words[0])]
     assert spelled(kept).startswith(cut["text"]) and len(spelled(kept[:-1])) < len(cut["text"])
     assert all(at < len(cut["text"]) for at in cut["logprobs"]["text_offset"])
+    # a stop string across two tokens: the entries end with the token the stop starts in
+    gen = plain["logprobs"]["tokens"]
+    k = next(k for k in range(len(gen) - 1) if all(t and not t.startswith("bytes:") for t in gen[k : k + 2]))
+    stop = gen[k][-1] + gen[k + 1][0]
+    cut = post(server, {**body, "echo": False, "stop": [stop]}, path="/v1/completions").json()["choices"][0]
+    assert cut["text"] == plain["text"][: plain["text"].index(stop)]
+    kept = ids[len(prompt) :][: len(cut["logprobs"]["tokens"])]
+    assert spelled(kept).startswith(cut["text"]) and len(spelled(kept[:-1])) < len(cut["text"])
+    assert all(at < len(cut["text"]) for at in cut["logprobs"]["text_offset"])  # were offsets past the text's end
+
+
+def test_generated_special_tokens_take_no_characters(model_dir):
+    """A completion's text leaves out the special tokens it generated (<｜User｜>, BOS): their entries stay, at the
+    offset where they would be, and the next token's offset is unmoved; an echoed prompt spells them out."""
+    from nanoseek.serve.logprobs import CompletionLogprobs, TokenText
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)
+    text_of = TokenText(tok)
+    user = tok.hf.token_to_id("<｜User｜>")
+    ids = [*tok.encode("ab"), user, *tok.encode("cd")]
+    generated = CompletionLogprobs(text_of).add([(t, (-1.0, [])) for t in ids], generated=True)
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text == "abcd" and len(generated["tokens"]) == len(ids)
+    for token, at in zip(generated["tokens"], generated["text_offset"]):
+        assert at <= len(text) and (token == "<｜User｜>" or text[at:].startswith(token))
+    echoed = CompletionLogprobs(text_of).add([(t, None) for t in ids])
+    assert echoed["text_offset"][-1] == len(tok.decode(ids)) - len(text_of(ids[-1])[0])
 
 
 def test_chat_logprobs(client):

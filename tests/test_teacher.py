@@ -33,6 +33,10 @@ class Script:
         elif "PARTS" in question:
             message = {"role": "assistant", "content": [{"type": "text", "text": "<think>2 + 2 = 4</think>"},
                                                         {"type": "text", "text": "The answer is 4."}]}
+        elif "CUTINSIDE" in question:  # a reasoning parser's reply cut off inside the reasoning: null content
+            message = {"role": "assistant", "content": None, "reasoning_content": "2 + 2 = 4"}
+        elif "CUTAFTER" in question:  # ... and one cut off right after </think>: an empty answer
+            message = {"role": "assistant", "content": "", "reasoning_content": "2 + 2 = 4"}
         elif "NULL" in question:
             message = None
         else:
@@ -124,7 +128,8 @@ def test_reply_shapes(scripted):
     teacher = URLTeacher(url)
     for question in ("CLOSEONLY", "PARTS"):  # reasoning closed by </think> alone; content as a list of parts
         trace = teacher.ask(question, 8, 0.0, 0)
-        assert (trace.reasoning, trace.answer) == ("2 + 2 = 4", "The answer is 4."), question
+        assert (trace.reasoning, trace.answer, trace.closed) == ("2 + 2 = 4", "The answer is 4.", True), question
+    assert [teacher.ask(q, 8, 0.0, 0).closed for q in ("CUTINSIDE", "CUTAFTER")] == [False, True]
     with pytest.raises(ConnectionError, match="without choices"):
         teacher.ask("NULL", 8, 0.0, 0)
 

@@ -316,3 +316,22 @@ def test_verbs_that_do_not_train_data_parallel_refuse_torchrun(capsys, tmp_path,
     assert not (tmp_path / "d").exists()
     code, err = run_cli(capsys, "eval", "--model", tmp_path)
     assert code == 1 and "eval runs in one process" in err
+
+
+def test_serve_and_generate_refuse_what_they_cannot_use(capsys, tmp_path):
+    """A --history that is not an SQLite file is told before the model loads; a cache that cannot be allocated and
+    a message role the chat template would drop (the model answered an empty conversation) are one line too."""
+    from conftest import tiny_model_dir
+
+    model, _, prompts = tiny_model_dir(tmp_path / "m", ["what is 1 + 2"] * 20, "p.jsonl",
+                                       [{"messages": [{"role": "usr", "content": "what is 1 + 2"}]}])
+    (tmp_path / "notes.txt").write_text("not a database")
+    for history in (tmp_path, tmp_path / "notes.txt"):
+        code, err = run_cli(capsys, "serve", "--model", tmp_path / "no-model", "--no-compile", "--history", history)
+        assert code == 1 and err.startswith(f"error: --history {history}: cannot open") and "Traceback" not in err
+    assert (tmp_path / "notes.txt").read_text() == "not a database"
+    code, err = run_cli(capsys, "serve", "--model", model, "--no-compile", "--history", tmp_path / "h.sqlite3",
+                        "--max-batch-size", 10**9)
+    assert code == 1 and err.startswith("error: no memory for the KV cache") and "Traceback" not in err, err
+    code, err = run_cli(capsys, "generate", "--model", model, "--prompts", prompts, "--max-new-tokens", 2)
+    assert code == 1 and "a message's role must be one of system, developer, user, assistant" in err

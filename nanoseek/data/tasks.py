@@ -493,8 +493,15 @@ def _math_equal(gold: str, predicted: str) -> bool:
 
     # math-verify's timeouts use SIGALRM, which exists only on the main thread
     limit = 5 if threading.current_thread() is threading.main_thread() else None
-    wrap = lambda t: t if "$" in t or "\\boxed" in t else f"${t}$"  # noqa: E731
-    g, p = parse(wrap(gold), parsing_timeout=limit), parse(wrap(predicted), parsing_timeout=limit)
+    gold, predicted = (t.replace("\\$", "").strip() for t in (gold, predicted))  # \$6 is 6
+    if gold.casefold() == predicted.casefold():  # "Paris" (math-verify reads a word as a product of letters)
+        return True
+
+    def read(t: str):  # LaTeX is read between $ (\sqrt{2}, \{1, 2\}); words are not ("6 dollars" is 6, not 6·d·o·…)
+        words = re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", "", t))
+        return parse(t if "$" in t or "\\boxed" in t or words else f"${t}$", parsing_timeout=limit)
+
+    g, p = read(gold), read(predicted)
     return bool(g) and bool(p) and verify(g, p, timeout_seconds=limit)
 
 
@@ -529,13 +536,15 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     if not final:
         raise ValueError("the 'answer' is empty (nothing to check a completion against)")
     level = rec.get("level")
-    level = 0 if level in (None, "") else level
+    level = 0 if level in (None, "") or isinstance(level, float) and math.isnan(level) else level  # NaN: a Parquet gap
     if isinstance(level, str) and re.fullmatch(r"\s*[0-9]+\s*", level):
         level = int(level)
     if isinstance(level, bool) or not isinstance(level, (int, float)) or level < 0 or (
             isinstance(level, float) and not level.is_integer()):  # 2.0 passes: pandas writes a gappy int column so
         raise ValueError(f"'level' must be a non-negative integer such as 2, got {level!r}")
     family = family or rec.get("family") or "gsm8k"
+    if not isinstance(family, str):
+        raise ValueError(f"'family' must be a string such as \"gsm8k\", got {family!r}")
     meta = rec.get("meta") or {}
     if not isinstance(meta, dict):
         raise ValueError("'meta' must be an object (countdown: {'numbers': [...], 'target': N})")

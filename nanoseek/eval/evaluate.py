@@ -26,7 +26,7 @@ import json
 import math
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +41,12 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return _boxed_answer(boxed)
-    for pattern in (r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)", r"Answer:\s*([^\n]+)"):  # past "**$" of **$18**
-        m = list(re.finditer(pattern, text, flags=re.IGNORECASE))
-        # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
-        if m and (re.search(r"\d", m[-1].group(1)) or not re.search(NUMBER, text[m[-1].end():])):
-            return _phrase_answer(m[-1].group(1))
+    # the last "answer is …" or "Answer: …" (a later correction wins); past "**$" of **$18**
+    m = max(re.finditer(r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)|Answer:\s*([^\n]+)", text, flags=re.IGNORECASE),
+            key=lambda m: m.start(), default=None)
+    # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
+    if m and (re.search(r"\d", m[m.lastindex]) or not re.search(NUMBER, text[m.end():])):
+        return _phrase_answer(m[m.lastindex])
     bare = _bare_expression(text)
     if bare is not None:
         return bare
@@ -98,21 +99,44 @@ def _last_boxed(text: str) -> str | None:
 
 
 def _phrase_answer(phrase: str) -> str:
-    """The answer in "the answer is …": Markdown emphasis dropped (**18**), and a number followed by words ("18,
-    because …", "18 apples") is that number; an expression or a worded answer stays whole."""
+    """The answer in "the answer is …": Markdown emphasis dropped (**18**); a number followed by words ("18,
+    because …", "18 apples", "18!") is that number, and so is the one number after words ("therefore 42",
+    "approximately €42"); an expression, a worded answer or a hedge ("12 or 13", "12, 13") stays whole, which no
+    numeric answer equals."""
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
     if _is_expression(phrase):
         return phrase
-    lead = re.match(r"\$?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=[\s,;:)]|$)", phrase)
-    return lead.group(1) if lead else phrase
+    number = r"[$€£¥]?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)"
+    if re.match(rf"{number}\s*(?:,|/|\bor\b|\band\b)\s*(?:or\s+)?{number}", phrase):  # a hedge
+        return phrase
+    lead = re.match(rf"{number}(?=[\s,;:)!.]|$)", phrase)
+    if lead:
+        return lead.group(1)
+    words = re.fullmatch(rf"[A-Za-z][A-Za-z ,]*?\s*{number}", phrase)  # "therefore 42", "now 42"
+    return words.group(1) if words else phrase
 
 
-def vote_key(answer: str):
-    """What maj@K votes on: a number's value ("1,000", "1000.0" and "1000" agree), else the stripped text."""
-    from ..data.tasks import as_number
+def majority(problem, answers: list[str | None]) -> int | None:
+    """maj@K's pick: the index of the first answer of the largest group of equal answers (the earliest group wins a
+    tie), or None when there is none. Answers are grouped as `check` reads them: "12", "12.0" and "3 × 4 = 12" are one
+    answer; "1/2", "0.5" and "\\frac{1}{2}" are one too (math-verify) in imported data. A countdown expression is its
+    text."""
+    from ..data.tasks import FAMILIES, _math_equal, as_number
 
-    value = as_number(answer)
-    return value if value is not None else answer.strip()
+    groups: list[list] = []  # [first index, key, votes]
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        key = a.strip() if problem.family == "countdown" else a.rpartition("=")[2].strip()
+        key = as_number(key) if as_number(key) is not None else key
+        for g in groups:
+            if g[1] == key or (problem.family not in FAMILIES and isinstance(key, str) and isinstance(g[1], str)
+                               and _math_equal(g[1], key)):
+                g[2] += 1
+                break
+        else:
+            groups.append([i, key, 1])
+    return max(groups, key=lambda g: (g[2], -g[0]))[0] if groups else None
 
 
 @dataclass
@@ -194,7 +218,8 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
                  seed: int = 0, progress: bool = True) -> list[EvalResult]:
     """The same evaluation of a model behind an OpenAI-compatible chat endpoint (`client`: a teacher.URLTeacher,
     which sends the requests concurrently with retries); the server applies its own chat template, and each reply
-    is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it was cut off while reasoning).
+    is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it ended inside the reasoning:
+    `content` null, as nanoseek serve and vLLM send it).
     Sample i of the whole run is asked with seed + i."""
     questions = [p.question for p in problems for _ in range(samples)]
     texts = [""] * len(questions)
@@ -209,9 +234,9 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
             refused += [trace.error] if trace.error else []
             if not trace.reasoning:
                 texts[i] = trace.answer
-            elif trace.answer or trace.finished:
+            elif trace.closed:
                 texts[i] = f"<think>\n{trace.reasoning}\n</think>\n\n{trace.answer}"
-            else:  # cut off while reasoning: scored as a local completion that never closed </think> is
+            else:  # ended inside the reasoning: scored as a local completion that never closed </think> is
                 texts[i] = f"<think>\n{trace.reasoning}"
             if bar is not None:
                 bar.update()
@@ -249,14 +274,8 @@ def summarize(results: list[EvalResult]) -> dict:
         out = {"n": len(rs), "pass@1": round(sum(sum(r.correct) / len(r.correct) for r in rs) / max(1, len(rs)), 4)}
         K = len(rs[0].correct) if rs else 1
         if K > 1:
-            maj = 0
-            for r in rs:
-                keys = [None if a is None else vote_key(a) for a in r.answers]  # "12" and "12.0" are one vote
-                votes = Counter(k for k in keys if k is not None)
-                if votes:
-                    best = votes.most_common(1)[0][0]
-                    maj += r.correct[keys.index(best)]
-            out[f"maj@{K}"] = round(maj / len(rs), 4)
+            picks = [majority(r.problem, r.answers) for r in rs]
+            out[f"maj@{K}"] = round(sum(r.correct[i] for r, i in zip(rs, picks) if i is not None) / len(rs), 4)
             for k in sorted({2**i for i in range(1, K.bit_length()) if 2**i < K} | {K}):
                 out[f"pass@{k}"] = round(sum(pass_at_k(K, sum(r.correct), k) for r in rs) / len(rs), 4)
         return out

@@ -22,7 +22,7 @@ def read_json(path: Path) -> dict:
     """A run's JSON file (cost.json, summary.json), or {} when it is missing or damaged (the report says less)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -140,12 +140,13 @@ def pass_at_1(groups) -> dict[str, float]:
     return {str(k): v["pass@1"] for k, v in groups.items() if isinstance(v, dict) and number(v.get("pass@1"))}
 
 
-def read_accuracy(root: Path) -> dict[str, dict]:
-    """summary.json's held-out accuracy, {stage: {"pass@1": p, "levels": {level: p}, "families": {family: p}}},
-    of the stages with a pass@1."""
+def read_accuracy(root: Path, dirs: dict[str, Path]) -> dict[str, dict]:
+    """Held-out accuracy, {stage: {"pass@1": p, "levels": {level: p}, "families": {family: p}}}, of the stages with a
+    pass@1: a finished speedrun's summary.json, or (one in progress, or stopped) the held_out.json each scored stage
+    keeps."""
     stages = read_json(root / "summary.json").get("stages")
     if not isinstance(stages, dict):
-        return {}
+        stages = {name: read_json(run / "held_out.json").get("summary") for name, run in dirs.items()}
     return {name: {"pass@1": s["pass@1"], "levels": pass_at_1(s.get("levels")),
                    "families": pass_at_1(s.get("families"))}
             for name, s in stages.items() if isinstance(s, dict) and number(s.get("pass@1"))}
@@ -186,8 +187,10 @@ def cost_rows(root: Path, dirs: dict[str, Path], price: float | None) -> list[di
     speedrun = any((root / name / "done.json").is_file() for name, run in dirs.items() if run != root)
     rows = []
     for name, run in dirs.items():
-        d = run.parent if run.name == "student" and (run.parent / "cost.json").is_file() else run
-        cost = read_json(d / "cost.json")  # distill's, in the parent, counts the teacher's traces as well
+        # a distill run's student (found from the distill run above it) is costed with the teacher's traces: its
+        # parent's cost.json; a student directory reported on its own, with its own
+        d = run.parent if run != root and run.name == "student" and (run.parent / "cost.json").is_file() else run
+        cost = read_json(d / "cost.json")
         known = {k: v for k, v in cost.items() if number(v)}  # a damaged field is left out
         finished = (root / name / "done.json").is_file() if speedrun else "device_hours" in known
         logged = [] if finished and "device_hours" in known else read_rows(run)
@@ -254,7 +257,7 @@ def write_report(root: Path, price: float | None = None) -> Path:
     dirs = stage_dirs(root)
     rows = cost_rows(root, dirs, price)
     lines = [f"# nanoseek report: {root}", "", machine_line(rows), ""]
-    stages = read_accuracy(root)
+    stages = read_accuracy(root, dirs)
     if stages:
         lines += ["## Held-out accuracy by stage", "", "| stage | pass@1 | levels | families |", "|---|---|---|---|"]
         for name, s in stages.items():

@@ -359,15 +359,15 @@ async def stream_completion(gen: Generation, head: dict, include_usage: bool, ec
     logprobs: one builder per choice (None: not asked for)."""
     usage = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, entries: list, finish: str | None = None) -> str:
-        lp = None if logprobs is None else logprobs[index].add(entries)
+    def chunk(index: int, text: str, entries: list, finish: str | None = None, generated: bool = True) -> str:
+        lp = None if logprobs is None else logprobs[index].add(entries, generated)
         choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         return sse({**head, "object": "text_completion", "choices": [choice], **usage})
 
     try:
         for i, e in enumerate(echo):
             if e.text:
-                yield chunk(i, e.text, e.entries)
+                yield chunk(i, e.text, e.entries, generated=False)
         async for ev in gen.events():
             if ev.finish_reason:  # with the entries of tokens that made no text (rarely any)
                 yield chunk(ev.index, "", ev.content_logprobs, ev.finish_reason)
@@ -513,8 +513,13 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         choices = await _collect(gen, request)
         return {**h, "object": "text_completion", "usage": gen.usage(), "choices": [
             {"index": c.index, "text": echo[c.index].text + c.content, "finish_reason": c.finish_reason,
-             "logprobs": None if logprobs is None else logprobs[c.index].add(echo[c.index].entries + c.content_logprobs)}
+             "logprobs": None if logprobs is None else both(logprobs[c.index], echo[c.index].entries, c.content_logprobs)}
             for c in choices]}
+
+    def both(lp: CompletionLogprobs, echoed: list, generated: list) -> dict:
+        """One choice's logprobs object: its echoed prompt's entries, then its completion's."""
+        a, b = lp.add(echoed), lp.add(generated, generated=True)
+        return {k: a[k] + b[k] for k in a}
 
     async def score_prompts(req: CompletionRequest, prompts: list[list[int]]):
         """`max_tokens: 0` with `echo` (how HELM and older harnesses score a text): each prompt as a choice."""
@@ -552,14 +557,17 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..cli import UserError
-    from .history import HistoryStore, default_path
+    from .history import HistoryError, HistoryStore, default_path
     from .runtime import load_runtime
 
     if not 0 <= args.port < 65536:
         raise UserError("--port must be in 0..65535")
+    try:  # before the model loads (and compiles): a wrong --history is told at once
+        history = HistoryStore(args.history or default_path())
+    except HistoryError as e:
+        raise UserError(f"--history {e}") from None
     rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
                       max_batch_size=args.max_batch_size, compile=args.compile)
-    history = HistoryStore(args.history or default_path())
     name = args.served_model_name or args.model
     app = create_app(rt, model_name=name, api_key=args.api_key, history=history, restrict_host=is_loopback(args.host))
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -36,7 +36,7 @@ class ChoiceEvent:
 @dataclass
 class Choice:
     index: int
-    content: str
+    content: str | None  # None: the completion ended inside its reasoning (OpenAI's and vLLM's null content)
     reasoning: str | None
     finish_reason: str | None
     reasoning_logprobs: list
@@ -57,7 +57,7 @@ class Generation:
         self.decoders: list[CompletionDecoder] = []
         self.jobs: list[Job] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            in_reasoning = starts_in_reasoning(prompt, think, end_think)
+            in_reasoning = split and starts_in_reasoning(prompt, rt.tokenizer)
             self.decoders.append(CompletionDecoder(rt.tokenizer, split=split, in_reasoning=in_reasoning, stop=stop,
                                                    end_ids=rt.stop_ids))
             tracker = None
@@ -100,14 +100,15 @@ class Generation:
 
     def _on_token(self, i: int, tok: int, finished: bool, reason: str | None, logprob) -> list[ChoiceEvent]:
         dec = self.decoders[i]
-        shown = len(dec.content.text) if logprob is not None else 0
+        start = len(dec.content.text)  # where this token's text begins in the answer
         delta = dec.feed(tok)
         kind = dec.last_kind if logprob is not None else None
-        if kind == "content" and len(dec.content.text) == shown and (dec.stopped or not shown):
-            kind = None  # it added no text to the answer: the whitespace after </think>, or text a stop string cut
+        if kind == "content" and dec.content.strip_leading and not dec.content.text:
+            kind = None  # the whitespace after </think>, which the answer drops
         if kind in ("reasoning", "content"):
-            self._pending[i][kind].append((tok, logprob))
-        if dec.stopped:  # a stop string: cut here
+            self._pending[i][kind].append((tok, logprob, start))
+        if dec.stopped:  # a stop string: cut here, with the entries of the tokens whose text it cut away
+            self._pending[i]["content"] = [e for e in self._pending[i]["content"] if e[2] < len(dec.content.text)]
             if not finished:
                 self.worker.cancel(self.jobs[i])
             finished, reason = True, "stop"
@@ -127,15 +128,15 @@ class Generation:
 
     def _take(self, i: int, section: str) -> list:
         taken, self._pending[i][section] = self._pending[i][section], []
-        return taken
+        return [(tok, logprob) for tok, logprob, _ in taken]
 
     async def collect(self) -> list[Choice]:
         reasoning, content = [[] for _ in self.jobs], [[] for _ in self.jobs]  # the events' log-probabilities
         async for e in self.events():
             reasoning[e.index] += e.reasoning_logprobs
             content[e.index] += e.content_logprobs
-        return [Choice(i, d.content_text, d.reasoning_text, self.finish_reasons[i], reasoning[i], content[i])
-                for i, d in enumerate(self.decoders)]
+        return [Choice(i, d.content_text if d.in_answer else None, d.reasoning_text, self.finish_reasons[i],
+                       reasoning[i], content[i]) for i, d in enumerate(self.decoders)]
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, sum(d.num_tokens for d in self.decoders),

@@ -36,6 +36,10 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id,
 """
 
 
+class HistoryError(Exception):
+    """The history file cannot be opened."""
+
+
 class HistoryStore:
     def __init__(self, path):
         self.path = Path(path).expanduser() if str(path) != ":memory:" else Path(":memory:")
@@ -44,11 +48,14 @@ class HistoryStore:
             if not self.path.exists():
                 self.path.touch(mode=0o600)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            with self._lock:
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._db.executescript(SCHEMA)
+        except sqlite3.Error as e:  # a directory, or a file that is not an SQLite database
+            raise HistoryError(f"{self.path}: cannot open it as the chat history's SQLite file ({e})") from None
 
     def close(self) -> None:
         with self._lock:

@@ -45,6 +45,7 @@ class TokenText:
         hf = tokenizer.hf
         self.byte_level = type(hf.decoder).__name__ == "ByteLevel"
         self.added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+        self.special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}  # generated text skips them
         self._cache: dict[int, tuple[str, bytes]] = {}
 
     def __call__(self, tok: int) -> tuple[str, bytes]:
@@ -92,8 +93,10 @@ class CompletionLogprobs:
         self.offset = 0
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character's bytes
 
-    def add(self, entries: list) -> dict:
-        """entries [(token id, (log p, [(id, log p), ...]) or None)] -> {"tokens", "token_logprobs", ...}."""
+    def add(self, entries: list, generated: bool = False) -> dict:
+        """entries [(token id, (log p, [(id, log p), ...]) or None)] -> {"tokens", "token_logprobs", ...}.
+        generated: the completion's tokens, whose text leaves out special tokens (<｜User｜>, BOS), so theirs take no
+        characters; an echoed prompt spells them out."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for tok, lp in entries:
             s, raw = self.text(tok)
@@ -101,5 +104,6 @@ class CompletionLogprobs:
             out["text_offset"].append(self.offset)
             out["token_logprobs"].append(None if lp is None else _value(lp[0]))
             out["top_logprobs"].append(None if lp is None else {self.text(t)[0]: _value(v) for t, v in lp[1]})
-            self.offset += len(self._chars.decode(raw))
+            if not (generated and tok in self.text.special):
+                self.offset += len(self._chars.decode(raw))
         return out

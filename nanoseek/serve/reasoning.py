@@ -23,17 +23,17 @@ from dataclasses import dataclass
 REPLACEMENT = "\ufffd"
 
 
-def starts_in_reasoning(prompt_ids: Sequence[int], think_id: int | None, end_think_id: int | None) -> bool:
-    """True when the prompt ends inside an open `<think>` block (the template prefilled it)."""
+def starts_in_reasoning(prompt_ids: Sequence[int], tokenizer) -> bool:
+    """True when the prompt ends inside an open `<think>` block that the template prefilled: the last tag is
+    `<think>` and only whitespace follows it. (A `<think>` the user typed is followed by more of the prompt, such as
+    `<｜Assistant｜>`: the completion then starts outside the reasoning.)"""
+    think_id, end_think_id = tokenizer.think_id, tokenizer.end_think_id
     if think_id is None or end_think_id is None:
         return False
-    last_open = last_close = -1
-    for i, t in enumerate(prompt_ids):
-        if t == think_id:
-            last_open = i
-        elif t == end_think_id:
-            last_close = i
-    return last_open > last_close
+    tags = [i for i, t in enumerate(prompt_ids) if t in (think_id, end_think_id)]
+    if not tags or prompt_ids[tags[-1]] != think_id:
+        return False
+    return not tokenizer.decode(list(prompt_ids[tags[-1] + 1:]), skip_special_tokens=False).strip()
 
 
 class SectionTracker:
@@ -187,6 +187,11 @@ class CompletionDecoder:
     def reasoning_text(self) -> str | None:
         """The reasoning so far, or None if the completion has no reasoning section."""
         return self.reasoning.text if self.tracker.opened else None
+
+    @property
+    def in_answer(self) -> bool:
+        """Past the reasoning, or never in one: the completion has an answer section, perhaps empty."""
+        return not self.tracker.in_reasoning
 
     @property
     def content_text(self) -> str:

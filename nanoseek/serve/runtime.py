@@ -85,6 +85,9 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     from ..checkpoint import read_config
     from ..cli import UserError
     from ..device import has_cxx, resolve_device
+    import torch
+
+    from ..engine.cache import LatentCache
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
 
@@ -103,8 +106,15 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     device = resolve_device(device)
     if compile is None:
         compile = device == "cpu" and has_cxx()
-    engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=max_batch_size,
-                                    max_seq_len=max_model_len, compile=compile)
+    try:
+        engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=max_batch_size,
+                                        max_seq_len=max_model_len, compile=compile)
+    except (RuntimeError, MemoryError) as e:  # the KV cache holds max_batch_size rows of max_model_len positions
+        if "alloc" not in str(e) and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            raise
+        gib = LatentCache.bytes_per_token(cfg, 4) * max_batch_size * max_model_len / 2**30
+        raise UserError(f"no memory for the KV cache of --max-batch-size {max_batch_size} × --max-model-len "
+                        f"{max_model_len} (up to {gib:.3g} GiB): lower either") from None
     if engine.fast is not None and engine.fast.compiling:
         print("nanoseek: compiling the decode step (~50 s on 2 cores the first time, seconds once cached; "
               "--no-compile skips it)...", file=sys.stderr, flush=True)

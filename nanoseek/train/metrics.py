@@ -29,7 +29,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 class Metrics:
     """Appends one JSON object per logged step to RUN/metrics.jsonl; on resume, drops lines past the checkpoint so
-    the file reads as one uninterrupted run."""
+    the file reads as one uninterrupted run, and removes the cost.json of an earlier stop (--stop-at): the run is
+    going again, and its cost is final only when it ends."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -40,6 +41,7 @@ class Metrics:
         elif self.path.is_file():  # rewritten whole, then swapped in: a kill meanwhile loses no history
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
             atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            (self.path.parent / "cost.json").unlink(missing_ok=True)
 
     def log(self, row: dict) -> None:
         if self.enabled:

@@ -30,6 +30,7 @@ class Trace:
     answer: str
     finished: bool  # ended by itself rather than by the token limit
     error: str = ""  # the server refused this one request (e.g. HTTP 400 for a prompt too long for it): no trace
+    closed: bool = True  # the reasoning ended (`content` came, perhaps empty); not when cut off inside it (null)
 
 
 class Refused(ConnectionError):
@@ -163,9 +164,11 @@ class URLTeacher:
                                   f"{json.dumps(reply)[:200]}")
         reasoning = _text(msg.get("reasoning_content")) or _text(msg.get("reasoning"))
         content = _text(msg.get("content"))
+        closed = msg.get("content") is not None
         if not reasoning:  # '<think>r</think>a', or 'r</think>a' from a template that prefilled <think>
+            closed = "</think>" in content or "<think>" not in content
             reasoning, content = split_reasoning(content, prefilled="</think>" in content)
-        return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop")
+        return Trace(reasoning.strip(), content.strip(), choice.get("finish_reason") == "stop", closed=closed)
 
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
