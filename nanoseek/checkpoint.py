@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .atomic import write_json
 from .config import ConfigError, ModelConfig
-from .model.fp8 import BLOCK, FP8_DTYPE, dequantize_block, quantize_block
+from .model.fp8 import BLOCK, dequantize_block, quantize_block
 from .model.transformer import Transformer, build_model
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
