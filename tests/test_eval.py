@@ -107,6 +107,13 @@ def test_a_url_reply_is_scored_as_the_same_local_completion():
     locally = [extract_answer("2 + 3 = 5\n</think>"), extract_answer("2 + 3 = 5")]
     assert [r.answers[0] for r in results] == locally == [None, "2 + 3 = 5"]
 
+    class Refusing:  # every request refused: the settings are wrong (a local run says so too), not a score of 0
+        def traces(self, questions, max_tokens, temperature, seeds):
+            yield from ((i, Trace("", "", False, error="HTTP 400: too long")) for i in range(len(questions)))
+
+    with pytest.raises(ConnectionError, match="refused every request"):
+        run_eval_url(Refusing(), [five, five], progress=False)
+
 
 def test_majority_pools_answers_as_check_reads_them():
     p, half = from_record({"question": "q", "answer": "12"}), from_record({"question": "q", "answer": "1/2"})

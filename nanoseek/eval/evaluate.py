@@ -243,6 +243,9 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
+    if refused and len(refused) == len(questions):  # the settings, not the questions: as a local run's error
+        raise ConnectionError(f"the server refused every request (first: {refused[0]}); is --max-new-tokens more "
+                              "than its context leaves?")
     if refused:
         print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
               "scored as wrong", file=sys.stderr)
