@@ -147,6 +147,20 @@ def peer_failed(e: BaseException) -> bool:
         m in str(e) for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str], verb: str) -> set[str]:
+    """The dests of the options the command line gave, whatever their values (`--steps 300` is given even when 300
+    is the default): argv parsed again with every default of the verb's options suppressed."""
+    verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    defaults = [(a, a.default) for a in verb_parser._actions]
+    try:
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv))) & {a.dest for a, _ in defaults}
+    finally:
+        for a, default in defaults:
+            a.default = default
+
+
 def run_verb(argv: list[str]) -> int:
     parser = build_parser()
     if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error
@@ -158,8 +172,7 @@ def run_verb(argv: list[str]) -> int:
         parser.print_help()
         return 2
     global GIVEN
-    verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.verb]
-    GIVEN = {a.dest for a in verb_parser._actions if getattr(args, a.dest, a.default) != a.default}
+    GIVEN = given_options(parser, argv, args.verb)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.verb not in DISTRIBUTED:
             hint = (" (train the student data-parallel with `torchrun ... nanoseek sft --data RUN/kept.jsonl`)"

@@ -59,17 +59,25 @@ def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
     assert "is a file; name a run directory" in err  # not "[Errno 17] File exists"
 
 
-def test_pretrain_never_replaces_a_data_folder_that_is_not_its_own(capsys, tmp_path):
+@pytest.mark.parametrize("name", ["data/corpus.jsonl", "data/meta.json", "metrics.jsonl"])
+def test_pretrain_never_replaces_a_data_folder_that_is_not_its_own(capsys, tmp_path, name):
+    """Not even files with the names a run writes: a directory no run started in holds none of its leftovers."""
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "corpus.jsonl").write_text('{"text": "mine"}\n')
+    (tmp_path / name).write_text('{"text": "mine"}\n')
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY)
     assert code == 1 and "not a training run" in err  # refused before anything is written
-    assert (tmp_path / "data" / "corpus.jsonl").read_text() == '{"text": "mine"}\n'
+    assert (tmp_path / name).read_text() == '{"text": "mine"}\n'
 
 
 def test_a_fresh_pretrain_makes_its_own_tokenizer(capsys, tmp_path):
-    """A failed first attempt leaves RUN/tokenizer behind; the retry with another --vocab-size must not reuse it."""
+    """A failed first attempt leaves RUN/tokenizer behind; the retry with another --vocab-size must not reuse it.
+    The same folder made by the user (no run started there) is theirs: refused, left as it is."""
     assert run_cli(capsys, "tokenizer", "train", "--out", tmp_path / "tokenizer", "--vocab-size", 300, "--n-docs", 50)[0] == 0
+    mine = (tmp_path / "tokenizer" / "tokenizer.json").read_text()
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY, "--vocab-size", "280")
+    assert code == 1 and "not a training run (tokenizer)" in err
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_text() == mine
+    (tmp_path / ".nanoseek-run").touch()  # what a run writes first: so the tokenizer is an attempt's leftover
     code, _ = run_cli(capsys, "pretrain", "--out", tmp_path, *TINY, "--vocab-size", "280")
     assert code == 0
     vocab = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
@@ -202,6 +210,10 @@ def test_sft_and_grpo_resume_without_model(capsys, tmp_path):
     assert run_cli(capsys, "sft", "--model", base / "model", "--out", tmp_path / "s", *sft, "--stop-at", "1")[0] == 0
     assert run_cli(capsys, "sft", "--out", tmp_path / "s", "--resume", "--no-progress")[0] == 0  # the run's own model
     assert json.loads((tmp_path / "s" / "train_state" / "state.json").read_text())["step"] == 2
+    # --steps 300 is sft's default, and given it still extends the run (it was taken as not given)
+    assert run_cli(capsys, "sft", "--out", tmp_path / "s", "--resume", "--steps", "300", "--stop-at", "3",
+                   "--no-progress")[0] == 0
+    assert json.loads((tmp_path / "s" / "train_state" / "state.json").read_text())["step"] == 3
     for verb in ("sft", "grpo"):
         code, err = run_cli(capsys, verb, "--out", tmp_path / f"new-{verb}", "--no-progress")
         assert code == 1 and "--model names the model to start from" in err

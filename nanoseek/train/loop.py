@@ -299,6 +299,7 @@ PER_INVOCATION = ("resume", "stop_at", "progress", "device", "out")  # the rest:
 DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argparse dest -> config field
 
 
+RUN_MARKER = ".nanoseek-run"  # the first thing a new run writes in its directory
 RUN_LINKS = ("model", "train_state", "current")
 RUN_FILES = ("metrics.jsonl", "cost.json", "done.json")
 RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",
@@ -307,8 +308,11 @@ RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)
 
 def leftover(entry: Path) -> bool:
     """Whether an entry of a run directory without a checkpoint is what a failed or interrupted start of a run
-    leaves, and so may be replaced: the links, checkpoints, tokenizer files, token shards and logs a run writes,
-    never a user's own file or directory that happens to have one of those names."""
+    leaves, and so may be replaced: in a directory a run started in (it holds RUN_MARKER), the links, checkpoints,
+    tokenizer files, token shards and logs a run writes; never a user's own file or directory that happens to have
+    one of those names."""
+    if not (entry.parent / RUN_MARKER).is_file():
+        return False
     if entry.name in RUN_LINKS:
         return entry.is_symlink()
     if entry.name in RUN_FOLDERS:
@@ -346,6 +350,8 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
             notice(f"{run}: no checkpoint to resume; starting a new run")
         if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
             raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / RUN_MARKER).touch()  # what it writes from here on may be replaced by a new start, nothing else
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
