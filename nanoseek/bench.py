@@ -118,25 +118,6 @@ def machine(device: str) -> dict:
             "threads": torch.get_num_threads(), "load_avg_1m": load}
 
 
-def free_bytes(device: str) -> int | None:
-    """Memory a new allocation can use: free GPU memory, or the kernel's MemAvailable (None where unknown)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def check_fits(need: float, device: str, what: str, fix: str) -> None:
-    from .cli import UserError
-
-    free = free_bytes(device)
-    if free is not None and need > free:
-        raise UserError(f"{what} need {need / 2**30:.1f} GiB; {device} has {free / 2**30:.1f} GiB free: {fix}")
-
-
 def load(args, cfg, device: str, dtype: torch.dtype):
     """The model in `dtype` on `device`: read from --model, or a random init of the --preset (seed 0)."""
     from .checkpoint import load_model
@@ -226,7 +207,7 @@ def setup(args: argparse.Namespace):
     from .checkpoint import read_config
     from .cli import UserError
     from .config import get_preset
-    from .device import has_cxx, resolve_device
+    from .device import check_fits, has_cxx, resolve_device
     from .model import build_model
 
     if args.threads:

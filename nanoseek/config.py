@@ -133,8 +133,13 @@ class ModelConfig:
                  f"{name} must be a non-negative integer, got {value!r}")
         for name in FLAGS:  # the string "False" (--set attention_bias=False) would count as true
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in (self.rope_theta, self.rms_norm_eps)),
-             "rope_theta and rms_norm_eps must be positive numbers")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        need(all(number(v) and v > 0 for v in (self.rope_theta, self.rms_norm_eps, self.routed_scaling_factor)),
+             "rope_theta, rms_norm_eps and routed_scaling_factor must be positive numbers")
+        need(all(number(v) and v >= 0 for v in (self.initializer_range, self.aux_loss_alpha)),
+             "initializer_range and aux_loss_alpha must be non-negative numbers")
+        need(self.quantization_config is None or isinstance(self.quantization_config, dict),
+             f"quantization_config must be an object or null, got {self.quantization_config!r}")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not implemented (DeepSeek-V3 uses silu)")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func {self.scoring_func!r} is not sigmoid/softmax")
@@ -143,6 +148,7 @@ class ModelConfig:
             f"topk_method {self.topk_method!r} is not noaux_tc/group_limited_greedy/greedy",
         )
         if self.n_routed_experts:
+            need(bool(self.num_experts_per_tok), "num_experts_per_tok must be at least 1 in a model with experts")
             g = self.n_group or 1
             need(self.n_routed_experts % g == 0, "n_routed_experts must be divisible by n_group")
             need(1 <= (self.topk_group or 1) <= g, "topk_group must be in [1, n_group]")

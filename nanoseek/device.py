@@ -2,7 +2,8 @@
 
 auto picks CUDA when there is a GPU, else (for inference) Apple's MPS, else the CPU. A device this machine does not
 have is a one-line user error, not torch's assertion from deep inside the first tensor copy. Also what a report
-or benchmark says about the machine (`cpu_name`), and whether torch.compile can build CPU code here (`has_cxx`).
+or benchmark says about the machine (`cpu_name`), whether torch.compile can build CPU code here (`has_cxx`), and
+whether a model will fit in its free memory (`check_fits`).
 """
 
 from __future__ import annotations
@@ -51,3 +52,25 @@ def cpu_name() -> str:
 def has_cxx() -> bool:
     """A C++ compiler on the PATH: what torch.compile's inductor needs to build CPU kernels."""
     return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory a new allocation can use: free GPU memory, or the kernel's MemAvailable (None where unknown)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_fits(need: float, device: str, what: str, fix: str) -> None:
+    """A one-line error, before any work, when `need` bytes will not fit in the device's free memory."""
+    from .cli import UserError
+
+    free = free_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"{what} need {need / 2**30:.1f} GiB; {device} has {free / 2**30:.1f} GiB free: {fix}")

@@ -97,7 +97,11 @@ def test_outputs_never_overwrite_what_the_user_made(capsys, tmp_path, monkeypatc
     earlier.write_text('{"question": "q", "answer": "1", "completions": ["1"], "extracted": ["1"], "correct": [true]}\n')
     from nanoseek.eval.evaluate import earlier_results
 
-    assert earlier_results(earlier) and not earlier_results(data)
+    notes = tmp_path / "notes.md"
+    notes.write_text("\nmy notes\n")  # a first line that is blank is no sign of an earlier --out
+    (tmp_path / "empty.jsonl").write_text("")
+    assert earlier_results(earlier) and earlier_results(tmp_path / "empty.jsonl")
+    assert not earlier_results(data) and not earlier_results(notes)
     assert run_cli(capsys, "tasks", "--out", data, "--n", 2)[1].startswith("error: --out")  # exists: refused
     assert data.read_text().startswith('{"question": "What is 1 + 1?"')
     assert run_cli(capsys, "tasks", "--out", data, "--n", 2, "--overwrite")[0] == 0
@@ -271,6 +275,15 @@ def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_p
     for bad in ({"type": "yarn"}, {"type": "yarn", "factor": "x"}, {"type": "yarn", "factor": 4, "beta_fast": "b"}):
         with pytest.raises(ConfigError, match="rope_scaling"):
             get_preset("cpu-tiny").replace(rope_scaling=bad)
+    for setting, says in (("num_experts_per_tok=0", "num_experts_per_tok must be at least 1"),
+                          ("num_experts_per_tok=null", "num_experts_per_tok must be at least 1"),
+                          ("initializer_range=-1", "initializer_range and aux_loss_alpha"),
+                          ("aux_loss_alpha=abc", "initializer_range and aux_loss_alpha"),
+                          ("routed_scaling_factor=abc", "routed_scaling_factor must be positive"),
+                          ("quantization_config=5", "quantization_config must be an object")):
+        code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r3", *TINY, "--set", setting)
+        assert code == 1 and says in err and "Traceback" not in err, (setting, err)  # were tracebacks, or a run
+    assert not (tmp_path / "r3" / "model").exists()  # that no command could load
 
 
 def test_a_torn_metrics_line_is_skipped(tmp_path):
@@ -347,3 +360,18 @@ def test_serve_and_generate_refuse_what_they_cannot_use(capsys, tmp_path):
     assert code == 1 and err.startswith("error: no memory for the KV cache") and "Traceback" not in err, err
     code, err = run_cli(capsys, "generate", "--model", model, "--prompts", prompts, "--max-new-tokens", 2)
     assert code == 1 and "a message's role must be one of system, developer, user, assistant" in err
+
+
+def test_a_model_too_big_for_memory_is_refused_before_any_work(capsys, tmp_path):
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "big", *TINY, "--preset", "v3-671b")
+    assert code == 1 and "optimiser state need" in err and "choose a smaller --preset" in err, err  # was an OOM
+    assert not (tmp_path / "big" / "data").exists() and not (tmp_path / "big" / "tokenizer").exists()
+
+
+def test_the_default_micro_batch_divides_the_batch():
+    """--batch-size 40 alone failed on a --micro-batch-size the user never gave (32 does not divide 40)."""
+    from nanoseek.train.loop import micro_batch_default
+
+    assert [micro_batch_default(b, cap, False) for b, cap in ((40, 32), (24, 16), (32, 32), (7, 32), (64, 16))] == \
+        [20, 12, 32, 7, 16]
+    assert micro_batch_default(40, 32, True) == 32  # as given (then refused with a message if it does not divide)

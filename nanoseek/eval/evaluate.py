@@ -387,7 +387,7 @@ def earlier_results(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline()
-        return not first.strip() or {"completions", "correct"} <= json.loads(first).keys()
+        return not first or {"completions", "correct"} <= json.loads(first).keys()  # an empty file, or results
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -385,11 +385,13 @@ def resumed_micro_batch(cfg: TrainConfig, resuming: bool) -> TrainConfig:
 
 
 def micro_batch_default(batch_size: int, micro_batch_size: int, given: bool) -> int:
-    """The micro-batch to use: as given, or (not given on the command line) the preset's capped at the batch each
-    process gets, so `torchrun --nproc_per_node=N` works without also passing --micro-batch-size."""
+    """The micro-batch to use: as given, or (not given on the command line) the largest that divides the batch each
+    process gets and is at most the preset's, so `torchrun --nproc_per_node=N` and a --batch-size of 40 work without
+    also passing --micro-batch-size."""
     if given:
         return min(micro_batch_size, batch_size)
-    return max(1, min(micro_batch_size, batch_size // int(os.environ.get("WORLD_SIZE", "1"))))
+    per_process = max(1, batch_size // int(os.environ.get("WORLD_SIZE", "1")))
+    return max(m for m in range(1, min(micro_batch_size, per_process) + 1) if per_process % m == 0)
 
 
 def add_run_arguments(p, seed_help: str, save_every: int) -> None:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, read_config
 from ..config import ModelConfig, get_preset
+from ..device import check_fits
 from ..model import build_model, param_counts
 from . import loop
 
@@ -253,11 +254,13 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
         run.mkdir(parents=True, exist_ok=True)
     d.barrier()
     torch.manual_seed(cfg.seed)
+    # before any work, a 671B preset is refused, not swapped to death (sizes as the preset's, its vocabulary too)
+    mc = read_config(run / "model") if resuming else get_preset(cfg.preset).replace(**cfg.overrides)
+    params = sum(p.numel() for p in build_model(mc, device="meta").parameters())
+    check_fits(params * 16, str(d.device), "float32 weights, gradients and optimiser state",
+               "choose a smaller --preset, or --set smaller sizes")
     tok, shard_dir = prepare_tokenizer_and_data(cfg, run, d, resuming)
-    if resuming:
-        model = load_model(run / "model", device=d.device)
-    else:
-        model = build_model(model_config(cfg, tok), device=d.device)
+    model = load_model(run / "model", device=d.device) if resuming else build_model(model_config(cfg, tok), device=d.device)
     if cfg.fp8:
         from ..model.fp8 import convert_to_fp8
 
