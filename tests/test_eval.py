@@ -81,6 +81,7 @@ def test_answers_the_second_eval_audit_found_misread():
     assert check(gold("18"), extract_answer("The answer is 18! Great."))
     assert not check(gold("12"), extract_answer("The answer is 12 or 13."))  # a hedge was read as its first number
     assert not check(gold("12"), extract_answer("The answer is 12, 13, 14 or 15"))
+    assert check(gold("1234"), extract_answer("The answer is 1,234 apples."))  # a thousands comma is no hedge
     assert check(gold("6"), extract_answer("The answer is 5.\n\nWait, I made an error. Answer: 6"))  # the correction
     six = extract_answer("<think>\n10 - 4 = 6\n</think>\n\nThe answer is 6.")
     assert [check(gold(g), six) for g in ("#### 6 dollars", "6 apples", "\\$6", "\\$6.00")] == [True] * 4

@@ -107,7 +107,7 @@ def _phrase_answer(phrase: str) -> str:
     if _is_expression(phrase):
         return phrase
     number = r"[$€£¥]?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)"
-    if re.match(rf"{number}\s*(?:,|/|\bor\b|\band\b)\s*(?:or\s+)?{number}", phrase):  # a hedge
+    if re.match(rf"{number}(?:,\s+|\s+(?:,\s*)?(?:or|and)\s+)(?:or\s+)?{number}", phrase):  # a hedge (not 1,234)
         return phrase
     lead = re.match(rf"{number}(?=[\s,;:)!.]|$)", phrase)
     if lead:

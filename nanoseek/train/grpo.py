@@ -465,7 +465,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if pool is None:  # the suite's prompts: a sample of them, with a quarter to spare for longer ones
         longest = max(longest, math.ceil(1.25 * max(map(len, sample_prompts(cfg, tok)))))
     if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        loop.make_run_dir(run)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the starting model
         ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)

@@ -321,6 +321,13 @@ def leftover(entry: Path) -> bool:
     return entry.name in RUN_FILES and entry.is_file()
 
 
+def make_run_dir(run: Path) -> None:
+    """The run directory, marked as one a run started in (RUN_MARKER) before anything else is written there: what
+    the run writes from here on may be replaced by a new start, nothing else."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RUN_MARKER).touch()
+
+
 def absolute_paths(cfg, *fields: str):
     """The config dataclass with these path fields (a path or a list of paths; URLs are left as they are) made
     absolute, so a run resumed from another working directory finds its model and data again."""
@@ -350,8 +357,6 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
             notice(f"{run}: no checkpoint to resume; starting a new run")
         if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
             raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / RUN_MARKER).touch()  # what it writes from here on may be replaced by a new start, nothing else
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")

@@ -250,15 +250,15 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
     cfg = loop.resumed_micro_batch(cfg, resuming)
     loop.grad_accum_steps(cfg, d)  # validate the batch split before any work
     run = Path(cfg.out)
-    if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    d.barrier()
-    torch.manual_seed(cfg.seed)
     # before any work, a 671B preset is refused, not swapped to death (sizes as the preset's, its vocabulary too)
     mc = read_config(run / "model") if resuming else get_preset(cfg.preset).replace(**cfg.overrides)
     params = sum(p.numel() for p in build_model(mc, device="meta").parameters())
     check_fits(params * 16, str(d.device), "float32 weights, gradients and optimiser state",
                "choose a smaller --preset, or --set smaller sizes")
+    if d.is_main:
+        loop.make_run_dir(run)
+    d.barrier()
+    torch.manual_seed(cfg.seed)
     tok, shard_dir = prepare_tokenizer_and_data(cfg, run, d, resuming)
     model = load_model(run / "model", device=d.device) if resuming else build_model(model_config(cfg, tok), device=d.device)
     if cfg.fp8:

@@ -168,7 +168,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     loop.grad_accum_steps(cfg, d)
     run = Path(cfg.out)
     if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        loop.make_run_dir(run)
     d.barrier()
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)
