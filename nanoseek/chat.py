@@ -101,22 +101,25 @@ class ChatSession:
                                 stop_token_ids=rt.stop_ids)
         rid = rt.engine.submit(prompt, params)
         try:
-            completed = self._stream(rid, dec, printer)
+            reason = self._stream(rid, dec, printer)
         finally:
             rt.engine.cancel(rid)  # a no-op once finished; frees the row after Ctrl-C
             printer.end()
-        if not completed:
+        if reason is None:
             print("(stopped)")
+        elif reason == "length":  # the server says finish_reason "length"; here, in words
+            print(f"(cut off at {params.max_new_tokens} tokens: "
+                  + ("--max-tokens" if params.max_new_tokens == self.max_tokens else "the context is full") + ")")
         self.turns = messages + [{"role": "assistant", "content": dec.content_text}]  # what was shown stays
 
-    def _stream(self, rid: int, dec, printer: Printer) -> bool:
-        """Step the engine, printing deltas, until the answer ends (True) or Ctrl-C stops it (False). Ctrl-C only
-        sets a flag here, so the engine is never interrupted halfway through a step."""
+    def _stream(self, rid: int, dec, printer: Printer) -> str | None:
+        """Step the engine, printing deltas, until the answer ends (its finish reason: "stop" or "length") or Ctrl-C
+        stops it (None). Ctrl-C only sets a flag here, so the engine is never interrupted halfway through a step."""
         interrupted: list[bool] = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         try:
             while not interrupted:
-                for r, token, finished, *_ in self.rt.engine.step():
+                for r, token, finished, reason, _ in self.rt.engine.step():
                     if r != rid:
                         continue
                     delta = dec.feed(token)
@@ -125,8 +128,8 @@ class ChatSession:
                     printer.write("reasoning", delta.reasoning)
                     printer.write("content", delta.content)
                     if finished:
-                        return True
-            return False
+                        return reason
+            return None
         finally:
             signal.signal(signal.SIGINT, previous)
 

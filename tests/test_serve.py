@@ -530,6 +530,7 @@ def test_terminal_chat(model_dir):
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout  # a pipe gets no styling escapes
     assert "cleared" in r.stdout.lower()
+    assert "(cut off at 12 tokens: --max-tokens)" in r.stdout  # the tiny random model never ends on its own
     eof = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert eof.returncode == 0, eof.stderr  # EOF quits cleanly too
 
