@@ -480,12 +480,12 @@ def check(problem: Problem, predicted: str) -> bool:
         got, want = as_number(predicted), as_number(problem.answer)
         if problem.family in FAMILIES or (got is not None and want is not None):
             return got is not None and got == want  # the suite's answers are integers: "8 + 3" is not "11"
-        return _math_equal(problem.answer, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
+        return math_equal(problem.answer, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
     except Exception:  # garbage in, False out (RecursionError, ValueError, KeyError, ...)
         return False
 
 
-def _math_equal(gold: str, predicted: str) -> bool:
+def math_equal(gold: str, predicted: str) -> bool:
     """Mathematical equivalence by `math-verify` (LaTeX or plain expressions; imported here: it pulls in sympy)."""
     import threading
 

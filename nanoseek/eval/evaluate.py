@@ -121,7 +121,7 @@ def majority(problem, answers: list[str | None]) -> int | None:
     tie), or None when there is none. Answers are grouped as `check` reads them: "12", "12.0" and "3 × 4 = 12" are one
     answer; "1/2", "0.5" and "\\frac{1}{2}" are one too (math-verify) in imported data. A countdown expression is its
     text."""
-    from ..data.tasks import FAMILIES, _math_equal, as_number
+    from ..data.tasks import FAMILIES, as_number, math_equal
 
     groups: list[list] = []  # [first index, key, votes]
     for i, a in enumerate(answers):
@@ -131,7 +131,7 @@ def majority(problem, answers: list[str | None]) -> int | None:
         key = as_number(key) if as_number(key) is not None else key
         for g in groups:
             if g[1] == key or (problem.family not in FAMILIES and isinstance(key, str) and isinstance(g[1], str)
-                               and _math_equal(g[1], key)):
+                               and math_equal(g[1], key)):
                 g[2] += 1
                 break
         else:

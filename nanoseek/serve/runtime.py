@@ -82,11 +82,11 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
                  max_batch_size: int = 16, compile: bool | None = None) -> Runtime:
     """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings.
     compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH)."""
+    import torch
+
     from ..checkpoint import read_config
     from ..cli import UserError
     from ..device import has_cxx, resolve_device
-    import torch
-
     from ..engine.cache import LatentCache
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
