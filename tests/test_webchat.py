@@ -136,3 +136,48 @@ def test_markdown_renderer_escapes_first(server, browser):
     assert html == ("<p><strong>b</strong> <em>i</em> <code>a&lt;b&gt;</code> &lt;img src=x onerror=alert(1)&gt;</p>"
                     "<ul><li>x</li><li>y</li></ul><pre><code>&lt;script&gt;</code></pre>")
     page.close()
+
+
+def test_numbered_lists_keep_their_numbers(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    render = lambda s: page.evaluate("(s) => renderMarkdown(s)", s)  # noqa: E731
+    assert render("1. a\n\n2. b\n\n3. c") == "<ol><li>a</li><li>b</li><li>c</li></ol>"  # was three lists of 1.
+    assert render("3. a\n4. b") == '<ol start="3"><li>a</li><li>b</li></ol>'  # was 1., 2.
+    assert render("The total was\n1999. Then it rose.") == "<p>The total was<br>1999. Then it rose.</p>"
+    page.close()
+
+
+def test_a_refused_turn_leaves_nothing_behind(server, browser):
+    """A setting the server refuses: the error is shown, the question goes back to the input box, and nothing is
+    stored (it was stored, and then sent to the model again with every later turn). A question whose 60th character
+    is an emoji names its conversation (half an emoji in the title had the server refuse it); an answer cut off by
+    Max tokens says so."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")
+    page.fill("#key-input", "“" + KEY + "”")  # a key pasted with typographic quotes cannot go in a header
+    page.click("#key-form button")
+    assert "only ASCII" in page.inner_text("#key-error") and page.is_visible("#key-dialog")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#settings summary")
+    count = ("() => fetch('/api/conversations', {headers: {Authorization: 'Bearer " + KEY + "'}})"
+             ".then((r) => r.json()).then((j) => j.data.length)")
+    before = page.evaluate(count)
+    question = "a" * 59 + "😀 what is 2 + 2?"
+    page.fill("#set-max-tokens", "100000")
+    page.fill("#input", question)
+    page.press("#input", "Enter")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('max_tokens')")
+    assert page.input_value("#input") == question and not page.query_selector_all(".msg")
+    assert page.evaluate(count) == before
+    page.fill("#set-max-tokens", "3")
+    page.fill("#set-thinking-budget", "")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .note")
+    assert page.inner_text(".msg.assistant .note") == "(cut off at Max tokens: 3)"
+    page.wait_for_selector("#conversations li.active .title")
+    assert page.text_content("#conversations li.active .title") == "a" * 59 + "😀"
+    page.close()

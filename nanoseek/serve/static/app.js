@@ -36,7 +36,10 @@ function renderMarkdown(src) {
     para = [];
   };
   const closeList = () => { if (list) html += `</${list}>`; list = null; };
-  const openList = (kind) => { flushPara(); if (list !== kind) { closeList(); html += `<${kind}>`; list = kind; } };
+  const openList = (kind, start = 1) => {
+    flushPara();
+    if (list !== kind) { closeList(); html += start === 1 ? `<${kind}>` : `<${kind} start="${start}">`; list = kind; }
+  };
   for (const line of escapeHtml(src).split("\n")) {
     let m;
     if (code !== null) {
@@ -48,10 +51,10 @@ function renderMarkdown(src) {
       flushPara(); closeList(); html += `<h${m[1].length}>${inline(m[2])}</h${m[1].length}>`;
     } else if ((m = line.match(/^\s*[-*+]\s+(.*)$/))) {
       openList("ul"); html += "<li>" + inline(m[1]) + "</li>";
-    } else if ((m = line.match(/^\s*\d+[.)]\s+(.*)$/))) {
-      openList("ol"); html += "<li>" + inline(m[1]) + "</li>";
+    } else if ((m = line.match(/^\s*(\d{1,9})[.)]\s+(.*)$/)) && (!para.length || m[1] === "1")) {
+      openList("ol", Number(m[1])); html += "<li>" + inline(m[2]) + "</li>";  // "1999. Then…" in a paragraph is text
     } else if (!line.trim()) {
-      flushPara(); closeList();
+      flushPara();  // a list goes on after a blank line if another item follows (a "loose" list)
     } else {
       closeList(); para.push(line);
     }
@@ -63,9 +66,10 @@ function renderMarkdown(src) {
 
 // --- API -----------------------------------------------------------------------------------------------------------
 let keyWaiters = [];
-function askForKey() {
+function askForKey(why = "") {
+  $("key-error").textContent = why;
   $("key-dialog").hidden = false;
-  $("key-input").focus();
+  $("key-input").select();
   return new Promise((resolve) => keyWaiters.push(resolve));
 }
 
@@ -75,24 +79,29 @@ async function api(path, opts = {}) {
   let body;
   if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(opts.json); }
   const res = await fetch(path, { method: opts.method || "GET", headers, body, signal: opts.signal });
-  if (res.status === 401) { await askForKey(); return api(path, opts); }
+  if (res.status === 401) {
+    await askForKey(state.key ? "The server refused that key." : "");
+    return api(path, opts);
+  }
   if (!res.ok) {
-    let msg = `${res.status} ${res.statusText}`, code = null;
-    try { ({ message: msg, code } = (await res.json()).error); } catch (e) { /* not JSON */ }
-    throw Object.assign(new Error(msg), { code });
+    let msg = `${res.status} ${res.statusText}`, code = null, param = null;
+    try { ({ message: msg, code, param } = (await res.json()).error); } catch (e) { /* not JSON */ }
+    throw Object.assign(new Error(msg), { code, param, status: res.status });
   }
   return res;
 }
 const getJson = async (path, opts) => (await api(path, opts)).json();
 
-// Streams one chat completion; onDelta(kind, text) with kind "reasoning" or "content". Returns the finish reason.
-async function streamChat(messages, onDelta, signal) {
+// Streams one chat completion; onStart() once the server has accepted the request, then onDelta(kind, text) with
+// kind "reasoning" or "content". Returns the finish reason.
+async function streamChat(messages, onDelta, signal, onStart) {
   const body = { model: state.model, messages, stream: true, stream_options: { include_usage: true } };
   const s = settings();
   if (s.temperature !== "") body.temperature = Number(s.temperature);
   if (s.maxTokens !== "") body.max_tokens = Number(s.maxTokens);
   if (s.thinkingBudget !== "") body.thinking_token_budget = Number(s.thinkingBudget);
   const res = await api("/v1/chat/completions", { method: "POST", json: body, signal });
+  onStart();
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = "", finish = null;
@@ -152,9 +161,10 @@ function addUserMessage(text) {
   div.append(el("div", "role", "You"), el("div", "body", text));
   $("messages").append(div);
   scrollDown();
+  return div;
 }
 
-// An assistant message view; returns {update(reasoning, content), error(msg), done()}.
+// An assistant message view; returns {update(reasoning, content), error(msg), note(msg), done(stopped), remove()}.
 function addAssistantMessage(reasoning = "", content = "", streaming = false) {
   const div = el("div", "msg assistant");
   const thinking = el("details", "thinking");
@@ -181,7 +191,9 @@ function addAssistantMessage(reasoning = "", content = "", streaming = false) {
       if (!pending) { pending = true; requestAnimationFrame(paint); }
     },
     error(msg) { div.append(el("div", "error", "Error: " + msg)); },
+    note(msg) { div.append(el("div", "note", msg)); },
     done(stopped) { summary.textContent = stopped ? "Thought (stopped)" : "Thought"; paint(); },
+    remove() { div.remove(); },
   };
 }
 
@@ -221,28 +233,50 @@ function setBusy(busy) {
   $("send").classList.toggle("stop", busy);
 }
 
-async function openConversation(id) {
+// A stream still running is stopped, and its partial answer saved, before another conversation is shown.
+async function stopAnswer() {
   if (state.abort) state.abort.abort();
-  const conv = await getJson(`/api/conversations/${encodeURIComponent(id)}`);
-  state.convId = conv.id;
-  state.messages = conv.messages;
-  renderConversation();
+  await state.sending;
+}
+
+// A conversation gone (deleted in another tab): the list is refreshed, and one that was open is closed.
+async function gone(id, e) {
+  setStatus("Error: " + e.message);
+  if (e.status !== 404) return;
+  if (id === state.convId) { state.convId = null; state.messages = []; renderConversation(); }
   await refreshList();
 }
 
-function newConversation() {
-  if (state.abort) state.abort.abort();
+async function openConversation(id) {
+  if (id === state.convId) return;
+  await stopAnswer();
+  try {
+    const conv = await getJson(`/api/conversations/${encodeURIComponent(id)}`);
+    state.convId = conv.id;
+    state.messages = conv.messages;
+    renderConversation();
+    setStatus("");
+    await refreshList();
+  } catch (e) { await gone(id, e); }
+}
+
+async function newConversation() {
+  await stopAnswer();
   state.convId = null;
   state.messages = [];
   renderConversation();
-  refreshList();
+  refreshList().catch((e) => setStatus("Error: " + e.message));
   $("input").focus();
 }
 
 async function deleteConversation(id) {
-  await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
-  if (id === state.convId) newConversation();
-  else await refreshList();
+  try {
+    await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (e) {
+    if (e.status !== 404) { setStatus("Error: " + e.message); return; }  // 404: deleted already
+  }
+  if (id === state.convId) await newConversation();
+  else await refreshList().catch((e) => setStatus("Error: " + e.message));
 }
 
 async function send() {
@@ -251,56 +285,90 @@ async function send() {
   $("input").value = "";
   setBusy(true);
   setStatus("");
+  let done;
+  state.sending = new Promise((resolve) => { done = resolve; });
   try {
-    if (!state.convId) {
-      const conv = await getJson("/api/conversations", { method: "POST", json: { title: text.slice(0, 60) } });
-      state.convId = conv.id;
-      state.messages = [];
+    if (state.convId) {  // as stored: another tab may have added turns since it was opened
+      state.messages = (await getJson(`/api/conversations/${encodeURIComponent(state.convId)}`)).messages;
+      renderConversation();
     }
-    const convId = state.convId, history = state.messages;
-    await api(`/api/conversations/${convId}/messages`, { method: "POST", json: { role: "user", content: text } });
-    history.push({ role: "user", content: text });
-    addUserMessage(text);
-    refreshList();
-    await answer(convId, history);
+    await answer(text);
   } catch (e) {
-    setStatus("Error: " + e.message);
+    if (!$("input").value) $("input").value = text;  // the question is not lost: it can be sent again
+    if (e.status === 404) await gone(state.convId, e); else setStatus("Error: " + e.message);
   } finally {
     setBusy(false);
     state.abort = null;
+    done();
   }
 }
 
-// Once a conversation outgrows the model's context, its oldest turns are left out of the prompt (as `nanoseek chat`
-// does); they stay in the history.
-async function answer(convId, history) {
-  const view = addAssistantMessage("", "", true);
-  let reasoning = "", content = "", stopped = false;
+// Stores the question of a turn the server has accepted (in a new conversation, the conversation first); returns the
+// conversation's id.
+async function saveQuestion(text, history) {
+  if (!state.convId) {
+    const title = Array.from(text).slice(0, 60).join("");  // whole characters: half an emoji is no text
+    state.convId = (await getJson("/api/conversations", { method: "POST", json: { title } })).id;
+  }
+  const convId = state.convId;
+  await api(`/api/conversations/${convId}/messages`, { method: "POST", json: { role: "user", content: text } });
+  history.push({ role: "user", content: text });
+  await refreshList();
+  return convId;
+}
+
+// Asks the model about `text` after the open conversation. The turn is stored only once the server has accepted the
+// request: a refused one (a setting out of range, a question too long) leaves nothing behind and its question goes
+// back to the input box. Once a conversation outgrows the model's context, its oldest turns are left out of the
+// prompt (as `nanoseek chat` does); they stay in the history.
+async function answer(text) {
+  const question = addUserMessage(text), view = addAssistantMessage("", "", true);
+  const history = state.messages, earlier = history.length;
+  let reasoning = "", content = "", stopped = false, accepted = false, finish = null, failure = null, saved = null;
   state.abort = new AbortController();
-  let turns = history.map((m) => ({ role: m.role, content: m.content }));
+  let turns = [...history, { role: "user", content: text }].map((m) => ({ role: m.role, content: m.content }));
+  const onStart = () => {
+    accepted = true;
+    saved = saveQuestion(text, history);
+    saved.catch(() => {});  // (awaited below)
+  };
   for (;;) {
     try {
-      await streamChat(turns, (kind, t) => {
+      finish = await streamChat(turns, (kind, t) => {
         if (kind === "reasoning") reasoning += t; else content += t;
         view.update(reasoning, content);
-      }, state.abort.signal);
+      }, state.abort.signal, onStart);
     } catch (e) {
       const next = turns.findIndex((m, i) => i > 0 && m.role === "user");
-      if (e.code === "context_length_exceeded" && next > 0) {
+      if (!accepted && e.code === "context_length_exceeded" && next > 0) {
         turns = turns.slice(next);  // drop the oldest exchange and ask again
         continue;
       }
-      if (e.name === "AbortError") stopped = true; else view.error(e.message);
+      if (e.name === "AbortError") stopped = true; else failure = e;
     }
     break;
   }
-  if (turns.length < history.length) setStatus(`${history.length - turns.length} earlier messages were left out: ` +
-                                               "the conversation outgrew the model's context");
+  if (!accepted) {
+    question.remove();
+    view.remove();
+    if (failure) throw failure;
+    $("input").value = text;  // stopped before the server took it
+    return;
+  }
+  if (failure) view.error(failure.message);
+  if (finish === "length") {
+    const max = settings().maxTokens;
+    view.note(max !== "" ? `(cut off at Max tokens: ${max})` : "(cut off: the model's context is full)");
+  }
+  if (turns.length <= earlier) setStatus(`${earlier + 1 - turns.length} earlier messages were left out: the ` +
+                                         "conversation outgrew the model's context");
   view.done(stopped);
-  if (!reasoning && !content) return;
-  const msg = { role: "assistant", content, reasoning: reasoning || null };
-  history.push(msg);
-  await api(`/api/conversations/${convId}/messages`, { method: "POST", json: msg });
+  const convId = await saved;
+  if (reasoning || content) {
+    const msg = { role: "assistant", content, reasoning: reasoning || null };
+    await api(`/api/conversations/${convId}/messages`, { method: "POST", json: msg });
+    history.push(msg);
+  }
 }
 
 // --- start ---------------------------------------------------------------------------------------------------------
@@ -315,7 +383,12 @@ function wire() {
   $("new-chat").addEventListener("click", newConversation);
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    state.key = $("key-input").value.trim();
+    const key = $("key-input").value.trim();
+    if (!/^[\x21-\x7e]*$/.test(key)) {  // an HTTP header holds ASCII only (a pasted key may bring “quotes”)
+      $("key-error").textContent = "A key holds only ASCII letters, digits and punctuation, without spaces.";
+      return;
+    }
+    state.key = key;
     localStorage.setItem(KEY_STORE, state.key);
     $("key-dialog").hidden = true;
     const waiters = keyWaiters;
