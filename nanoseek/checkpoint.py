@@ -191,7 +191,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
 # --- writing ------------------------------------------------------------------------------------------------------
 def _quantizable(name: str) -> bool:
     """The weights DeepSeek stores in FP8: attention and FFN projections; not the router, norms, embedding, head."""
-    return (".self_attn." in name or ".mlp." in name) and name.endswith("proj.weight") and ".gate." not in name
+    return ((".self_attn." in name or ".mlp." in name) and name.endswith(("proj.weight", "proj_with_mqa.weight"))
+            and ".gate." not in name)
 
 
 def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:

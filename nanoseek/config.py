@@ -2,7 +2,7 @@
 
 `ModelConfig.from_hf(dict)` reads any `deepseek_v3` (or `deepseek_v2`) `config.json`, old style
 (`rope_theta` + `rope_scaling`) or new style (`rope_parameters`); `to_hf()` writes one that `transformers`,
-vLLM and SGLang read. The defaults are DeepSeek-V3 (671B); `PRESETS` holds the named sizes we train.
+vLLM and SGLang read (`deepseek_v2` for V2's softmax router, which their DeepseekV3 classes do not implement). The defaults are DeepSeek-V3 (671B); `PRESETS` holds the named sizes we train.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ OPTIONAL_SIZES = ("q_lora_rank",)  # None: queries from one full-rank q_proj (V2
 FLAGS = ("tie_word_embeddings", "attention_bias", "rope_interleave", "norm_topk_prob", "seq_aux")  # true / false
 YARN_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
                 "attention_factor")
+FLOATS = ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "initializer_range", "aux_loss_alpha")
 COUNTS = ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace",
           "num_nextn_predict_layers")  # >= 0; the expert counts may also be None (0 / None: a dense model)
 
@@ -147,10 +148,18 @@ class ModelConfig:
             self.topk_method in ("noaux_tc", "group_limited_greedy", "greedy"),
             f"topk_method {self.topk_method!r} is not noaux_tc/group_limited_greedy/greedy",
         )
+        # the two routers transformers, vLLM and SGLang implement: V3's, and V2's (written as deepseek_v2)
+        need((self.scoring_func == "sigmoid") == (self.topk_method == "noaux_tc"),
+             "routing is V3's (scoring_func sigmoid, topk_method noaux_tc) or V2's (softmax, greedy or "
+             f"group_limited_greedy), not {self.scoring_func} with {self.topk_method}")
+        need(self.moe_layer_freq == 1, "moe_layer_freq must be 1 (as in every DeepSeek model: other values are "
+                                       "not read by transformers, vLLM or SGLang)")
         if self.n_routed_experts:
             need(bool(self.num_experts_per_tok), "num_experts_per_tok must be at least 1 in a model with experts")
             g = self.n_group or 1
             need(self.n_routed_experts % g == 0, "n_routed_experts must be divisible by n_group")
+            need(g == 1 or self.topk_method != "noaux_tc" or self.n_routed_experts // g >= 2,
+                 "noaux_tc routing scores a group by its top 2 experts: n_group must leave at least 2 experts a group")
             need(1 <= (self.topk_group or 1) <= g, "topk_group must be in [1, n_group]")
             need(
                 (self.num_experts_per_tok or 0) <= (self.topk_group or 1) * (self.n_routed_experts // g),
@@ -209,8 +218,12 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for name in FLOATS:  # transformers' configs are strict dataclasses: a routed_scaling_factor of 2 is refused
+            d[name] = float(d[name])
         if d["quantization_config"] is None:
             del d["quantization_config"]
+        if self.scoring_func == "softmax":  # V2's router: transformers' DeepseekV3 would route with V3's
+            return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **d}
         return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -32,7 +32,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 LONG_TEXT = 10_000  # characters; longer texts are tokenized without holding the GIL (`Tokenizer.encode`)
 SPECIAL_TOKENS: dict[str, str] = {
@@ -244,7 +244,7 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "add_bos_token": False,
+            "add_bos_token": self.adds_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": self.model_max_length,
@@ -269,6 +269,13 @@ class Tokenizer:
             return self.encode_batch([text], add_bos)[0]
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self._require(self.bos_id, "bos")] + ids if add_bos else ids
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether HF's own encoding (`tok(text)` in transformers, vLLM) puts BOS first: a post-processor that does."""
+        post = json.loads(self.hf.to_str()).get("post_processor") or {}
+        first = (post.get("single") or [{}])[0]
+        return post.get("type") == "TemplateProcessing" and first.get("SpecialToken", {}).get("id") == self.bos_token
 
     def needs_bos(self, text: str) -> bool:
         """Does a raw-text prompt get a BOS put first (as HF tokenizers and /v1/completions do)? Not if it has one."""
@@ -381,6 +388,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
     )
     tok.train_from_iterator(_without_special_tokens(texts), trainer=trainer)
     tok = _mark_non_special(tok, [SPECIAL_TOKENS[k] for k in NON_SPECIAL])
+    # transformers' `tok(text)` and vLLM's /v1/completions put BOS first, as our engine does with raw text (and as
+    # DeepSeek's tokenizer does); our own encode() never applies it (add_special_tokens=False)
+    bos = SPECIAL_TOKENS["bos"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
     return Tokenizer(tok, chat_template=CHAT_TEMPLATE)
 
 

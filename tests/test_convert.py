@@ -173,3 +173,37 @@ def test_transformers_save_pretrained_dir_loads_without_mtp(tmp_path):
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(back(ids), model(ids), rtol=0, atol=1e-5)
+
+
+def test_whole_number_floats_are_written_as_floats_for_transformers(tmp_path):
+    """transformers' configs are strict dataclasses: `--set routed_scaling_factor=2` wrote 2, which it refuses."""
+    from transformers import AutoConfig
+
+    cfg = nanoseek.get_preset("cpu-tiny").replace(routed_scaling_factor=2, rms_norm_eps=1, initializer_range=0)
+    d = nanoseek.save_model(nanoseek.build_model(cfg), tmp_path / "m")
+    assert AutoConfig.from_pretrained(d).routed_scaling_factor == 2.0
+    assert nanoseek.load_model(d).config.routed_scaling_factor == 2.0
+
+
+def test_a_v2_router_is_written_as_deepseek_v2_and_transformers_agrees(tmp_path):
+    """transformers' DeepseekV3 routes with V3's sigmoid and bias whatever config.json says: a softmax router saved
+    as deepseek_v3 gave other logits (0.05 apart) there. As deepseek_v2 they agree; routers neither class has are
+    refused."""
+    from transformers import AutoModelForCausalLM
+
+    from nanoseek.config import ConfigError
+
+    cfg = nanoseek.get_preset("cpu-tiny").replace(scoring_func="softmax", topk_method="group_limited_greedy",
+                                                   norm_topk_prob=False)
+    torch.manual_seed(0)
+    model = nanoseek.build_model(cfg)
+    d = nanoseek.save_model(model, tmp_path / "v2")
+    assert json.loads((d / "config.json").read_text())["model_type"] == "deepseek_v2"
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+    assert nanoseek.load_model(d).config.scoring_func == "softmax"
+    for bad in (dict(topk_method="greedy"), dict(scoring_func="softmax"), dict(moe_layer_freq=2)):
+        with pytest.raises(ConfigError):
+            nanoseek.get_preset("cpu-tiny").replace(**bad)

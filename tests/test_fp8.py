@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 import nanoseek
@@ -221,11 +222,14 @@ def test_fp8_checkpoint_round_trip(tmp_path):
     train(model, steps=3)
     model.eval()
     nanoseek.save_model(model, tmp_path / "ck", fp8=True)
+    stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # FP8 in DeepSeek's checkpoints too (it was bf16)
+    assert stored[kv_a].dtype == torch.float8_e4m3fn and kv_a + "_scale_inv" in stored
     loaded = nanoseek.load_model(tmp_path / "ck")
     assert list(loaded.state_dict()) == list(model.state_dict())
     sd, sd2 = model.state_dict(), loaded.state_dict()
     for k in sd:
-        if k.endswith("proj.weight") and ".gate." not in k and (".self_attn." in k or ".mlp." in k):
+        if k.endswith(("proj.weight", "proj_with_mqa.weight")) and ".gate." not in k and (".self_attn." in k or ".mlp." in k):
             q, s = quantize_block(sd[k])  # stored as DeepSeek FP8: reloads as the dequantised block weights
             torch.testing.assert_close(sd2[k], q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[
                 : q.shape[0], : q.shape[1]])

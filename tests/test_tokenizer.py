@@ -183,11 +183,21 @@ def test_chat_sample_without_generation_blocks(tok):
 def test_save_and_from_dir(tok, tmp_path):
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_bos_token"] is False
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_bos_token"] is True
     assert config["chat_template"] == CHAT_TEMPLATE
     again = Tokenizer.from_dir(tmp_path)
     assert again.vocab_size == tok.vocab_size and again.bos_id == tok.bos_id
     assert again.apply_chat_template(CHATS["multi"]) == tok.apply_chat_template(CHATS["multi"])
+
+
+def test_transformers_puts_bos_before_raw_text_as_our_engine_does(tok, hf_tok):
+    """A raw prompt is BOS + text in `nanoseek generate` and /v1/completions; transformers' `tok(text)` (and vLLM's
+    completions) must read it the same, or a model answers another prompt there (it had no BOS)."""
+    text = "Question: What is 7 plus 5?"
+    assert hf_tok(text).input_ids == tok.encode(text, add_bos=tok.needs_bos(text)) == [tok.bos_id, *tok.encode(text)]
+    messages = CHATS["multi"]  # a chat template writes its own BOS: still one
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        tok.apply_chat_template(messages)
 
 
 def test_from_dir_uses_the_directorys_own_template(tok, hf_tok, tmp_path):

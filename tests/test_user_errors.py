@@ -280,7 +280,8 @@ def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_p
                           ("initializer_range=-1", "initializer_range and aux_loss_alpha"),
                           ("aux_loss_alpha=abc", "initializer_range and aux_loss_alpha"),
                           ("routed_scaling_factor=abc", "routed_scaling_factor must be positive"),
-                          ("quantization_config=5", "quantization_config must be an object")):
+                          ("quantization_config=5", "quantization_config must be an object"),
+                          ("n_group=8", "at least 2 experts a group")):
         code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r3", *TINY, "--set", setting)
         assert code == 1 and says in err and "Traceback" not in err, (setting, err)  # were tracebacks, or a run
     assert not (tmp_path / "r3" / "model").exists()  # that no command could load
