@@ -163,13 +163,14 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str], verb: str) -
 
 def run_verb(argv: list[str]) -> int:
     parser = build_parser()
-    if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error
-        with contextlib.redirect_stderr(io.StringIO()):
+    if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error or --help
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             args = parser.parse_args(argv)
     else:
         args = parser.parse_args(argv)
     if not args.verb:
-        parser.print_help()
+        if rank() == 0:
+            parser.print_help()
         return 2
     global GIVEN
     GIVEN = given_options(parser, argv, args.verb)
@@ -185,11 +186,14 @@ def run_verb(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if rank() == 0 or not peer_failed(e):
+        if not peer_failed(e):
             raise
-        return 1  # the process that exited first said why; its traceback would only bury that
+        if rank() == 0:  # the process that exited first said why (if it could); a traceback would only bury that
+            print("error: another process of this run exited; continue the run with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
+        if rank() == 0:
+            print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         return 130
     finally:
         GIVEN = None

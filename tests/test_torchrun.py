@@ -73,3 +73,33 @@ def test_a_failure_on_rank_0_alone_is_one_line(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("error:") == 1 and "not valid JSON" in r.stderr
     assert "[rank1]: Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr
+
+
+def test_help_and_a_missing_verb_print_once():
+    r = nanoseek("pretrain", "--help", procs=2)
+    assert r.stdout.count("usage: nanoseek pretrain") == 1  # was once per process
+
+
+def test_group_advantages_of_an_empty_batch():
+    """A rank whose dynamic-sampling (dapo) batch kept no group: no advantages, and no std() warning."""
+    import warnings
+
+    import torch
+
+    from nanoseek.train.grpo import group_advantages
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert group_advantages(torch.zeros(0, 4), "dapo").shape == (0, 4)
+
+
+def test_a_cuda_index_under_torchrun_is_refused(monkeypatch):
+    """--device cuda:0 under torchrun trained on the CPU with gloo; each process takes cuda:LOCAL_RANK."""
+    from nanoseek import device
+    from nanoseek.cli import UserError
+    from nanoseek.train import loop
+
+    monkeypatch.setattr(device, "resolve_device", lambda d, allow_mps=True: d)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="pass --device cuda"):
+        loop.init_distributed("cuda:0")

@@ -101,6 +101,8 @@ class GRPOConfig(loop.TrainConfig):
 def group_advantages(rewards: torch.Tensor, loss: str) -> torch.Tensor:
     """rewards (P, G) -> advantages (P, G); exactly 0 for a group whose rewards are all equal (the mean of G equal
     floats can differ from them in the last bit, which the std division would blow up to 1e-4 - 6e-4)."""
+    if rewards.numel() == 0:  # a rank whose dynamic-sampling batch kept no group
+        return rewards
     uniform = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
     centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(uniform, 0.0)
     if loss == "dr_grpo":
@@ -245,10 +247,10 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
     from ..eval.evaluate import check_context, prompts_for
 
     P = len(problems) // d.world_size
-    mine = problems[d.rank * P : (d.rank + 1) * P]
-    prompts = prompts_for(mine, tok, prompt_style(cfg))
+    prompts = prompts_for(problems, tok, prompt_style(cfg))
     check_context(prompts, cfg.max_new_tokens, engine.max_seq_len, "the rollout engine, sized from a sample of the "
-                  "task's prompts: a shorter --max-new-tokens leaves room")  # not a silently cut completion
+                  "task's prompts: a shorter --max-new-tokens leaves room")  # every rank checks all: one error line
+    mine, prompts = problems[d.rank * P : (d.rank + 1) * P], prompts[d.rank * P : (d.rank + 1) * P]  # this rank's
     G = cfg.group_size
     flat = [p for p in prompts for _ in range(G)]
     seed = cfg.seed * 7919 + step * 65537 + d.rank * P * G  # completion i is seeded seed + i, as in one process

@@ -120,9 +120,15 @@ def init_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device(device if device != "cuda" else "cuda:0"))
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu") or device.startswith("cuda:"):
+        from ..cli import UserError
+
+        raise UserError(f"--device {device} under torchrun: pass --device cuda (each process takes cuda:LOCAL_RANK) "
+                        "or cpu")
     STARTED_PROCESS_GROUP = True
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
+    if kind == "cuda":
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         return Dist(rank, world, local, torch.device("cuda", local))
