@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import get_preset
+from nanoseek.device import cpu_name
 from nanoseek.train.pretrain import TRAIN_PRESETS
 
 
@@ -110,12 +111,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nanoseek-ablate-") as work:  # runs and models: removed at the end
+        rows, curves = train_variants(args, Path(work))
+    plot(curves, out / "ablate.png")
+    write_results(args, rows, out)
+
+
+def train_variants(args, work: Path) -> tuple[dict, dict]:
+    """Every variant trained for the budget in `work` -> (table rows, loss curves)."""
     from nanoseek.tokenizer import task_suite_texts, train_tokenizer
     from nanoseek.train.pretrain import PretrainConfig, pretrain
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="nanoseek-ablate-"))
     tok_dir = work / "tokenizer"
     train_tokenizer(task_suite_texts(10000, 0), vocab_size=512).save(tok_dir)
     rows, curves = {}, {}
@@ -136,7 +144,11 @@ def main() -> None:
                       "active_params": result["params"]["active"], "total_params": result["params"]["total"],
                       "held_out_loss": round(loss, 4), "level1_pass@1": acc}
         print(json.dumps({name: rows[name]}), file=sys.stderr)
-    plot(curves, out / "ablate.png")
+    return rows, curves
+
+
+def write_results(args, rows: dict, out: Path) -> None:
+    """ablate.md: the table and the verdict computed from it."""
 
     def gap(a: str, b: str) -> str:
         rel = (rows[b]["held_out_loss"] - rows[a]["held_out_loss"]) / rows[b]["held_out_loss"]
@@ -146,7 +158,7 @@ def main() -> None:
 
     lines = [
         "# Ablation: MoE vs dense, MTP on vs off (cpu-tiny, equal wall-clock)", "",
-        f"`python bench/ablate.py --budget-s {args.budget_s:g}` on {platform.processor() or platform.machine()}, "
+        f"`python bench/ablate.py --budget-s {args.budget_s:g}` on {cpu_name()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. Each variant trains for the same wall-clock "
         "budget (steps = budget / its measured step time), otherwise cpu-tiny's shipped recipe (batch "
         f"{RECIPE['batch_size']} × {RECIPE['seq_len']} tokens, lr {RECIPE['lr']}, task-suite corpus, seed 0).", "",

@@ -26,6 +26,7 @@ import torch
 
 import nanoseek
 from nanoseek.bench import best_times
+from nanoseek.cli import bounded
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.engine import Engine
 
@@ -55,7 +56,8 @@ def hf_cache_bytes_per_token(hf, ids, new_tokens: int) -> tuple[int, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=bounded(int, 2), default=128,
+                    help="at least 2: the decode time per step leaves the first token out")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")

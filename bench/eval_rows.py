@@ -14,7 +14,7 @@ import torch
 
 from nanoseek.data.tasks import mixture
 from nanoseek.engine.engine import Engine
-from nanoseek.eval.evaluate import engine_for, prompts_for, run_eval, summarize
+from nanoseek.eval.evaluate import completion_text, engine_for, prompts_for, run_eval, summarize
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.teacher import LocalTeacher, Trace, split_reasoning
 
@@ -47,7 +47,7 @@ def old_eval():  # run_eval's former loop: static chunks of 64
 old, t_old = timed(old_eval)
 new_engine = engine_for(args.model, "cpu", prompts_for(problems, tok, "chat"), 320)
 res, t_new = timed(lambda: run_eval(new_engine, tok, problems, max_new_tokens=320, progress=False))
-same_eval = [tok.decode(o, skip_special_tokens=False) for o in old] == [r.completions[0] for r in res]
+same_eval = [completion_text(tok, o) for o in old] == [r.completions[0] for r in res]
 
 # teacher traces: training-split questions, sampled
 questions = [p.question for p in mixture(args.traces, seed=7, split="train", families=families)]

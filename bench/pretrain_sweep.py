@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek.cli import POSITIVE_INT
 from nanoseek.data.tasks import mixture, to_text
 from nanoseek.eval.evaluate import run_eval
 from nanoseek.model.mtp import mtp_loss
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="cpu-tiny config override")
     ap.add_argument("--no-document-mask", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=POSITIVE_INT, default=400)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek.device import cpu_name
 from nanoseek.flops import flops_per_token, measured_peak_flops
 
 # A CPU-benchmark shape: every V3 feature on, large enough that matmuls (not Python) dominate.
@@ -90,7 +91,7 @@ def main() -> None:
         "measured_peak_gflops": round(peak / 1e9, 1),
         "max_abs_logit_diff": diff,
         "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "machine": f"{cpu_name()}, {os.cpu_count()} cores",
     }
     print("| | tokens/s |\n|---|---|")
     print(f"| nanoseek | {res['ours_tokens_per_s']} |\n| transformers (grouped_mm experts) | {res['transformers_tokens_per_s']} |")

@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args, cfg, device, dtype).eval()
     counts = param_counts(model)
     kv_bpt = LatentCache.bytes_per_token(cfg, dtype.itemsize)  # latent c (R) + rope key (Dr), every main layer
+    engine_bpt = kv_bpt // cfg.num_hidden_layers * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)  # + MTP's
     full_bpt = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype.itemsize
     spec_ok = args.speculative and len(model.mtp_layers) > 0
     engine = Engine(model, max_batch_size=sizes[-1], max_seq_len=min(P + N + 1, cfg.max_position_embeddings),
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": host | {"dtype": str(dtype).removeprefix("torch."),
                                       "train_dtype": "bfloat16 autocast" if device != "cpu" else "float32"},
         "prompt_len": P, "new_tokens": N, "repeats": args.repeats, "compile": compiling, "compile_s": compile_s,
-        "kv_cache_bytes_per_token": kv_bpt, "full_kv_bytes_per_token": full_bpt,
+        "kv_cache_bytes_per_token": kv_bpt, "full_kv_bytes_per_token": full_bpt, "engine_cache_bytes_per_token": engine_bpt,
         "decode": decode, "speculative": spec or None, "train": train, "wall_s": time.perf_counter() - start,
     }
     print_table(result, name)
@@ -349,8 +350,9 @@ def print_table(r: dict, name: str) -> None:
         print(f"| {d['batch']} | {d['prefill_tok_s']:.0f} | {d['first_token_ms']:.1f} | "
               f"{num(d['decode_tok_s'], '.1f')} | {num(d['step_ms'], '.2f')} | {more} |")
     kv, full = r["kv_cache_bytes_per_token"], r["full_kv_bytes_per_token"]
-    print(f"\nKV cache: {kv} bytes per token (MLA latent + rope key, {m['dtype']}); full per-head K/V would be "
-          f"{full} ({1 - kv / full:.1%} less)")
+    print(f"\nKV cache: {kv} bytes per token (MLA latent + rope key of the main layers, {m['dtype']}); full per-head "
+          f"K/V would be {full} ({1 - kv / full:.1%} less). The engine holds {r['engine_cache_bytes_per_token']}, with "
+          f"the MTP layers' for speculative decoding")
     if r["speculative"] and r["random_weights"]:
         print("Random weights: the MTP draft rarely matches, so speculative decoding shows its cost, not its gain "
               "(DeepSeek-V3 reports 85-90% acceptance for a trained model). Bench a trained --model for that.")

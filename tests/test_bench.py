@@ -90,6 +90,7 @@ def test_preset_with_mtp(tiny_run):
     assert t["tokens_per_s"] > 0 and t["dollars_per_million_tokens"] > 0 and math.isfinite(t["loss"])
     assert r["kv_cache_bytes_per_token"] == 4 * (32 + 16) * 4  # 4 layers x (latent 32 + rope key 16) x float32
     assert r["kv_cache_bytes_per_token"] < r["full_kv_bytes_per_token"]
+    assert r["engine_cache_bytes_per_token"] == 5 * (32 + 16) * 4  # the engine caches the MTP layer's too
 
 
 def test_no_mtp_no_speculative(capsys):

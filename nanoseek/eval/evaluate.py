@@ -208,10 +208,17 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    texts = [tok.decode(o, skip_special_tokens=False) for o in outs]
-    # up to the end of the answer (a chat completion ends with EOS; a base model continues with the next document)
-    texts = [t.split("<｜end▁of▁sentence｜>")[0].split("<｜begin▁of▁sentence｜>")[0] for t in texts]
-    return check_completions(problems, texts, samples)
+    return check_completions(problems, [completion_text(tok, o) for o in outs], samples)
+
+
+def completion_text(tok, ids: list[int]) -> str:
+    """A completion's text up to the end of its answer (a chat completion ends with EOS; a base model continues with
+    the next document, after a BOS)."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    for end in (tok.eos_token, tok.bos_token):
+        if end:
+            text = text.split(end)[0]
+    return text
 
 
 def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
