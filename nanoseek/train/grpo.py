@@ -101,11 +101,9 @@ class GRPOConfig(loop.TrainConfig):
 def group_advantages(rewards: torch.Tensor, loss: str) -> torch.Tensor:
     """rewards (P, G) -> advantages (P, G); exactly 0 for a group whose rewards are all equal (the mean of G equal
     floats can differ from them in the last bit, which the std division would blow up to 1e-4 - 6e-4)."""
-    if rewards.numel() == 0:  # a rank whose dynamic-sampling batch kept no group
-        return rewards
     uniform = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
     centered = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(uniform, 0.0)
-    if loss == "dr_grpo":
+    if loss == "dr_grpo" or not rewards.numel():  # (none: a rank whose dynamic-sampling batch kept no group)
         return centered
     return centered / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-4)
 
