@@ -82,6 +82,9 @@ def test_answers_the_second_eval_audit_found_misread():
     assert not check(gold("12"), extract_answer("The answer is 12 or 13."))  # a hedge was read as its first number
     assert not check(gold("12"), extract_answer("The answer is 12, 13, 14 or 15"))
     assert check(gold("1234"), extract_answer("The answer is 1,234 apples."))  # a thousands comma is no hedge
+    assert [check(gold("7"), extract_answer(f"The answer is {w} 7.")) for w in ("not", "at most", "less than")] == \
+        [False] * 3  # a bound is not the number
+    assert check(gold("x^2y+xy^2"), "xy(x+y)") and check(gold("2xy"), "2 x y")  # letters in maths are still maths
     assert check(gold("6"), extract_answer("The answer is 5.\n\nWait, I made an error. Answer: 6"))  # the correction
     six = extract_answer("<think>\n10 - 4 = 6\n</think>\n\nThe answer is 6.")
     assert [check(gold(g), six) for g in ("#### 6 dollars", "6 apples", "\\$6", "\\$6.00")] == [True] * 4

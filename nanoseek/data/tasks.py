@@ -497,12 +497,21 @@ def math_equal(gold: str, predicted: str) -> bool:
     if gold.casefold() == predicted.casefold():  # "Paris" (math-verify reads a word as a product of letters)
         return True
 
-    def read(t: str):  # LaTeX is read between $ (\sqrt{2}, \{1, 2\}); words are not ("6 dollars" is 6, not 6·d·o·…)
-        words = re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", "", t))
-        return parse(t if "$" in t or "\\boxed" in t or words else f"${t}$", parsing_timeout=limit)
+    def same(g, p) -> bool:
+        return bool(g) and bool(p) and verify(g, p, timeout_seconds=limit)
 
-    g, p = read(gold), read(predicted)
-    return bool(g) and bool(p) and verify(g, p, timeout_seconds=limit)
+    def latex(t: str):  # read as LaTeX between $: \sqrt{2}, \{1, 2\}, xy(x+y)
+        return parse(t if "$" in t or "\\boxed" in t else f"${t}$", parsing_timeout=limit)
+
+    # words are no maths: "6 dollars" read as LaTeX is 6·d·o·l·l·a·r·s, so with a word on either side only the plain
+    # reading counts ("6 dollars" is 6), and not where a word changes the number ("not 7", "at most 5", "7 or 8")
+    words = any(re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", "", t)) for t in (gold, predicted))
+    if not words and same(latex(gold), latex(predicted)):
+        return True
+    bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b"
+    if any(re.search(bounds, t, flags=re.IGNORECASE) for t in (gold, predicted)):
+        return False
+    return same(parse(gold, parsing_timeout=limit), parse(predicted, parsing_timeout=limit))
 
 
 # --- renderings -------------------------------------------------------------------------------------------------

@@ -100,9 +100,9 @@ def _last_boxed(text: str) -> str | None:
 
 def _phrase_answer(phrase: str) -> str:
     """The answer in "the answer is …": Markdown emphasis dropped (**18**); a number followed by words ("18,
-    because …", "18 apples", "18!") is that number, and so is the one number after words ("therefore 42",
-    "approximately €42"); an expression, a worded answer or a hedge ("12 or 13", "12, 13") stays whole, which no
-    numeric answer equals."""
+    because …", "18 apples", "18!") is that number, and so is a number after words that do not change it ("therefore
+    42", "approximately €42"); an expression, a worded answer, a hedge ("12 or 13", "12, 13") or a bound ("not 7",
+    "at most 5") stays whole, which no numeric answer equals."""
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
     if _is_expression(phrase):
         return phrase
@@ -112,7 +112,8 @@ def _phrase_answer(phrase: str) -> str:
     lead = re.match(rf"{number}(?=[\s,;:)!.]|$)", phrase)
     if lead:
         return lead.group(1)
-    words = re.fullmatch(rf"[A-Za-z][A-Za-z ,]*?\s*{number}", phrase)  # "therefore 42", "now 42"
+    lead_in = r"(?:therefore|thus|hence|so|then|now|still|just|simply|exactly|clearly|approximately|about|around|roughly)"
+    words = re.fullmatch(rf"(?:{lead_in},?\s+)+{number}", phrase, flags=re.IGNORECASE)  # not "not 7", "at most 5"
     return words.group(1) if words else phrase
 
 

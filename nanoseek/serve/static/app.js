@@ -363,11 +363,13 @@ async function answer(text) {
   if (turns.length <= earlier) setStatus(`${earlier + 1 - turns.length} earlier messages were left out: the ` +
                                          "conversation outgrew the model's context");
   view.done(stopped);
-  const convId = await saved;
+  const convId = await saved;  // a failure here: the question is not stored, and send() puts it back in the box
   if (reasoning || content) {
     const msg = { role: "assistant", content, reasoning: reasoning || null };
-    await api(`/api/conversations/${convId}/messages`, { method: "POST", json: msg });
-    history.push(msg);
+    try {
+      await api(`/api/conversations/${convId}/messages`, { method: "POST", json: msg });
+      history.push(msg);
+    } catch (e) { view.error("the answer could not be saved: " + e.message); }  // the question was: not put back
   }
 }
 
