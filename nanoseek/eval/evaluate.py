@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NUMBER = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"  # −: the Unicode minus; commas only as thousands separators
+AMOUNT = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # unsigned, and a comma only in a whole "1,234": not "12, 13"
 EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
 
 
@@ -106,7 +107,7 @@ def _phrase_answer(phrase: str) -> str:
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
     if _is_expression(phrase):
         return phrase
-    number = r"[$€£¥]?([-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)"
+    number = rf"[$€£¥]?([-−]?{AMOUNT})"
     if re.match(rf"{number}(?:,\s+|\s+(?:,\s*)?(?:or|and)\s+)(?:or\s+)?{number}", phrase):  # a hedge (not 1,234)
         return phrase
     lead = re.match(rf"{number}(?=[\s,;:)!.]|$)", phrase)
@@ -129,7 +130,7 @@ def majority(problem, answers: list[str | None]) -> int | None:
         if a is None:
             continue
         key = a.strip() if problem.family == "countdown" else a.rpartition("=")[2].strip()
-        key = as_number(key) if as_number(key) is not None else key
+        key = value if (value := as_number(key)) is not None else key
         for g in groups:
             if g[1] == key or (problem.family not in FAMILIES and isinstance(key, str) and isinstance(g[1], str)
                                and math_equal(g[1], key)):

@@ -353,6 +353,12 @@ async def stream_chat(gen: Generation, head: dict, include_usage: bool, text: To
     yield "data: [DONE]\n\n"
 
 
+def echoed_logprobs(lp: CompletionLogprobs, echoed: list, generated: list) -> dict:
+    """One choice's logprobs object: its echoed prompt's entries, then its completion's."""
+    a, b = lp.add(echoed), lp.add(generated, generated=True)
+    return {k: a[k] + b[k] for k in a}
+
+
 async def stream_completion(gen: Generation, head: dict, include_usage: bool, echo: list[Echo],
                             logprobs: list[CompletionLogprobs] | None):
     """SSE chunks: each choice's echoed prompt (with echo), its text deltas, a finish chunk, [usage], [DONE].
@@ -513,13 +519,9 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
         choices = await _collect(gen, request)
         return {**h, "object": "text_completion", "usage": gen.usage(), "choices": [
             {"index": c.index, "text": echo[c.index].text + c.content, "finish_reason": c.finish_reason,
-             "logprobs": None if logprobs is None else both(logprobs[c.index], echo[c.index].entries, c.content_logprobs)}
+             "logprobs": None if logprobs is None else
+             echoed_logprobs(logprobs[c.index], echo[c.index].entries, c.content_logprobs)}
             for c in choices]}
-
-    def both(lp: CompletionLogprobs, echoed: list, generated: list) -> dict:
-        """One choice's logprobs object: its echoed prompt's entries, then its completion's."""
-        a, b = lp.add(echoed), lp.add(generated, generated=True)
-        return {k: a[k] + b[k] for k in a}
 
     async def score_prompts(req: CompletionRequest, prompts: list[list[int]]):
         """`max_tokens: 0` with `echo` (how HELM and older harnesses score a text): each prompt as a choice."""

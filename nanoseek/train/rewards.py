@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from ..data.tasks import eval_expression
-from ..eval.evaluate import NUMBER, extract_answer
+from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
 MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing
@@ -36,9 +36,9 @@ STEP = re.compile(r"^[ \t]*(?P<lhs>[-(]*\d+\)*(?: [+\-×÷] [-(]*\d+\)*)+) = (?P
                   r"(?:, remainder (?P<rem>\d+))?(?=[ \t]*$|,|\.[ \t]*$)", re.M)
 
 # "16 − 3 = 13", "2.5 × 4 = 10", "1,200 + 300 = 1,500", "9 × $2 = $18", "6 x 7 = 42": working beside an answer
-_OPERAND = r"[-−(]*\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\)*"
+_OPERAND = rf"[-−(]*\$?{AMOUNT}\)*"
 EQUATION = re.compile(rf"(?P<lhs>{_OPERAND}(?:\s*[-−+×x·÷*/]\s*{_OPERAND})+)\s*=\s*"
-                      rf"(?P<rhs>[-−]?\$?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?)(?![\d.,]\d)")
+                      rf"(?P<rhs>[-−]?\$?{AMOUNT})(?![\d.,]\d)")
 
 
 @dataclass
