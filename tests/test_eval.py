@@ -255,3 +255,13 @@ def test_user_mistakes_are_one_line_errors(model_dir, tmp_path, capsys, args, me
     assert main(["eval", "--model", str(d), "--n", "2", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_relation_is_not_its_right_hand_side():
+    five, bound = from_record({"question": "q", "answer": "5"}), from_record({"question": "q", "answer": "x \\geq 5"})
+    assert check(five, "x = 5") and check(five, "2 + 3 = 5")
+    assert not check(five, "x >= 5") and not check(five, "x ≠ 5") and not check(five, "x <= 5")
+    assert check(bound, "x >= 5") and not check(bound, "5")
+    rows = [(five, ["x >= 5", "x >= 5", "5"]), (bound, ["5", "5", "x \\geq 5"])]
+    s = summarize([EvalResult(q, a, a, [check(q, x) for x in a]) for q, a in rows])
+    assert s["maj@3"] == 0.0  # "x >= 5" was counted as a vote for 5, and "5" as one for x ≥ 5

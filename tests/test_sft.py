@@ -158,3 +158,11 @@ def test_loss_is_the_mean_over_the_steps_tokens_however_the_batch_is_split(base_
         first[micro] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["4"]["loss"] == pytest.approx(first["1"]["loss"], abs=2e-5)
     assert first["4"]["grad_norm"] == pytest.approx(first["1"]["grad_norm"], rel=1e-3)
+
+
+def test_rows_longer_than_the_models_context_are_refused(base_dir, tmp_path, capsys):
+    base, _, _ = base_dir
+    context = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--steps", 1, "--batch-size", 2,
+                        "--seq-len", context + 1, "--no-progress")
+    assert code == 1 and f"--seq-len {context + 1} is longer than the model's context ({context} tokens)" in err

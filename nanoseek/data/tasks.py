@@ -471,12 +471,17 @@ def _check_countdown(meta: dict, predicted: str) -> bool:
     return value == meta["target"] and not Counter(used) - Counter(meta["numbers"])
 
 
+def result_of(answer: str) -> str:
+    """What an equation answers: "8 + 4 = 12" answers 12; a relation is kept whole ("x >= 5" is not 5)."""
+    return re.split(r"(?<![<>!=])=(?!=)", answer)[-1]
+
+
 def check(problem: Problem, predicted: str) -> bool:
     """Is `predicted` a correct final answer? Never raises."""
     try:
         if problem.family == "countdown":
             return _check_countdown(problem.meta, predicted)
-        predicted = predicted.rpartition("=")[2]  # "8 + 4 = 12" answers 12
+        predicted = result_of(predicted)
         got, want = as_number(predicted), as_number(problem.answer)
         if problem.family in FAMILIES or (got is not None and want is not None):
             return got is not None and got == want  # the suite's answers are integers: "8 + 3" is not "11"
@@ -504,11 +509,12 @@ def math_equal(gold: str, predicted: str) -> bool:
         return parse(t if "$" in t or "\\boxed" in t else f"${t}$", parsing_timeout=limit)
 
     # words are no maths: "6 dollars" read as LaTeX is 6·d·o·l·l·a·r·s, so with a word on either side only the plain
-    # reading counts ("6 dollars" is 6), and not where a word changes the number ("not 7", "at most 5", "7 or 8")
+    # reading counts ("6 dollars" is 6), and not where a word or a relation changes the number ("not 7", "at most 5",
+    # "7 or 8", "x >= 5": the plain reading takes its last number)
     words = any(re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", "", t)) for t in (gold, predicted))
     if not words and same(latex(gold), latex(predicted)):
         return True
-    bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b"
+    bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b|[<>≤≥≠]|!=|\\[gln][et]q?\b"
     if any(re.search(bounds, t, flags=re.IGNORECASE) for t in (gold, predicted)):
         return False
     return same(parse(gold, parsing_timeout=limit), parse(predicted, parsing_timeout=limit))

@@ -123,13 +123,13 @@ def majority(problem, answers: list[str | None]) -> int | None:
     tie), or None when there is none. Answers are grouped as `check` reads them: "12", "12.0" and "3 × 4 = 12" are one
     answer; "1/2", "0.5" and "\\frac{1}{2}" are one too (math-verify) in imported data. A countdown expression is its
     text."""
-    from ..data.tasks import FAMILIES, as_number, math_equal
+    from ..data.tasks import FAMILIES, as_number, math_equal, result_of
 
     groups: list[list] = []  # [first index, key, votes]
     for i, a in enumerate(answers):
         if a is None:
             continue
-        key = a.strip() if problem.family == "countdown" else a.rpartition("=")[2].strip()
+        key = a.strip() if problem.family == "countdown" else result_of(a).strip()
         key = value if (value := as_number(key)) is not None else key
         for g in groups:
             if g[1] == key or (problem.family not in FAMILIES and isinstance(key, str) and isinstance(g[1], str)

@@ -314,6 +314,7 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
 
 
 def distill(cfg: DistillConfig) -> dict:
+    from ..checkpoint import read_config
     from ..cli import UserError
     from ..config import get_preset
     from ..device import resolve_device
@@ -366,6 +367,7 @@ def distill(cfg: DistillConfig) -> dict:
     sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")],
                         steps=cfg.steps or 1, epochs=0.0 if cfg.steps else cfg.epochs, batch_size=cfg.batch_size,
                         micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                        seq_len=min(SFTConfig.seq_len, read_config(student).max_position_embeddings),
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     write_cost(run, traces_cost, device)

@@ -176,6 +176,9 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
         raise UserError(f"{source}: no tokenizer.json (SFT renders chats with the model directory's own tokenizer)")
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's context "
+                        f"({model.config.max_position_embeddings} tokens)")
     convs = tokenize_conversations(load_conversations(cfg), tok)
     samples = [(ids, mask) for ids, mask in convs if any(mask)]  # nothing to learn from prompt-only records
     if not samples:
