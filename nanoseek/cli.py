@@ -47,6 +47,14 @@ class UserError(Exception):
     """A mistake in the user's input; printed as `error: <message>`."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during long work, carrying what had finished: the verb keeps it (writes its --out), then exits 130."""
+
+    def __init__(self, done):
+        super().__init__()
+        self.done = done
+
+
 def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
     """An argparse `type` for a number in [low, high] ((low, high] with low_open): a value outside is a usage error
     naming the option, before anything runs (a zero batch size or a negative learning rate would otherwise train

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end a completion at this text, which is cut off (repeat for several; in bash $'\\n' is a "
                         "newline); chat: applies to the answer. The model's eos always ends a completion")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--out", metavar="FILE.jsonl", help="also write one JSON record per completion here")
+    p.add_argument("--out", metavar="FILE.jsonl", help="also write one JSON record per completion here (Ctrl-C keeps those that finished)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("stdout: the completion (several: one '==> prompt i <==' block each), then one JSON line:\n"
@@ -170,6 +170,7 @@ def complete(engine, tok, prompts: list[list[int]], samples: int = 1, *, max_new
     """`samples` completions of each prompt (ids), prompt-major: completion i = prompt i // samples, seeded with
     seed + i. chat[j]: split prompt j's completions into reasoning and answer. All are queued at once; the engine
     fills its rows from the queue as completions end, and one whose answer reaches a stop string is cancelled."""
+    from .cli import Interrupted
     from .engine.engine import SamplingParams
     from .serve.reasoning import CompletionDecoder, starts_in_reasoning
 
@@ -188,25 +189,43 @@ def complete(engine, tok, prompts: list[list[int]], samples: int = 1, *, max_new
         from tqdm import tqdm
 
         bar = tqdm(total=len(flat), desc="generate", unit="completion", file=sys.stderr, dynamic_ncols=True)
-    while engine.has_work():
-        for rid, tok_id, finished, reason, *_ in engine.step():  # *_: the logprob, unused
-            i = rids[rid]
-            if i in reasons:  # already cut at a stop string (a speculative step emits two tokens)
-                continue
-            dec = decoders[i]
-            dec.feed(tok_id)
-            if dec.stopped and not finished:
-                engine.cancel(rid)
-                finished, reason = True, "stop"
-            if finished:
-                reasons[i] = "stop" if dec.stopped else reason
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
-    for d in decoders:
-        d.finish()
-    return [Completion(d.content_text, d.reasoning_text, d.num_tokens, reasons[i]) for i, d in enumerate(decoders)]
+    try:
+        while engine.has_work():
+            for rid, tok_id, finished, reason, *_ in engine.step():  # *_: the logprob, unused
+                i = rids[rid]
+                if i in reasons:  # already cut at a stop string (a speculative step emits two tokens)
+                    continue
+                dec = decoders[i]
+                dec.feed(tok_id)
+                if dec.stopped and not finished:
+                    engine.cancel(rid)
+                    finished, reason = True, "stop"
+                if finished:
+                    reasons[i] = "stop" if dec.stopped else reason
+                    if bar is not None:
+                        bar.update()
+    except KeyboardInterrupt:  # the completions that had finished, by index
+        raise Interrupted({i: _completion(decoders[i], reasons[i]) for i in sorted(reasons)}) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return [_completion(d, reasons[i]) for i, d in enumerate(decoders)]
+
+
+def _completion(decoder, reason: str) -> Completion:
+    decoder.finish()
+    return Completion(decoder.content_text, decoder.reasoning_text, decoder.num_tokens, reason)
+
+
+def _write(path: Path, prompts: list[Prompt], chat: list[bool], samples: int, done: dict[int, Completion]) -> None:
+    """One JSONL record per completion (i: its index, prompt-major)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, c in done.items():
+            rec = {"prompt": prompts[i // samples].shown, "sample": i % samples, "text": c.text}
+            if chat[i // samples]:
+                rec |= {"reasoning": c.reasoning, "answer": c.text}
+            f.write(json.dumps({**rec, "new_tokens": c.new_tokens, "finish_reason": c.finish_reason},
+                               ensure_ascii=False) + "\n")
 
 
 def _show(prompts: list[Prompt], completions: list[Completion], samples: int) -> None:
@@ -232,7 +251,7 @@ def _show(prompts: list[Prompt], completions: list[Completion], samples: int) ->
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
-    from .cli import UserError, output_file
+    from .cli import Interrupted, UserError, output_file
     from .device import resolve_device
     from .eval.evaluate import check_context, engine_for
     from .serve.runtime import stop_ids
@@ -264,19 +283,20 @@ def run(args: argparse.Namespace) -> int:
     ends = stop_ids(Path(args.model), cfg, tok)
     chat = [p.messages is not None for p in prompts]
     start = time.perf_counter()
-    completions = complete(engine, tok, ids, args.samples, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           speculative=args.speculative, stop_ids=ends, stop=args.stop, chat=chat,
-                           progress=len(ids) * args.samples > PROGRESS_ABOVE)
+    try:
+        completions = complete(engine, tok, ids, args.samples, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               speculative=args.speculative, stop_ids=ends, stop=args.stop, chat=chat,
+                               progress=len(ids) * args.samples > PROGRESS_ABOVE)
+    except Interrupted as e:  # keep what finished
+        kept = f"; they are in {out}" if out is not None and e.done else ""
+        if kept:
+            _write(out, prompts, chat, args.samples, e.done)
+        print(f"\ninterrupted: {len(e.done)} of {len(ids) * args.samples} completions finished{kept}", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
     if out is not None:
-        with open(out, "w", encoding="utf-8") as f:
-            for i, c in enumerate(completions):
-                rec = {"prompt": prompts[i // args.samples].shown, "sample": i % args.samples, "text": c.text}
-                if chat[i // args.samples]:
-                    rec |= {"reasoning": c.reasoning, "answer": c.text}
-                f.write(json.dumps({**rec, "new_tokens": c.new_tokens, "finish_reason": c.finish_reason},
-                                   ensure_ascii=False) + "\n")
+        _write(out, prompts, chat, args.samples, dict(enumerate(completions)))
     _show(prompts, completions, args.samples)
     new_tokens = sum(c.new_tokens for c in completions)
     summary = {"completions": [c.text for c in completions], "n_prompts": len(prompts), "samples": args.samples,

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import tiny_model_dir
-from nanoseek.cli import main
 from nanoseek.data.tasks import Problem, check, from_record, generate
+from nanoseek.cli import Interrupted, main
 from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, run_eval, summarize
 
 RECORDS = [
@@ -265,3 +265,49 @@ def test_a_relation_is_not_its_right_hand_side():
     rows = [(five, ["x >= 5", "x >= 5", "5"]), (bound, ["5", "5", "x \\geq 5"])]
     s = summarize([EvalResult(q, a, a, [check(q, x) for x in a]) for q, a in rows])
     assert s["maj@3"] == 0.0  # "x >= 5" was counted as a vote for 5, and "5" as one for x ≥ 5
+
+
+class InterruptedEngine(ScriptedEngine):
+    """Ctrl-C arrives once the script runs out."""
+
+    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+        if len(self.todo) < len(prompts):
+            raise KeyboardInterrupt
+        return super().generate(prompts, max_new_tokens, temperature, seed, stop_token_ids)
+
+
+def test_ctrl_c_keeps_the_problems_that_finished(model_dir, tmp_path, capsys, monkeypatch):
+    d, tok, data = model_dir
+    problems = load_problems(None, str(data), 0, 0)
+    script = ["The answer is 7.", "The answer is 8.", "36", "35"]  # one chunk of 4: problems 1 and 2, not 3
+    with pytest.raises(Interrupted) as e:
+        run_eval(InterruptedEngine(tok, script), tok, problems, samples=2, temperature=0.6, progress=False)
+    assert [r.correct for r in e.value.done] == [[True, False], [True, False]]
+
+    import nanoseek.eval.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "engine_for", lambda *a: InterruptedEngine(tok, script))
+    out = tmp_path / "rows.jsonl"
+    rc = main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.6",
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert rc == 130 and "interrupted: 2 of 3 problems finished" in captured.err
+    assert (summary["n"], summary["pass@1"], summary["interrupted"]) == (2, 0.5, True)
+    assert [json.loads(l)["correct"] for l in out.read_text().splitlines()] == [[True, False], [True, False]]
+
+
+def test_ctrl_c_during_a_url_evaluation_keeps_the_problems_whose_replies_all_came():
+    from nanoseek.eval.evaluate import run_eval_url
+    from nanoseek.train.teacher import Trace
+
+    class Client:  # replies arrive out of order; Ctrl-C before the second sample of problem 0
+        def traces(self, questions, max_tokens, temperature, seeds):
+            for i, answer in [(3, "6"), (0, "5"), (2, "7")]:
+                yield i, Trace("", f"The answer is {answer}.", False)
+            raise KeyboardInterrupt
+
+    five, six = from_record({"question": "2 + 3?", "answer": "5"}), from_record({"question": "3 + 3?", "answer": "6"})
+    with pytest.raises(Interrupted) as e:
+        run_eval_url(Client(), [five, six], samples=2, temperature=0.6, progress=False)
+    assert [(r.problem, r.correct) for r in e.value.done] == [(six, [False, True])]

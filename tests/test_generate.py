@@ -239,3 +239,30 @@ def test_bad_option_values_are_usage_errors(model, capsys, args):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(model[0]), "a", *args])
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_completions_that_finished(model, capsys, tmp_path, monkeypatch):
+    import nanoseek.eval.evaluate as evaluate
+
+    d, _, _ = model
+
+    class OneRowThenCtrlC(Engine):  # one completion at a time; Ctrl-C once the first has finished
+        def step(self):
+            if self.finished_once:
+                raise KeyboardInterrupt
+            events = super().step()
+            self.finished_once = any(finished for _, _, finished, *_ in events)
+            return events
+
+    def one_row(model_dir, device, ids, max_new_tokens, samples):
+        engine = OneRowThenCtrlC.from_pretrained(model_dir, max_batch_size=1, max_seq_len=64)
+        engine.finished_once = False
+        return engine
+
+    monkeypatch.setattr(evaluate, "engine_for", one_row)
+    out = tmp_path / "o.jsonl"
+    assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: 1 of 2 completions finished; they are in {out}" in err and "Traceback" not in err
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (rec["prompt"], rec["sample"], rec["new_tokens"]) == ("Tom has 3", 0, 6)

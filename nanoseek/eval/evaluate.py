@@ -192,6 +192,8 @@ def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens:
 
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
              style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
+    from ..cli import Interrupted
+
     prompts = prompts_for(problems, tok, style)
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
@@ -202,14 +204,21 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
 
         bar = tqdm(total=len(flat), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
     step = 2 * engine.max_batch_size  # the engine refills its rows inside a chunk; the bar moves per chunk
-    for start in range(0, len(flat), step):
-        chunk = [p for _, p in flat[start : start + step]]
-        outs += engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                                seed=None if temperature == 0 else seed + start, stop_token_ids=[t for t in stop if t is not None])
+    try:
+        for start in range(0, len(flat), step):
+            chunk = [p for _, p in flat[start : start + step]]
+            outs += engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    seed=None if temperature == 0 else seed + start,
+                                    stop_token_ids=[t for t in stop if t is not None])
+            if bar is not None:
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        done = len(outs) // samples
+        raise Interrupted(check_completions(problems[:done], [completion_text(tok, o) for o in outs[: done * samples]],
+                                           samples)) from None
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()
     return check_completions(problems, [completion_text(tok, o) for o in outs], samples)
 
 
@@ -237,9 +246,13 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    from ..cli import Interrupted
+
     refused: list[str] = []
+    finished = [False] * len(questions)
     try:
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
+            finished[i] = True
             refused += [trace.error] if trace.error else []
             if not trace.reasoning:
                 texts[i] = trace.answer
@@ -249,6 +262,10 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
                 texts[i] = f"<think>\n{trace.reasoning}"
             if bar is not None:
                 bar.update()
+    except KeyboardInterrupt:  # the replies come in any order: the problems whose samples all came
+        done = [j for j in range(len(problems)) if all(finished[j * samples : (j + 1) * samples])]
+        raise Interrupted([check_completions([problems[j]], texts[j * samples : (j + 1) * samples], samples)[0]
+                           for j in done]) from None
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
@@ -388,7 +405,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="which held-out problems (and the sampling seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
-                                 "summary line); an existing file is replaced only if an earlier --out wrote it")
+                                 "summary line); an existing file is replaced only if an earlier --out wrote it. "
+                                 "Ctrl-C keeps the problems that finished: their rows, and a summary of them")
 
 
 def earlier_results(path: Path) -> bool:
@@ -402,7 +420,7 @@ def earlier_results(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError, output_file
+    from ..cli import Interrupted, UserError, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
     from ..train.teacher import URLTeacher, check_scheme, is_url
@@ -415,22 +433,32 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
     check_scheme(args.model, "--model")
-    if is_url(args.model):
-        if args.prompt != "chat":
-            raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")
-        try:
-            client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency)
-            results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens, args.seed)
-        except ConnectionError as e:
-            raise UserError(f"{args.model}: {e}") from None
-    else:
-        if args.served_model:
-            raise UserError("--served-model names a model behind a URL; --model is a directory")
-        tok = Tokenizer.from_dir(args.model)
-        engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
-                            args.samples)
-        results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens, args.prompt,
-                           args.seed)
+    interrupted = False
+    try:
+        if is_url(args.model):
+            if args.prompt != "chat":
+                raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")
+            try:
+                client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency)
+                results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens,
+                                       args.seed)
+            except ConnectionError as e:
+                raise UserError(f"{args.model}: {e}") from None
+        else:
+            if args.served_model:
+                raise UserError("--served-model names a model behind a URL; --model is a directory")
+            tok = Tokenizer.from_dir(args.model)
+            engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
+                                args.samples)
+            results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens,
+                               args.prompt, args.seed)
+    except Interrupted as e:  # keep what finished: its rows go to --out, its scores to the summary
+        if not e.done:
+            raise
+        results, interrupted = e.done, True
+        rows = f", and their rows are in {args.out}" if args.out not in (None, "-") else ""
+        print(f"\ninterrupted: {len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
+              file=sys.stderr)
     if args.out is not None:
         rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
                                    r.completions, "extracted": r.answers, "correct": r.correct}) + "\n" for r in results)
@@ -438,5 +466,5 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(rows)
         else:
             Path(args.out).write_text(rows)
-    print(json.dumps(summarize(results)))
-    return 0
+    print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {})))
+    return 130 if interrupted else 0
