@@ -13,6 +13,7 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import inspect
 import json
@@ -37,6 +38,7 @@ from . import muon as muon_lib
 from .metrics import Metrics, Timer, device_peak_flops, run_cost, run_summary
 
 KEEP_CHECKPOINTS = 2
+COLLECTIVE_TIMEOUT_MIN = 60  # how long a process waits for the others (rank 0 evaluating, saving)
 
 
 # --- distributed ---------------------------------------------------------------------------------------------------
@@ -128,11 +130,14 @@ def init_distributed(device: str = "auto") -> Dist:
                         "or cpu")
     STARTED_PROCESS_GROUP = True
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    # Rank 0 alone evaluates and saves while the others wait in a collective: NCCL's default 10 minutes would end a
+    # run whose evaluation takes longer. A process that dies is caught by torchrun at once, whatever the timeout.
+    timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
     if kind == "cuda":
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return Dist(rank, world, local, torch.device("cuda", local))
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return Dist(rank, world, local, torch.device("cpu"))
 
 
