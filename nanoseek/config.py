@@ -152,6 +152,12 @@ class ModelConfig:
         need((self.scoring_func == "sigmoid") == (self.topk_method == "noaux_tc"),
              "routing is V3's (scoring_func sigmoid, topk_method noaux_tc) or V2's (softmax, greedy or "
              f"group_limited_greedy), not {self.scoring_func} with {self.topk_method}")
+        # transformers' deepseek_v2 never renormalises the softmax router's top-k weights (nor does DeepSeek's V3
+        # code) and always rotates interleaved pairs: a V2 router with either would load there as another model
+        need(self.scoring_func == "sigmoid" or not self.norm_topk_prob,
+             "a softmax (V2) router takes norm_topk_prob false, as every DeepSeek-V2 model does")
+        need(self.scoring_func == "sigmoid" or self.rope_interleave,
+             "a softmax (V2) router takes rope_interleave true (deepseek_v2 has no other RoPE layout)")
         need(self.moe_layer_freq == 1, "moe_layer_freq must be 1 (as in every DeepSeek model: other values are "
                                        "not read by transformers, vLLM or SGLang)")
         if self.n_routed_experts:
@@ -207,6 +213,8 @@ class ModelConfig:
             d.setdefault("topk_method", "greedy")
             d.setdefault("num_nextn_predict_layers", 0)
             d.setdefault("rope_interleave", True)
+            d.setdefault("norm_topk_prob", False)
+            d.setdefault("routed_scaling_factor", 1.0)
         d.setdefault("num_nextn_predict_layers", 0)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
@@ -222,6 +230,13 @@ class ModelConfig:
             d[name] = float(d[name])
         if d["quantization_config"] is None:
             del d["quantization_config"]
+        # transformers reads the MoE sizes as integers and picks dense layers by first_k_dense_replace alone
+        for name, none in (("n_routed_experts", 0), ("n_shared_experts", 0), ("num_experts_per_tok", 1),
+                           ("n_group", 1), ("topk_group", 1)):
+            d[name] = none if d[name] is None else d[name]
+        if not self.n_routed_experts:  # no experts anywhere: every layer (MTP's too) below first_k_dense_replace
+            d["first_k_dense_replace"] = max(self.first_k_dense_replace,
+                                             self.num_hidden_layers + self.num_nextn_predict_layers)
         if self.scoring_func == "softmax":  # V2's router: transformers' DeepseekV3 would route with V3's
             return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **d}
         return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}

@@ -101,3 +101,24 @@ def test_sharded_save_load(tmp_path):
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 2
     back = nanoseek.load_model(out)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("changes", [
+    dict(rms_norm_eps=1e-2),  # the q and kv latent norms keep 1e-6, as transformers' (0.09 apart before)
+    dict(n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0),  # bench/ablate.py's dense model
+    dict(n_routed_experts=None),
+    dict(n_group=None, topk_group=None, n_shared_experts=None),
+], ids=["latent_norm_eps", "dense_zero_experts", "dense_no_experts", "no_groups"])
+def test_our_configs_load_in_transformers_as_the_same_model(tmp_path, changes):
+    """Values our config takes (None / 0 for "no experts", "no groups") were written as they are: transformers
+    refused the nulls and could not run a model with 0 routed experts."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(**changes))
+    d = nanoseek.save_model(model, tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert sum(p.numel() for p in nanoseek.load_model(d).parameters()) == sum(p.numel() for p in model.parameters())

@@ -193,12 +193,12 @@ class FastDecoder:
         h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, self.eps)
         if attn.q_lora_rank:
             qa = F.rms_norm(_linear(h, attn.q_a_proj, form), (attn.q_lora_rank,), attn.q_a_layernorm.weight,
-                            self.eps)
+                            attn.q_a_layernorm.eps)
             q = _linear(qa, attn.q_b_proj, form).view(n, H, Dn + self.Dr)
         else:
             q = _linear(h, attn.q_proj, form).view(n, H, Dn + self.Dr)
         ckv = _linear(h, attn.kv_a_proj_with_mqa, form)  # (n, R + Dr)
-        latent = torch.cat((F.rms_norm(ckv[:, :R], (R,), attn.kv_a_layernorm.weight, self.eps),
+        latent = torch.cat((F.rms_norm(ckv[:, :R], (R,), attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps),
                             self._rope(ckv[:, R:], cos, sin)), -1)  # (n, R + Dr): [c ; k_pe]
         if form == "gemv":  # (1, H, Dn, 1) * (H, Dn, R) summed over Dn
             q_lat = (q[..., :Dn, None] * self.w_uk[i]).sum(-2)  # (n, H, R), scaled

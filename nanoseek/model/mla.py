@@ -28,6 +28,7 @@ from .rope import apply_rope
 
 
 ABSORB_MAX_NEW_TOKENS = 8
+LATENT_NORM_EPS = 1e-6  # the q and kv latents' norms: fixed, as in DeepSeek's code and transformers (not rms_norm_eps)
 
 
 class MLA(nn.Module):
@@ -44,12 +45,12 @@ class MLA(nn.Module):
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank:
             self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
         else:
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
