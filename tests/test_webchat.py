@@ -181,3 +181,38 @@ def test_a_refused_turn_leaves_nothing_behind(server, browser):
     page.wait_for_selector("#conversations li.active .title")
     assert page.text_content("#conversations li.active .title") == "a" * 59 + "😀"
     page.close()
+
+
+def test_system_prompt_and_renaming(server, browser):
+    """The system prompt in Settings goes first in every request (and is remembered); a conversation can be renamed."""
+    import json
+
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions")
+            else None)
+    page.on("dialog", lambda d: d.accept("Renamed ✓"))  # the rename prompt
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#settings summary")
+    page.fill("#set-max-tokens", "4")
+    page.fill("#set-system", "Answer in French.")
+    page.dispatch_event("#set-system", "change")
+    for turn in ("bonjour", "encore"):
+        page.fill("#input", turn)
+        page.press("#input", "Enter")
+        page.wait_for_function(f"() => document.querySelector('#send').textContent === 'Send' && "
+                               f"document.querySelectorAll('.msg.user').length === {1 + (turn == 'encore')}",
+                               timeout=60_000)
+    assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent[-1]["messages"][0]["content"] == "Answer in French." and sent[0]["messages"][0]["role"] == "system"
+    page.click("#conversations li.active .rename")
+    page.wait_for_selector("#conversations li.active .title >> text=Renamed ✓")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.input_value("#set-system") == "Answer in French."
+    page.wait_for_selector("#conversations li .title >> text=Renamed ✓")
+    page.close()

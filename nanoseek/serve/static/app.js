@@ -131,7 +131,8 @@ async function streamChat(messages, onDelta, signal, onStart) {
 }
 
 // --- settings ------------------------------------------------------------------------------------------------------
-const SETTING_INPUTS = { temperature: "set-temperature", maxTokens: "set-max-tokens", thinkingBudget: "set-thinking-budget" };
+const SETTING_INPUTS = { temperature: "set-temperature", maxTokens: "set-max-tokens", thinkingBudget: "set-thinking-budget",
+                         system: "set-system" };
 function settings() {
   const out = {};
   for (const [name, id] of Object.entries(SETTING_INPUTS)) out[name] = $(id).value.trim();
@@ -215,11 +216,15 @@ async function refreshList() {
     const title = el("span", "title", conv.title);
     title.title = conv.title;
     title.addEventListener("click", () => openConversation(conv.id));
+    const rename = el("button", "rename", "✎");
+    rename.type = "button";
+    rename.title = "Rename this conversation";
+    rename.addEventListener("click", () => renameConversation(conv.id, conv.title));
     const del = el("button", "delete", "×");
     del.type = "button";
     del.title = "Delete this conversation";
     del.addEventListener("click", () => deleteConversation(conv.id));
-    li.append(title, del);
+    li.append(title, rename, del);
     ul.append(li);
   }
 }
@@ -269,6 +274,16 @@ async function newConversation() {
   $("input").focus();
 }
 
+async function renameConversation(id, title) {
+  const name = (prompt("Rename the conversation", title) ?? "").trim();
+  if (!name || name === title) return;
+  try {
+    const json = { title: Array.from(name).slice(0, 500).join("") };  // the server keeps 500 characters
+    await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "PATCH", json });
+    await refreshList();
+  } catch (e) { await gone(id, e); }
+}
+
 async function deleteConversation(id) {
   try {
     await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
@@ -287,15 +302,18 @@ async function send() {
   setStatus("");
   let done;
   state.sending = new Promise((resolve) => { done = resolve; });
+  state.abort = new AbortController();  // Stop works from here on
   try {
     if (state.convId) {  // as stored: another tab may have added turns since it was opened
-      state.messages = (await getJson(`/api/conversations/${encodeURIComponent(state.convId)}`)).messages;
+      const path = `/api/conversations/${encodeURIComponent(state.convId)}`;
+      state.messages = (await getJson(path, { signal: state.abort.signal })).messages;
       renderConversation();
     }
     await answer(text);
   } catch (e) {
     if (!$("input").value) $("input").value = text;  // the question is not lost: it can be sent again
-    if (e.status === 404) await gone(state.convId, e); else setStatus("Error: " + e.message);
+    if (e.status === 404) await gone(state.convId, e);
+    else if (e.name !== "AbortError") setStatus("Error: " + e.message);
   } finally {
     setBusy(false);
     state.abort = null;
@@ -325,7 +343,7 @@ async function answer(text) {
   const question = addUserMessage(text), view = addAssistantMessage("", "", true);
   const history = state.messages, earlier = history.length;
   let reasoning = "", content = "", stopped = false, accepted = false, finish = null, failure = null, saved = null;
-  state.abort = new AbortController();
+  const system = settings().system.trim();  // sent before the turns, never left out, not stored with them
   let turns = [...history, { role: "user", content: text }].map((m) => ({ role: m.role, content: m.content }));
   const onStart = () => {
     accepted = true;
@@ -334,7 +352,8 @@ async function answer(text) {
   };
   for (;;) {
     try {
-      finish = await streamChat(turns, (kind, t) => {
+      const sent = system ? [{ role: "system", content: system }, ...turns] : turns;
+      finish = await streamChat(sent, (kind, t) => {
         if (kind === "reasoning") reasoning += t; else content += t;
         view.update(reasoning, content);
       }, state.abort.signal, onStart);
