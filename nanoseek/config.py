@@ -64,7 +64,9 @@ class ModelConfig:
             "original_max_position_embeddings": 4096,
         }
     )
-    rope_interleave: bool = True  # DeepSeek's (2i, 2i+1) pairs; False: HF rotate-half pairs (i, i + d/2)
+    # DeepSeek's (2i, 2i+1) pairs; False: rotate-half pairs (i, i + d/2), read by transformers' deepseek_v3 only
+    # (vLLM and SGLang always rotate interleaved pairs)
+    rope_interleave: bool = True
     # --- DeepSeekMoE ---------------------------------------------------------------------------------------
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
