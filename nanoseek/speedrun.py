@@ -143,7 +143,7 @@ def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
     return summary
 
 
-def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
+def speedrun(out: Path, preset: str, device: str, seed: int, progress: bool = True) -> dict:
     from .train.distill import DistillConfig, distill
     from .train.grpo import GRPOConfig, grpo
     from .train.pretrain import PretrainConfig, TRAIN_PRESETS, pretrain
@@ -175,23 +175,24 @@ def speedrun(out: Path, preset: str, device: str, seed: int) -> dict:
     def pretrain_stage(name, settings, tokenizer=None):
         s = {**TRAIN_PRESETS[settings["preset"]], **settings}
         cfg = PretrainConfig(out=str(out / name), seed=seed, device=device, resume=True, tokenizer=tokenizer,
-                             save_every=max(50, s["steps"] // 4), **s)
+                             save_every=max(50, s["steps"] // 4), progress=progress, **s)
         return stage(name, lambda d: pretrain(cfg))
 
     pre = pretrain_stage("pretrain", p["pretrain"])
     stages["pretrain"] = evaluate(out / "pretrain" / "model", p["eval_n"], device, style="plain")
     stage("sft", lambda d: sft(SFTConfig(out=str(d), model=str(out / "pretrain" / "model"), seed=seed,
-                                                   device=device, resume=True, **p["sft"])))
+                                                   device=device, resume=True, progress=progress, **p["sft"])))
     stages["sft"] = evaluate(out / "sft" / "model", p["eval_n"], device)
     stage("grpo", lambda d: grpo(GRPOConfig(out=str(d), model=str(out / "sft" / "model"), tasks=TASKS, seed=seed,
-                                            device=device, resume=True, **p["grpo"])))
+                                            device=device, resume=True, progress=progress, **p["grpo"])))
     stages["grpo"] = evaluate(out / "grpo" / "model", p["eval_n"], device)
     teacher = out / "grpo" / "model"
     pretrain_stage("student_base", p["student_base"], tokenizer=str(out / "pretrain" / "tokenizer"))
     # eval_n 0: distill only counts parameters and times decoding; the held-out scores are the speedrun's own
     dist = stage("distill", lambda d: distill(DistillConfig(teacher=str(teacher), out=str(d), tasks=TASKS, seed=seed,
                                                              student=str(out / "student_base" / "model"),
-                                                             device=device, eval_n=0, **p["distill"])))
+                                                             device=device, eval_n=0, progress=progress,
+                                                             **p["distill"])))
     stages["distill"] = evaluate(out / "distill" / "student" / "model", p["eval_n"], device)
     stages["distill"]["teacher_pass@1"] = stages["grpo"]["pass@1"]
     for key in ("params_total", "params_active", "decode_tokens_per_s"):  # teacher vs student, as issue 7 asks
@@ -219,6 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every stage (data, initialisation, rollouts)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (each stage still logs its lines)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--out must name a directory")
 
     device = resolve_device(args.device, allow_mps=False)
-    summary = speedrun(Path(args.out), args.preset, device, args.seed)
+    summary = speedrun(Path(args.out), args.preset, device, args.seed, progress=not args.no_progress)
     log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")
     print(json.dumps(summary, default=str))
     return 0

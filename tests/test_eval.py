@@ -289,10 +289,10 @@ def test_ctrl_c_keeps_the_problems_that_finished(model_dir, tmp_path, capsys, mo
     monkeypatch.setattr(evaluate, "engine_for", lambda *a: InterruptedEngine(tok, script))
     out = tmp_path / "rows.jsonl"
     rc = main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.6",
-               "--out", str(out)])
+               "--out", str(out), "--no-progress"])
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert rc == 130 and "interrupted: 2 of 3 problems finished" in captured.err
+    assert rc == 130 and "interrupted: 2 of 3 problems finished" in captured.err and "eval:" not in captured.err
     assert (summary["n"], summary["pass@1"], summary["interrupted"]) == (2, 0.5, True)
     assert [json.loads(l)["correct"] for l in out.read_text().splitlines()] == [[True, False], [True, False]]
 

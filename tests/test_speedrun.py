@@ -24,9 +24,10 @@ def test_smoke_speedrun(tmp_path):
         for p in problems[:-2]:  # the teacher still has to answer the last two
             f.write(json.dumps({"uid": p.uid, "sample": 0, "question": p.question, "reasoning": "\n".join(p.steps),
                                 "answer": f"The answer is {p.answer}.", "finished": True}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "%|" not in r.stderr  # no stage drew a progress bar
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     for stage in ("pretrain", "sft", "grpo", "distill"):
         assert 0.0 <= summary["stages"][stage]["pass@1"] <= 1.0

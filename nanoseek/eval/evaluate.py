@@ -407,6 +407,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
                                  "summary line); an existing file is replaced only if an earlier --out wrote it. "
                                  "Ctrl-C keeps the problems that finished: their rows, and a summary of them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def earlier_results(path: Path) -> bool:
@@ -441,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency)
                 results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens,
-                                       args.seed)
+                                       args.seed, progress=not args.no_progress)
             except ConnectionError as e:
                 raise UserError(f"{args.model}: {e}") from None
         else:
@@ -451,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
             engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
                                 args.samples)
             results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens,
-                               args.prompt, args.seed)
+                               args.prompt, args.seed, progress=not args.no_progress)
     except Interrupted as e:  # keep what finished: its rows go to --out, its scores to the summary
         if not e.done:
             raise
