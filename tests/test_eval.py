@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model_dir
 from nanoseek.data.tasks import Problem, check, from_record, generate
 from nanoseek.cli import Interrupted, main
-from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, run_eval, summarize
+from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, majority, run_eval, summarize
 
 RECORDS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7", "level": 1},
@@ -124,6 +124,7 @@ def test_majority_pools_answers_as_check_reads_them():
     rows = [(p, ["12", "3 × 4 = 12", "8 + 4 = 12", "13", "13"]), (half, ["1/2", "0.5", "\\frac{1}{2}", "3", "3"])]
     s = summarize([EvalResult(q, a, a, [check(q, x) for x in a]) for q, a in rows])
     assert s["maj@5"] == 1.0  # was 0.0: the two 13s (and 3s) outvoted three ways of writing the right answer
+    assert majority(half, ["0.5", "1/3", "1/2", "1/3"]) == 0  # a number and a text that equals it are one answer
 
 
 def test_boxed_fractions_are_scored_as_fractions():

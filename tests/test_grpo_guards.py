@@ -87,3 +87,11 @@ def test_an_answer_that_opens_another_chat_turn_fails_the_format():
     problem = Problem("arithmetic", 1, "q", (), "42", {})
     text = "<think>\nx\n</think>\n\nThe answer is 42.<｜User｜>What is 1 + 1?<｜Assistant｜>"
     assert judge(text, problem).format == 0 and judge(text, problem).reward == 0
+
+
+@pytest.mark.parametrize("gold", ["(1, 2, 3)", "2x^2+3x+1"])
+def test_a_free_form_answer_may_hold_as_many_numbers_as_its_gold(gold):
+    """eval scored these right and GRPO's accuracy reward (and so distill's filter) wrong, as answer stuffing."""
+    problem = Problem("imported", 0, "q", (), gold, {})
+    assert judge(f"<think>\nwork\n</think>\n\n\\boxed{{{gold}}}", problem).accuracy == 1
+    assert judge(f"<think>\nwork\n</think>\n\n\\boxed{{{gold}}} or 4 or 5 or 6", problem).accuracy == 0

@@ -217,6 +217,14 @@ def test_free_form_answers_use_math_verify():
         assert not check(half, bad), bad
     poly = from_record({"question": "q", "answer": "x^2 + 2x + 1"})
     assert check(poly, "(x+1)^2") and not check(poly, "(x-1)^2")
+    # math-verify's plain reading takes a text's first number: a clock time, a ratio, a factorial or a mixed number
+    # was checked as it ("3:45" passed for 3:30, "1" for 1 1/2, "5" for 5!)
+    for gold, good, bad in [("3:30", "3:30", "3:45"), ("2:1", "2:1", "2:5"), ("1 1/2", "1.5", "1"),
+                            ("1 1/2", "3/2", "2"), ("5!", "120", "5")]:
+        p = from_record({"question": "q", "answer": gold})
+        assert check(p, good) and not check(p, bad), (gold, good, bad)
+    with pytest.raises(ValueError, match="takes a number"):  # the suite's families check integers: never right
+        from_record({"question": "q", "answer": "1/2", "family": "arithmetic"})
     # the suite's own integer answers are never "verified" from an expression that evaluates to them
     p = generate("arithmetic", 1, 1, seed=0)[0]
     assert not check(p, p.meta["expression"]) and check(p, p.answer)

@@ -499,6 +499,8 @@ def math_equal(gold: str, predicted: str) -> bool:
     # math-verify's timeouts use SIGALRM, which exists only on the main thread
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     gold, predicted = (t.replace("\\$", "").strip() for t in (gold, predicted))  # \$6 is 6
+    # a mixed number is a sum: "1 1/2" is 3/2 (math-verify reads it as 1)
+    gold, predicted = (re.sub(r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2 + \3/\4)", t) for t in (gold, predicted))
     if gold.casefold() == predicted.casefold():  # "Paris" (math-verify reads a word as a product of letters)
         return True
 
@@ -516,6 +518,9 @@ def math_equal(gold: str, predicted: str) -> bool:
         return True
     bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b|[<>≤≥≠]|!=|\\[gln][et]q?\b"
     if any(re.search(bounds, t, flags=re.IGNORECASE) for t in (gold, predicted)):
+        return False
+    # the plain reading keeps the first number it finds: only for a text that holds one ("3:30" is not 3, "5!" not 5)
+    if any(len(re.findall(r"\d(?:[\d,.]*\d)?", t)) != 1 or re.search(r"\d\s*!", t) for t in (gold, predicted)):
         return False
     return same(parse(gold, parsing_timeout=limit), parse(predicted, parsing_timeout=limit))
 
@@ -572,4 +577,7 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
             raise ValueError("countdown meta needs integers: {'numbers': [3, 4, 5], 'target': 35} (no strings)")
     elif as_number(final) is not None:
         final = final.replace(",", "")
+    elif family in FAMILIES:  # checked as the suite's integers: no completion could match
+        raise ValueError(f"family {family!r} takes a number as its answer, got {final!r} (leave 'family' out, or "
+                         "\"gsm8k\", for a free-form answer)")
     return Problem(family, int(level), question, steps, final, meta)

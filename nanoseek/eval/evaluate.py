@@ -125,19 +125,19 @@ def majority(problem, answers: list[str | None]) -> int | None:
     text."""
     from ..data.tasks import FAMILIES, as_number, math_equal, result_of
 
-    groups: list[list] = []  # [first index, key, votes]
+    groups: list[list] = []  # [first index, key, votes, text]
     for i, a in enumerate(answers):
         if a is None:
             continue
-        key = a.strip() if problem.family == "countdown" else result_of(a).strip()
-        key = value if (value := as_number(key)) is not None else key
-        for g in groups:
-            if g[1] == key or (problem.family not in FAMILIES and isinstance(key, str) and isinstance(g[1], str)
-                               and math_equal(g[1], key)):
+        text = a.strip() if problem.family == "countdown" else result_of(a).strip()
+        key = value if (value := as_number(text)) is not None else text
+        for g in groups:  # two numbers are compared as numbers; math-verify reads the rest ("0.5" is "1/2")
+            if g[1] == key or (problem.family not in FAMILIES and str in (type(key), type(g[1]))
+                               and math_equal(g[3], text)):
                 g[2] += 1
                 break
         else:
-            groups.append([i, key, 1])
+            groups.append([i, key, 1, text])
     return max(groups, key=lambda g: (g[2], -g[0]))[0] if groups else None
 
 

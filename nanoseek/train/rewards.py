@@ -28,7 +28,7 @@ from ..data.tasks import eval_expression
 from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
-MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing
+MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing (a gold "(1, 2, 3)" allows 3)
 MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is degenerate
 # "8 + 4 = 12, carry 1", "1 + 9 + 1 = 11", "96 - (-43) = 139", "14 ÷ 8 = 1, remainder 6": a whole line whose left
 # side is numbers and + - × ÷ and whose right side is one integer (then optionally ", ..." or a full stop).
@@ -72,7 +72,8 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     answer = extract_answer(text) if fmt else None
     answer_part = text.rsplit(END_THINK, 1)[-1]
     numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
-    stuffed = numeric and len(set(re.findall(NUMBER, _results_only(answer_part)))) > MAX_ANSWER_NUMBERS
+    allowed = max(MAX_ANSWER_NUMBERS, len(set(re.findall(NUMBER, problem.answer))))  # "(1, 2, 3)" holds three
+    stuffed = numeric and len(set(re.findall(NUMBER, _results_only(answer_part)))) > allowed
     acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
     penalty = 0.0
     if overlong_cache and max_tokens:
