@@ -51,7 +51,7 @@ def same(batches_a, batches_b) -> bool:
 def test_read_jsonl(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
-    assert [r["text"] for r in read_records(p)] == ["a", "b"]
+    assert [r["text"] for _, r in read_records(p)] == ["a", "b"]
 
 
 def test_read_jsonl_bad_line(tmp_path):
@@ -82,7 +82,7 @@ def test_read_texts(tmp_path, tok):
                       dtype=np.uint16).tolist()
     assert ids == tok.encode(template) and ids.count(tok.bos_id) == ids.count(tok.eos_id) == 1
     (tmp_path / "bad.jsonl").write_text('{"question": "?"}\n')
-    with pytest.raises(ValueError, match="record 1"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: the record has neither"):
         list(read_texts(tmp_path / "bad.jsonl"))
 
 

@@ -279,8 +279,8 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
     alone = distill(DistillConfig(out=str(tmp_path / "alone"), **common))
     assert alone["student"]["pass@1"] is None and "--eval-data" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "What is 1 + 1?"}\n')
-    with pytest.raises(UserError, match="record 1"):
+    bad.write_text('\n{"question": "What is 1 + 1?"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: a record needs"):  # the line, blank lines counted
         distill(DistillConfig(out=str(tmp_path / "never"), **{**common, "data": str(bad)}))
     assert not (tmp_path / "never").exists()
 

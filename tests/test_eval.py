@@ -246,7 +246,7 @@ def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
     (["--task", "arithmetic:x"], "arithmetic has levels"),
     (["--task", "arithmetic:"], "arithmetic has levels"),  # not every level
     (["--task", "poetry"], "unknown task"),
-    (["--data", "{bad}"], "record 1: a record needs"),
+    (["--data", "{bad}"], "bad.jsonl:1: a record needs"),
 ])
 def test_user_mistakes_are_one_line_errors(model_dir, tmp_path, capsys, args, message):
     d, _, _ = model_dir

@@ -466,7 +466,7 @@ def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch, capsys):
     bad.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n" + json.dumps({"question": 5}) + "\n")
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"question": "What is " + " + ".join(["1"] * 400) + "?", "answer": "400"}) + "\n")
-    for kw, says in ((dict(data=str(bad)), "record 2"), (dict(data=str(train), adaptive_tasks=True), "--adaptive-tasks"),
+    for kw, says in ((dict(data=str(bad)), "bad.jsonl:2"), (dict(data=str(train), adaptive_tasks=True), "--adaptive-tasks"),
                      (dict(data=str(long)), "exceeds the model's context"),
                      (dict(data=str(tmp_path / "missing.jsonl")), "missing.jsonl")):
         with pytest.raises(UserError, match=says):

@@ -35,8 +35,9 @@ ENCODE_BATCH = 512  # documents tokenized per call (the Rust tokenizer paralleli
 
 
 # --- reading records -----------------------------------------------------------------------------------------------
-def read_records(path) -> Iterator[dict]:
-    """Records of a JSONL (.jsonl/.json, one object a line) or Parquet (.parquet) file."""
+def read_records(path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for the records of a JSONL (.jsonl/.json, one object a line; where: "PATH:LINE") or Parquet
+    (.parquet; where: "PATH: row N") file: errors about a record name its line, blank lines counted."""
     path = Path(path)
     if path.is_dir():  # e.g. a Parquet dataset as Spark or HF datasets write it
         raise ValueError(f"{path} is a directory; give the files in it (e.g. {path}/*.parquet or {path}/*.jsonl)")
@@ -51,7 +52,7 @@ def read_records(path) -> Iterator[dict]:
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     with open(path, "rb") as f:  # bytes, so that a decoding error can name its line
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -76,10 +77,10 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
             if bad:
                 raise ValueError(f"{where}: text is not valid Unicode (lone surrogate \\u{ord(bad.group()):04x}); "
                                  "fix or remove that record")
-            yield record
+            yield where, record
 
 
-def _read_parquet(path: Path) -> Iterator[dict]:
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -88,8 +89,8 @@ def _read_parquet(path: Path) -> Iterator[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
+        rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())
+        yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows, 1))
     except pa.ArrowException as e:
         raise ValueError(f"{path}: cannot read as Parquet: {e}") from None
     except UnicodeDecodeError as e:
@@ -125,17 +126,17 @@ def render_messages(messages: list[dict], tokenizer=None) -> str:
 def read_texts(paths, tokenizer=None) -> Iterator[str]:
     """Training texts from one path or many: `text` records as they are, `messages` records rendered."""
     for path in _paths(paths):
-        for i, record in enumerate(read_records(path)):
+        for where, record in read_records(path):
             if isinstance(record.get("text"), str):
                 yield record["text"]
             elif isinstance(record.get("messages"), list):
                 try:
                     check_messages(record["messages"])
                 except ValueError as e:
-                    raise ValueError(f"{path}: record {i + 1}: {e}") from None
+                    raise ValueError(f"{where}: {e}") from None
                 yield render_messages(record["messages"], tokenizer)
             else:
-                raise ValueError(f"{path}: record {i + 1} has neither a 'text' string nor a 'messages' list")
+                raise ValueError(f"{where}: the record has neither a 'text' string nor a 'messages' list")
 
 
 # --- token shards --------------------------------------------------------------------------------------------------

@@ -358,13 +358,13 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
         problems = []
         try:
-            for i, rec in enumerate(read_records(data), 1):
+            for where, rec in read_records(data):
                 if n and len(problems) == n:
                     break
                 try:
                     problems.append(tasks.from_record(rec))
                 except ValueError as e:
-                    raise ValueError(f"{data}: record {i}: {e}") from None
+                    raise ValueError(f"{where}: {e}") from None
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
         if not problems:

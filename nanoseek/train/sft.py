@@ -138,13 +138,13 @@ def load_conversations(cfg: SFTConfig) -> list[dict]:
     convs = []
     try:
         for path in cfg.data:
-            for i, rec in enumerate(read_records(path), start=1):
+            for where, rec in read_records(path):
                 if not isinstance(rec.get("messages"), list) or not rec["messages"]:
-                    raise UserError(f"{path}: record {i} has no 'messages' list (expected the OpenAI chat shape)")
+                    raise UserError(f"{where}: the record has no 'messages' list (expected the OpenAI chat shape)")
                 try:
                     check_messages(rec["messages"])
                 except ValueError as e:
-                    raise UserError(f"{path}: record {i}: {e}") from None
+                    raise UserError(f"{where}: {e}") from None
                 convs.append(rec)
     except ValueError as e:
         raise UserError(str(e)) from None
