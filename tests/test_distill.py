@@ -3,6 +3,7 @@ resume without re-asking, rejection sampling, and clean errors. Plus trace filte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from nanoseek.cli import UserError
 from nanoseek.data.tasks import generate
 from nanoseek.train.distill import DistillConfig, collect_traces, filter_traces, trace_problems
 from nanoseek.train.teacher import URLTeacher, split_reasoning
@@ -231,7 +233,6 @@ def test_distill_cost_counts_local_traces_and_adds_up_over_resumes(tmp_path):
 
 
 def test_trace_problems_follow_the_task_cells():
-    from nanoseek.cli import UserError
 
     problems = trace_problems(DistillConfig(teacher="t", out="o", n=40, tasks=["arithmetic:2", "countdown"]))
     assert {(p.family, p.level) for p in problems} == {("arithmetic", 2), ("countdown", 1), ("countdown", 2),
@@ -246,7 +247,6 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
     import json
 
     import nanoseek.train.distill as distill_module
-    from nanoseek.cli import UserError
     from nanoseek.train.distill import distill
     from nanoseek.train.teacher import Trace
 
@@ -308,3 +308,16 @@ def test_eval_of_a_served_model_equals_eval_of_its_directory(server, tmp_path):
     for argv, says in (([s.url, "--prompt", "plain"], "--prompt chat only"), ([str(d), "--served-model", "x"], "URL")):
         r = run("--model", *argv)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    import nanoseek.train.distill as distill_lib
+
+    cfg = DistillConfig(teacher="t", out=str(tmp_path / "run"), student="s")
+    distill_lib.claim_run(tmp_path / "run", cfg)
+    record = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert record.pop("seq_len") == 256
+    (tmp_path / "run" / "distill.json").write_text(json.dumps(record))  # as written before --seq-len existed
+    distill_lib.claim_run(tmp_path / "run", cfg)  # resumes
+    with pytest.raises(UserError, match="seq_len 256 -> 512"):
+        distill_lib.claim_run(tmp_path / "run", dataclasses.replace(cfg, seq_len=512))

@@ -166,3 +166,13 @@ def test_rows_longer_than_the_models_context_are_refused(base_dir, tmp_path, cap
     code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--steps", 1, "--batch-size", 2,
                         "--seq-len", context + 1, "--no-progress")
     assert code == 1 and f"--seq-len {context + 1} is longer than the model's context ({context} tokens)" in err
+
+
+def test_conversations_cut_by_seq_len_are_reported(base_dir, tmp_path, capsys):
+    base, tok, data = base_dir
+    lengths = [len(ids) for ids, _ in tokenize_conversations(CONVS, tok)]  # 31 to 33 tokens
+    cut = sum(n > 31 for n in lengths)  # a row of --seq-len 30 keeps 31 tokens
+    assert 0 < cut < len(lengths)
+    code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--steps", 1,
+                        "--batch-size", 2, "--seq-len", 30, "--no-progress")
+    assert code == 0 and f"sft: {cut} of {len(lengths)} conversations are longer than --seq-len 30" in err

@@ -51,6 +51,7 @@ class DistillConfig:
     epochs: float = 4.0  # passes of the student SFT over the kept traces
     steps: int | None = None  # or exactly this many SFT steps
     batch_size: int = 32
+    seq_len: int = 256  # tokens per student SFT row (capped by the student's context); a longer trace is cut
     lr: float = 5e-4
     kd_weight: float = 0.0
     eval_n: int = 200
@@ -302,7 +303,9 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
             before = json.loads(path.read_text())
         except json.JSONDecodeError:
             before = what  # written atomically; an unreadable one is not ours to judge
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in what.items() if before.get(k) != v]
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # for what an older record leaves out
+        changed = [f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}" for k, v in what.items()
+                   if before.get(k, defaults.get(k)) != v]
         if changed:
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
@@ -367,7 +370,7 @@ def distill(cfg: DistillConfig) -> dict:
     sft_cfg = SFTConfig(out=str(run / "student"), model=student, data=[str(run / "kept.jsonl")],
                         steps=cfg.steps or 1, epochs=0.0 if cfg.steps else cfg.epochs, batch_size=cfg.batch_size,
                         micro_batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                        seq_len=min(SFTConfig.seq_len, read_config(student).max_position_embeddings),
+                        seq_len=min(cfg.seq_len, read_config(student).max_position_embeddings),
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
     write_cost(run, traces_cost, device)
@@ -410,6 +413,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=POSITIVE, default=4.0, help="student SFT passes over the kept traces (default 4)")
     p.add_argument("--steps", type=POSITIVE_INT, help="student SFT steps (overrides --epochs)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="student SFT rows per step (default 32)")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=256,
+                   help="student SFT tokens per row (default 256, capped by the student's context): raise it for "
+                        "long teacher traces, whose ends are otherwise cut")
     p.add_argument("--lr", type=POSITIVE, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
     p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation weight (local teacher only)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=200,
@@ -421,7 +427,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     keys = ("teacher", "teacher_model", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples",
-            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "lr", "kd_weight", "eval_n", "seed",
-            "device")
+            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "seq_len", "lr", "kd_weight",
+            "eval_n", "seed", "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

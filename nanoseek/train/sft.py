@@ -193,6 +193,10 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
         loop.notice(f"sft: {len(samples) - len(fits)} of {len(samples)} conversations answer only past --seq-len "
                     f"{cfg.seq_len} and are left out")
         samples = fits
+    cut = sum(len(ids) > cfg.seq_len + 1 for ids, _ in samples)  # a row keeps seq_len + 1 tokens
+    if cut:
+        loop.notice(f"sft: {cut} of {len(samples)} conversations are longer than --seq-len {cfg.seq_len}: their ends "
+                    "(with the end-of-turn token) are not trained; raise --seq-len to keep them whole")
     bos = model.config.bos_token_id
     pack = cfg.document_mask and bos is not None and all(ids[0] == bos for ids, _ in samples)
     if cfg.epochs > 0:  # the same data gives the same count, so a resumed run agrees with the saved one
