@@ -180,7 +180,8 @@ def test_curriculum_cells_and_learnability_weights():
     """--tasks parsing into (family, level) cells; adaptive sampling draws by p(1-p) + 0.01 of each cell's running
     accuracy, so a half-solved cell dominates cells the policy always or never solves; its state round-trips."""
     from nanoseek.cli import UserError
-    from nanoseek.train.grpo import Curriculum, GRPOConfig, task_cells
+    from nanoseek.train.curriculum import Curriculum, task_cells
+    from nanoseek.train.grpo import GRPOConfig
 
     assert task_cells(GRPOConfig(out="", tasks=["arithmetic:2", "countdown"])) == [("arithmetic", 2), ("countdown", 1),
                                                                           ("countdown", 2), ("countdown", 3)]
@@ -385,7 +386,8 @@ def test_rollouts_prompt_and_judge_by_mode(mode):
     from nanoseek.data.tasks import from_record
     from nanoseek.eval.evaluate import R1_ZERO_PROMPT
     from nanoseek.tokenizer import train_tokenizer
-    from nanoseek.train.grpo import Curriculum, GRPOConfig, rollout
+    from nanoseek.train.curriculum import Curriculum
+    from nanoseek.train.grpo import GRPOConfig, rollout
 
     tok = train_tokenizer(["What is 3 + 4? 3 + 4 = 7 The answer is 7."] * 50, vocab_size=300)
     problem = from_record({"question": "What is 3 + 4?", "answer": "7", "family": "arithmetic", "level": 1})
@@ -414,7 +416,8 @@ def test_curriculum_draws_a_data_file_pass_by_pass():
     """With --data every problem of the file is drawn once per pass, each pass in its own seeded order, and the
     position round-trips through the checkpoint state."""
     from nanoseek.data.tasks import from_record
-    from nanoseek.train.grpo import Curriculum, GRPOConfig
+    from nanoseek.train.curriculum import Curriculum
+    from nanoseek.train.grpo import GRPOConfig
 
     pool = [from_record({"question": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(5)]
     cur = Curriculum(GRPOConfig(out="", data="file.jsonl"), pool)
@@ -427,6 +430,9 @@ def test_curriculum_draws_a_data_file_pass_by_pass():
     assert [p.question for p in again.sample(5, 0, 7)] == [p.question for p in cur.sample(5, 0, 7)]
     other = Curriculum(GRPOConfig(out="", data="file.jsonl", seed=1), pool)
     assert [p.question for p in other.sample(0, 0, 5)] != passes[0]
+    edited = Curriculum(GRPOConfig(out="", data="file.jsonl"), pool[:4])  # the file changed since the run started
+    with pytest.raises(ValueError, match="not those the run was trained on"):
+        edited.load_state_dict(cur.state_dict())
 
 
 def test_grpo_trains_and_evaluates_on_data_files(tmp_path, monkeypatch, capsys):

@@ -47,7 +47,6 @@ import copy
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from ..checkpoint import load_model
 from ..flops import flops_per_token, generation_flops
 from . import loop
 from . import metrics as metrics_lib
+from .curriculum import Curriculum, task_cells
 from .rewards import false_steps, judge
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -167,76 +167,6 @@ class Rollout:
 def prompt_style(cfg: GRPOConfig) -> str:
     """r1 prompts through the chat template (prefilling `<think>`), r1-zero through R1-Zero's plain template."""
     return "chat" if cfg.mode == "r1" else "r1-zero"
-
-
-def task_cells(cfg: GRPOConfig) -> list[tuple[str, int]]:
-    """The (family, level) cells that cfg.tasks names ("family" = all its levels, "family:level" = one)."""
-    from ..cli import UserError
-    from ..data.tasks import parse_cells
-
-    try:
-        return parse_cells(cfg.tasks)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-class Curriculum:
-    """Which problems a step trains on. Uniform: an even mixture of the cells. Adaptive (`--adaptive-tasks`): each
-    cell is drawn with weight p(1 − p) + 0.01, p the running (EMA 0.7) rollout accuracy of that cell, starting at
-    0.5 — the cells the policy sometimes but not always solves, where a group's rewards differ and GRPO's advantage
-    is non-zero; cells it never or always solves keep a small share so a change shows up. With `--data`: the file's
-    problems in order of a seeded permutation, a new one for every pass over the file. Its state (cell accuracies,
-    the position in the file) is saved with the checkpoint, so a resumed run samples as the uninterrupted one would."""
-
-    def __init__(self, cfg: GRPOConfig, pool: list | None = None):
-        self.cfg, self.pool = cfg, pool
-        self.cells = [] if pool is not None else task_cells(cfg)
-        self.accuracy = {f"{f}:{lv}": 0.5 for f, lv in self.cells}
-        self.position = 0  # --data: problems drawn so far
-        self._order: tuple[int, list[int]] = (-1, [])  # --data: (pass over the file, its order)
-
-    def sample(self, step: int, round_: int, n: int):
-        from ..data.tasks import cells_mixture, generate
-
-        if self.pool is not None:
-            picks = [self._from_file(j) for j in range(self.position, self.position + n)]
-            self.position += n
-            return picks
-        seed = self.cfg.seed * 1_000_003 + step * 101 + round_
-        if not self.cfg.adaptive_tasks:
-            return cells_mixture(n, self.cells, seed=seed, split="train")
-        rng = random.Random(f"curriculum-{seed}")
-        weights = [(p := self.accuracy[f"{f}:{lv}"]) * (1 - p) + 0.01 for f, lv in self.cells]
-        picks = rng.choices(range(len(self.cells)), weights=weights, k=n)
-        out = []
-        for i in sorted(set(picks)):
-            f, lv = self.cells[i]
-            out += generate(f, lv, picks.count(i), seed=seed, split="train")
-        rng.shuffle(out)
-        return out
-
-    def _from_file(self, j: int):
-        """The j-th problem drawn from --data: pass j // N over the file, in that pass's seeded order."""
-        N, epoch = len(self.pool), j // len(self.pool)
-        if self._order[0] != epoch:
-            order = list(range(N))
-            random.Random(f"data-{self.cfg.seed}-{epoch}").shuffle(order)
-            self._order = (epoch, order)
-        return self.pool[self._order[1][j % N]]
-
-    def observe(self, problems, accuracy: torch.Tensor) -> None:
-        """accuracy (P, G) of the rollouts of `problems`."""
-        for prob, acc in zip(problems, accuracy.mean(dim=1).tolist()):
-            key = f"{prob.family}:{prob.level}"
-            if key in self.accuracy:
-                self.accuracy[key] = 0.7 * self.accuracy[key] + 0.3 * acc
-
-    def state_dict(self) -> dict:
-        return {"cell_accuracy": dict(self.accuracy), "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.accuracy.update(state.get("cell_accuracy", {}))
-        self.position = state.get("position", 0)
 
 
 def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum, d: loop.Dist) -> Rollout:
@@ -476,7 +406,10 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if resuming:
         state = loop.load_train_state(run, opt)
         start, prior_wall, flops = state["step"], state["wall_s"], state.get("flops", 0.0)
-        curriculum.load_state_dict(state["data"])
+        try:
+            curriculum.load_state_dict(state["data"])
+        except ValueError as e:
+            raise UserError(f"{run}: {e}") from None
     if not resuming and d.is_main:
         (run / "tokenizer").mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
