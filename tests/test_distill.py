@@ -283,6 +283,16 @@ def test_distill_on_data_files(server, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="bad.jsonl:2: a record needs"):  # the line, blank lines counted
         distill(DistillConfig(out=str(tmp_path / "never"), **{**common, "data": str(bad)}))
     assert not (tmp_path / "never").exists()
+    twice = tmp_path / "twice.jsonl"  # a question again in capitals, with another answer: asked once, checked by 1
+    twice.write_text(train.read_text() + json.dumps({"question": "ANN HAS 0 PENS and gets 2 more. How many now?",
+                                                     "answer": "5"}) + "\n")
+    Scripted.asked.clear()
+    again = distill(DistillConfig(out=str(tmp_path / "twice"), **{**common, "data": str(twice)}))
+    assert len(Scripted.asked) == 6 and again["traces"]["total"] == 6 and again["traces"]["kept"] == 3
+    assert "1 of 7 --data records repeat an earlier question" in capsys.readouterr().err
+    train.write_text(train.read_text().replace("Ann", "Bea"))  # edited in place: its traces are not this file's
+    with pytest.raises(UserError, match=f"the --data file {train} changed since"):
+        distill(DistillConfig(out=str(tmp_path / "run"), eval_data=str(held), **common))
 
 
 def test_eval_of_a_served_model_equals_eval_of_its_directory(server, tmp_path):

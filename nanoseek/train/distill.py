@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -68,7 +69,15 @@ def trace_problems(cfg: DistillConfig):
     cfg.tasks names (family or family:level)."""
     from ..eval.evaluate import load_problems
 
-    return load_problems(None if cfg.data else cfg.tasks, cfg.data, cfg.n, cfg.seed + 2, split="train")
+    problems = load_problems(None if cfg.data else cfg.tasks, cfg.data, cfg.n, cfg.seed + 2, split="train")
+    if not cfg.data:
+        return problems
+    unique = list({p.uid: p for p in reversed(problems)}.values())[::-1]  # the first record of each question
+    if len(unique) < len(problems):
+        print(f"distill: {len(problems) - len(unique)} of {len(problems)} --data records repeat an earlier question "
+              "(ignoring case and spacing); each question is asked once, and checked against its first record",
+              file=sys.stderr)
+    return unique
 
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
@@ -122,12 +131,11 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
 def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
     """Rejection sampling -> chat records, and counts of what was dropped and why."""
     by_uid = {p.uid: p for p in problems}
+    records = [rec for rec in records if rec["uid"] in by_uid]  # (traces of other problems: not this run's)
     kept, seen = [], set()
     counts = {"total": len(records), "malformed": 0, "wrong": 0, "duplicate": 0, "kept": 0}
     for rec in records:
-        p = by_uid.get(rec["uid"])
-        if p is None:
-            continue
+        p = by_uid[rec["uid"]]
         text = f"<think>\n{rec['reasoning']}\n</think>\n\n{rec['answer']}"
         j = judge(text, p, finished=rec["finished"])
         if not j.format:
@@ -293,6 +301,8 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "eval_data", "eval_n", "concurrency",
                                                                           "device", "progress")}
     what["tasks"] = None if cfg.data else list(cfg.tasks)
+    if cfg.data:  # the file's content, not only its name: traces of an edited file's problems would not be these
+        what["data_sha256"] = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
     home = run.resolve().parent
     for k in ("teacher", "student", "data"):  # a speedrun's models sit beside its distill run: moving OUT moves them
         if what.get(k) and not is_url(what[k]) and Path(what[k]).resolve().is_relative_to(home):
@@ -304,7 +314,9 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
         except json.JSONDecodeError:
             before = what  # written atomically; an unreadable one is not ours to judge
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # for what an older record leaves out
-        changed = [f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}" for k, v in what.items()
+        defaults["data_sha256"] = what.get("data_sha256")
+        changed = [f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}" if k != "data_sha256" else
+                   f"the --data file {cfg.data} changed since" for k, v in what.items()
                    if before.get(k, defaults.get(k)) != v]
         if changed:
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
