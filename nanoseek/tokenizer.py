@@ -419,10 +419,13 @@ def task_suite_texts(n_docs: int, seed: int) -> list[str]:
     from .data.tasks import mixture, to_chat, to_text
 
     problems = mixture(n_docs, seed=seed, split="train")
-    variables = {"bos_token": SPECIAL_TOKENS["bos"], "eos_token": SPECIAL_TOKENS["eos"],
-                 "add_generation_prompt": False}
-    chats = [render_template(CHAT_TEMPLATE, to_chat(p)["messages"], **variables) for p in problems]
-    return [to_text(p) for p in problems] + chats
+    return [to_text(p) for p in problems] + [render_chat(to_chat(p)["messages"]) for p in problems]
+
+
+def render_chat(messages: list[dict]) -> str:
+    """A conversation as our chat template writes it, before any tokenizer exists (to train one on it)."""
+    return render_template(CHAT_TEMPLATE, messages, bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"],
+                           add_generation_prompt=False)
 
 
 def _training_texts(args: argparse.Namespace) -> list[str]:

@@ -116,11 +116,13 @@ def check_messages(messages) -> None:
 
 def render_messages(messages: list[dict], tokenizer=None) -> str:
     """A chat as training text: the tokenizer's chat template without its opening BOS and closing EOS (build_shards
-    puts every document between the two), or `role: content` lines without a tokenizer."""
-    if tokenizer is not None:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        return text.removeprefix(tokenizer.bos_token or "").removesuffix(tokenizer.eos_token or "")
-    return "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages)
+    puts every document between the two); without a tokenizer (training one), our chat template as it is."""
+    if tokenizer is None:
+        from ..tokenizer import render_chat
+
+        return render_chat(messages)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    return text.removeprefix(tokenizer.bos_token or "").removesuffix(tokenizer.eos_token or "")
 
 
 def read_texts(paths, tokenizer=None) -> Iterator[str]:
