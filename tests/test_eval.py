@@ -312,3 +312,13 @@ def test_ctrl_c_during_a_url_evaluation_keeps_the_problems_whose_replies_all_cam
     with pytest.raises(Interrupted) as e:
         run_eval_url(Client(), [five, six], samples=2, temperature=0.6, progress=False)
     assert [(r.problem, r.correct) for r in e.value.done] == [(six, [False, True])]
+
+
+def test_a_data_file_longer_than_n_says_so(tmp_path, capsys):
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(5)))
+    assert len(load_problems(None, str(data), 3, 0)) == 3
+    assert f"{data}: the first 3 of its 5 records (--n 0 for all)" in capsys.readouterr().err
+    assert len(load_problems(None, str(data), 0, 0)) == len(load_problems(None, str(data), 5, 0)) == 5
+    assert capsys.readouterr().err == ""

@@ -347,9 +347,11 @@ def held_out(n: int, families, seed: int = 4242) -> list:
     return mixture(n, seed=seed, split="eval", families=list(families))
 
 
-def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int, split: str = "eval"):
-    """The first n problems (0: all) of --data FILE (GSM8K-format JSONL or Parquet); or n task-suite problems of
-    `split` spread over the cells `tasks_` names (FAMILY, FAMILY:LEVEL or all; parse_cells)."""
+def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int, split: str = "eval",
+                  n_flag: str = "--n"):
+    """The first n problems (0: all) of --data FILE (GSM8K-format JSONL or Parquet), saying so when the file holds
+    more (n_flag: the option that sets n); or n task-suite problems of `split` spread over the cells `tasks_` names
+    (FAMILY, FAMILY:LEVEL or all; parse_cells)."""
     from ..cli import UserError
     from ..data import tasks
 
@@ -358,17 +360,22 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
         problems = []
         try:
-            for where, rec in read_records(data):
-                if n and len(problems) == n:
-                    break
+            records = read_records(data)
+            for where, rec in records:
                 try:
                     problems.append(tasks.from_record(rec))
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
+                if n and len(problems) == n:
+                    break
+            rest = sum(1 for _ in records)
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
         if not problems:
             raise UserError(f"{data}: no records")
+        if rest:
+            more = "--n 0 for all" if n_flag == "--n" else f"{n_flag} for more"
+            print(f"{data}: the first {n} of its {n + rest} records ({more})", file=sys.stderr)
         return problems
     if n < 1:
         raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")

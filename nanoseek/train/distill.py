@@ -194,7 +194,7 @@ def scored_problems(cfg: DistillConfig) -> list:
     from ..eval.evaluate import held_out, load_problems
 
     if cfg.eval_data:
-        return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
+        return load_problems(None, cfg.eval_data, cfg.eval_n, 0, n_flag="--eval-n")
     if cfg.data:
         return []
     return held_out(cfg.eval_n, sorted({t.partition(":")[0] for t in cfg.tasks}), seed=cfg.seed)

@@ -331,7 +331,7 @@ def eval_problems(cfg: GRPOConfig) -> list:
     from ..eval.evaluate import held_out, load_problems
 
     if cfg.eval_data:
-        return load_problems(None, cfg.eval_data, cfg.eval_n, 0)
+        return load_problems(None, cfg.eval_data, cfg.eval_n, 0, n_flag="--eval-n")
     if cfg.data:
         return []
     try:
