@@ -176,3 +176,19 @@ def test_conversations_cut_by_seq_len_are_reported(base_dir, tmp_path, capsys):
     code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--steps", 1,
                         "--batch-size", 2, "--seq-len", 30, "--no-progress")
     assert code == 0 and f"sft: {cut} of {len(lengths)} conversations are longer than --seq-len 30" in err
+
+
+def test_reasoning_in_its_own_field_is_trained_as_r1_writes_it(base_dir, tmp_path):
+    """DeepSeek's API returns the reasoning in `reasoning_content` (vLLM: `reasoning`); saved as it came, SFT trained on
+    the answer alone."""
+    from nanoseek.train.sft import SFTConfig, load_conversations
+
+    _, tok, _ = base_dir
+    inline = CONVS[5]
+    reasoning, answer = inline["messages"][1]["content"].removeprefix("<think>\n").split("\n</think>\n\n")
+    for field in ("reasoning_content", "reasoning"):
+        split = {"messages": [inline["messages"][0], {"role": "assistant", "content": answer, field: reasoning}]}
+        data = tmp_path / f"{field}.jsonl"
+        data.write_text(json.dumps(split) + "\n")
+        convs = load_conversations(SFTConfig(out="", data=[str(data)]))
+        assert tokenize_conversations(convs, tok) == tokenize_conversations([inline], tok)

@@ -114,6 +114,18 @@ def check_messages(messages) -> None:
                              f"got {json.dumps(m)[:80]}")
 
 
+def inline_reasoning(messages: list[dict]) -> list[dict]:
+    """Assistant turns with their reasoning in a field (DeepSeek's API writes `reasoning_content`, vLLM `reasoning`)
+    as R1 trains on them: `<think>\nreasoning\n</think>\n\nanswer` in `content`."""
+    out = []
+    for m in messages:
+        r = m.get("reasoning_content", m.get("reasoning"))
+        if m.get("role") == "assistant" and isinstance(r, str) and r.strip() and "</think>" not in m["content"]:
+            m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{m['content'].lstrip()}"}
+        out.append(m)
+    return out
+
+
 def render_messages(messages: list[dict], tokenizer=None) -> str:
     """A chat as training text: the tokenizer's chat template without its opening BOS and closing EOS (build_shards
     puts every document between the two); without a tokenizer (training one), our chat template as it is."""
@@ -136,7 +148,7 @@ def read_texts(paths, tokenizer=None) -> Iterator[str]:
                     check_messages(record["messages"])
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
-                yield render_messages(record["messages"], tokenizer)
+                yield render_messages(inline_reasoning(record["messages"]), tokenizer)
             else:
                 raise ValueError(f"{where}: the record has neither a 'text' string nor a 'messages' list")
 

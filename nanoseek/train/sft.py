@@ -131,7 +131,7 @@ def default_conversations(n: int, seed: int) -> list[dict]:
 
 def load_conversations(cfg: SFTConfig) -> list[dict]:
     from ..cli import UserError
-    from ..data.corpus import check_messages, read_records
+    from ..data.corpus import check_messages, inline_reasoning, read_records
 
     if not cfg.data:
         return default_conversations(cfg.n_samples, cfg.seed + 1)  # other problems than pretraining's
@@ -145,7 +145,7 @@ def load_conversations(cfg: SFTConfig) -> list[dict]:
                     check_messages(rec["messages"])
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
-                convs.append(rec)
+                convs.append({**rec, "messages": inline_reasoning(rec["messages"])})
     except ValueError as e:
         raise UserError(str(e)) from None
     if not convs:
