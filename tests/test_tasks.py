@@ -204,6 +204,8 @@ def test_from_record_gsm8k():
     assert plain.family == "word" and plain.steps == () and check(plain, "7")
     with pytest.raises(ValueError):
         from_record({"answer": "7"})
+    with pytest.raises(ValueError, match="'question' is empty"):
+        from_record({"question": " ", "answer": "7"})
     with pytest.raises(ValueError):
         from_record({"question": "q", "answer": "#### (1 + 2)", "family": "countdown"})
 

@@ -548,6 +548,8 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     question, answer = rec.get("question"), rec.get("answer")
     if not isinstance(question, str) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise ValueError("a record needs a 'question' string and an 'answer' (a string or a number)")
+    if not question.strip():
+        raise ValueError("the 'question' is empty")
     if isinstance(answer, float) and not math.isfinite(answer):
         raise ValueError(f"the 'answer' is {answer} (no completion can match it)")
     body, sep, final = str(answer).rpartition("####")
