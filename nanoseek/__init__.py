@@ -1,10 +1,22 @@
-"""nanoseek: DeepSeek-V3 / R1 in one readable package: train, reason with GRPO, distill, evaluate, self-host."""
+"""nanoseek: DeepSeek-V3 / R1 in one readable package: train, reason with GRPO, distill, evaluate, self-host.
 
-from .checkpoint import load_model, save_model
-from .config import PRESETS, ModelConfig, get_preset
-from .engine.engine import Engine, SamplingParams
-from .model import Transformer, build_model
+The names below load on first use (PEP 562), so `nanoseek` on the command line starts without importing torch: a
+Ctrl-C in its first second is then the CLI's one-line "interrupted", not a traceback from inside an import."""
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "build_model", "load_model", "save_model", "Engine",
-           "SamplingParams"]
+import importlib
+
+_WHERE = {"load_model": "checkpoint", "save_model": "checkpoint", "ModelConfig": "config", "PRESETS": "config",
+          "get_preset": "config", "Engine": "engine.engine", "SamplingParams": "engine.engine",
+          "Transformer": "model", "build_model": "model"}
+__all__ = list(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

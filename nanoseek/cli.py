@@ -41,6 +41,7 @@ DISTRIBUTED = {"pretrain", "sft", "grpo"}
 # The options the running command's line set (those that differ from their defaults; None outside the CLI), so a
 # resumed run can say which of them it does not use
 GIVEN: set[str] | None = None
+INTERRUPTED = False  # run_verb said "interrupted" already
 
 
 class UserError(Exception):
@@ -131,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # a second Ctrl-C (torchrun forwards its own) while the first was being handled
+    except KeyboardInterrupt:  # while the verbs' modules load, or a second Ctrl-C (torchrun forwards its own)
+        if rank() == 0 and not INTERRUPTED:
+            print("\ninterrupted", file=sys.stderr)
         code = 130
     loop = sys.modules.get("nanoseek.train.loop")
     if loop is not None and loop.STARTED_PROCESS_GROUP:
@@ -200,6 +203,8 @@ def run_verb(argv: list[str]) -> int:
             print("error: another process of this run exited; continue the run with --resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        global INTERRUPTED
+        INTERRUPTED = True
         if rank() == 0:
             print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         return 130

@@ -376,3 +376,13 @@ def test_the_default_micro_batch_divides_the_batch():
     assert [micro_batch_default(b, cap, False) for b, cap in ((40, 32), (24, 16), (32, 32), (7, 32), (64, 16))] == \
         [20, 12, 32, 7, 16]
     assert micro_batch_default(40, 32, True) == 32  # as given (then refused with a message if it does not divide)
+
+
+def test_the_command_line_starts_without_torch():
+    """`nanoseek` imports nanoseek.cli before any handler exists: with torch imported there (0.2-0.8 s), a Ctrl-C in
+    the first second was a traceback from inside the import."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanoseek.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
