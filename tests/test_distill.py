@@ -189,6 +189,36 @@ def test_no_verified_trace_is_a_clear_error(server, tmp_path):
     assert len((tmp_path / "run" / "traces.jsonl").read_text().splitlines()) == 3
 
 
+def test_two_phrasings_of_a_problem_are_two_traces_and_a_resume_keeps_both(tmp_path):
+    """Keyed by problem, the second phrasing's trace overwrote the first's (9.6% of the speedrun's traces were asked
+    and dropped), and a resumed run kept the other one."""
+    import dataclasses as dc
+
+    from nanoseek.train.teacher import Trace
+
+    p = generate("word", 1, 1, seed=3)[0]
+    other = dc.replace(p, question=p.question + " Answer with a number.")
+    assert other.uid == p.uid
+
+    class Teacher:
+        def __init__(self, stop_after=None):
+            self.stop_after = stop_after
+
+        def traces(self, questions, max_tokens, temperature, seeds):
+            for i, (q, seed) in enumerate(zip(questions, seeds)):
+                if i == self.stop_after:
+                    raise KeyboardInterrupt
+                yield i, Trace(f"seed {seed}", f"The answer is {p.answer}.", True)
+
+    cfg = DistillConfig(teacher="t", out=str(tmp_path), progress=False)
+    whole = collect_traces(cfg, Teacher(), [p, other], tmp_path / "whole.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        collect_traces(cfg, Teacher(stop_after=1), [p, other], tmp_path / "resumed.jsonl")
+    resumed = collect_traces(cfg, Teacher(), [p, other], tmp_path / "resumed.jsonl")
+    assert [r["question"] for r in whole] == [p.question, other.question] and resumed == whole
+    assert filter_traces(whole, [p, other])[1]["kept"] == 2
+
+
 def test_filter_keeps_only_verified_unique_traces():
     p, q = generate("arithmetic", 1, 2, seed=5)
     rec = lambda prob, ans, fin=True, why="add": {"uid": prob.uid, "sample": 0, "question": prob.question,  # noqa: E731
@@ -331,3 +361,43 @@ def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path
     distill_lib.claim_run(tmp_path / "run", cfg)  # resumes
     with pytest.raises(UserError, match="seq_len 256 -> 512"):
         distill_lib.claim_run(tmp_path / "run", dataclasses.replace(cfg, seq_len=512))
+
+
+def test_a_rerun_that_gets_answers_refused_before_trains_the_student_again(server, tmp_path, monkeypatch, capsys):
+    import nanoseek.train.distill as distill_module
+    from nanoseek.train.teacher import Trace
+
+    _, d = server
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n"
+                             for i in range(4)))
+
+    class Refusing:  # refuses "What is 3 + 2?" while `refuse` is set
+        refuse = True
+
+        def traces(self, questions, max_tokens, temperature, seeds):
+            for i, q in enumerate(questions):
+                n = int(q.split()[2])
+                yield i, (Trace("", "", False, error="HTTP 400: busy") if Refusing.refuse and n == 3 else
+                          Trace(f"{n} + 2 = {n + 2}", f"The answer is {n + 2}.", True))
+
+    monkeypatch.setattr(distill_module, "make_teacher", lambda *a, **kw: Refusing())
+    cfg = DistillConfig(teacher="http://127.0.0.1:9/v1", student=str(d), data=str(train), steps=2, batch_size=2,
+                        out=str(tmp_path / "run"), progress=False)
+    assert distill_module.distill(cfg)["traces"]["kept"] == 3
+    Refusing.refuse = False
+    again = distill_module.distill(cfg)  # was: "the training data is not what the run was trained on", every rerun
+    assert again["traces"]["kept"] == 4 and "the student is trained again" in capsys.readouterr().err
+    kept = (tmp_path / "run" / "kept.jsonl").read_text().splitlines()
+    assert len(kept) == 4 and distill_module.distill(cfg)["traces"]["kept"] == 4  # a third run resumes as it is
+
+
+def test_a_directory_of_someone_elses_files_is_refused_even_with_a_traces_jsonl(tmp_path):
+    from nanoseek.train.distill import claim_run
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "traces.jsonl").write_text('{"my": "trace"}')
+    with pytest.raises(UserError, match="holds no distillation run"):
+        claim_run(mine, DistillConfig(teacher="t", out=str(mine), student="s"))
+    assert (mine / "traces.jsonl").read_text() == '{"my": "trace"}'

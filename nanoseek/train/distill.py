@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,22 +83,26 @@ def trace_problems(cfg: DistillConfig):
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
     """Ask the teacher for every (problem, sample) not yet in `path`; append each answer as it arrives. The k-th
-    (problem, sample) is always asked with seed cfg.seed + k, so a resumed run gets the traces an uninterrupted
-    one would have (from a local teacher, whose sampling is seeded per request)."""
-    done = {}
+    (problem, sample) is always asked with seed cfg.seed + k and saved with its `index` k, so a resumed run gets the
+    traces an uninterrupted one would have (from a local teacher, whose sampling is seeded per request). Two
+    phrasings of one problem are two questions: keyed by problem, one overwrote the other."""
+    done, older = {}, {}  # index -> record; (uid, sample) -> a record written before traces had an index
     if path.is_file():
         text = path.read_text()
         for line in text.splitlines():
             try:
                 rec = json.loads(line)
-                done[(rec["uid"], rec["sample"])] = rec
+                if "index" in rec:
+                    done[rec["index"]] = rec
+                else:
+                    older[(rec["uid"], rec["sample"])] = rec
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by an interruption
         if text and not text.endswith("\n"):  # drop that cut line, or the next record would be appended to it
             with path.open("r+") as f:
                 f.truncate(len(text[: text.rfind("\n") + 1].encode()))
-    todo = [(p, s, cfg.seed + k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
-            if (p.uid, s) not in done]
+    todo = [(p, s, k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
+            if k not in done and (p.uid, s) not in older]
     bar = None
     if cfg.progress and todo:
         from tqdm import tqdm
@@ -106,18 +111,18 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
     refused: list[str] = []  # requests the server refused: not saved, so a rerun asks them again
     with path.open("a") as f:
         for i, trace in teacher.traces([p.question for p, _, _ in todo], cfg.max_tokens, cfg.temperature,
-                                       [seed for _, _, seed in todo]):
-            p, s, _ = todo[i]
+                                       [cfg.seed + k for _, _, k in todo]):
+            p, s, k = todo[i]
             if trace.error:
                 refused.append(trace.error)
-                if len(refused) >= REFUSALS_BEFORE_ABORT and not done:  # the settings, not one question
+                if len(refused) >= REFUSALS_BEFORE_ABORT and not done and not older:  # the settings, not a question
                     raise ConnectionError(f"the teacher refused the first {len(refused)} requests: {trace.error}")
                 continue
-            rec = {"uid": p.uid, "sample": s, "question": p.question, "reasoning": trace.reasoning,
+            rec = {"index": k, "uid": p.uid, "sample": s, "question": p.question, "reasoning": trace.reasoning,
                    "answer": trace.answer, "finished": trace.finished}
             f.write(json.dumps(rec) + "\n")
             f.flush()
-            done[(p.uid, s)] = rec
+            done[k] = rec
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -125,7 +130,7 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
     if refused:
         print(f"distill: the teacher refused {len(refused)} of {len(todo)} requests (first: {refused[0]}); they are "
               "left out, and a rerun asks them again", file=sys.stderr)
-    return list(done.values())
+    return [done[k] for k in sorted(done)] + list(older.values())
 
 
 def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
@@ -144,7 +149,7 @@ def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
         if not j.accuracy:
             counts["wrong"] += 1
             continue
-        key = (rec["uid"], rec["reasoning"], rec["answer"])
+        key = (rec["question"], rec["reasoning"], rec["answer"])  # (the same trace of the same question, sampled twice)
         if key in seen:
             counts["duplicate"] += 1
             continue
@@ -322,7 +327,7 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
         return
-    if run.is_dir() and any(run.iterdir()) and not (run / "traces.jsonl").is_file():  # (older runs have no record)
+    if run.is_dir() and any(run.iterdir()):  # someone's files, which distill would append to and replace
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, what)
@@ -370,7 +375,13 @@ def distill(cfg: DistillConfig) -> dict:
         raise UserError(f"teacher failed: {e} (traces so far are kept in {run / 'traces.jsonl'}; rerun to resume)") from None
     traces_cost = add_traces_cost(run, time.perf_counter() - t0, getattr(teacher, "flops", None))
     kept, counts = filter_traces(records, problems)
-    (run / "kept.jsonl").write_text("".join(json.dumps(k) + "\n" for k in kept))
+    kept_text = "".join(json.dumps(k) + "\n" for k in kept)
+    kept_before = (run / "kept.jsonl").read_text() if (run / "kept.jsonl").is_file() else None
+    if (run / "student").exists() and kept_before != kept_text:
+        print("distill: the kept traces changed since the student's training began (the teacher has answered "
+              "questions it refused before): the student is trained again from the start", file=sys.stderr)
+        shutil.rmtree(run / "student")
+    atomic.write_text(run / "kept.jsonl", kept_text)
     print(f"traces: {json.dumps(counts)}", file=sys.stderr)
     if not kept:
         raise UserError(f"no trace passed verification ({counts}); a stronger teacher or more samples are needed")
