@@ -401,3 +401,33 @@ def test_a_directory_of_someone_elses_files_is_refused_even_with_a_traces_jsonl(
     with pytest.raises(UserError, match="holds no distillation run"):
         claim_run(mine, DistillConfig(teacher="t", out=str(mine), student="s"))
     assert (mine / "traces.jsonl").read_text() == '{"my": "trace"}'
+
+
+def test_a_stopped_url_run_leaves_no_thread_the_process_must_wait_for(server, monkeypatch):
+    """Ctrl-C on a URL teacher or eval: the process waited for every request in flight (up to 300 s) on its
+    ThreadPoolExecutor's threads, and a second Ctrl-C there was a traceback."""
+    import threading
+
+    from nanoseek.train.teacher import Trace
+
+    s, _ = server
+    monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", KEY)
+    release = threading.Event()
+
+    class Hanging(URLTeacher):  # the first answer comes; the others hang like a slow server
+        def ask(self, question, *a):
+            if question != "0":
+                release.wait()
+            return Trace("", "The answer is 0.", True)
+
+    teacher = Hanging(s.url, concurrency=3)
+    before = set(threading.enumerate())
+    traces = teacher.traces(["0", "1", "2", "3"], 8, 0.0, [0, 1, 2, 3])
+    assert next(traces)[0] == 0
+    traces.close()  # as Ctrl-C does
+    hanging = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert hanging and all(t.daemon for t in hanging)  # exiting does not wait for them
+    release.set()
+    for t in hanging:
+        t.join(5)
+    assert not any(t.is_alive() for t in hanging)  # and they asked nothing more once stopped

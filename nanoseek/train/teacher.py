@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import re
 import socket
 import ssl
@@ -20,7 +21,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 
@@ -172,23 +172,36 @@ class URLTeacher:
 
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
-        """(index into questions, trace) as the answers arrive; question i is asked with seeds[i]. A failure yields
-        the answers that had arrived, then raises; either way the queued requests are cancelled."""
+        """(index into questions, trace) as the answers arrive; question i is asked with seeds[i]. A failed request
+        raises once the answers before it are yielded. However it ends (an error, Ctrl-C, a consumer that stops),
+        nothing more is asked, and the requests in flight are left to daemon threads, which the process does not
+        wait for: Ctrl-C ends a run at once, not after the slowest request (up to its 300 s timeout)."""
         self.stop.clear()
-        pool = ThreadPoolExecutor(self.concurrency)
-        pending = {pool.submit(self.ask, q, max_tokens, temperature, seeds[i]): i for i, q in enumerate(questions)}
+        todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+        for i in range(len(questions)):
+            todo.put(i)
+
+        def work() -> None:
+            while not self.stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self.ask(questions[i], max_tokens, temperature, seeds[i]), None))
+                except Exception as e:  # noqa: BLE001 (handed to the consumer)
+                    done.put((i, None, e))
+
+        for _ in range(min(self.concurrency, len(questions))):
+            threading.Thread(target=work, daemon=True).start()
         try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in [f for f in finished if f.exception() is None]:
-                    yield pending.pop(f), f.result()
-                for f in finished:
-                    if f in pending:  # a failed request ends the run, after the answers that arrived with it
-                        raise f.exception()
+            for _ in range(len(questions)):
+                i, trace, error = done.get()
+                if error is not None:
+                    raise error
+                yield i, trace
         finally:
-            if pending:  # stopped early (an error, Ctrl-C, a consumer that closed us): no retries in flight either
-                self.stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            self.stop.set()  # no new question, no retry
 
 
 def _text(value) -> str:
