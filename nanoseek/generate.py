@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not s for s in args.stop):
         raise UserError("--stop must not be empty")
     device = resolve_device(args.device)
+    earlier = args.out is not None and Path(args.out).exists()  # an interrupted run leaves it whole
     out = output_file(args.out, overwrite=args.overwrite) if args.out is not None else None
     cfg = read_config(args.model)
     if args.speculative and cfg.num_nextn_predict_layers == 0:
@@ -288,10 +289,12 @@ def run(args: argparse.Namespace) -> int:
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                speculative=args.speculative, stop_ids=ends, stop=args.stop, chat=chat,
                                progress=len(ids) * args.samples > PROGRESS_ABOVE)
-    except Interrupted as e:  # keep what finished
-        kept = f"; they are in {out}" if out is not None and e.done else ""
+    except Interrupted as e:  # keep what finished (unless that would replace an earlier file)
+        kept = f"; they are in {out}" if out is not None and e.done and not earlier else ""
         if kept:
             _write(out, prompts, chat, args.samples, e.done)
+        elif out is not None and earlier:
+            kept = f" ({out} keeps what it held: they are not written)"
         print(f"\ninterrupted: {len(e.done)} of {len(ids) * args.samples} completions finished{kept}", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start

@@ -296,6 +296,11 @@ def test_ctrl_c_keeps_the_problems_that_finished(model_dir, tmp_path, capsys, mo
     assert rc == 130 and "interrupted: 2 of 3 problems finished" in captured.err and "eval:" not in captured.err
     assert (summary["n"], summary["pass@1"], summary["interrupted"]) == (2, 0.5, True)
     assert [json.loads(l)["correct"] for l in out.read_text().splitlines()] == [[True, False], [True, False]]
+    complete = out.read_text()  # an earlier result: an interrupted run leaves it whole (it was replaced by the part)
+    monkeypatch.setattr(evaluate, "engine_for", lambda *a: InterruptedEngine(tok, ["The answer is 8."] * 4))
+    assert main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.6",
+                 "--out", str(out), "--no-progress"]) == 130
+    assert out.read_text() == complete and "keeps its earlier results" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_a_url_evaluation_keeps_the_problems_whose_replies_all_came():

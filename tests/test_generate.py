@@ -266,3 +266,7 @@ def test_ctrl_c_keeps_the_completions_that_finished(model, capsys, tmp_path, mon
     assert f"interrupted: 1 of 2 completions finished; they are in {out}" in err and "Traceback" not in err
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (rec["prompt"], rec["sample"], rec["new_tokens"]) == ("Tom has 3", 0, 6)
+    before = out.read_text()  # --overwrite of an earlier file, interrupted: the earlier file stays whole
+    assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6", "--out", str(out),
+                 "--overwrite"]) == 130
+    assert out.read_text() == before and f"{out} keeps what it held" in capsys.readouterr().err

@@ -437,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--samples {args.samples} with greedy decoding gives {args.samples} identical completions; "
                         "pass --temperature (R1 used 0.6)")
     device = resolve_device(args.device, allow_mps=False)
+    earlier = args.out not in (None, "-") and Path(args.out).exists()  # an interrupted run leaves it whole
     if args.out is not None and args.out != "-":  # checked now, not after the whole evaluation
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
@@ -465,9 +466,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         results, interrupted = e.done, True
         rows = f", and their rows are in {args.out}" if args.out not in (None, "-") else ""
+        if earlier:  # a complete earlier result is worth more than a part of this one
+            rows = f" ({args.out} keeps its earlier results: their rows are not written)"
         print(f"\ninterrupted: {len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
               file=sys.stderr)
-    if args.out is not None:
+    if args.out is not None and not (interrupted and earlier):
         rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
                                    r.completions, "extracted": r.answers, "correct": r.correct}) + "\n" for r in results)
         if args.out == "-":
