@@ -378,6 +378,16 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
 
     assert metrics("whole") == metrics("parts") and len(metrics("whole")) == 4
 
+    from safetensors.torch import save_file
+
+    from nanoseek.cli import UserError
+
+    grpo(GRPOConfig(out=str(tmp_path / "later"), stop_at=2, **common))  # then its starting model is trained further
+    start = load_file(str(model / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in start.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="no longer holds the model this run started from"):  # (it resumed silently)
+        grpo(GRPOConfig(out=str(tmp_path / "later"), resume=True, **common))
+
 
 @pytest.mark.parametrize("mode", ["r1", "r1-zero"])
 def test_rollouts_prompt_and_judge_by_mode(mode):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -357,6 +358,34 @@ def evaluate(cfg: GRPOConfig, engine, tok, problems: list) -> dict:
     return summarize(results)
 
 
+def weights_digest(model) -> str:
+    """sha256 of a model's weights, names and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_model(cfg: GRPOConfig, model, state: dict, d: loop.Dist):
+    """(the frozen reference the KL term pulls toward, its weights' digest): the starting model. A resumed run
+    reloads it from --model, which must still hold the weights the run started from."""
+    from ..checkpoint import CheckpointError
+    from ..cli import UserError
+
+    if not state:
+        return copy.deepcopy(model).requires_grad_(False).eval(), weights_digest(model)
+    try:
+        ref = load_model(Path(cfg.model), device=d.device)
+    except (OSError, ValueError, CheckpointError) as e:  # (ConfigError is a ValueError)
+        raise UserError(f"the run's reference model (its starting --model {cfg.model}, which the KL term, β > 0, "
+                        f"pulls toward) cannot be loaded: {e}") from None
+    digest = weights_digest(ref)
+    if state.get("reference_sha256") not in (None, digest):
+        raise UserError(f"{cfg.model} no longer holds the model this run started from, the reference of its KL term "
+                        "(β > 0): put that model back to resume, or start a new run")
+    return ref.requires_grad_(False).eval(), digest
+
+
 def grpo(cfg: GRPOConfig) -> dict | None:
     from ..cli import UserError
     from ..engine.engine import Engine
@@ -396,12 +425,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         longest = max(longest, math.ceil(1.25 * max(map(len, sample_prompts(cfg, tok)))))
     if d.is_main:
         loop.make_run_dir(run)
-    ref = None
-    if cfg.beta > 0:  # the frozen reference is the starting model
-        ref = load_model(Path(cfg.model), device=d.device) if resuming else copy.deepcopy(model)
-        ref.requires_grad_(False).eval()
     opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start, prior_wall, flops = 0, 0.0, 0.0
+    start, prior_wall, flops, state = 0, 0.0, 0.0, {}
     curriculum = Curriculum(cfg, pool)
     if resuming:
         state = loop.load_train_state(run, opt)
@@ -410,6 +435,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             curriculum.load_state_dict(state["data"])
         except ValueError as e:
             raise UserError(f"{run}: {e}") from None
+    ref, ref_digest = reference_model(cfg, model, state, d) if cfg.beta > 0 else (None, None)
     if not resuming and d.is_main:
         (run / "tokenizer").mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -471,7 +497,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
         if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.end) and d.is_main:
             loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(),
-                                                               "flops": flops, "config": dataclasses.asdict(cfg)}, extra)
+                                                               "flops": flops, "config": dataclasses.asdict(cfg),
+                                                               "reference_sha256": ref_digest}, extra)
     if bar is not None:
         bar.close()
     d.close()
