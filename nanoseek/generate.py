@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end a completion at this text, which is cut off (repeat for several; in bash $'\\n' is a "
                         "newline); chat: applies to the answer. The model's eos always ends a completion")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--out", metavar="FILE.jsonl", help="also write one JSON record per completion here (Ctrl-C keeps those that finished)")
+    p.add_argument("--out", metavar="FILE.jsonl",
+                   help="also write one JSON record per completion here (Ctrl-C keeps those that finished)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("stdout: the completion (several: one '==> prompt i <==' block each), then one JSON line:\n"

@@ -239,6 +239,8 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it ended inside the reasoning:
     `content` null, as nanoseek serve and vLLM send it).
     Sample i of the whole run is asked with seed + i."""
+    from ..cli import Interrupted
+
     questions = [p.question for p in problems for _ in range(samples)]
     texts = [""] * len(questions)
     bar = None
@@ -246,8 +248,6 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
-    from ..cli import Interrupted
-
     refused: list[str] = []
     finished = [False] * len(questions)
     try:
