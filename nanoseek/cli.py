@@ -205,6 +205,9 @@ def run_verb(argv: list[str]) -> int:
     except KeyboardInterrupt:
         global INTERRUPTED
         INTERRUPTED = True
+        if "tqdm" in sys.modules:  # close the bars now: one collected later is drawn again, after the line below
+            for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
+                bar.close()
         if rank() == 0:
             print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         return 130

@@ -386,3 +386,23 @@ def test_the_command_line_starts_without_torch():
 
     code = "import sys, nanoseek.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch, capsys):
+    import gc
+    import sys
+
+    import nanoseek.generate
+    from nanoseek.cli import main
+
+    def run(args):
+        from tqdm import tqdm
+
+        bar = tqdm(total=10, file=sys.stderr)
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nanoseek.generate, "run", run)
+    assert main(["generate", "--model", "m", "hi"]) == 130
+    gc.collect()  # a bar left open was closed, and drawn once more, when it was collected
+    assert capsys.readouterr().err.endswith("\ninterrupted\n")
