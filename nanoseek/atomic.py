@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 
 def write_text(path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a new name ("x": never someone's file)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

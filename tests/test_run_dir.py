@@ -153,3 +153,13 @@ def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # and no half-written .tmp
+
+
+def test_an_atomic_write_never_touches_a_file_of_its_temporary_name(tmp_path):
+    """It wrote FILE.tmp, then renamed it: a user's own FILE.tmp beside FILE was replaced and gone."""
+    from nanoseek import atomic
+
+    (tmp_path / "x.jsonl.tmp").write_text("mine")
+    atomic.write_text(tmp_path / "x.jsonl", "new\n")
+    assert (tmp_path / "x.jsonl.tmp").read_text() == "mine" and (tmp_path / "x.jsonl").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.jsonl.tmp"]

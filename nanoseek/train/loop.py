@@ -329,7 +329,8 @@ def leftover(entry: Path) -> bool:
     if entry.name in RUN_FOLDERS:
         return entry.is_dir() and not entry.is_symlink() and all(
             re.fullmatch(RUN_FOLDERS[entry.name], c.name) for c in entry.iterdir())
-    return entry.name in RUN_FILES and entry.is_file()
+    temporary = re.fullmatch(rf"\.({'|'.join(map(re.escape, RUN_FILES))})\.[0-9a-f]{{12}}\.tmp", entry.name)  # atomic
+    return (entry.name in RUN_FILES or temporary is not None) and entry.is_file()
 
 
 def make_run_dir(run: Path) -> None:
