@@ -126,19 +126,20 @@ def test_checkpoints_and_links_survive_a_kill_and_leftovers(tmp_path, monkeypatc
 
 
 def test_a_kill_while_metrics_are_trimmed_loses_no_history(tmp_path, monkeypatch):
+    import nanoseek.atomic as atomic
+
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
-    real_write = type(path).write_text
 
-    def killed_midway(self, text, *a, **kw):
-        real_write(self, text[: len(text) // 2], *a, **kw)
+    def killed(*a, **kw):  # the trimmed history is written, not yet swapped in
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(type(path), "write_text", killed_midway)
+    monkeypatch.setattr(atomic.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         Metrics(path, resume_step=3)
     monkeypatch.undo()
     assert len(path.read_text().splitlines()) == 5  # was cut to half a line
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # and the temporary file is gone
 
 
 def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys):
