@@ -101,13 +101,7 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(server, bro
     text = " ".join(words[i % len(words)] for i in range(400))
     while len(tok.encode(text)) > 110:  # one message fits the 320-token context with a 60-token answer; two do not
         text = text.rsplit(" ", 1)[0]
-    page = browser.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#key-dialog:not([hidden])")
-    page.fill("#key-input", KEY)
-    page.click("#key-form button")
-    page.wait_for_selector("body[data-ready='1']")
-    page.click("#settings summary")
+    page = open_chat(server, browser)
     page.fill("#set-max-tokens", "60")
     page.fill("#set-thinking-budget", "4")
     for turn in range(1, 4):
@@ -120,6 +114,18 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(server, bro
         assert last.text_content().strip()
     assert "earlier messages were left out" in page.inner_text("#status")
     page.close()
+
+
+def open_chat(server, browser):
+    """A new page on the web chat, past the API key dialog, with Settings open."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#settings summary")
+    return page
 
 
 def server_model(server) -> str:
@@ -187,17 +193,11 @@ def test_system_prompt_and_renaming(server, browser):
     """The system prompt in Settings goes first in every request (and is remembered); a conversation can be renamed."""
     import json
 
-    page = browser.new_page()
+    page = open_chat(server, browser)
     sent = []
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions")
             else None)
     page.on("dialog", lambda d: d.accept("Renamed ✓"))  # the rename prompt
-    page.goto(server.url + "/")
-    page.wait_for_selector("#key-dialog:not([hidden])")
-    page.fill("#key-input", KEY)
-    page.click("#key-form button")
-    page.wait_for_selector("body[data-ready='1']")
-    page.click("#settings summary")
     page.fill("#set-max-tokens", "4")
     page.fill("#set-system", "Answer in French.")
     page.dispatch_event("#set-system", "change")
