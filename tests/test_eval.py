@@ -35,6 +35,8 @@ RECORDS = [
     ("The answer is 8 × 6 + 10.", "8 × 6 + 10"),  # a countdown expression stays whole
     ("The answer is Paris.", "Paris"),
     ("so x = −5", "−5"),  # the Unicode minus
+    ("The answer is 1 1/2.", "1 1/2"),  # a mixed number, not its 1
+    ("The answer is 2:5.", "2:5"),  # a ratio, not its 2
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -327,3 +329,23 @@ def test_a_data_file_longer_than_n_says_so(tmp_path, capsys):
     assert f"{data}: the first 3 of its 5 records (--n 0 for all)" in capsys.readouterr().err
     assert len(load_problems(None, str(data), 0, 0)) == len(load_problems(None, str(data), 5, 0)) == 5
     assert capsys.readouterr().err == ""
+    with data.open("a") as f:
+        f.write('{"question": "cut off\n')  # a broken record past the first n is not read: no error
+    assert len(load_problems(None, str(data), 3, 0)) == 3
+    assert f"{data}: the first 3 records (--n 0 for all)" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_a_chunk_keeps_the_problems_whose_samples_all_finished(model_dir):
+    """The engine says which completions of the chunk had finished: Ctrl-C 8 s into a long evaluation kept nothing
+    until a whole chunk (up to 1024 completions) was done."""
+    _, tok, data = model_dir
+    problems = load_problems(None, str(data), 0, 0)
+
+    class MidChunk(ScriptedEngine):
+        def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+            done = {0: "The answer is 7.", 1: "The answer is 8.", 3: "36"}  # problem 2 has one sample of two
+            raise Interrupted({i: self.tok.encode(t) for i, t in done.items()})
+
+    with pytest.raises(Interrupted) as e:
+        run_eval(MidChunk(tok, []), tok, problems, samples=2, temperature=0.6, progress=False)
+    assert [(r.problem, r.correct) for r in e.value.done] == [(problems[0], [True, False])]

@@ -259,6 +259,12 @@ def test_ctrl_c_keeps_the_completions_that_finished(model, capsys, tmp_path, mon
         engine.finished_once = False
         return engine
 
+    from nanoseek.cli import Interrupted
+
+    engine = one_row(d, "cpu", None, 6, 1)  # Engine.generate says which prompts had finished
+    with pytest.raises(Interrupted) as e:
+        engine.generate([[1, 5, 6], [1, 7]], max_new_tokens=6, stop_token_ids=[])
+    assert list(e.value.done) == [0] and len(e.value.done[0]) == 6
     monkeypatch.setattr(evaluate, "engine_for", one_row)
     out = tmp_path / "o.jsonl"
     assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6", "--out", str(out)]) == 130

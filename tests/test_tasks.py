@@ -225,6 +225,11 @@ def test_free_form_answers_use_math_verify():
                             ("1 1/2", "3/2", "2"), ("5!", "120", "5")]:
         p = from_record({"question": "q", "answer": gold})
         assert check(p, good) and not check(p, bad), (gold, good, bad)
+    for gold, good in [("\\frac{1}{2}", "1/2 cup"), ("3/4", "3/4 of the pizza")]:  # a fraction is one number
+        assert check(from_record({"question": "q", "answer": gold}), good), (gold, good)
+    five = from_record({"question": "q", "answer": "5"})
+    for relation in ("x \\geqslant 5", "x \\leqslant 5", "x ⩾ 5", "x \\not= 5", "x \\ne 5"):
+        assert not check(five, relation), relation  # a relation is not its number, however it is written
     with pytest.raises(ValueError, match="takes a number"):  # the suite's families check integers: never right
         from_record({"question": "q", "answer": "1/2", "family": "arithmetic"})
     # the suite's own integer answers are never "verified" from an expression that evaluates to them

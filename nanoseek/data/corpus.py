@@ -119,7 +119,7 @@ def inline_reasoning(messages: list[dict]) -> list[dict]:
     as R1 trains on them: `<think>\nreasoning\n</think>\n\nanswer` in `content`."""
     out = []
     for m in messages:
-        r = m.get("reasoning_content", m.get("reasoning"))
+        r = m.get("reasoning_content") or m.get("reasoning")
         if m.get("role") == "assistant" and isinstance(r, str) and r.strip() and "</think>" not in m["content"]:
             m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{m['content'].lstrip()}"}
         out.append(m)

@@ -473,7 +473,7 @@ def _check_countdown(meta: dict, predicted: str) -> bool:
 
 def result_of(answer: str) -> str:
     """What an equation answers: "8 + 4 = 12" answers 12; a relation is kept whole ("x >= 5" is not 5)."""
-    return re.split(r"(?<![<>!=])=(?!=)", answer)[-1]
+    return answer if re.search(r"\\not\s*=", answer) else re.split(r"(?<![<>!=])=(?!=)", answer)[-1]
 
 
 def check(problem: Problem, predicted: str) -> bool:
@@ -510,17 +510,24 @@ def math_equal(gold: str, predicted: str) -> bool:
     def latex(t: str):  # read as LaTeX between $: \sqrt{2}, \{1, 2\}, xy(x+y)
         return parse(t if "$" in t or "\\boxed" in t else f"${t}$", parsing_timeout=limit)
 
+    # a relation ("x >= 5", "x \not= 5") is never a number, whatever a reading makes of it
+    relation = r"[<>≤≥≠⩾⩽]|!=|\\(?:[gl]eq?(?:slant)?|neq?|[gl]t|not)(?![A-Za-z])"
+    if bool(re.search(relation, gold)) != bool(re.search(relation, predicted)):
+        return False
     # words are no maths: "6 dollars" read as LaTeX is 6·d·o·l·l·a·r·s, so with a word on either side only the plain
     # reading counts ("6 dollars" is 6), and not where a word or a relation changes the number ("not 7", "at most 5",
     # "7 or 8", "x >= 5": the plain reading takes its last number)
     words = any(re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", "", t)) for t in (gold, predicted))
     if not words and same(latex(gold), latex(predicted)):
         return True
-    bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b|[<>≤≥≠]|!=|\\[gln][et]q?\b"
-    if any(re.search(bounds, t, flags=re.IGNORECASE) for t in (gold, predicted)):
+    bounds = r"\b(?:not|no|never|less|more|fewer|least|most|under|over|below|above|except|or)\b"
+    if any(re.search(bounds, t, flags=re.IGNORECASE) or re.search(relation, t) for t in (gold, predicted)):
         return False
-    # the plain reading keeps the first number it finds: only for a text that holds one ("3:30" is not 3, "5!" not 5)
-    if any(len(re.findall(r"\d(?:[\d,.]*\d)?", t)) != 1 or re.search(r"\d\s*!", t) for t in (gold, predicted)):
+    # the plain reading keeps the first number it finds: only for a text that holds one ("3:30" is not 3, "5!" not 5;
+    # "1/2 cup" and "\frac{1}{2}" are one)
+    one = lambda t: len(re.findall(r"\d(?:[\d,.]*\d)?(?:\s*/\s*\d+)?",  # noqa: E731
+                                   re.sub(r"\\[dt]?frac\{(\d+)\}\{(\d+)\}", r"\1/\2", t))) == 1
+    if not all(one(t) and not re.search(r"\d\s*!", t) for t in (gold, predicted)):
         return False
     return same(parse(gold, parsing_timeout=limit), parse(predicted, parsing_timeout=limit))
 

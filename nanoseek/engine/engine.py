@@ -297,7 +297,10 @@ class Engine:
         None stops at the config's eos_token_id, as transformers' generate does; () generates max_new_tokens
         always. Prompt i is seeded with seed + i (so repeated prompts give different samples), or with seed[i]
         when seed is a list. Uses the step machinery, so it needs an idle engine (do not mix with server
-        requests). `speculative` requires temperature 0."""
+        requests). `speculative` requires temperature 0. Ctrl-C raises cli.Interrupted with the completions that
+        had finished ({prompt index: new tokens})."""
+        from ..cli import Interrupted
+
         if max_new_tokens < 1:
             return [[] for _ in prompts]
         if stop_token_ids is None:
@@ -316,6 +319,8 @@ class Engine:
             try:
                 while self.has_work():
                     self.step()
+            except KeyboardInterrupt:
+                raise Interrupted({i: r.out for i, r in enumerate(reqs) if r.done}) from None
             finally:
                 for rid in rids:
                     self.cancel(rid)

@@ -103,14 +103,14 @@ def _phrase_answer(phrase: str) -> str:
     """The answer in "the answer is …": Markdown emphasis dropped (**18**); a number followed by words ("18,
     because …", "18 apples", "18!") is that number, and so is a number after words that do not change it ("therefore
     42", "approximately €42"); an expression, a worded answer, a hedge ("12 or 13", "12, 13") or a bound ("not 7",
-    "at most 5") stays whole, which no numeric answer equals."""
+    "at most 5"), a ratio or time ("2:5") and a mixed number ("1 1/2") stay whole, which no integer answer equals."""
     phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
     if _is_expression(phrase):
         return phrase
     number = rf"[$€£¥]?([-−]?{AMOUNT})"
     if re.match(rf"{number}(?:,\s+|\s+(?:,\s*)?(?:or|and)\s+)(?:or\s+)?{number}", phrase):  # a hedge (not 1,234)
         return phrase
-    lead = re.match(rf"{number}(?=[\s,;:)!.]|$)", phrase)
+    lead = re.match(rf"{number}(?=[\s,;:)!.]|$)(?!:\d|\s+\d+/\d)", phrase)  # not of "3:30", "1 1/2"
     if lead:
         return lead.group(1)
     lead_in = r"(?:therefore|thus|hence|so|then|now|still|just|simply|exactly|clearly|approximately|about|around|roughly)"
@@ -197,7 +197,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     prompts = prompts_for(problems, tok, style)
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
-    outs: list[list[int]] = []
+    outs: dict[int, list[int]] = {}  # sample index (problem-major) -> its new tokens
     bar = None
     if progress:
         from tqdm import tqdm
@@ -207,19 +207,25 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     try:
         for start in range(0, len(flat), step):
             chunk = [p for _, p in flat[start : start + step]]
-            outs += engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=None if temperature == 0 else seed + start,
-                                    stop_token_ids=[t for t in stop if t is not None])
+            try:
+                new = engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      seed=None if temperature == 0 else seed + start,
+                                      stop_token_ids=[t for t in stop if t is not None])
+            except Interrupted as e:  # the chunk's completions that had finished
+                outs.update({start + i: o for i, o in e.done.items()})
+                raise
+            outs.update({start + i: o for i, o in enumerate(new)})
             if bar is not None:
                 bar.update(len(chunk))
-    except KeyboardInterrupt:
-        done = len(outs) // samples
-        raise Interrupted(check_completions(problems[:done], [completion_text(tok, o) for o in outs[: done * samples]],
-                                           samples)) from None
+    except KeyboardInterrupt:  # the problems whose samples had all finished
+        done = [j for j in range(len(problems)) if all(j * samples + s in outs for s in range(samples))]
+        raise Interrupted([check_completions([problems[j]], [completion_text(tok, outs[j * samples + s])
+                                                             for s in range(samples)], samples)[0]
+                           for j in done]) from None
     finally:
         if bar is not None:
             bar.close()
-    return check_completions(problems, [completion_text(tok, o) for o in outs], samples)
+    return check_completions(problems, [completion_text(tok, outs[k]) for k in range(len(flat))], samples)
 
 
 def completion_text(tok, ids: list[int]) -> str:
@@ -352,7 +358,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
     """The first n problems (0: all) of --data FILE (GSM8K-format JSONL or Parquet), saying so when the file holds
     more (n_flag: the option that sets n); or n task-suite problems of `split` spread over the cells `tasks_` names
     (FAMILY, FAMILY:LEVEL or all; parse_cells)."""
-    from ..cli import UserError
+    from ..cli import UserError, rank
     from ..data import tasks
 
     if data:
@@ -368,14 +374,18 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
                     raise ValueError(f"{where}: {e}") from None
                 if n and len(problems) == n:
                     break
-            rest = sum(1 for _ in records)
         except (OSError, ValueError) as e:
             raise UserError(str(e)) from None
         if not problems:
             raise UserError(f"{data}: no records")
-        if rest:
+        try:  # how many more there are, for the notice (the records past n are not read, so not checked)
+            rest = sum(1 for _ in records)
+            total = f" of its {n + rest}"
+        except (OSError, ValueError):
+            rest, total = 1, ""
+        if rest and rank() == 0:
             more = "--n 0 for all" if n_flag == "--n" else f"{n_flag} for more"
-            print(f"{data}: the first {n} of its {n + rest} records ({more})", file=sys.stderr)
+            print(f"{data}: the first {n}{total} records ({more})", file=sys.stderr)
         return problems
     if n < 1:
         raise UserError("--n must be at least 1 (0 means all of --data, which is not given)")

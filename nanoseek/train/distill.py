@@ -378,8 +378,8 @@ def distill(cfg: DistillConfig) -> dict:
     kept_text = "".join(json.dumps(k) + "\n" for k in kept)
     kept_before = (run / "kept.jsonl").read_text() if (run / "kept.jsonl").is_file() else None
     if (run / "student").exists() and kept_before != kept_text:
-        print("distill: the kept traces changed since the student's training began (the teacher has answered "
-              "questions it refused before): the student is trained again from the start", file=sys.stderr)
+        print("distill: the kept traces changed since the student's training began (answers to questions the teacher "
+              "had refused, or another check of them): the student is trained again from the start", file=sys.stderr)
         shutil.rmtree(run / "student")
     atomic.write_text(run / "kept.jsonl", kept_text)
     print(f"traces: {json.dumps(counts)}", file=sys.stderr)

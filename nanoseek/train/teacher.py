@@ -176,13 +176,13 @@ class URLTeacher:
         raises once the answers before it are yielded. However it ends (an error, Ctrl-C, a consumer that stops),
         nothing more is asked, and the requests in flight are left to daemon threads, which the process does not
         wait for: Ctrl-C ends a run at once, not after the slowest request (up to its 300 s timeout)."""
-        self.stop.clear()
+        stop = self.stop = threading.Event()  # this call's: workers of an abandoned earlier call keep theirs, set
         todo, done = queue.SimpleQueue(), queue.SimpleQueue()
         for i in range(len(questions)):
             todo.put(i)
 
         def work() -> None:
-            while not self.stop.is_set():
+            while not stop.is_set():
                 try:
                     i = todo.get_nowait()
                 except queue.Empty:
@@ -201,7 +201,7 @@ class URLTeacher:
                     raise error
                 yield i, trace
         finally:
-            self.stop.set()  # no new question, no retry
+            stop.set()  # no new question, no retry
 
 
 def _text(value) -> str:
