@@ -13,9 +13,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    try:  # a submodule, as `import nanoseek; nanoseek.config` found it when this file imported them all
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":  # the submodule exists, and a module it imports does not
+            raise
+        raise AttributeError(f"module 'nanoseek' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

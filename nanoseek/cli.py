@@ -56,6 +56,22 @@ class Interrupted(KeyboardInterrupt):
         self.done = done
 
 
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """While a Ctrl-C's partial results are put together: a second SIGINT (GNU timeout sends two) would lose them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
     """An argparse `type` for a number in [low, high] ((low, high] with low_open): a value outside is a usage error
     naming the option, before anything runs (a zero batch size or a negative learning rate would otherwise train
@@ -136,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank() == 0 and not INTERRUPTED:
             print("\ninterrupted", file=sys.stderr)
         code = 130
+    if argv is None:  # the command itself: its work is done, and a late Ctrl-C would only be a traceback from teardown
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = sys.modules.get("nanoseek.train.loop")
     if loop is not None and loop.STARTED_PROCESS_GROUP:
         # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the

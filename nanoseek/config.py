@@ -154,12 +154,6 @@ class ModelConfig:
         need((self.scoring_func == "sigmoid") == (self.topk_method == "noaux_tc"),
              "routing is V3's (scoring_func sigmoid, topk_method noaux_tc) or V2's (softmax, greedy or "
              f"group_limited_greedy), not {self.scoring_func} with {self.topk_method}")
-        # transformers' deepseek_v2 never renormalises the softmax router's top-k weights (nor does DeepSeek's V3
-        # code) and always rotates interleaved pairs: a V2 router with either would load there as another model
-        need(self.scoring_func == "sigmoid" or not self.norm_topk_prob,
-             "a softmax (V2) router takes norm_topk_prob false, as every DeepSeek-V2 model does")
-        need(self.scoring_func == "sigmoid" or self.rope_interleave,
-             "a softmax (V2) router takes rope_interleave true (deepseek_v2 has no other RoPE layout)")
         need(self.moe_layer_freq == 1, "moe_layer_freq must be 1 (as in every DeepSeek model: other values are "
                                        "not read by transformers, vLLM or SGLang)")
         if self.n_routed_experts:
@@ -184,6 +178,15 @@ class ModelConfig:
                 bad = [k for k in YARN_NUMBERS if rs.get(k) is not None and
                        (isinstance(rs[k], bool) or not isinstance(rs[k], (int, float)))]
                 need(not bad, f"rope_scaling {', '.join(bad)} must be numbers")
+
+    def check_portable(self) -> None:
+        """For a new model: ConfigError where transformers' deepseek_v2, which a softmax (V2) router is written as,
+        would read it as another model: it never renormalises the router's top-k weights (nor does DeepSeek's V3
+        code) and always rotates interleaved pairs. (A model made so before this check still loads here.)"""
+        if self.scoring_func == "softmax" and self.norm_topk_prob:
+            raise ConfigError("a softmax (V2) router takes norm_topk_prob false, as every DeepSeek-V2 model does")
+        if self.scoring_func == "softmax" and not self.rope_interleave:
+            raise ConfigError("a softmax (V2) router takes rope_interleave true (deepseek_v2 has no other RoPE layout)")
 
     # --- Hugging Face config.json ---------------------------------------------------------------------------
     @classmethod

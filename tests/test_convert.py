@@ -204,11 +204,15 @@ def test_a_v2_router_is_written_as_deepseek_v2_and_transformers_agrees(tmp_path)
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
     assert nanoseek.load_model(d).config.scoring_func == "softmax"
-    v2 = dict(scoring_func="softmax", topk_method="greedy")
-    for bad in (dict(topk_method="greedy"), dict(scoring_func="softmax"), dict(moe_layer_freq=2),
-                v2 | dict(norm_topk_prob=True), v2 | dict(norm_topk_prob=False, rope_interleave=False)):
-        with pytest.raises(ConfigError):  # the last two: transformers' deepseek_v2 has neither
+    for bad in (dict(topk_method="greedy"), dict(scoring_func="softmax"), dict(moe_layer_freq=2)):
+        with pytest.raises(ConfigError):
             nanoseek.get_preset("cpu-tiny").replace(**bad)
+    v2 = dict(scoring_func="softmax", topk_method="greedy")
+    for bad in (v2 | dict(norm_topk_prob=True), v2 | dict(norm_topk_prob=False, rope_interleave=False)):
+        with pytest.raises(ConfigError):  # a new model: transformers' deepseek_v2 has neither
+            nanoseek.get_preset("cpu-tiny").replace(**bad).check_portable()
+        old = nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny").replace(**bad)), tmp_path / "o")
+        assert nanoseek.load_model(old).config.scoring_func == "softmax"  # one made before the check still loads
     written = json.loads((d / "config.json").read_text())  # a V2 config.json leaves out V2's own defaults
     del written["norm_topk_prob"], written["routed_scaling_factor"]
     (d / "config.json").write_text(json.dumps(written))

@@ -386,6 +386,10 @@ def test_the_command_line_starts_without_torch():
 
     code = "import sys, nanoseek.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    import nanoseek  # and the package's names and submodules are there when asked for
+
+    assert nanoseek.config.PRESETS is nanoseek.PRESETS and nanoseek.checkpoint.load_model is nanoseek.load_model
+    assert not hasattr(nanoseek, "no_such_module")
 
 
 def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch, capsys):
@@ -406,3 +410,9 @@ def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch
     assert main(["generate", "--model", "m", "hi"]) == 130
     gc.collect()  # a bar left open was closed, and drawn once more, when it was collected
     assert capsys.readouterr().err.endswith("\ninterrupted\n")
+
+
+def test_set_refuses_a_v2_router_transformers_would_read_otherwise(tmp_path, capsys):
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r", *TINY, "--set", "scoring_func=softmax",
+                        "--set", "topk_method=greedy")
+    assert code == 1 and "norm_topk_prob false" in err

@@ -22,6 +22,7 @@ refills a row as soon as a completion ends, so the 1000-problem evaluation of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -192,7 +193,7 @@ def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens:
 
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
              style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
-    from ..cli import Interrupted
+    from ..cli import Interrupted, ctrl_c_ignored
 
     prompts = prompts_for(problems, tok, style)
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
@@ -218,10 +219,11 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
             if bar is not None:
                 bar.update(len(chunk))
     except KeyboardInterrupt:  # the problems whose samples had all finished
-        done = [j for j in range(len(problems)) if all(j * samples + s in outs for s in range(samples))]
-        raise Interrupted([check_completions([problems[j]], [completion_text(tok, outs[j * samples + s])
-                                                             for s in range(samples)], samples)[0]
-                           for j in done]) from None
+        with ctrl_c_ignored():
+            done = [j for j in range(len(problems)) if all(j * samples + s in outs for s in range(samples))]
+            raise Interrupted([check_completions([problems[j]], [completion_text(tok, outs[j * samples + s])
+                                                                 for s in range(samples)], samples)[0]
+                               for j in done]) from None
     finally:
         if bar is not None:
             bar.close()
@@ -245,7 +247,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it ended inside the reasoning:
     `content` null, as nanoseek serve and vLLM send it).
     Sample i of the whole run is asked with seed + i."""
-    from ..cli import Interrupted
+    from ..cli import Interrupted, ctrl_c_ignored
 
     questions = [p.question for p in problems for _ in range(samples)]
     texts = [""] * len(questions)
@@ -269,9 +271,10 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
             if bar is not None:
                 bar.update()
     except KeyboardInterrupt:  # the replies come in any order: the problems whose samples all came
-        done = [j for j in range(len(problems)) if all(finished[j * samples : (j + 1) * samples])]
-        raise Interrupted([check_completions([problems[j]], texts[j * samples : (j + 1) * samples], samples)[0]
-                           for j in done]) from None
+        with ctrl_c_ignored():
+            done = [j for j in range(len(problems)) if all(finished[j * samples : (j + 1) * samples])]
+            raise Interrupted([check_completions([problems[j]], texts[j * samples : (j + 1) * samples], samples)[0]
+                               for j in done]) from None
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
@@ -438,7 +441,7 @@ def earlier_results(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import Interrupted, UserError, output_file
+    from ..cli import Interrupted, UserError, ctrl_c_ignored, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
     from ..train.teacher import URLTeacher, check_scheme, is_url
@@ -480,12 +483,14 @@ def run(args: argparse.Namespace) -> int:
             rows = f" ({args.out} keeps its earlier results: their rows are not written)"
         print(f"\ninterrupted: {len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
               file=sys.stderr)
-    if args.out is not None and not (interrupted and earlier):
-        rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
-                                   r.completions, "extracted": r.answers, "correct": r.correct}) + "\n" for r in results)
-        if args.out == "-":
-            sys.stdout.write(rows)
-        else:
-            Path(args.out).write_text(rows)
-    print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {})))
+    with ctrl_c_ignored() if interrupted else contextlib.nullcontext():  # the rows a Ctrl-C kept are written whole
+        if args.out is not None and not (interrupted and earlier):
+            rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
+                                       r.completions, "extracted": r.answers, "correct": r.correct}) + "\n"
+                           for r in results)
+            if args.out == "-":
+                sys.stdout.write(rows)
+            else:
+                Path(args.out).write_text(rows)
+        print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {})))
     return 130 if interrupted else 0

@@ -145,7 +145,7 @@ def parse_overrides(items: list[str], preset: str) -> dict:
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string, e.g. --set scoring_func=softmax
     try:
-        get_preset(preset).replace(**overrides)
+        get_preset(preset).replace(**overrides).check_portable()
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError; "abc" > 0 is a TypeError
         raise UserError(f"--set: {e}") from None
     return overrides
