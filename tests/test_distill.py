@@ -401,6 +401,11 @@ def test_a_directory_of_someone_elses_files_is_refused_even_with_a_traces_jsonl(
     with pytest.raises(UserError, match="holds no distillation run"):
         claim_run(mine, DistillConfig(teacher="t", out=str(mine), student="s"))
     assert (mine / "traces.jsonl").read_text() == '{"my": "trace"}'
+    older = tmp_path / "older"  # a run from before distill.json: its own files, its own records (one cut short)
+    older.mkdir()
+    (older / "traces.jsonl").write_text('{"uid": "u", "sample": 0, "question": "q", "answer": "a"}\n{"uid": "v", "s')
+    claim_run(older, DistillConfig(teacher="t", out=str(older), student="s"))
+    assert (older / "distill.json").is_file()
 
 
 def test_a_stopped_url_run_leaves_no_thread_the_process_must_wait_for(server, monkeypatch):

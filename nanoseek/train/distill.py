@@ -297,6 +297,23 @@ def check_same_vocabulary(teacher: str, student: str) -> None:
                         "ids); distill without --kd-weight, or start from --student-preset, which takes the teacher's")
 
 
+RUN_ENTRIES = {"traces.jsonl", "traces_cost.json", "kept.jsonl", "student_init", "student", "cost.json", "report.json"}
+
+
+def older_run(run: Path) -> bool:
+    """A distillation run from before RUN/distill.json was written: nothing but what distill writes, and a
+    traces.jsonl of its records (a last line cut short by an interruption aside)."""
+    if not (run / "traces.jsonl").is_file() or not {p.name for p in run.iterdir()} <= RUN_ENTRIES:
+        return False
+    try:
+        text = (run / "traces.jsonl").read_text()
+        whole = text.splitlines()[: None if text.endswith("\n") else -1]
+        return any(whole) and all({"uid", "sample", "question", "answer"} <= json.loads(line).keys()
+                                  for line in whole if line)
+    except (ValueError, AttributeError):  # not JSON objects (UnicodeDecodeError is a ValueError)
+        return False
+
+
 def claim_run(run: Path, cfg: DistillConfig) -> None:
     """RUN/distill.json records what a run distils (teacher, student, problems, sampling, the student's training); a
     rerun in the same directory with the same settings resumes it, and one with other settings is refused instead of
@@ -327,7 +344,7 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
         return
-    if run.is_dir() and any(run.iterdir()):  # someone's files, which distill would append to and replace
+    if run.is_dir() and any(run.iterdir()) and not older_run(run):  # someone's files: distill would replace them
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, what)
