@@ -41,7 +41,6 @@ DISTRIBUTED = {"pretrain", "sft", "grpo"}
 # The options the running command's line set (those that differ from their defaults; None outside the CLI), so a
 # resumed run can say which of them it does not use
 GIVEN: set[str] | None = None
-INTERRUPTED = False  # run_verb said "interrupted" already
 
 
 class UserError(Exception):
@@ -148,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # while the verbs' modules load, or a second Ctrl-C (torchrun forwards its own)
-        if rank() == 0 and not INTERRUPTED:
-            print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
+        if "tqdm" in sys.modules:  # close the bars now: one collected later is drawn again, after the line below
+            for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
+                bar.close()
+        if rank() == 0:
+            print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         code = 130
     if argv is None:  # the command itself: its work is done, and a late Ctrl-C would only be a traceback from teardown
         import signal
@@ -222,15 +224,6 @@ def run_verb(argv: list[str]) -> int:
         if rank() == 0:  # the process that exited first said why (if it could); a traceback would only bury that
             print("error: another process of this run exited; continue the run with --resume", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        global INTERRUPTED
-        INTERRUPTED = True
-        if "tqdm" in sys.modules:  # close the bars now: one collected later is drawn again, after the line below
-            for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
-                bar.close()
-        if rank() == 0:
-            print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
-        return 130
     finally:
         GIVEN = None
 

@@ -2,7 +2,8 @@
 
 `ModelConfig.from_hf(dict)` reads any `deepseek_v3` (or `deepseek_v2`) `config.json`, old style
 (`rope_theta` + `rope_scaling`) or new style (`rope_parameters`); `to_hf()` writes one that `transformers`,
-vLLM and SGLang read (`deepseek_v2` for V2's softmax router, which their DeepseekV3 classes do not implement). The defaults are DeepSeek-V3 (671B); `PRESETS` holds the named sizes we train.
+vLLM and SGLang read (`deepseek_v2` for V2's softmax router, which their DeepseekV3 classes do not implement).
+The defaults are DeepSeek-V3 (671B); `PRESETS` holds the named sizes we train.
 """
 
 from __future__ import annotations

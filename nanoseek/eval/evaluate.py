@@ -218,12 +218,10 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
             outs.update({start + i: o for i, o in enumerate(new)})
             if bar is not None:
                 bar.update(len(chunk))
-    except KeyboardInterrupt:  # the problems whose samples had all finished
+    except KeyboardInterrupt:
         with ctrl_c_ignored():
-            done = [j for j in range(len(problems)) if all(j * samples + s in outs for s in range(samples))]
-            raise Interrupted([check_completions([problems[j]], [completion_text(tok, outs[j * samples + s])
-                                                                 for s in range(samples)], samples)[0]
-                               for j in done]) from None
+            raise Interrupted(finished_problems(problems, {k: completion_text(tok, o) for k, o in outs.items()},
+                                                samples)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -250,17 +248,15 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     from ..cli import Interrupted, ctrl_c_ignored
 
     questions = [p.question for p in problems for _ in range(samples)]
-    texts = [""] * len(questions)
+    texts: dict[int, str] = {}  # sample index (problem-major) -> the reply as a completion's text
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
     refused: list[str] = []
-    finished = [False] * len(questions)
     try:
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
-            finished[i] = True
             refused += [trace.error] if trace.error else []
             if not trace.reasoning:
                 texts[i] = trace.answer
@@ -270,11 +266,9 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
                 texts[i] = f"<think>\n{trace.reasoning}"
             if bar is not None:
                 bar.update()
-    except KeyboardInterrupt:  # the replies come in any order: the problems whose samples all came
+    except KeyboardInterrupt:  # the replies come in any order
         with ctrl_c_ignored():
-            done = [j for j in range(len(problems)) if all(finished[j * samples : (j + 1) * samples])]
-            raise Interrupted([check_completions([problems[j]], texts[j * samples : (j + 1) * samples], samples)[0]
-                               for j in done]) from None
+            raise Interrupted(finished_problems(problems, texts, samples)) from None
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
@@ -284,7 +278,14 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     if refused:
         print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
               "scored as wrong", file=sys.stderr)
-    return check_completions(problems, texts, samples)
+    return check_completions(problems, [texts[i] for i in range(len(questions))], samples)
+
+
+def finished_problems(problems, texts: dict[int, str], samples: int) -> list[EvalResult]:
+    """After a Ctrl-C: the problems whose samples all have a text (texts: sample index, problem-major), checked."""
+    done = [j for j in range(len(problems)) if all(j * samples + s in texts for s in range(samples))]
+    return check_completions([problems[j] for j in done], [texts[j * samples + s] for j in done
+                                                           for s in range(samples)], samples)
 
 
 def check_completions(problems, texts: list[str], samples: int) -> list[EvalResult]:

@@ -73,7 +73,10 @@ def trace_problems(cfg: DistillConfig):
     problems = load_problems(None if cfg.data else cfg.tasks, cfg.data, cfg.n, cfg.seed + 2, split="train")
     if not cfg.data:
         return problems
-    unique = list({p.uid: p for p in reversed(problems)}.values())[::-1]  # the first record of each question
+    first: dict[str, object] = {}
+    for p in problems:
+        first.setdefault(p.uid, p)
+    unique = list(first.values())  # the first record of each question, in file order
     if len(unique) < len(problems):
         print(f"distill: {len(problems) - len(unique)} of {len(problems)} --data records repeat an earlier question "
               "(ignoring case and spacing); each question is asked once, and checked against its first record",

@@ -91,6 +91,7 @@ async function api(path, opts = {}) {
   return res;
 }
 const getJson = async (path, opts) => (await api(path, opts)).json();
+const conversationUrl = (id) => `/api/conversations/${encodeURIComponent(id)}`;
 
 // Streams one chat completion; onStart() once the server has accepted the request, then onDelta(kind, text) with
 // kind "reasoning" or "content". Returns the finish reason.
@@ -256,7 +257,7 @@ async function openConversation(id) {
   if (id === state.convId) return;
   await stopAnswer();
   try {
-    const conv = await getJson(`/api/conversations/${encodeURIComponent(id)}`);
+    const conv = await getJson(conversationUrl(id));
     state.convId = conv.id;
     state.messages = conv.messages;
     renderConversation();
@@ -279,14 +280,14 @@ async function renameConversation(id, title) {
   if (!name || name === title) return;
   try {
     const json = { title: Array.from(name).slice(0, 500).join("") };  // the server keeps 500 characters
-    await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "PATCH", json });
+    await api(conversationUrl(id), { method: "PATCH", json });
     await refreshList();
   } catch (e) { await gone(id, e); }
 }
 
 async function deleteConversation(id) {
   try {
-    await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+    await api(conversationUrl(id), { method: "DELETE" });
   } catch (e) {
     if (e.status !== 404) { setStatus("Error: " + e.message); return; }  // 404: deleted already
   }
@@ -305,8 +306,7 @@ async function send() {
   state.abort = new AbortController();  // Stop works from here on
   try {
     if (state.convId) {  // as stored: another tab may have added turns since it was opened
-      const path = `/api/conversations/${encodeURIComponent(state.convId)}`;
-      state.messages = (await getJson(path, { signal: state.abort.signal })).messages;
+      state.messages = (await getJson(conversationUrl(state.convId), { signal: state.abort.signal })).messages;
       renderConversation();
     }
     await answer(text);
@@ -329,7 +329,7 @@ async function saveQuestion(text, history) {
     state.convId = (await getJson("/api/conversations", { method: "POST", json: { title } })).id;
   }
   const convId = state.convId;
-  await api(`/api/conversations/${convId}/messages`, { method: "POST", json: { role: "user", content: text } });
+  await api(conversationUrl(convId) + "/messages", { method: "POST", json: { role: "user", content: text } });
   history.push({ role: "user", content: text });
   await refreshList();
   return convId;
@@ -386,7 +386,7 @@ async function answer(text) {
   if (reasoning || content) {
     const msg = { role: "assistant", content, reasoning: reasoning || null };
     try {
-      await api(`/api/conversations/${convId}/messages`, { method: "POST", json: msg });
+      await api(conversationUrl(convId) + "/messages", { method: "POST", json: msg });
       history.push(msg);
     } catch (e) { view.error("the answer could not be saved: " + e.message); }  // the question was: not put back
   }
