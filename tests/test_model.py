@@ -129,6 +129,28 @@ def test_grouped_mm_matches_loop(width):
     assert torch.allclose(grouped_mm(x, w, offsets), ref, atol=1e-5)
 
 
+def test_router_stays_float32_and_experts_get_bf16_under_autocast(monkeypatch):
+    """Training on a GPU runs under bf16 autocast (CPU autocast stands in for it): the router must still score in
+    float32 (DeepSeek keeps the gate in high precision) and pick the same experts, and the experts' grouped matmuls
+    must get bf16 input (CUDA's grouped_mm takes no float32; it would fall back to a per-expert loop)."""
+    from nanoseek.model import moe as moe_mod
+
+    model = tiny()
+    moe = model.moe_layers()[0]
+    x = torch.randn(64, model.config.hidden_size)
+    w32, idx32, s32 = moe.gate(x)
+    seen = []
+    real = moe_mod.grouped_mm
+    monkeypatch.setattr(moe_mod, "grouped_mm", lambda a, *r: seen.append(a.dtype) or real(a, *r))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, idx, s = moe.gate(x)
+        out = moe(x[None])
+    assert s.dtype == w.dtype == torch.float32
+    assert torch.equal(idx, idx32) and torch.equal(s, s32)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert torch.allclose(out.float(), moe(x[None]), atol=0.05 * moe(x[None]).abs().max().item())
+
+
 def test_aux_free_bias_update_and_float32_bias():
     model = tiny()
     moe = model.moe_layers()[0]

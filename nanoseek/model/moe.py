@@ -12,9 +12,9 @@ V2's `softmax` scoring with `greedy` / `group_limited_greedy` (group score = max
 
 Experts: the N·K (token, expert) pairs are sorted by expert, so each expert's tokens are one contiguous block, and
 one `torch.nn.functional.grouped_mm` per projection runs all experts at once (no per-expert Python loop, no host
-synchronisation). Where grouped_mm is unavailable (CUDA float32, widths not a multiple of 16 bytes, old
-PyTorch) a per-expert loop over the same
-sorted blocks is the fallback; on the CPU a decode-sized batch (fewer pairs than experts) loops over only the
+synchronisation; under autocast the experts' input is cast to bf16, since CUDA's grouped_mm takes no float32).
+Where grouped_mm is unavailable (CUDA float32, widths not a multiple of 16 bytes, old PyTorch) a per-expert loop over
+the same sorted blocks is the fallback; on the CPU a decode-sized batch (fewer pairs than experts) loops over only the
 experts it hits, since grouped_mm visits every expert.
 
 Balancing: the per-expert token counts of every forward are accumulated in `load` (float32, no gradient);
@@ -60,7 +60,12 @@ class Gate(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, D) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
+        """x (N, D) -> weights (N, K) float32, indices (N, K), scores (N, E) float32. Autocast is turned off here:
+        it would run the linear in bf16 whatever its inputs, and bf16 sigmoid scores step by 2⁻⁸ (coarser than the
+        bias step γ), which ties experts and changes the choice of about 2% of tokens."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x)
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
@@ -83,7 +88,7 @@ class Gate(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x (M, in) rows sorted by group; w (E, in, out); offsets (E,) int32 cumulative row ends -> (M, out)."""
-    w = w.to(x.dtype)  # under autocast x arrives in bf16 while master weights stay float32 (grouped_mm is not autocast)
+    w = w.to(x.dtype)  # under autocast Experts casts x to bf16; master weights stay float32 (grouped_mm is not autocast)
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-2], w.shape[-1]))
     native = hasattr(F, "grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
     if native:
@@ -111,6 +116,8 @@ class Experts(nn.Module):
         order = indices.flatten().argsort(stable=True)  # (N·K,) pair ids sorted by expert
         token = order // K  # source token of each sorted pair
         xs = x[token]  # (N·K, D)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream is float32; CUDA's grouped_mm needs bf16
+            xs = xs.to(torch.get_autocast_dtype(x.device.type))
         if x.device.type == "cpu" and N * K < counts.numel():
             ys = self._hit_experts_only(xs, counts)  # decode-sized batch: most experts are idle
         else:
