@@ -105,6 +105,44 @@ def test_fp8_linear_matches_float32(pow2):
     assert torch.allclose(lin.bias.grad, db_ref, atol=1e-5)
 
 
+def test_failed_compile_falls_back_to_eager(monkeypatch):
+    """torch.compile is lazy: without Triton or a C compiler it fails at the first call (InductorError). The
+    quantiser then warns once and runs eagerly instead of ending the run with a traceback."""
+    from nanoseek.model import fp8
+
+    def lazy_compile(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", lazy_compile)
+    monkeypatch.setattr(fp8, "_WARNED", set())
+    fp8._compiled.cache_clear()
+    try:
+        x = torch.randn(4, 256)
+        with pytest.warns(UserWarning, match="torch.compile failed"):
+            q, s = fp8._compiled(fp8._quantize_tiles_eager, tile=BLOCK, pow2=False)(x)
+        ref_q, ref_s = quantize_tiles(x)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    finally:
+        fp8._compiled.cache_clear()
+
+
+def test_fp8_without_fp8_tensor_cores_warns(monkeypatch):
+    """--fp8 on an A100 (sm80) emulates: slower than bf16, so it must say so."""
+    from nanoseek.model import fp8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    monkeypatch.setattr(fp8, "_WARNED", set())
+    fp8._backends_for.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="A100 has no FP8 tensor cores"):
+            assert fp8._backends_for(torch.device("cuda", 0)) == ()
+    finally:
+        fp8._backends_for.cache_clear()
+
+
 def test_fp8_linear_is_deterministic_emulation():
     """The emulation is exactly deq(q(x)) · deq(q(W))ᵀ."""
     torch.manual_seed(1)

@@ -26,8 +26,8 @@ Backends (chosen per device at first use, each checked against the emulation on 
     rounding of the operands; only the order of float32 accumulation differs from a real FP8 GEMM.
   - "cublas" (sm90): `torch.nn.functional.scaled_mm` with ScalingType.BlockWise1x128 / BlockWise128x128 (cuBLASLt,
     CUDA >= 12.9). Sides must be multiples of 128. On an H100 it ran 1.1 PFLOP/s against 0.75 for bf16.
-  - "triton" (sm90): a small Triton kernel with the same per-128-slice scaled accumulation, for shapes cuBLAS
-    refuses (e.g. kv_a_proj's 576 outputs). Correct but slow (0.42 PFLOP/s, below bf16).
+  - "triton" (sm90): a small Triton kernel (fp8_triton.py) with the same per-128-slice scaled accumulation, for shapes
+    cuBLAS refuses (e.g. kv_a_proj's 576 outputs). Correct but slow (0.42 PFLOP/s, below bf16).
   On CUDA a one-pass Triton kernel quantises (read, per-tile amax, scale, cast, write; used only if it reproduces
   the eager quantiser at first use), else `torch.compile` of the eager code (correct, but on an H100 it cost about
   as much as the FP8 GEMM it feeds). Force a GEMM backend with NANOSEEK_FP8_BACKEND=emulate|cublas|triton.
@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_triton import gemm_triton, quantize_triton
 from .moe import Experts, grouped_mm
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -104,61 +105,32 @@ _COMPILE = os.environ.get("NANOSEEK_FP8_COMPILE", "1") != "0"
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn, **kw):
-    """On CUDA the quantisers run `torch.compile`d: one fused read-reduce-scale-cast pass instead of ~6 kernels."""
+    """On CUDA the quantisers run `torch.compile`d: one fused read-reduce-scale-cast pass instead of ~6 kernels.
+    torch.compile is lazy (a missing Triton or C compiler shows only at the first call), so a call that fails falls
+    back to eager for good: eager is correct, just slower."""
+    eager = functools.partial(fn, **kw)
     try:
         dyn = torch._dynamo.config  # one entry per dtype × layout (contiguous / transposed) × pow2: allow them all
         dyn.recompile_limit = max(getattr(dyn, "recompile_limit", 8), 64)
-        return torch.compile(functools.partial(fn, **kw), dynamic=True)
-    except Exception as e:  # noqa: BLE001 - no inductor / no compiler: eager is correct, just slower
-        _warn_once(f"torch.compile unavailable for FP8 quantisation ({e}); using eager")
-        return functools.partial(fn, **kw)
+        impl = [torch.compile(eager, dynamic=True)]
+    except Exception as e:  # noqa: BLE001 - no inductor
+        _warn_once(f"torch.compile unavailable for FP8 quantisation ({_why(e)}); using eager")
+        return eager
+
+    def call(x):
+        if impl[0] is not eager:
+            try:
+                return impl[0](x)
+            except Exception as e:  # noqa: BLE001 - e.g. InductorError: no Triton / no working C compiler
+                _warn_once(f"torch.compile failed for FP8 quantisation ({_why(e)}); using eager")
+                impl[0] = eager
+        return eager(x)
+
+    return call
 
 
 def _fast(x: torch.Tensor, *dims: int) -> bool:
     return x.is_cuda and _COMPILE and x.numel() > 0 and all(d % BLOCK == 0 for d in dims)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_quant_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, q_ptr, s_ptr, R, C, sxr, sxc, BR: tl.constexpr, BLOCKWISE: tl.constexpr, POW2: tl.constexpr):
-        # one program: rows [pr·BR, +BR) × columns [pc·128, +128) of x (R, C) (any strides); q, s row-major
-        pr, pc = tl.program_id(0), tl.program_id(1)
-        rows = pr * BR + tl.arange(0, BR)
-        cols = pc * 128 + tl.arange(0, 128)
-        mask = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxr + cols[None, :].to(tl.int64) * sxc, mask=mask,
-                    other=0.0).to(tl.float32)
-        # IEEE divisions (tl.div_rn; Triton's `/` is approximate), so results equal the eager quantiser's
-        amax = tl.max(tl.abs(x), axis=1)  # (BR,): per row of the 1×128 tile
-        if BLOCKWISE:  # one scale for the whole 128×128 block, kept on every row
-            amax = tl.zeros((BR,), dtype=tl.float32) + tl.max(amax, axis=0)
-        s = tl.maximum(tl.div_rn(amax, tl.full((BR,), 448.0, tl.float32)), 1e-12)
-        if POW2:
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-        q = tl.div_rn(x, tl.broadcast_to(s[:, None], (BR, 128)))
-        if BLOCKWISE:
-            tl.store(s_ptr + pr * tl.cdiv(C, 128) + pc, tl.max(s, axis=0))
-        else:
-            tl.store(s_ptr + rows * tl.cdiv(C, 128) + pc, s, mask=rows < R)
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q, mask=mask)
-
-    return kernel
-
-
-def _quantize_triton(x: torch.Tensor, pow2: bool, blockwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: x (R, C), C % 128 == 0 (and R for blocks) -> fp8 (R, C) contiguous, scales row-major."""
-    R, C = x.shape
-    BR = 128 if blockwise else 64
-    q = torch.empty(R, C, device=x.device, dtype=torch.uint8)
-    s = torch.empty(-(-R // BR) if blockwise else R, C // BLOCK, device=x.device, dtype=torch.float32)
-    _triton_quant_kernel()[(-(-R // BR), C // BLOCK)](x, q, s, R, C, x.stride(0), x.stride(1), BR=BR,
-                                                      BLOCKWISE=blockwise, POW2=pow2, num_warps=8)
-    return q.view(FP8_DTYPE), s
 
 
 def quant_mismatch(a, b) -> str | None:
@@ -182,9 +154,9 @@ def _quant_impl(device: torch.device) -> str:
         x = (torch.randn(384, 256, generator=g) * torch.exp2(torch.randint(-8, 9, (384, 1), generator=g))).to(device)
         for pow2 in (False, True):
             for inp in (x, x.t(), x.bfloat16(), x.bfloat16().t()):
-                why = quant_mismatch(_quantize_triton(inp, pow2, False), _quantize_tiles_eager(inp, BLOCK, pow2))
+                why = quant_mismatch(quantize_triton(inp, pow2, False), _quantize_tiles_eager(inp, BLOCK, pow2))
                 assert why is None, f"tiles pow2={pow2} {inp.dtype} stride={inp.stride()}: {why}"
-            why = quant_mismatch(_quantize_triton(x, pow2, True), _quantize_weight_eager(x, pow2))
+            why = quant_mismatch(quantize_triton(x, pow2, True), _quantize_weight_eager(x, pow2))
             assert why is None, f"blocks pow2={pow2}: {why}"
         BACKEND_REPORT["quantiser"] = "triton"
         return "triton"
@@ -198,7 +170,7 @@ def quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2: bool = False) -> tu
     the last dim (the last tile of a row may be shorter). Pass x.t() to tile along the first dim instead."""
     if tile == BLOCK and _fast(x, x.shape[1]):
         if _quant_impl(x.device) == "triton":
-            return _quantize_triton(x, pow2, False)
+            return quantize_triton(x, pow2, False)
         return _compiled(_quantize_tiles_eager, tile=BLOCK, pow2=pow2)(x)
     return _quantize_tiles_eager(x, tile, pow2)
 
@@ -212,7 +184,7 @@ def quantize_weight(w: torch.Tensor, pow2: bool = False, block: int = BLOCK) -> 
     """w (N, K) -> (fp8 (N, K), scale (ceil(N/b), ceil(K/b)) float32). Equals `quantize_block` when pow2 is False."""
     if block == BLOCK and _fast(w, *w.shape):
         if _quant_impl(w.device) == "triton":
-            return _quantize_triton(w, pow2, True)
+            return quantize_triton(w, pow2, True)
         return _compiled(_quantize_weight_eager, pow2=pow2)(w)
     return _quantize_weight_eager(w, pow2, block)
 
@@ -250,62 +222,10 @@ def _gemm_scaled_mm_v2(aq, a_s, bq, b_s, b_block, out_dtype=torch.bfloat16):
     return F.scaled_mm(aq, bq.t(), _col_major(a_s), ST.BlockWise1x128, sb, rb, output_dtype=out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K, s_am, s_ak, s_bn, s_bk,
-               B_BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        width = GROUP_M * grid_n  # grouped launch order: neighbouring programs share A rows in L2
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        mm, mn = rm < M, rn < N
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-        b_ptrs = b_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-        if B_BLOCK:
-            sb_rows = rn // BK  # one scale per 128 output rows (weight blocks)
-        else:
-            sb_rows = rn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            mk = (k * BK + rk) < K
-            a = tl.load(a_ptrs, mask=mm[:, None] & mk[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-            b = tl.load(b_ptrs, mask=mn[:, None] & mk[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-            sa = tl.load(sa_ptr + rm * s_am + k * s_ak, mask=mm, other=0.0)
-            sb = tl.load(sb_ptr + sb_rows * s_bn + k * s_bk, mask=mn, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])  # promote each 128-slice to fp32
-            a_ptrs += BK
-            b_ptrs += BK
-        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
-
-    return kernel
-
-
-def _gemm_triton(aq, a_s, bq, b_s, b_block, out_dtype=torch.bfloat16):
-    M, K = aq.shape
-    N = bq.shape[0]
-    out = torch.empty(M, N, device=aq.device, dtype=out_dtype)
-    BM = BN = 128
-    grid = (-(-M // BM) * -(-N // BN),)
-    _triton_kernel()[grid](aq.view(torch.uint8), bq.view(torch.uint8), out, a_s, b_s, M, N, K, a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
-                           B_BLOCK=b_block, BM=BM, BN=BN, BK=BLOCK, GROUP_M=8, num_warps=8, num_stages=4)
-    return out
-
-
 # name -> (gemm, needs sides that are multiples of 128)
 _CANDIDATES = {
     "cublas": (_gemm_scaled_mm_v2, True),
-    "triton": (_gemm_triton, False),
+    "triton": (gemm_triton, False),
 }
 _WARNED: set[str] = set()
 
@@ -354,7 +274,11 @@ BACKEND_REPORT: dict[str, str] = {}  # candidate -> "ok" or why it was rejected 
 @functools.lru_cache(maxsize=None)
 def _backends_for(device: torch.device) -> tuple[str, ...]:
     """Usable real backends on this device, best first; () means emulate."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda":
+        return ()
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        _warn_once(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (they start at sm89: L40, H100): "
+                   "FP8 is emulated, which is slower than plain bf16 training")
         return ()
     forced = os.environ.get("NANOSEEK_FP8_BACKEND", "")
     if forced == "emulate":
