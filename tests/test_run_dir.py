@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 
 import pytest
@@ -164,3 +165,16 @@ def test_an_atomic_write_never_touches_a_file_of_its_temporary_name(tmp_path):
     atomic.write_text(tmp_path / "x.jsonl", "new\n")
     assert (tmp_path / "x.jsonl.tmp").read_text() == "mine" and (tmp_path / "x.jsonl").read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.jsonl.tmp"]
+
+
+def test_rng_state_resumes_on_fewer_gpus(monkeypatch):
+    """A run saved where 12 GPUs were visible resumes where only one is: each GPU's generator state goes back to the
+    GPU of its index (not by string order, where cuda10 sorts before cuda2), and states of absent GPUs are skipped
+    (torch's set_rng_state_all raised IndexError)."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, int(state[0])))
+    saved = {"torch": torch.get_rng_state()} | {f"cuda{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}
+    loop.set_rng_state(saved, {"python": loop._jsonable(random.getstate())})
+    assert restored == {0: 0, 1: 1, 2: 2}

@@ -206,9 +206,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():  # by index, for the GPUs this machine shows (a run may resume on fewer)
+        for key, state in tensors.items():
+            if key.startswith("cuda") and int(key[4:]) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state, int(key[4:]))
     random.setstate(_tuplify(meta["python"]))
 
 
