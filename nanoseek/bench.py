@@ -32,7 +32,7 @@ def out_of_memory(e: BaseException) -> bool:
 # --- timing helpers (bench/decode.py uses them too) -------------------------------------------------------------
 def sync(device) -> None:
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def best_times(fns: dict, N: int, repeats: int, device) -> dict:

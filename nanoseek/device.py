@@ -28,6 +28,9 @@ def resolve_device(device: str, allow_mps: bool = True) -> str:
         raise UserError(f"--device {device!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine shows {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES may hide others)")
     if kind == "mps" and not mps:
         raise UserError(f"--device {device}: Apple's MPS is not available here")
     if kind not in ("cpu", "cuda", "mps"):

@@ -51,7 +51,7 @@ def measured_peak_flops(device: str | torch.device = "cpu", dtype=torch.float32,
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     best = float("inf")
     for _ in range(repeats):

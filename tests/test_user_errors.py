@@ -52,6 +52,18 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_a_gpu_index_past_the_visible_ones_is_one_line(monkeypatch):
+    """On a one-GPU machine (simulated), cuda:1 is refused up front, not by CUDA's "invalid device ordinal"."""
+    from nanoseek.cli import UserError
+    from nanoseek.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device("cuda") == "cuda"
+    with pytest.raises(UserError, match="shows 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
 def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "notes.txt", *TINY)
