@@ -69,6 +69,7 @@ def batch_sizes(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import NONNEGATIVE, POSITIVE_INT, bounded
+    from .device import add_dtype_argument
     from .train.pretrain import TRAIN_PRESETS
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -76,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=list(TRAIN_PRESETS),
                      help="a model size of `nanoseek pretrain`, randomly initialised (nothing to download)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    add_dtype_argument(p)
     p.add_argument("--batch-sizes", type=batch_sizes, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)")
     p.add_argument("--prompt-len", type=POSITIVE_INT, default=128, help="prompt tokens per sequence (default 128)")
     p.add_argument("--new-tokens", type=bounded(int, 2), default=128,
@@ -207,7 +209,7 @@ def setup(args: argparse.Namespace):
     from .checkpoint import read_config
     from .cli import UserError
     from .config import get_preset
-    from .device import check_fits, has_cxx, resolve_device
+    from .device import check_fits, has_cxx, inference_dtype, resolve_device
     from .model import build_model
 
     if args.threads:
@@ -222,7 +224,7 @@ def setup(args: argparse.Namespace):
         cfg = read_config(args.model)
     else:
         cfg = get_preset(args.preset).replace(torch_dtype="float32")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # what `nanoseek serve` decodes in
+    dtype = inference_dtype(args.dtype, device)  # auto: what `nanoseek serve` decodes in
     P, N, B = args.prompt_len, args.new_tokens, args.batch_sizes[-1]
     context = cfg.max_position_embeddings
     if P + N > context:

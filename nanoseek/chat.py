@@ -23,6 +23,7 @@ HELP = "commands: /clear (start over), /exit (quit)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import POSITIVE_INT, TEMPERATURE, bounded
+    from .device import add_dtype_argument
 
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     p.add_argument("--temperature", type=TEMPERATURE, default=None,
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's, ≤ 4096)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    add_dtype_argument(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=COMPILE_HELP)
 
 
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len, max_batch_size=1,
-                      compile=args.compile)
+                      compile=args.compile, dtype=args.dtype)
     if rt.tokenizer.chat_template is None:
         raise UserError(f"{args.model}: the tokenizer has no chat template")
     temperature = rt.defaults["temperature"] if args.temperature is None else args.temperature

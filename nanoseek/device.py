@@ -3,7 +3,7 @@
 auto picks CUDA when there is a GPU, else (for inference) Apple's MPS, else the CPU. A device this machine does not
 have is a one-line user error, not torch's assertion from deep inside the first tensor copy. Also what a report
 or benchmark says about the machine (`cpu_name`), whether torch.compile can build CPU code here (`has_cxx`), and
-whether a model will fit in its free memory (`check_fits`).
+whether a model will fit in its free memory (`check_fits`), and the dtype a decoding verb loads weights in (`--dtype`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ def resolve_device(device: str, allow_mps: bool = True) -> str:
     if kind not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {device}: nanoseek runs on cpu, cuda or mps")
     return device
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_argument(p) -> None:
+    """`--dtype` of the verbs that decode: the weights' and KV cache's dtype."""
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and KV cache for decoding: auto (default) is bfloat16 on a GPU and float32 on the "
+                        "CPU; float32 on a GPU gives transformers' float32 logits (and the CPU's answers), at more "
+                        "memory and time")
+
+
+def inference_dtype(name, device: str):
+    """--dtype's name (or a torch dtype, or None for auto) -> the torch dtype to decode in on `device`."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return getattr(torch, name) if isinstance(name, str) else name
 
 
 def cpu_name() -> str:

@@ -36,6 +36,7 @@ class Completion:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, bounded
+    from .device import add_dtype_argument
 
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     p.add_argument("prompt", nargs="*", metavar="PROMPT",
@@ -67,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end a completion at this text, which is cut off (repeat for several; in bash $'\\n' is a "
                         "newline); chat: applies to the answer. The model's eos always ends a completion")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    add_dtype_argument(p)
     p.add_argument("--out", metavar="FILE.jsonl",
                    help="also write one JSON record per completion here (Ctrl-C keeps those that finished)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         check_context([ids[longest]], args.max_new_tokens, cfg.max_position_embeddings, args.model)
     except UserError as e:
         raise UserError(f"{prompts[longest].where}: {e}") from None
-    engine = engine_for(args.model, device, ids, args.max_new_tokens, args.samples)
+    engine = engine_for(args.model, device, ids, args.max_new_tokens, args.samples, args.dtype)
     ends = stop_ids(Path(args.model), cfg, tok)
     chat = [p.messages is not None for p in prompts]
     start = time.perf_counter()

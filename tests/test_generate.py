@@ -9,6 +9,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_model_dir
 from nanoseek.engine.engine import Engine
@@ -56,6 +57,22 @@ def test_greedy_equals_engine_generate(model, capsys):
     assert s["tokens_per_s"] == pytest.approx(12 / s["seconds"], rel=0.05)
     # stdout is the completion itself (control characters dropped, as `nanoseek chat` prints)
     assert body == s["completions"][0].translate({c: None for c in [*range(32), 127] if chr(c) not in "\t\n"})
+
+
+def test_dtype_choice_decodes_in_it(model, capsys, monkeypatch):
+    """--dtype picks the weights' dtype (a GPU's default, bfloat16, can be turned to float32 to match the CPU and
+    transformers): float32 gives the default's tokens on the CPU, bfloat16 loads bfloat16 weights and decodes."""
+    import nanoseek.engine.engine as engine_mod
+
+    loaded = []
+    real = engine_mod.load_for_inference
+    monkeypatch.setattr(engine_mod, "load_for_inference",
+                        lambda *a, **k: loaded.append(m := real(*a, **k)) or m)
+    _, default = generate(capsys, model, "Tom has 3", "--max-new-tokens", "8")
+    _, f32 = generate(capsys, model, "Tom has 3", "--max-new-tokens", "8", "--dtype", "float32")
+    _, bf16 = generate(capsys, model, "Tom has 3", "--max-new-tokens", "8", "--dtype", "bfloat16")
+    assert [next(m.parameters()).dtype for m in loaded] == [torch.float32, torch.float32, torch.bfloat16]
+    assert f32["completions"] == default["completions"] and bf16["new_tokens"] == 8
 
 
 def test_raw_and_chat_prompt_ids(model):

@@ -65,12 +65,12 @@ BATCH_ROWS = 512
 
 
 def load_for_inference(path, device="cpu", dtype=None):
-    """A model directory's weights for decoding; dtype None: bfloat16 on an accelerator, float32 on the CPU."""
+    """A model directory's weights for decoding; dtype None or "auto": bfloat16 on an accelerator, float32 on the
+    CPU; else a torch dtype or its name (`--dtype`)."""
     from ..checkpoint import load_model
+    from ..device import inference_dtype
 
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return load_model(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=inference_dtype(dtype, device))
 
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow
@@ -143,7 +143,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, **kw) -> "Engine":
-        """dtype None: bfloat16 on an accelerator, float32 on the CPU."""
+        """dtype None: bfloat16 on an accelerator, float32 on the CPU (see load_for_inference)."""
         return cls(load_for_inference(path, device, dtype), **kw)
 
     # --- public API ---------------------------------------------------------------------------------------------

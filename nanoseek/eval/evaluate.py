@@ -181,13 +181,15 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, context: int, m
     return longest
 
 
-def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1):
-    """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`)."""
+def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens: int, samples: int = 1,
+               dtype=None):
+    """An engine for evaluating `samples` completions of each of `prompts` (`Engine.for_batch`); dtype as
+    `load_for_inference` takes it."""
     from ..checkpoint import read_config
     from ..engine.engine import Engine, load_for_inference
 
     check_context(prompts, max_new_tokens, read_config(model_dir).max_position_embeddings, model_dir)
-    model = load_for_inference(model_dir, device)
+    model = load_for_inference(model_dir, device, dtype)
     return Engine.for_batch(model, len(prompts) * samples, max(map(len, prompts), default=0), max_new_tokens)
 
 
@@ -402,6 +404,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE
+    from ..device import add_dtype_argument
 
     p.add_argument("--model", required=True,
                    help="model directory (HF format, with tokenizer files), or the base URL of an OpenAI-compatible "
@@ -425,6 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat template (default), plain text for base models, or R1-Zero's template")
     p.add_argument("--seed", type=SEED, default=0, help="which held-out problems (and the sampling seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_dtype_argument(p)
     p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
                                  "summary line); an existing file is replaced only if an earlier --out wrote it. "
                                  "Ctrl-C keeps the problems that finished: their rows, and a summary of them")
@@ -472,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError("--served-model names a model behind a URL; --model is a directory")
             tok = Tokenizer.from_dir(args.model)
             engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
-                                args.samples)
+                                args.samples, args.dtype)
             results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens,
                                args.prompt, args.seed, progress=not args.no_progress)
     except Interrupted as e:  # keep what finished: its rows go to --out, its scores to the summary

@@ -79,9 +79,10 @@ def stop_ids(model_dir: Path, cfg, tokenizer) -> list[int]:
 
 
 def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = None,
-                 max_batch_size: int = 16, compile: bool | None = None) -> Runtime:
+                 max_batch_size: int = 16, compile: bool | None = None, dtype=None) -> Runtime:
     """Model + tokenizer + defaults from an HF model directory. Raises UserError for bad settings.
-    compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH)."""
+    compile None: decode through torch.compile where it applies (the CPU, float32, a C++ compiler on the PATH).
+    dtype: `--dtype` (None / "auto": bfloat16 on a GPU, float32 on the CPU)."""
     import torch
 
     from ..checkpoint import read_config
@@ -107,7 +108,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     if compile is None:
         compile = device == "cpu" and has_cxx()
     try:
-        engine = Engine.from_pretrained(model_dir, device=device, max_batch_size=max_batch_size,
+        engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                         max_seq_len=max_model_len, compile=compile)
     except (RuntimeError, MemoryError) as e:  # the KV cache holds max_batch_size rows of max_model_len positions
         if "alloc" not in str(e) and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
