@@ -140,8 +140,11 @@ def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_entro
                         temperature: float = 1.0):
     """ids (B, T) prompt+completion, mask (B, T) 1 on completion tokens -> log π(token | prefix) (B, T-1), aligned
     with mask[:, 1:]; and the summed entropy over masked positions. π is the sampling distribution, softmax(logits /
-    temperature), so the importance ratio compares like with like when rollouts are sampled below temperature 1."""
-    logits = model(ids[:, :-1]).float() / temperature
+    temperature), so the importance ratio compares like with like when rollouts are sampled below temperature 1.
+    On a GPU the forward runs under bf16 autocast, as training's does (old, new and reference log-probs alike)."""
+    with loop.mixed_precision(ids.device):
+        logits = model(ids[:, :-1])
+    logits = logits.float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
     entropy = None

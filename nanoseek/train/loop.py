@@ -165,6 +165,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
+def mixed_precision(device) -> torch.autocast:
+    """bf16 autocast for a training forward on a GPU (float32 master weights; the router stays float32, moe.py);
+    off on the CPU, where training is plain float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
           decay_frac: float = 0.2) -> float:
     """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, linear decay over the last decay_frac)."""
@@ -510,7 +516,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     # every rank measures its own device (or its share of the CPU's cores)
     peak_all = device_peak_flops(d.device)[0] * d.world_size
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    autocast = mixed_precision(d.device)
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
     bar = None
