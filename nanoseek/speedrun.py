@@ -7,7 +7,9 @@
 Each stage writes its own run directory under OUT (pretrain/, sft/, grpo/, student_base/, distill/), so any stage
 can be rerun or inspected with the per-stage commands. Re-running the same command resumes: finished stages are
 skipped, and the last line's `resumed` lists them (its `wall_s` counts only this invocation). The `cpu` preset is
-sized for 2 CPU cores in about 20 minutes; `gpu` for one H100 in about 10.
+sized for 2 CPU cores in about 20 minutes. `gpu` is meant for one H100 in about 10 but has never been timed on one:
+the only GPU measurement of `small` (bench/results/pretrain_gpu.md, 55-59k tokens/s, taken before document masking
+and before the experts got bf16 grouped matmuls) would put its pretraining alone at 22-24 minutes.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ PRESETS = {
         "distill": dict(n=7000, max_tokens=256, epochs=4, batch_size=32, lr=2e-3),
         "eval_n": 200,
     },
-    "gpu": {
+    "gpu": {  # untimed on a GPU (see the docstring); the sft and grpo settings follow the cpu preset's findings
         "pretrain": dict(preset="small", steps=1200),
         "student_base": dict(preset="cpu-tiny", steps=1200, batch_size=64, micro_batch_size=64, seq_len=256),
-        "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=320, lr=5e-4),
-        "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=256, lr=2e-5, eval_every=20, eval_n=200,
-                     adaptive_tasks=True),
+        # ~1.4 passes over the conversations, as the cpu preset's (4000, the default, made ~11 passes)
+        "sft": dict(steps=400, batch_size=64, micro_batch_size=64, seq_len=320, lr=5e-4, n_samples=32000),
+        "grpo": dict(steps=60, prompts_per_step=32, group_size=16, max_new_tokens=256, lr=2e-5, temperature=0.6,
+                     eval_every=20, eval_n=200, adaptive_tasks=True),
         "distill": dict(n=6000, max_tokens=256, batch_size=64, lr=3e-4),
         "eval_n": 500,
     },
@@ -215,8 +218,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import SEED
 
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", metavar="{cpu,gpu}",
-                   help="cpu (2 cores, ~20 min) or gpu (1 H100, ~10 min); `smoke` is the tests' wiring check, whose "
-                        "teacher is too small to pass verification unless the test writes its traces first")
+                   help="cpu (2 cores, ~20 min) or gpu (one GPU; meant for ~10 min on an H100, not yet timed on one); "
+                        "`smoke` is the tests' wiring check, whose teacher is too small to pass verification unless the "
+                        "test writes its traces first")
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every stage (data, initialisation, rollouts)")
