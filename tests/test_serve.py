@@ -80,18 +80,19 @@ def verb_command(verb: str, module: str) -> list[str]:
 
 class ServerProcess:
     """`nanoseek serve` in a subprocess on a free loopback port; `stop()` ends it. Decoding eagerly (`--no-compile`,
-    quick to start) unless compile=True, which leaves the CLI's default: compiling the decode step at start-up."""
+    quick to start) unless compile=True, which leaves the CLI's default: compiling the decode step at start-up. env:
+    variables to set (NANOSEEK_API_KEY is not passed on otherwise)."""
 
     def __init__(self, model_dir: Path, log_path: Path, *extra: str, history: Path | None = None,
-                 compile: bool = False):
+                 compile: bool = False, env: dict | None = None):
         self.port, self.model_dir = free_port(), model_dir
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = verb_command("serve", "nanoseek.serve") + [
             "--model", str(model_dir), "--port", str(self.port), "--device", "cpu",
             "--history", str(history or log_path.with_suffix(".sqlite3")), "--log-level", "warning", *extra,
             *([] if compile else ["--no-compile"])]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        env.pop("NANOSEEK_API_KEY", None)
+        inherited = {k: v for k, v in os.environ.items() if k != "NANOSEEK_API_KEY"}  # a key only where asked for
+        env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -136,8 +137,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--api-key", API_KEY,
-                        "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_LEN), "--max-batch-size", "4")
+    srv = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--served-model-name", MODEL_NAME,
+                        "--max-model-len", str(MAX_LEN), "--max-batch-size", "4", env={"NANOSEEK_API_KEY": API_KEY})
     yield srv
     srv.stop()
 
@@ -233,7 +234,8 @@ def test_stop_strings_cut_the_answer(client):
     msg = ask(client, max_tokens=40, extra_body={"thinking_token_budget": 2}).choices[0].message
     assert len(msg.content) > 4
     stop = msg.content[2:4]
-    cut = ask(client, max_tokens=40, stop=[stop, "never-appears"], extra_body={"thinking_token_budget": 2})
+    sixteen = [stop] + [f"never-appears-{i}" for i in range(15)]  # the most a request may send
+    cut = ask(client, max_tokens=40, stop=sixteen, extra_body={"thinking_token_budget": 2})
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == msg.content[: msg.content.find(stop)]
     _, _, content, finish, _, _ = collect_stream(
@@ -296,6 +298,7 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),  # longer than the context
     ('{"messages": [{"role": "user", "content": "a \\ud83d b"}]}', "messages.0.content"),  # a lone surrogate
     ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}', "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}, "stop"),  # each is looked for per token
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": True}, "top_logprobs"),
@@ -361,9 +364,45 @@ def test_api_key(server):
         assert_error(httpx.get(server.url + "/api/conversations", headers=headers), 401)
     assert httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth()).status_code == 200
     assert httpx.get(server.url + "/").status_code == 200  # the page itself is public; its API calls are not
+    assert "`ps`" not in server.log() and "#token=" not in server.log()  # a key from the environment: no token
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_cross_site_writes_are_refused(server):
+    """Any page can make a browser post here (FastAPI < 0.132 parsed a body without Content-Type, which needs no CORS
+    preflight): a write from another origin is refused; reads, the page's own posts and clients without Origin pass."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        assert_error(post(server, body, headers=headers), 403)
+        assert_error(httpx.delete(server.url + "/api/conversations/x", headers={**auth(), **headers}), 403)
+        assert httpx.get(server.url + "/v1/models", headers={**auth(), **headers}).status_code == 200
+    assert post(server, body, headers={"Origin": server.url}).status_code == 200
+    assert_error(post(server, json.dumps(body)), 400)  # no Content-Type: not taken as JSON
+
+
+def test_without_an_api_key_the_history_needs_the_printed_token(model_dir, tmp_path, capsys):
+    """Other users reach a loopback port too: /v1 stays open (it stores nothing), the history needs the token in the
+    printed address, kept 0600 beside it for the next start. A key on the command line (`ps` shows it) is warned of."""
+    from nanoseek.serve.access import history_token
+    from nanoseek.serve.app import main
+
+    srv = ServerProcess(model_dir, tmp_path / "server.log")
+    try:
+        token_file = tmp_path / "server.sqlite3.token"
+        token = token_file.read_text().strip()
+        assert f"web chat: {srv.url}/#token={token}\n" in srv.log() and oct(token_file.stat().st_mode) == "0o100600"
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert "#token=" in assert_error(httpx.get(srv.url + "/api/conversations", headers=headers), 401)["message"]
+        ok = httpx.post(srv.url + "/api/conversations", json={}, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 201 and httpx.get(srv.url + "/v1/models").status_code == 200
+    finally:
+        srv.stop()
+    assert history_token(tmp_path / "server.sqlite3") == token
+    assert history_token(Path(":memory:")) != history_token(Path(":memory:"))  # in memory: a fresh one each start
+    assert main(["--model", str(tmp_path / "none"), "--api-key", "k", "--history", str(tmp_path / "h.sqlite3")]) == 1
+    assert "other users of this machine can read --api-key with `ps`" in capsys.readouterr().err
 
 
 # --- load and disconnects --------------------------------------------------------------------------------------------
@@ -473,21 +512,32 @@ def test_history_endpoints(server):
     assert_error(httpx.post(f"{server.url}/api/conversations/nope/messages", json={"role": "user"}, headers=h), 404)
 
 
-def test_history_survives_a_restart(tmp_path):
+def test_history_survives_a_restart(tmp_path, monkeypatch, capsys):
+    """The history is kept private: a file made looser since (restored from a backup, copied) is made 0600 again, a
+    folder others can list is warned about, and a deleted conversation's text is gone from the file, also under
+    SQLite's upstream default secure_delete=OFF (emulated here: Debian's build turns it on)."""
+    import sqlite3
+
     from nanoseek.serve.history import HistoryStore
 
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, **kw).execute(
+        "PRAGMA secure_delete = OFF").connection)
     path = tmp_path / "sub" / "history.sqlite3"
     store = HistoryStore(path)
     conv = store.create_conversation("kept")
-    store.add_message(conv["id"], "user", "hello")
+    store.add_message(conv["id"], "user", "hello, a secret")
     store.close()
-    assert oct(path.stat().st_mode & 0o777) == "0o600"  # private
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and not capsys.readouterr().err  # private
+    path.chmod(0o644), path.parent.chmod(0o755)
     again = HistoryStore(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and "other users can list" in capsys.readouterr().err
     assert [c["title"] for c in again.list_conversations()] == ["kept"]
-    assert [m["content"] for m in again.get_conversation(conv["id"])["messages"]] == ["hello"]
+    assert [m["content"] for m in again.get_conversation(conv["id"])["messages"]] == ["hello, a secret"]
     assert again.add_message("missing", "user", "x") is None
     assert again.delete_conversation(conv["id"]) and again.list_conversations() == []
     again.close()
+    assert b"a secret" not in path.read_bytes()
 
 
 # --- the decoder, in process -----------------------------------------------------------------------------------------

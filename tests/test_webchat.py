@@ -1,10 +1,12 @@
 """The web chat in a real headless Chromium (Playwright's Python package driving Debian's /usr/bin/chromium): open
-`/` on a server that needs an API key, give the key, send a message, watch the answer stream in (reasoning in the
-thinking block, then the answer), reload: the conversation is in the list and its messages come back. Skipped when
-Playwright or /usr/bin/chromium is missing (CI: `apt-get install -y chromium`)."""
+the address `nanoseek serve` printed (its history token in the fragment) on a server without an API key, send a
+message, watch the answer stream in (reasoning in the thinking block, then the answer), reload: the conversation is
+in the list and its messages come back. A server with an API key has the page ask for it. Skipped when Playwright or
+/usr/bin/chromium is missing (CI: `apt-get install -y chromium`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,9 +37,14 @@ WATCH_ANSWERS = """() => {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = build_model_dir(tmp_path_factory.mktemp("web-model"))
-    srv = ServerProcess(d, tmp_path_factory.mktemp("web") / "server.log", "--api-key", KEY, "--max-model-len", "320")
+    srv = ServerProcess(d, tmp_path_factory.mktemp("web") / "server.log", "--max-model-len", "320")  # no API key
     yield srv
     srv.stop()
+
+
+def chat_url(server) -> str:
+    """The web chat's address as `nanoseek serve` printed it: http://127.0.0.1:PORT/#token=…"""
+    return re.search(r"web chat: (\S+#token=\S+)", server.log())[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +59,13 @@ def test_chat_page_streams_and_keeps_history(server, browser):
     page = browser.new_page()
     problems = []
     page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" and "401" not in m.text else None)
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)  # a 401 too
     outside = []
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
 
-    page.goto(server.url + "/")
-    page.wait_for_selector("#key-dialog:not([hidden])")  # the API needs the key: the page asks once
-    page.fill("#key-input", KEY)
-    page.click("#key-form button")
-    page.wait_for_selector("body[data-ready='1']")
+    page.goto(chat_url(server))
+    page.wait_for_selector("body[data-ready='1']")  # the token came in the address: no dialog
+    assert page.is_hidden("#key-dialog") and page.url == server.url + "/"  # and it is gone from the address bar
     assert page.inner_text("#model-name") == server_model(server)
 
     page.click("#settings summary")
@@ -79,7 +84,7 @@ def test_chat_page_streams_and_keeps_history(server, browser):
     assert len(states) > 1 and states[-1] == answer  # it grew as it streamed
 
     page.reload()
-    page.wait_for_selector("body[data-ready='1']")  # the key was remembered: no dialog
+    page.wait_for_selector("body[data-ready='1']")  # the token was remembered: no dialog
     assert page.is_hidden("#key-dialog")
     item = page.wait_for_selector("#conversations li .title >> text=hello model")
     item.click()
@@ -117,12 +122,9 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(server, bro
 
 
 def open_chat(server, browser):
-    """A new page on the web chat, past the API key dialog, with Settings open."""
+    """A new page on the web chat's printed address, with Settings open."""
     page = browser.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#key-dialog:not([hidden])")
-    page.fill("#key-input", KEY)
-    page.click("#key-form button")
+    page.goto(chat_url(server))
     page.wait_for_selector("body[data-ready='1']")
     page.click("#settings summary")
     return page
@@ -131,7 +133,24 @@ def open_chat(server, browser):
 def server_model(server) -> str:
     import httpx
 
-    return httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"]
+    return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]  # /v1 needs no key here
+
+
+def test_with_an_api_key_the_page_asks_for_it(server, browser, tmp_path):
+    """A server with an API key prints no token: the page asks for the key, which opens the history too."""
+    keyed = ServerProcess(server.model_dir, tmp_path / "server.log", "--api-key", KEY)
+    try:
+        assert "#token=" not in keyed.log()
+        page = browser.new_page()
+        page.goto(keyed.url + "/")
+        page.wait_for_selector("#key-dialog:not([hidden])")
+        page.fill("#key-input", KEY)
+        page.click("#key-form button")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.inner_text("#model-name") == server_model(server)
+        page.close()
+    finally:
+        keyed.stop()
 
 
 def test_markdown_renderer_escapes_first(server, browser):
@@ -158,18 +177,20 @@ def test_a_refused_turn_leaves_nothing_behind(server, browser):
     """A setting the server refuses: the error is shown, the question goes back to the input box, and nothing is
     stored (it was stored, and then sent to the model again with every later turn). A question whose 60th character
     is an emoji names its conversation (half an emoji in the title had the server refuse it); an answer cut off by
-    Max tokens says so."""
+    Max tokens says so. (Opened without its token, the page asks for it, and says where to find it.)"""
     page = browser.new_page()
     page.goto(server.url + "/")
     page.wait_for_selector("#key-dialog:not([hidden])")
-    page.fill("#key-input", "“" + KEY + "”")  # a key pasted with typographic quotes cannot go in a header
+    assert "nanoseek serve" in page.inner_text("#key-dialog") and "#token=" in page.inner_text("#key-dialog")
+    token = chat_url(server).split("#token=")[1]
+    page.fill("#key-input", "“" + token + "”")  # a token pasted with typographic quotes cannot go in a header
     page.click("#key-form button")
     assert "only ASCII" in page.inner_text("#key-error") and page.is_visible("#key-dialog")
-    page.fill("#key-input", KEY)
+    page.fill("#key-input", chat_url(server))  # the whole printed address does
     page.click("#key-form button")
     page.wait_for_selector("body[data-ready='1']")
     page.click("#settings summary")
-    count = ("() => fetch('/api/conversations', {headers: {Authorization: 'Bearer " + KEY + "'}})"
+    count = ("() => fetch('/api/conversations', {headers: {Authorization: 'Bearer " + token + "'}})"
              ".then((r) => r.json()).then((j) => j.data.length)")
     before = page.evaluate(count)
     question = "a" * 59 + "😀 what is 2 + 2?"

@@ -11,8 +11,9 @@ which scores a prompt's own tokens as evaluation harnesses do, with `max_tokens:
 every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties,
 logit_bias, response_format, tools, best_of) are accepted only at their "off" values.
 With `--api-key` (or NANOSEEK_API_KEY) every endpoint but `/health` and the static page needs `Authorization: Bearer
-KEY`. Bound to a loopback address, requests must also name a loopback host (so a web page elsewhere cannot reach the
-server through DNS rebinding).
+KEY`; without one `/v1` is open and the web chat's history needs a token (access.py). Bound to a loopback address,
+requests must also name a loopback host (so a web page elsewhere cannot reach the server through DNS rebinding), and
+a write from another site's page is refused.
 
 One background thread owns the engine (runtime.EngineWorker); each request's tokens reach the event loop through an
 asyncio queue (generation.py). A client that disconnects mid-stream has its requests cancelled.
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import add_arguments
+from .access import TOKEN_HINT, BrowserGuard, bearer_checker, history_token, is_loopback, new_token
 from .generation import Generation, GenerationError, usage
 from .logprobs import CompletionLogprobs, TokenText, chat_entries
 from .runtime import EngineWorker, Runtime
@@ -87,53 +88,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def crash(request: Request, exc: Exception):  # a bug in the server, not the client's fault
         log.exception("internal error")
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
-
-
-# --- access control --------------------------------------------------------------------------------------------------
-def bearer_checker(api_key: str | None):
-    """A dependency that lets a request through only with `Authorization: Bearer <api_key>` (if a key is set)."""
-    expected = api_key.encode() if api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    return check
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(header: str) -> str:
-    if header.startswith("["):  # [::1]:8000
-        return header[1 : header.find("]")]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-class LoopbackHostOnly:
-    """ASGI middleware: refuse HTTP requests whose Host header is not a loopback name (DNS-rebinding guard)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            if host and not is_loopback(_host_name(host)):
-                body = error_body("this server only answers requests addressed to a loopback host")
-                await JSONResponse(body, status_code=400)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -419,8 +373,9 @@ def _event_stream(body) -> StreamingResponse:
 
 # --- the app ---------------------------------------------------------------------------------------------------------
 def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, history=None,
-               restrict_host: bool = True) -> FastAPI:
-    """The FastAPI app over a loaded runtime. `history`: a HistoryStore for the web chat (None: in memory)."""
+               history_token: str | None = None, restrict_host: bool = True) -> FastAPI:
+    """The FastAPI app over a loaded runtime. `history`: a HistoryStore for the web chat (None: in memory).
+    Without an api_key the history endpoints need `history_token` (None: a fresh one, in app.state.history_token)."""
     from .history import HistoryStore
     from .webui import add_web_routes
 
@@ -439,10 +394,11 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime, app.state.worker, app.state.history = rt, worker, history
     _install_error_handlers(app)
-    if restrict_host:
-        app.add_middleware(LoopbackHostOnly)
+    app.add_middleware(BrowserGuard, loopback_only=restrict_host)
     app.add_middleware(BodyLimit)
     auth = [Depends(bearer_checker(api_key))]
+    app.state.history_token = None if api_key else (history_token or new_token())
+    history_auth = auth if api_key else [Depends(bearer_checker(app.state.history_token, TOKEN_HINT))]
     created = int(time.time())
     token_text = TokenText(rt.tokenizer)  # token id -> text and bytes, for log-probabilities
 
@@ -550,7 +506,7 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
 
         return _event_stream(chunks())
 
-    add_web_routes(app, history, auth)
+    add_web_routes(app, history, history_auth)
     return app
 
 
@@ -564,21 +520,27 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise UserError("--port must be in 0..65535")
+    if args.api_key:  # argv is public: /proc/PID/cmdline, unlike the environment, is readable by every user
+        print("warning: other users of this machine can read --api-key with `ps`; set NANOSEEK_API_KEY instead",
+              file=sys.stderr, flush=True)
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     try:  # before the model loads (and compiles): a wrong --history is told at once
         history = HistoryStore(args.history or default_path())
+        token = None if api_key else history_token(history.path)
     except HistoryError as e:
         raise UserError(f"--history {e}") from None
     rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
-                      max_batch_size=args.max_batch_size, compile=args.compile)
+                      max_batch_size=args.max_batch_size, compile=args.compile, dtype=args.dtype)
     name = args.served_model_name or args.model
-    app = create_app(rt, model_name=name, api_key=args.api_key, history=history, restrict_host=is_loopback(args.host))
+    app = create_app(rt, model_name=name, api_key=api_key, history=history, history_token=token,
+                     restrict_host=is_loopback(args.host))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}"
     print(f"nanoseek: serving {name!r} on {rt.engine.device} (context {rt.max_model_len} tokens)\n"
-          f"  web chat: {url}/\n  API:      {url}/v1" + ("  (API key required)" if args.api_key else ""),
-          flush=True)
-    if not is_loopback(args.host) and not args.api_key:
-        print("warning: listening beyond this machine without --api-key", flush=True)
+          f"  web chat: {url}/" + (f"#token={token}" if token else "") + f"\n  API:      {url}/v1" +
+          ("  (API key required)" if api_key else "  (no API key: open to all who can connect)"), flush=True)
+    if not is_loopback(args.host) and not api_key:
+        print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 

@@ -1,15 +1,19 @@
 """The web chat's conversation history: a local SQLite file (stdlib sqlite3), nothing leaves the machine.
 
 Two tables: `conversations(id, title, created_at, updated_at)` and `messages(id, conversation_id, role, content,
-reasoning, created_at)`; deleting a conversation deletes its messages. The file is created private (mode 0600) at
-`--history`, default `~/.nanoseek/history.sqlite3`, and survives server restarts. One connection, guarded by a lock,
-is shared by the server's threads. `HistoryStore(":memory:")` keeps nothing on disk.
+reasoning, created_at)`; deleting a conversation deletes its messages, and `secure_delete` overwrites their text in
+the file (SQLite's upstream default leaves it in freed pages; Debian's build turns it on, macOS's python.org one does
+not). The file is private (mode 0600, made so if it was looser) at `--history`, default
+`~/.nanoseek/history.sqlite3`, and survives server restarts. One connection, guarded by a lock, is shared by the
+server's threads. `HistoryStore(":memory:")` keeps nothing on disk.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
+import sys
 import threading
 import time
 import uuid
@@ -47,12 +51,15 @@ class HistoryStore:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self.path.exists():
                 self.path.touch(mode=0o600)
+            make_private(self.path)
+            _warn_if_listable(self.path.resolve().parent)
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             with self._lock:
                 self._db.execute("PRAGMA foreign_keys = ON")
+                self._db.execute("PRAGMA secure_delete = ON")
                 self._db.executescript(SCHEMA)
         except sqlite3.Error as e:  # a directory, or a file that is not an SQLite database
             raise HistoryError(f"{self.path}: cannot open it as the chat history's SQLite file ({e})") from None
@@ -128,6 +135,31 @@ class HistoryStore:
                 self._db.execute("ROLLBACK")
                 raise
         return {"id": cur.lastrowid, "role": role, "content": content, "reasoning": reasoning, "created_at": now}
+
+
+def make_private(path: Path) -> None:
+    """Mode 0600 for a file of ours that is looser (one restored from a backup, copied, or made by hand), as a new one
+    is made; a warning where it is not ours to change."""
+    if os.name != "posix" or not path.is_file():
+        return
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 and st.st_uid == os.getuid():
+        path.chmod(0o600)
+    elif mode & 0o077:
+        _warn(f"{path} is open to other users (mode {mode:o}) and not yours to chmod")
+
+
+def _warn_if_listable(folder: Path) -> None:
+    """Other users cannot read a 0600 file, but in a folder they can list they see what is there, and when."""
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if os.name == "posix" and mode & 0o044:
+        _warn(f"other users can list {folder} (mode {mode:o}), the chat history's folder; chmod 700 it or choose "
+              f"another --history")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def default_path() -> Path:

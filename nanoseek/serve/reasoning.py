@@ -70,6 +70,7 @@ class IncrementalText:
     def __init__(self, tokenizer, stop: Sequence[str] = (), strip_leading: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self._longest_stop = max(map(len, self.stop), default=0)  # once, not at every token
         self.strip_leading = strip_leading
         self.ids: list[int] = []
         self._committed_ids = 0  # ids[:n] decode to _committed_text, which ends on a complete character
@@ -118,7 +119,7 @@ class IncrementalText:
         if not self.stop:
             return
         text = self.text
-        start = max(0, self.sent - max(map(len, self.stop)))
+        start = max(0, self.sent - self._longest_stop)
         hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self._cut, self.stopped = max(min(hits), self.sent), True

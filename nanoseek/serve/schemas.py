@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (vLLM's default for both endpoints)
+MAX_STOP = 16  # stop strings per request (OpenAI takes 4): each is looked for in the answer at every token, on the
+# event loop, so a list of a million would stall every other request
 
 
 class ApiError(Exception):
@@ -97,6 +99,13 @@ class _Sampling(_Body):
             info.field_name == "response_format" and isinstance(value, dict) and value.get("type") == "text")
         if not off:
             raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _few_stops(cls, value):  # before validation: a long list is refused without a look at its strings
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"stop takes at most {MAX_STOP} strings, not {len(value)}")
         return value
 
     @field_validator("n", "stream", mode="before")

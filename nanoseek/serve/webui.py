@@ -8,7 +8,8 @@ elsewhere) and the JSON endpoints of its conversation history (history.py):
     DELETE /api/conversations/{id}
     POST   /api/conversations/{id}/messages   {"role", "content", "reasoning"?} -> the stored message
 
-The page streams answers from `/v1/chat/completions` itself and stores each turn here.
+The page streams answers from `/v1/chat/completions` itself and stores each turn here. These endpoints need the API
+key, or without one the history token (access.py): the page takes it from its address (`/#token=…`) on load.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 // nanoseek web chat: conversations live in the server's local SQLite history (/api/conversations); answers stream
 // from /v1/chat/completions (fetch + ReadableStream over SSE). The reasoning shows in a collapsible <details>, the
 // answer as Markdown (a small renderer below: the text is HTML-escaped first). Nothing is loaded from elsewhere.
+// The key sent as a Bearer header is the server's API key or, without one, the history token `nanoseek serve` prints
+// in the page's address (/#token=…): taken from there on load, kept in localStorage, and wiped from the address bar.
 "use strict";
 
 const KEY_STORE = "nanoseek.apiKey";
@@ -393,6 +395,16 @@ async function answer(text) {
 }
 
 // --- start ---------------------------------------------------------------------------------------------------------
+// The token of an address `nanoseek serve` printed (http://…/#token=…, pasted whole or as the token alone).
+const tokenIn = (text) => (text.match(/[#&]token=([^&]*)/) || [null, text])[1];
+
+function takeTokenFromAddress() {
+  if (!/[#&]token=/.test(location.hash)) return;
+  state.key = tokenIn(location.hash);
+  localStorage.setItem(KEY_STORE, state.key);
+  window.history.replaceState(null, "", location.pathname + location.search);  // out of sight, bookmarks, history
+}
+
 function wire() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -404,7 +416,7 @@ function wire() {
   $("new-chat").addEventListener("click", newConversation);
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    const key = $("key-input").value.trim();
+    const key = tokenIn($("key-input").value.trim());
     if (!/^[\x21-\x7e]*$/.test(key)) {  // an HTTP header holds ASCII only (a pasted key may bring “quotes”)
       $("key-error").textContent = "A key holds only ASCII letters, digits and punctuation, without spaces.";
       return;
@@ -420,6 +432,7 @@ function wire() {
 }
 
 async function start() {
+  takeTokenFromAddress();
   wire();
   loadSettings();
   try {
