@@ -73,6 +73,9 @@ def test_dtype_choice_decodes_in_it(model, capsys, monkeypatch):
     _, bf16 = generate(capsys, model, "Tom has 3", "--max-new-tokens", "8", "--dtype", "bfloat16")
     assert [next(m.parameters()).dtype for m in loaded] == [torch.float32, torch.float32, torch.bfloat16]
     assert f32["completions"] == default["completions"] and bf16["new_tokens"] == 8
+    from nanoseek.serve.runtime import load_runtime  # serve's and chat's --dtype
+
+    assert load_runtime(model[0], dtype="bfloat16", compile=False).engine.dtype == torch.bfloat16
 
 
 def test_raw_and_chat_prompt_ids(model):
