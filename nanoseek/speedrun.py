@@ -141,7 +141,9 @@ def evaluate(model_dir: Path, n: int, device: str, style: str = "chat") -> dict:
                 return kept["summary"]
         except (json.JSONDecodeError, AttributeError, KeyError):
             pass
-    summary = evaluate_dir(model_dir, held_out(n, TASKS), device, style=style)[0]
+    # float32 on a GPU too: the scores then compare with GRPO's periodic evaluation (its float32 training model)
+    # and with CPU runs; the speedrun's models are small
+    summary = evaluate_dir(model_dir, held_out(n, TASKS), device, style=style, dtype="float32")[0]
     write_json(path, {"key": key, "summary": summary})
     return summary
 

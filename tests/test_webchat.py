@@ -173,6 +173,18 @@ def test_numbered_lists_keep_their_numbers(server, browser):
     page.close()
 
 
+def test_a_printed_address_opened_in_an_open_tab_takes_its_token(server, browser):
+    """Opening the address a (re)started server printed in a tab already on the page changes only its fragment: the
+    page takes the new token from it (and out of the address bar) and goes on."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog:not([hidden])")
+    page.evaluate("(hash) => { location.hash = hash; }", "#" + chat_url(server).split("#")[1])
+    page.wait_for_selector("body[data-ready='1']")
+    assert not page.is_visible("#key-dialog") and "token" not in page.url
+    page.close()
+
+
 def test_a_refused_turn_leaves_nothing_behind(server, browser):
     """A setting the server refuses: the error is shown, the question goes back to the input box, and nothing is
     stored (it was stored, and then sent to the model again with every later turn). A question whose 60th character

@@ -340,13 +340,13 @@ def summarize(results: list[EvalResult]) -> dict:
 
 
 def evaluate_dir(model_dir, problems, device: str, style: str = "chat",
-                 max_new_tokens: int = 320) -> tuple[dict, object]:
+                 max_new_tokens: int = 320, dtype=None) -> tuple[dict, object]:
     """Greedy evaluation of a model directory on `problems` -> (summary, engine). 320 new tokens fit the longest
     worked solutions of the task suite (three-step word problems with their column working)."""
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)
-    engine = engine_for(model_dir, device, prompts_for(problems, tok, style), max_new_tokens)
+    engine = engine_for(model_dir, device, prompts_for(problems, tok, style), max_new_tokens, dtype=dtype)
     results = run_eval(engine, tok, problems, max_new_tokens=max_new_tokens, style=style, progress=False)
     return summarize(results), engine
 

@@ -88,7 +88,9 @@ def _host_name(header: str) -> str:
 class BrowserGuard:
     """ASGI middleware. With loopback_only: refuse (400) a Host header that is not a loopback name, as a page
     elsewhere reaching the server through DNS rebinding sends. Always: refuse (403) a write (any method but GET and
-    HEAD) that a browser says comes from another origin, by its Origin or `Sec-Fetch-Site: cross-site`. FastAPI
+    HEAD) that a browser says comes from another origin: by `Sec-Fetch-Site` (anything but same-origin, or none for
+    what the user typed), which a reverse proxy that rewrites Host leaves true, or, from a browser too old to send it,
+    by an Origin that is not the Host. FastAPI
     before 0.132 parsed even a body without Content-Type as JSON, which any page can post without a CORS preflight.
     Clients that are not browsers (curl, the openai package) send no Origin and pass."""
 
@@ -110,8 +112,12 @@ class BrowserGuard:
             return 400, "this server only answers requests addressed to a loopback host"
         if method in ("GET", "HEAD"):
             return None
-        origin = headers.get(b"origin", b"").decode("latin-1").lower()
-        foreign = origin and origin not in (f"http://{host}", f"https://{host}")
-        if foreign or headers.get(b"sec-fetch-site") == b"cross-site":
+        fetch_site = headers.get(b"sec-fetch-site")
+        if fetch_site is not None:  # what the browser itself says; right behind a proxy that rewrites Host
+            foreign = fetch_site not in (b"same-origin", b"none")  # same-site: another port of this host, too
+        else:  # an older browser: its Origin against the Host it addressed
+            origin = headers.get(b"origin", b"").decode("latin-1").lower()
+            foreign = bool(origin) and origin not in (f"http://{host}", f"https://{host}")
+        if foreign:
             return 403, "this server refuses writes from another site's page (its Origin is not this server's)"
         return None

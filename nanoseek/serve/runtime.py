@@ -87,7 +87,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
 
     from ..checkpoint import read_config
     from ..cli import UserError
-    from ..device import has_cxx, resolve_device
+    from ..device import has_cxx, inference_dtype, resolve_device
     from ..engine.cache import LatentCache
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
@@ -105,8 +105,8 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
         raise UserError(f"--max-model-len must be between 2 and the model's max_position_embeddings ({limit})")
     tokenizer = Tokenizer.from_dir(model_dir)
     device = resolve_device(device)
-    if compile is None:
-        compile = device == "cpu" and has_cxx()
+    if compile is None:  # the compiled decode step is float32's (engine/fastpath.py)
+        compile = device == "cpu" and has_cxx() and inference_dtype(dtype, device) == torch.float32
     try:
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size,
                                         max_seq_len=max_model_len, compile=compile)

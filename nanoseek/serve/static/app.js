@@ -399,10 +399,19 @@ async function answer(text) {
 const tokenIn = (text) => (text.match(/[#&]token=([^&]*)/) || [null, text])[1];
 
 function takeTokenFromAddress() {
-  if (!/[#&]token=/.test(location.hash)) return;
-  state.key = tokenIn(location.hash);
-  localStorage.setItem(KEY_STORE, state.key);
+  if (!/[#&]token=/.test(location.hash)) return false;
+  useKey(tokenIn(location.hash));
   window.history.replaceState(null, "", location.pathname + location.search);  // out of sight, bookmarks, history
+  return true;
+}
+
+function useKey(key) {  // and retry what waited for one
+  state.key = key;
+  localStorage.setItem(KEY_STORE, state.key);
+  $("key-dialog").hidden = true;
+  const waiters = keyWaiters;
+  keyWaiters = [];
+  waiters.forEach((resolve) => resolve());
 }
 
 function wire() {
@@ -421,14 +430,11 @@ function wire() {
       $("key-error").textContent = "A key holds only ASCII letters, digits and punctuation, without spaces.";
       return;
     }
-    state.key = key;
-    localStorage.setItem(KEY_STORE, state.key);
-    $("key-dialog").hidden = true;
-    const waiters = keyWaiters;
-    keyWaiters = [];
-    waiters.forEach((resolve) => resolve());
+    useKey(key);
   });
   $("forget-key").addEventListener("click", () => { localStorage.removeItem(KEY_STORE); state.key = ""; });
+  // a newly printed address (a restarted server's new token) opened in this tab changes only the fragment
+  window.addEventListener("hashchange", () => { if (takeTokenFromAddress()) refreshList().catch(() => {}); });
 }
 
 async function start() {
