@@ -69,7 +69,7 @@ def test_chat_page_streams_and_keeps_history(server, browser):
     assert page.inner_text("#model-name") == server_model(server)
 
     page.click("#settings summary")
-    page.fill("#set-max-tokens", "90")
+    page.fill("#set-max-tokens", "200")  # long enough to span many frames on a loaded machine
     page.fill("#set-thinking-budget", "6")  # so this random model reaches an answer
     page.evaluate(WATCH_ANSWERS)
     page.fill("#input", "hello model")
