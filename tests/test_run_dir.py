@@ -178,3 +178,18 @@ def test_rng_state_resumes_on_fewer_gpus(monkeypatch):
     saved = {"torch": torch.get_rng_state()} | {f"cuda{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}
     loop.set_rng_state(saved, {"python": loop._jsonable(random.getstate())})
     assert restored == {0: 0, 1: 1, 2: 2}
+
+
+def test_a_full_disk_while_writing_shards_names_the_file(tmp_path):
+    """numpy's tofile said only "N requested and M written"; the shard writer says the disk is full, and where."""
+    import numpy as np
+
+    from nanoseek.data.corpus import _ShardWriter
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    (tmp_path / "shard-00000.bin").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    writer = _ShardWriter(tmp_path, np.dtype(np.uint16), shard_tokens=4)
+    with pytest.raises(OSError, match=r"No space left on device.*shard-00000\.bin") as e:
+        writer.add(np.arange(8))
+    assert e.value.errno == 28

@@ -228,7 +228,11 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         data = np.concatenate(self.pending)
         name = f"shard-{len(self.shards):05d}.bin"
-        data[:n].tofile(self.dir / name)
+        try:  # not ndarray.tofile, whose full disk reads "1048576 requested and 1034240 written"
+            with open(self.dir / name, "wb") as f:
+                f.write(memoryview(np.ascontiguousarray(data[:n])))
+        except OSError as e:  # "[Errno 28] No space left on device: PATH"
+            raise OSError(e.errno, e.strerror or str(e), str(self.dir / name)) from None
         self.shards.append({"file": name, "tokens": int(n)})
         rest = data[n:]
         self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)

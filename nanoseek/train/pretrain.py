@@ -215,7 +215,8 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, res
                                 "between them; set bos_token and eos_token in its tokenizer_config.json)")
         else:
             texts = read_user_texts(cfg.data) if cfg.data else task_suite_texts(min(cfg.n_docs, 10000), cfg.seed)
-            tok = train_tokenizer(texts, vocab_size=cfg.vocab_size or get_preset(cfg.preset).vocab_size)
+            tok = train_tokenizer(texts, vocab_size=cfg.vocab_size or get_preset(cfg.preset).vocab_size,
+                                  show_progress=cfg.progress and bool(cfg.data))  # a user's corpus may take minutes
         tmp = run / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tok.save(tmp)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +154,14 @@ def load_conversations(cfg: SFTConfig) -> list[dict]:
     return convs
 
 
-def tokenize_conversations(convs: list[dict], tok) -> list[tuple[list[int], list[int]]]:
-    return [tok.chat_sample(c["messages"]) for c in convs]
+def tokenize_conversations(convs: list[dict], tok, progress: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(ids, assistant mask) per conversation; a bar for the large sets a user's --data may hold (100 MB of chats
+    take a few minutes)."""
+    from tqdm import tqdm
+
+    bar = tqdm(convs, desc="sft: tokenizing", unit="conversation", file=sys.stderr, dynamic_ncols=True, leave=False,
+               disable=not progress or len(convs) < 20000)
+    return [tok.chat_sample(c["messages"]) for c in bar]
 
 
 def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
@@ -179,7 +186,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's context "
                         f"({model.config.max_position_embeddings} tokens)")
-    convs = tokenize_conversations(load_conversations(cfg), tok)
+    convs = tokenize_conversations(load_conversations(cfg), tok, progress=cfg.progress and d.is_main)
     samples = [(ids, mask) for ids, mask in convs if any(mask)]  # nothing to learn from prompt-only records
     if not samples:
         raise UserError("no conversation has an assistant turn to learn from")
