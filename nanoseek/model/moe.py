@@ -88,7 +88,7 @@ class Gate(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x (M, in) rows sorted by group; w (E, in, out); offsets (E,) int32 cumulative row ends -> (M, out)."""
-    w = w.to(x.dtype)  # under autocast Experts casts x to bf16; master weights stay float32 (grouped_mm is not autocast)
+    w = w.to(x.dtype)  # under autocast Experts casts x to bf16; master weights stay float32 (grouped_mm: no autocast)
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-2], w.shape[-1]))
     native = hasattr(F, "grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
     if native:
