@@ -112,18 +112,19 @@ def _compiled(fn, **kw):
     try:
         dyn = torch._dynamo.config  # one entry per dtype × layout (contiguous / transposed) × pow2: allow them all
         dyn.recompile_limit = max(getattr(dyn, "recompile_limit", 8), 64)
-        impl = [torch.compile(eager, dynamic=True)]
+        compiled = torch.compile(eager, dynamic=True)
     except Exception as e:  # noqa: BLE001 - no inductor
         _warn_once(f"torch.compile unavailable for FP8 quantisation ({_why(e)}); using eager")
         return eager
 
     def call(x):
-        if impl[0] is not eager:
+        nonlocal compiled
+        if compiled is not None:
             try:
-                return impl[0](x)
+                return compiled(x)
             except Exception as e:  # noqa: BLE001 - e.g. InductorError: no Triton / no working C compiler
                 _warn_once(f"torch.compile failed for FP8 quantisation ({_why(e)}); using eager")
-                impl[0] = eager
+                compiled = None
         return eager(x)
 
     return call
