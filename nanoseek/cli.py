@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    loop = sys.modules.get("nanoseek.train.loop")
-    if loop is not None and loop.STARTED_PROCESS_GROUP:
+    distributed = sys.modules.get("nanoseek.train.distributed")
+    if distributed is not None and distributed.STARTED_PROCESS_GROUP:
         # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the
         # interpreter, abort a finished run now and then ("terminate called without an active exception", exit -6).
         # Everything is written and closed by now: leave without the teardown.

@@ -53,7 +53,7 @@ def test_r1_zero_prompts_longer_than_256_tokens_fit_the_rollout_engine(model, tm
 def test_dapo_counts_every_group_it_dropped(monkeypatch):
     """Two all-equal groups dropped over two rounds; the final trim to the batch's share used to overwrite the count
     with the number of surplus groups (0 here)."""
-    from nanoseek.train import grpo, loop
+    from nanoseek.train import distributed, grpo
 
     plan = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.2, 0.2], [1.2, 0.0]])]
 
@@ -68,7 +68,7 @@ def test_dapo_counts_every_group_it_dropped(monkeypatch):
 
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
     cfg = grpo.GRPOConfig(out="x", loss="dapo", prompts_per_step=2, group_size=2)
-    batch, seen = grpo.collect(cfg, None, None, 0, Curriculum(), loop.init_distributed("cpu"))
+    batch, seen = grpo.collect(cfg, None, None, 0, Curriculum(), distributed.init_distributed("cpu"))
     assert seen.rewards.shape[0] == 4 and batch.rewards.shape[0] == 2 and batch.n_groups_dropped == 2
 
 

@@ -75,6 +75,31 @@ def test_a_failure_on_rank_0_alone_is_one_line(tmp_path):
     assert "[rank1]: Traceback" not in r.stderr and "Connection closed by peer" not in r.stderr
 
 
+WAIT = """
+import sys, time
+from nanoseek.train import distributed
+distributed.COLLECTIVE_TIMEOUT_MIN = 0.03  # 1.8 s
+d = distributed.init_distributed("cpu")
+if d.is_main:
+    time.sleep(5)  # rank 0 preparing the data
+getattr(d, sys.argv[1])()
+print("through", flush=True)
+"""
+
+
+def test_the_others_wait_for_rank_0s_data_past_the_collective_timeout(tmp_path):
+    """Tokenizing a multi-GB corpus takes rank 0 hours: the others wait for it without the 60-minute collective
+    timeout (here shrunk to 1.8 s; a plain barrier gives up)."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT)
+    run = lambda how: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # noqa: E731
+                                      "--nproc_per_node=2", str(script), how], capture_output=True, text=True,
+                                     env=ENV, timeout=120)
+    waited = run("wait_for_main")
+    assert waited.returncode == 0 and waited.stdout.count("through") == 2, waited.stderr[-2000:]
+    assert run("barrier").returncode != 0
+
+
 def test_help_and_a_missing_verb_print_once():
     r = nanoseek("pretrain", "--help", procs=2)
     assert r.stdout.count("usage: nanoseek pretrain") == 1  # was once per process
@@ -97,9 +122,9 @@ def test_a_cuda_index_under_torchrun_is_refused(monkeypatch):
     """--device cuda:0 under torchrun trained on the CPU with gloo; each process takes cuda:LOCAL_RANK."""
     from nanoseek import device
     from nanoseek.cli import UserError
-    from nanoseek.train import loop
+    from nanoseek.train import distributed
 
     monkeypatch.setattr(device, "resolve_device", lambda d, allow_mps=True: d)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="pass --device cuda"):
-        loop.init_distributed("cuda:0")
+        distributed.init_distributed("cuda:0")

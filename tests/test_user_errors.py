@@ -247,6 +247,24 @@ def test_resume_trains_on_the_runs_own_shards_after_the_data_changed(capsys, tmp
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == shards  # its own tokens, untouched
 
 
+def test_a_bad_record_deep_in_a_streamed_corpus_is_one_line(capsys, tmp_path):
+    """--data is read one record at a time (a GB corpus is never held in memory), by the tokenizer's trainer and then
+    by the shard builder: a bad line past the start still names its line and leaves no shards."""
+    good = "".join(json.dumps({"text": f"{i} + 1 = {i + 1}"}) + "\n" for i in range(500))
+    data = tmp_path / "a.jsonl"
+    data.write_text(good + '{"text": broken\n' + good)
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r", *TINY, "--data", data)
+    assert code == 1 and err.count("error:") == 1 and f"{data}:501: not valid JSON" in err
+    data.write_text(good)
+    assert run_cli(capsys, "pretrain", "--out", tmp_path / "r", *TINY, "--data", data)[0] == 0
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(good + '{"text": broken\n')  # read by the shard builder only: the tokenizer is the run's
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "s", *TINY, "--data", bad, "--tokenizer",
+                        tmp_path / "r" / "model")
+    assert code == 1 and f"{bad}:501: not valid JSON" in err
+    assert not (tmp_path / "s" / "data").exists() and not list(tmp_path.glob("s/.data.tmp-*"))
+
+
 def test_data_files_add_up_and_a_tokenizer_without_bos_is_refused(capsys, tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, trainers

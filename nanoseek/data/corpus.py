@@ -249,7 +249,7 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _remove_stale_builds(out_dir: Path) -> None:
+def remove_stale_builds(out_dir: Path) -> None:
     """Temporary build directories left by killed processes (their pid is in the name)."""
     for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):  # a replaced cache whose removal was cut short
         shutil.rmtree(old, ignore_errors=True)
@@ -263,12 +263,12 @@ def _remove_stale_builds(out_dir: Path) -> None:
             continue
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
+def install_build(tmp: Path, out_dir: Path) -> None:
     """Move a finished build into place, replacing an outdated cache (never a directory of someone else's files)."""
     old = None
     if out_dir.exists():
         if not (out_dir / META).is_file() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} holds files that are not token shards; not replacing it (choose "
+            raise FileExistsError(f"{out_dir} holds files that are not a token cache; not replacing it (choose "
                                   "another run directory)")
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
@@ -307,7 +307,7 @@ def build_shards(texts: Iterable[str], tokenizer, out_dir, shard_tokens: int = 1
             return out_dir
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out_dir)
+    remove_stale_builds(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -334,7 +334,7 @@ def build_shards(texts: Iterable[str], tokenizer, out_dir, shard_tokens: int = 1
         if _cache_matches(out_dir, digest):
             shutil.rmtree(tmp)
         else:
-            _install(tmp, out_dir)
+            install_build(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

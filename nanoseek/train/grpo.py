@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model
 from ..flops import flops_per_token, generation_flops
 from . import loop
+from .distributed import Dist, init_distributed
 from . import metrics as metrics_lib
 from .curriculum import Curriculum, task_cells
 from .rewards import false_steps, judge
@@ -173,7 +174,7 @@ def prompt_style(cfg: GRPOConfig) -> str:
     return "chat" if cfg.mode == "r1" else "r1-zero"
 
 
-def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum, d: loop.Dist) -> Rollout:
+def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curriculum, d: Dist) -> Rollout:
     """This rank's share of `problems` (the step's, the same on every rank), G completions each, judged. The
     curriculum observes the accuracy of all of them, gathered from every rank."""
     from ..eval.evaluate import check_context, prompts_for
@@ -231,7 +232,7 @@ def concat(a: Rollout, b: Rollout) -> Rollout:
                    a.n_groups_dropped + b.n_groups_dropped, share(a.false_rate, b.false_rate))
 
 
-def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum, d: loop.Dist) -> tuple[Rollout, Rollout]:
+def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum, d: Dist) -> tuple[Rollout, Rollout]:
     """-> (this rank's batch to train on, everything it sampled, for the metrics). dapo drops all-equal groups and
     refills, round by round on every rank until each has its share (under torchrun each rank keeps the first groups
     with signal among its own, so the batch is not the one a single process would keep)."""
@@ -272,7 +273,7 @@ def update_flops(mc, row_lengths: list[int], updates: int, extra_forwards: int) 
 
 
 # --- the run -------------------------------------------------------------------------------------------------------------
-def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: loop.Dist) -> dict:
+def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist) -> dict:
     """`updates_per_batch` optimiser steps on one rollout batch (this rank's part of it: the loss's normalisers are
     the whole batch's, and the gradients are summed over the ranks before clipping)."""
     device = d.device
@@ -369,7 +370,7 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def reference_model(cfg: GRPOConfig, model, state: dict, d: loop.Dist):
+def reference_model(cfg: GRPOConfig, model, state: dict, d: Dist):
     """(the frozen reference the KL term pulls toward, its weights' digest): the starting model. A resumed run
     reloads it from --model, which must still hold the weights the run started from."""
     from ..checkpoint import CheckpointError
@@ -402,7 +403,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if cfg.data and cfg.adaptive_tasks:
         raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn "
                         "in turn")
-    d = loop.init_distributed(cfg.device)
+    d = init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
     if cfg.prompts_per_step % d.world_size:  # after restore_config: a resumed run keeps its own value
         raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")

@@ -1,4 +1,4 @@
-"""What every training stage shares: distributed set-up, the optimiser and LR schedule, atomic checkpoints with exact
+"""What every training stage shares: the optimiser and LR schedule, atomic checkpoints with exact
 resume, and the optimisation loop (the metrics file and the cost table are in metrics.py).
 
 Run directory layout:
@@ -13,7 +13,6 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
 import inspect
 import json
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -35,74 +33,10 @@ from ..checkpoint import save_model
 from ..flops import flops_per_token
 from ..model.mtp import mtp_loss
 from . import muon as muon_lib
+from .distributed import Dist
 from .metrics import Metrics, Timer, device_peak_flops, run_cost, run_summary
 
 KEEP_CHECKPOINTS = 2
-COLLECTIVE_TIMEOUT_MIN = 60  # how long a process waits for the others (rank 0 evaluating, saving)
-
-
-# --- distributed ---------------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        """End the process group on every rank together. A rank that exits with gloo still running could abort
-        ("terminate called without an active exception") while the other rank was tearing down."""
-        if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world_size
-        return t
-
-    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """(n, ...) on every rank -> (world_size · n, ...) in rank order, on t's device."""
-        if self.world_size == 1:
-            return t
-        parts = [torch.empty_like(t, device=self.device) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.to(self.device).contiguous())  # NCCL gathers device tensors only
-        return torch.cat(parts).to(t.device)
-
-    def all_reduce_grads(self, model: torch.nn.Module) -> None:
-        """Sum the parameters' gradients over the ranks, in one flat buffer (for updates whose ranks run different
-        numbers of backward passes, which DDP cannot sync). A parameter that no rank has a gradient for keeps None,
-        so the optimiser skips it as one process would."""
-        if self.world_size == 1:
-            return
-        params = [p for p in model.parameters() if p.requires_grad]
-        has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        dist.all_reduce(has)
-        live = [p for p, h in zip(params, has.tolist()) if h > 0]
-        if not live:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in live])
-        dist.all_reduce(flat)
-        for p, g in zip(live, flat.split([p.numel() for p in live])):
-            p.grad = g.view_as(p).clone()
-
-
-STARTED_PROCESS_GROUP = False  # set by init_distributed; cli.main then leaves without the interpreter's teardown
 
 
 def notice(msg: str) -> None:
@@ -112,33 +46,6 @@ def notice(msg: str) -> None:
     if rank() == 0:
         print(msg, file=sys.stderr)
 
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Single process, or one process per device under torchrun (gloo on CPU, NCCL on CUDA)."""
-    from ..device import resolve_device
-
-    global STARTED_PROCESS_GROUP
-    device = resolve_device(device, allow_mps=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=torch.device(device if device != "cuda" else "cuda:0"))
-    kind = torch.device(device).type
-    if kind not in ("cuda", "cpu") or device.startswith("cuda:"):
-        from ..cli import UserError
-
-        raise UserError(f"--device {device} under torchrun: pass --device cuda (each process takes cuda:LOCAL_RANK) "
-                        "or cpu")
-    STARTED_PROCESS_GROUP = True
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    # Rank 0 alone evaluates and saves while the others wait in a collective: NCCL's default 10 minutes would end a
-    # run whose evaluation takes longer. A process that dies is caught by torchrun at once, whatever the timeout.
-    timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
-    if kind == "cuda":
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout)
-        return Dist(rank, world, local, torch.device("cuda", local))
-    dist.init_process_group("gloo", timeout=timeout)
-    return Dist(rank, world, local, torch.device("cpu"))
 
 
 # --- optimiser and schedule ------------------------------------------------------------------------------------------
@@ -321,13 +228,14 @@ RUN_MARKER = ".nanoseek-run"  # the first thing a new run writes in its director
 RUN_LINKS = ("model", "train_state", "current")
 RUN_FILES = ("metrics.jsonl", "cost.json", "done.json")
 RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",
-               "data": r"meta\.json|shard-\d+\.bin"}  # folder -> the names of what a run writes in it
+               "data": r"meta\.json|shard-\d+\.bin",  # pretraining's token shards
+               "chat_tokens": r"meta\.json|(ids|mask|offsets|answer_at)\.bin"}  # sft's; folder -> what a run writes there
 
 
 def leftover(entry: Path) -> bool:
     """Whether an entry of a run directory without a checkpoint is what a failed or interrupted start of a run
     leaves, and so may be replaced: in a directory a run started in (it holds RUN_MARKER), the links, checkpoints,
-    tokenizer files, token shards and logs a run writes; never a user's own file or directory that happens to have
+    tokenizer files, tokenized data and logs a run writes; never a user's own file or directory that happens to have
     one of those names."""
     if not (entry.parent / RUN_MARKER).is_file():
         return False

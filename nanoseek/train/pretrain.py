@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..config import ModelConfig, get_preset
 from ..device import check_fits
 from ..model import build_model, param_counts
 from . import loop
+from .distributed import Dist, init_distributed
 
 # Training defaults per preset (flags override). cpu-tiny: 6-7 minutes on 2 cores; small batches, many steps (at
 # equal tokens, batch 16 learned the arithmetic faster than 32 in our sweeps; see bench/results/pretrain_cpu.md).
@@ -184,17 +186,19 @@ def task_suite_corpus(n_docs: int, seed: int, tok) -> list[str]:
     return docs
 
 
-def read_user_texts(paths: list[str], tok=None) -> list[str]:
+def read_user_texts(paths: list[str], tok=None) -> Iterator[str]:
+    """The --data files' texts, one record at a time (a corpus of GBs is never held in memory); a bad record is a
+    UserError that names its line."""
     from ..cli import UserError
     from ..data.corpus import read_texts
 
     try:
-        return list(read_texts(paths, tokenizer=tok))
+        yield from read_texts(paths, tokenizer=tok)
     except ValueError as e:  # a bad JSON line, an unknown suffix, no pyarrow for Parquet
         raise UserError(str(e)) from None
 
 
-def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, resuming: bool):
+def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming: bool):
     """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them. A
     resumed run keeps its tokenizer and its shards, whatever the --data files hold now: a deleted RUN/tokenizer comes
     back from RUN/model, and shards deleted or cut short are rebuilt from --data and refused (by `loop.fit`) if they
@@ -222,12 +226,12 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: loop.Dist, res
         tok.save(tmp)
         shutil.rmtree(tok_dir, ignore_errors=True)
         os.replace(tmp, tok_dir)
-    d.barrier()
+    d.wait_for_main()  # no time limit: training a tokenizer on a user's corpus may take a long while
     tok = Tokenizer.from_dir(tok_dir)
     if d.is_main and not (resuming and cache_complete(shard_dir)):  # (rebuilt shards must match the run's: fit checks)
         texts = read_user_texts(cfg.data, tok) if cfg.data else task_suite_corpus(cfg.n_docs, cfg.seed, tok)
         build_shards(texts, tok, shard_dir, progress=cfg.progress)
-    d.barrier()
+    d.wait_for_main()  # tokenizing a multi-GB corpus takes rank 0 hours
     return tok, shard_dir
 
 
@@ -246,7 +250,7 @@ def pretrain(cfg: PretrainConfig) -> dict | None:
     from ..cli import UserError
     from ..data.corpus import PackedLoader
 
-    d = loop.init_distributed(cfg.device)
+    d = init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "data", "tokenizer"))
     cfg = loop.resumed_micro_batch(cfg, resuming)
     loop.grad_accum_steps(cfg, d)  # validate the batch split before any work
