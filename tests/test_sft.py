@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import nanoseek
 from conftest import tiny_model_dir
-from nanoseek.train.sft import ChatLoader, add_arguments, rows_per_epoch, tokenize_conversations
+from nanoseek.data.chat_tokens import ChatTokens
+from nanoseek.train.sft import ChatLoader, add_arguments, rows_per_epoch
 from test_user_errors import run_cli
 
 CONVS = [
@@ -21,6 +22,10 @@ CONVS = [
                   {"role": "assistant", "content": f"<think>\n{a} + {b} = {a + b}\n</think>\n\nThe answer is {a + b}."}]}
     for a in range(12) for b in range(12)
 ]
+
+
+def tokenized(convs, tok) -> ChatTokens:
+    return ChatTokens.from_pairs(tok.chat_sample(c["messages"]) for c in convs)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def base_dir(tmp_path_factory):
 
 def test_labels_cover_only_assistant_turns(base_dir):
     _, tok, _ = base_dir
-    samples = tokenize_conversations(CONVS[:4], tok)
+    samples = tokenized(CONVS[:4], tok)
     loader = ChatLoader(samples, 4, 128, tok.eos_id)
     order = loader._order()
     inputs, labels, real = loader.next_batch()
@@ -46,7 +51,7 @@ def test_labels_cover_only_assistant_turns(base_dir):
 
 def test_packed_rows_compute_what_each_conversation_computes_alone(base_dir):
     d, tok, _ = base_dir
-    samples = tokenize_conversations(CONVS[:40], tok)
+    samples = tokenized(CONVS[:40], tok)
     packed = ChatLoader(samples, 2, 128, tok.eos_id, pack=True)
     x, y, _ = packed.next_batch()
     k = packed.position  # the conversations those two rows hold, in the loader's order
@@ -82,7 +87,9 @@ def test_sft_loss_falls_and_resume_is_exact(base_dir, tmp_path):
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
     part = tmp_path / "part"
     run_sft(base, part, data, "--stop-at", "6")
+    built = (part / "chat_tokens" / "meta.json").stat().st_mtime_ns
     run_sft(base, part, data, "--resume")
+    assert (part / "chat_tokens" / "meta.json").stat().st_mtime_ns == built  # the tokenized chats are reused
     a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(part / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (part / "model" / "tokenizer.json").is_file()
@@ -170,7 +177,7 @@ def test_rows_longer_than_the_models_context_are_refused(base_dir, tmp_path, cap
 
 def test_conversations_cut_by_seq_len_are_reported(base_dir, tmp_path, capsys):
     base, tok, data = base_dir
-    lengths = [len(ids) for ids, _ in tokenize_conversations(CONVS, tok)]  # 31 to 33 tokens
+    lengths = [len(tok.chat_sample(c["messages"])[0]) for c in CONVS]  # 31 to 33 tokens
     cut = sum(n > 31 for n in lengths)  # a row of --seq-len 30 keeps 31 tokens
     assert 0 < cut < len(lengths)
     code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--steps", 1,
@@ -181,7 +188,7 @@ def test_conversations_cut_by_seq_len_are_reported(base_dir, tmp_path, capsys):
 def test_reasoning_in_its_own_field_is_trained_as_r1_writes_it(base_dir, tmp_path):
     """DeepSeek's API returns the reasoning in `reasoning_content` (vLLM: `reasoning`); saved as it came, SFT trained on
     the answer alone."""
-    from nanoseek.train.sft import SFTConfig, load_conversations
+    from nanoseek.train.sft import read_conversations
 
     _, tok, _ = base_dir
     inline = CONVS[5]
@@ -190,5 +197,4 @@ def test_reasoning_in_its_own_field_is_trained_as_r1_writes_it(base_dir, tmp_pat
         split = {"messages": [inline["messages"][0], {"role": "assistant", "content": answer, field: reasoning}]}
         data = tmp_path / f"{field}.jsonl"
         data.write_text(json.dumps(split) + "\n")
-        convs = load_conversations(SFTConfig(out="", data=[str(data)]))
-        assert tokenize_conversations(convs, tok) == tokenize_conversations([inline], tok)
+        assert [tok.chat_sample(m) for m in read_conversations([str(data)])] == [tok.chat_sample(inline["messages"])]

@@ -2,7 +2,9 @@
 
 Each conversation is rendered with the model directory's own chat template; the loss covers only the assistant
 turns (their content and the end-of-sentence token that closes them), never the prompt. With no --data, the
-training split of the task suite is rendered in R1's reasoning format. Same run directory, resume, metrics and
+training split of the task suite is rendered in R1's reasoning format. Rank 0 tokenizes the conversations once into
+RUN/chat_tokens (memory-mapped, 3 bytes a token; `data/chat_tokens.py`), which the other ranks and a resumed run
+read. Same run directory, resume, metrics and
 multi-process behaviour as pretraining (shared `loop.fit`): the loss is the mean over all supervised tokens of a step,
 however it is split over micro-batches and processes. Each process pads its rows to its own longest; the padding
 counts in no router load (which moves the aux-loss-free bias) and no balance loss, so runs split differently stay
@@ -16,15 +18,17 @@ import hashlib
 import json
 import math
 import random
-import sys
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_model
+from ..data.chat_tokens import ChatTokens
 from . import loop
+from .distributed import Dist, init_distributed
 
 IGNORE = -100
 
@@ -53,7 +57,7 @@ class ChatLoader:
     RoPE scores only relative positions: a packed conversation computes what it would alone (tested). A
     conversation longer than a row is truncated."""
 
-    def __init__(self, samples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
+    def __init__(self, samples: Sequence[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack: bool = False):
         self.samples, self.batch_size, self.seq_len, self.pad_id = samples, batch_size, seq_len + 1, pad_id
         self.seed, self.rank, self.world, self.pack = seed, rank, world_size, pack
@@ -115,7 +119,7 @@ class ChatLoader:
         return self._fingerprint
 
 
-def rows_per_epoch(samples: list[tuple[list[int], list[int]]], seq_len: int, pack: bool) -> int:
+def rows_per_epoch(samples, seq_len: int, pack: bool) -> int:
     """Rows that one pass over `samples` fills (epoch 0's order; packing depends on the order only a little)."""
     loader, rows = ChatLoader(samples, 1, seq_len, 0, pack=pack), 0
     while loader.epoch == 0 and loader.position < len(samples):
@@ -130,15 +134,14 @@ def default_conversations(n: int, seed: int) -> list[dict]:
     return [to_chat(p) for p in mixture(n, seed=seed, split="train")]
 
 
-def load_conversations(cfg: SFTConfig) -> list[dict]:
+def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
+    """The messages of every record of the --data files, one record at a time; a bad record is a UserError that
+    names its line."""
     from ..cli import UserError
     from ..data.corpus import check_messages, inline_reasoning, read_records
 
-    if not cfg.data:
-        return default_conversations(cfg.n_samples, cfg.seed + 1)  # other problems than pretraining's
-    convs = []
     try:
-        for path in cfg.data:
+        for path in paths:
             for where, rec in read_records(path):
                 if not isinstance(rec.get("messages"), list) or not rec["messages"]:
                     raise UserError(f"{where}: the record has no 'messages' list (expected the OpenAI chat shape)")
@@ -146,22 +149,39 @@ def load_conversations(cfg: SFTConfig) -> list[dict]:
                     check_messages(rec["messages"])
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
-                convs.append({**rec, "messages": inline_reasoning(rec["messages"])})
+                yield inline_reasoning(rec["messages"])
     except ValueError as e:
         raise UserError(str(e)) from None
-    if not convs:
+
+
+def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatTokens:
+    """The training conversations, tokenized into RUN/chat_tokens by rank 0 (reused while the tokenizer and the
+    --data files are unchanged, e.g. on --resume); the other ranks wait, then map the same files."""
+    from ..cli import UserError
+    from ..data import chat_tokens
+    from ..data.corpus import read_records
+
+    out = run / "chat_tokens"
+    if d.is_main:
+        if cfg.data:
+            for path in cfg.data:
+                try:
+                    read_records(path)  # a folder or an unknown format: say so before reading anything
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+            key, convs = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data)), read_conversations(cfg.data)
+        else:  # other problems than pretraining's
+            convs = [c["messages"] for c in default_conversations(cfg.n_samples, cfg.seed + 1)]
+            key = chat_tokens.cache_key(tok, (json.dumps(m).encode() for m in convs))
+        chat_tokens.build(convs, tok, out, key, progress=cfg.progress)
+    d.wait_for_main()  # no time limit: a user's large --data may take rank 0 a long while
+    tokens = chat_tokens.load(out)
+    if tokens is None:  # rank 0 built it: this process does not see the same run directory
+        raise UserError(f"{out}: rank {d.rank} cannot read the conversations rank 0 tokenized; under torchrun on "
+                        "several machines, --out must be on a filesystem they share")
+    if not len(tokens):
         raise UserError("no conversations in " + ", ".join(cfg.data))
-    return convs
-
-
-def tokenize_conversations(convs: list[dict], tok, progress: bool = False) -> list[tuple[list[int], list[int]]]:
-    """(ids, assistant mask) per conversation; a bar for the large sets a user's --data may hold (100 MB of chats
-    take a few minutes)."""
-    from tqdm import tqdm
-
-    bar = tqdm(convs, desc="sft: tokenizing", unit="conversation", file=sys.stderr, dynamic_ncols=True, leave=False,
-               disable=not progress or len(convs) < 20000)
-    return [tok.chat_sample(c["messages"]) for c in bar]
+    return tokens
 
 
 def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
@@ -169,7 +189,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     from ..cli import UserError
     from ..tokenizer import Tokenizer
 
-    d = loop.init_distributed(cfg.device)
+    d = init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data"))
     cfg = loop.resumed_micro_batch(cfg, resuming)
     loop.grad_accum_steps(cfg, d)
@@ -186,26 +206,26 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's context "
                         f"({model.config.max_position_embeddings} tokens)")
-    convs = tokenize_conversations(load_conversations(cfg), tok, progress=cfg.progress and d.is_main)
-    samples = [(ids, mask) for ids, mask in convs if any(mask)]  # nothing to learn from prompt-only records
-    if not samples:
+    convs = tokenized_conversations(cfg, tok, run, d)
+    samples = convs.subset(convs.answers_at() >= 0)  # nothing to learn from prompt-only records
+    if not len(samples):
         raise UserError("no conversation has an assistant turn to learn from")
     if len(samples) < len(convs):
         loop.notice(f"sft: {len(convs) - len(samples)} of {len(convs)} conversations have no assistant turn and are "
                     "left out")
-    fits = [(ids, mask) for ids, mask in samples if mask.index(1) < cfg.seq_len]  # a row keeps seq_len + 1 tokens
-    if len(fits) < len(samples):
-        if not fits:
+    fits = samples.answers_at() < cfg.seq_len  # a row keeps seq_len + 1 tokens
+    if not fits.all():
+        if not fits.any():
             raise UserError(f"every conversation's answer starts past --seq-len {cfg.seq_len}; raise --seq-len")
-        loop.notice(f"sft: {len(samples) - len(fits)} of {len(samples)} conversations answer only past --seq-len "
+        loop.notice(f"sft: {int((~fits).sum())} of {len(samples)} conversations answer only past --seq-len "
                     f"{cfg.seq_len} and are left out")
-        samples = fits
-    cut = sum(len(ids) > cfg.seq_len + 1 for ids, _ in samples)  # a row keeps seq_len + 1 tokens
+        samples = samples.subset(fits)
+    cut = int((samples.lengths() > cfg.seq_len + 1).sum())  # a row keeps seq_len + 1 tokens
     if cut:
         loop.notice(f"sft: {cut} of {len(samples)} conversations are longer than --seq-len {cfg.seq_len}: their ends "
                     "(with the end-of-turn token) are not trained; raise --seq-len to keep them whole")
     bos = model.config.bos_token_id
-    pack = cfg.document_mask and bos is not None and all(ids[0] == bos for ids, _ in samples)
+    pack = cfg.document_mask and bos is not None and bool((samples.first_tokens() == bos).all())
     if cfg.epochs > 0:  # the same data gives the same count, so a resumed run agrees with the saved one
         cfg.steps = max(1, math.ceil(cfg.epochs * rows_per_epoch(samples, cfg.seq_len, pack) / cfg.batch_size))
     loader = ChatLoader(samples, cfg.micro_batch_size, cfg.seq_len, tok.pad_id if tok.pad_id is not None else tok.eos_id,
