@@ -28,6 +28,7 @@ import math
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def prompts_for(problems, tok, style: str) -> list[list[int]]:
     return [tok.encode(p.question + "\n", add_bos=True) for p in problems]
 
 
-def check_context(prompts: list[list[int]], max_new_tokens: int, context: int, model="") -> int:
+def check_context(prompts: Iterable[list[int]], max_new_tokens: int, context: int, model="") -> int:
     """The longest prompt's length; a UserError (naming `model`) unless it plus max_new_tokens fits `context`."""
     from ..cli import UserError
 

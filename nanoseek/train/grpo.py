@@ -424,7 +424,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     tok = Tokenizer.from_dir(source)
     model = load_model(source, device=d.device)
     context = model.config.max_position_embeddings
-    longest = check_context(prompts_for((pool or []) + scored, tok, prompt_style(cfg)), cfg.max_new_tokens, context)
+    every = (pool or []) + scored  # one prompt at a time: a --data file of a million problems is not held as tokens
+    longest = check_context((prompts_for([p], tok, prompt_style(cfg))[0] for p in every), cfg.max_new_tokens, context)
     if pool is None:  # the suite's prompts: a sample of them, with a quarter to spare for longer ones
         longest = max(longest, math.ceil(1.25 * max(map(len, sample_prompts(cfg, tok)))))
     if d.is_main:
