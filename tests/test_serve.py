@@ -283,8 +283,7 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
 @pytest.mark.parametrize("body, param", [
     ('{"messages": [', None),  # malformed JSON
     ("[1, 2]", None),  # not an object
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}, "max_tokens"),
@@ -498,11 +497,12 @@ def test_history_endpoints(server):
     assert r.status_code == 201
     assert_error(httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", content='{"role": "user", '
                             '"content": "a \\ud83d"}', headers={**h, "Content-Type": "application/json"}), 400)
-    httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h,
-               json={"role": "assistant", "content": "hi!", "reasoning": "greet back"})
+    for finish, code in (("cut", 400), ("stopped", 201)):  # how the web chat's answer ended: stopped, or length
+        assert httpx.post(f"{server.url}/api/conversations/{conv['id']}/messages", headers=h, json={
+            "role": "assistant", "content": "hi!", "reasoning": "greet back", "finish": finish}).status_code == code
     got = httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h).json()
-    assert [(m["role"], m["content"], m["reasoning"]) for m in got["messages"]] == [
-        ("user", "hello", None), ("assistant", "hi!", "greet back")]
+    assert [(m["role"], m["content"], m["reasoning"], m["finish"]) for m in got["messages"]] == [
+        ("user", "hello", None, None), ("assistant", "hi!", "greet back", "stopped")]
     assert conv["id"] in [c["id"] for c in httpx.get(server.url + "/api/conversations", headers=h).json()["data"]]
     for title, stored in (("renamed", "renamed"), ("  padded ", "padded"), ("   ", "New chat")):
         r = httpx.patch(f"{server.url}/api/conversations/{conv['id']}", json={"title": title}, headers=h)

@@ -219,6 +219,31 @@ def test_a_refused_turn_leaves_nothing_behind(server, browser):
     assert page.inner_text(".msg.assistant .note") == "(cut off at Max tokens: 3)"
     page.wait_for_selector("#conversations li.active .title")
     assert page.text_content("#conversations li.active .title") == "a" * 59 + "😀"
+    page.reload()  # the history says it was cut off
+    page.wait_for_selector("body[data-ready='1']")
+    page.click(f"#conversations li .title >> text={'a' * 59}")
+    assert page.inner_text(".msg.assistant .note") == "(cut off at its token limit)"
+    page.close()
+
+
+def test_a_stopped_answer_says_so_after_a_reload(server, browser):
+    page = open_chat(server, browser)
+    page.fill("#set-max-tokens", "")  # as long as fits: hundreds of tokens
+    page.fill("#set-thinking-budget", "")
+    page.fill("#set-temperature", "1.5")  # a random model that does not end soon
+    page.fill("#input", "stop me")
+    page.press("#input", "Enter")
+    page.wait_for_function("() => (document.querySelector('.msg.assistant .reasoning')?.textContent || '') + "
+                           "(document.querySelector('.msg.assistant .answer')?.textContent || '')")
+    page.click("#send")  # Stop
+    page.wait_for_function("() => document.querySelector('#send').textContent === 'Send'")
+    assert page.text_content(".msg.assistant summary") == "Thought (stopped)"
+    page.wait_for_selector("#conversations li.active .title >> text=stop me")
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#conversations li .title >> text=stop me")
+    page.wait_for_selector(".msg.assistant summary")
+    assert page.text_content(".msg.assistant summary") == "Thought (stopped)"
     page.close()
 
 

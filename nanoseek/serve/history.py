@@ -1,7 +1,8 @@
 """The web chat's conversation history: a local SQLite file (stdlib sqlite3), nothing leaves the machine.
 
 Two tables: `conversations(id, title, created_at, updated_at)` and `messages(id, conversation_id, role, content,
-reasoning, created_at)`; deleting a conversation deletes its messages, and `secure_delete` overwrites their text in
+reasoning, created_at, finish)` (finish: how an answer ended when not by itself, "stopped" or "length"; a file from
+before that column gets it when opened); deleting a conversation deletes its messages, and `secure_delete` overwrites their text in
 the file (SQLite's upstream default leaves it in freed pages; Debian's build turns it on, macOS's python.org one does
 not). The file is private (mode 0600, made so if it was looser) at `--history`, default
 `~/.nanoseek/history.sqlite3`, and survives server restarts. One connection, guarded by a lock, is shared by the
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS messages (
     role TEXT NOT NULL,
     content TEXT NOT NULL,
     reasoning TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    finish TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
@@ -61,6 +63,8 @@ class HistoryStore:
                 self._db.execute("PRAGMA foreign_keys = ON")
                 self._db.execute("PRAGMA secure_delete = ON")
                 self._db.executescript(SCHEMA)
+                if "finish" not in {r["name"] for r in self._db.execute("PRAGMA table_info(messages)")}:
+                    self._db.execute("ALTER TABLE messages ADD COLUMN finish TEXT")  # a file from an earlier version
         except sqlite3.Error as e:  # a directory, or a file that is not an SQLite database
             raise HistoryError(f"{self.path}: cannot open it as the chat history's SQLite file ({e})") from None
 
@@ -103,7 +107,7 @@ class HistoryStore:
         if not rows:
             return None
         conv = rows[0]
-        conv["messages"] = self._query("SELECT id, role, content, reasoning, created_at FROM messages "
+        conv["messages"] = self._query("SELECT id, role, content, reasoning, created_at, finish FROM messages "
                                        "WHERE conversation_id = ? ORDER BY id", (conv_id,))
         return conv
 
@@ -118,7 +122,8 @@ class HistoryStore:
         return self._write([("DELETE FROM conversations WHERE id = ?", (conv_id,))]) > 0
 
     # --- messages ---------------------------------------------------------------------------------------------
-    def add_message(self, conv_id: str, role: str, content: str, reasoning: str | None = None) -> dict | None:
+    def add_message(self, conv_id: str, role: str, content: str, reasoning: str | None = None,
+                    finish: str | None = None) -> dict | None:
         """Append a message; None if the conversation does not exist."""
         now = time.time()
         with self._lock:
@@ -128,13 +133,15 @@ class HistoryStore:
                                     (now, conv_id)).rowcount == 0:
                     self._db.execute("ROLLBACK")
                     return None
-                cur = self._db.execute("INSERT INTO messages (conversation_id, role, content, reasoning, created_at) "
-                                       "VALUES (?, ?, ?, ?, ?)", (conv_id, role, content, reasoning, now))
+                cur = self._db.execute("INSERT INTO messages (conversation_id, role, content, reasoning, created_at, "
+                                       "finish) VALUES (?, ?, ?, ?, ?, ?)", (conv_id, role, content, reasoning, now,
+                                                                             finish))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return {"id": cur.lastrowid, "role": role, "content": content, "reasoning": reasoning, "created_at": now}
+        return {"id": cur.lastrowid, "role": role, "content": content, "reasoning": reasoning, "created_at": now,
+                "finish": finish}
 
 
 def make_private(path: Path) -> None:

@@ -180,3 +180,4 @@ class MessageCreate(_Body):
     role: Literal["system", "user", "assistant"]
     content: str = ""
     reasoning: str | None = None
+    finish: Literal["stopped", "length"] | None = None  # an answer the user stopped, or one cut off at its limit

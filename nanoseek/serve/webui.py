@@ -6,7 +6,8 @@ elsewhere) and the JSON endpoints of its conversation history (history.py):
     GET    /api/conversations/{id}            the conversation with its "messages"
     PATCH  /api/conversations/{id}            {"title"} -> rename
     DELETE /api/conversations/{id}
-    POST   /api/conversations/{id}/messages   {"role", "content", "reasoning"?} -> the stored message
+    POST   /api/conversations/{id}/messages   {"role", "content", "reasoning"?, "finish"?: "stopped"|"length"}
+                                              -> the stored message
 
 The page streams answers from `/v1/chat/completions` itself and stores each turn here. These endpoints need the API
 key, or without one the history token (access.py): the page takes it from its address (`/#token=…`) on load.
@@ -74,7 +75,7 @@ def add_web_routes(app: FastAPI, history: HistoryStore, auth: list) -> None:
 
     @app.post("/api/conversations/{conv_id}/messages", dependencies=auth, status_code=201)
     def add_message(conv_id: str, body: MessageCreate):
-        message = history.add_message(conv_id, body.role, body.content, body.reasoning)
+        message = history.add_message(conv_id, body.role, body.content, body.reasoning, body.finish)
         if message is None:
             raise _not_found(conv_id)
         return message

@@ -201,11 +201,17 @@ function addAssistantMessage(reasoning = "", content = "", streaming = false) {
   };
 }
 
+const CUT_OFF = "(cut off at its token limit)";
+
 function renderConversation() {
   $("messages").replaceChildren();
   for (const m of state.messages) {
     if (m.role === "user") addUserMessage(m.content);
-    else if (m.role === "assistant") addAssistantMessage(m.reasoning || "", m.content || "");
+    else if (m.role === "assistant") {
+      const view = addAssistantMessage(m.reasoning || "", m.content || "");
+      if (m.finish === "length") view.note(CUT_OFF);
+      view.done(m.finish === "stopped");
+    }
   }
 }
 
@@ -386,7 +392,8 @@ async function answer(text) {
   view.done(stopped);
   const convId = await saved;  // a failure here: the question is not stored, and send() puts it back in the box
   if (reasoning || content) {
-    const msg = { role: "assistant", content, reasoning: reasoning || null };
+    const ended = stopped ? "stopped" : finish === "length" ? "length" : null;
+    const msg = { role: "assistant", content, reasoning: reasoning || null, finish: ended };
     try {
       await api(conversationUrl(convId) + "/messages", { method: "POST", json: msg });
       history.push(msg);
