@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import uuid
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from .corpus import META, install_build, remove_stale_builds, shard_dtype
+from .corpus import META, install_build, new_build_dir, shard_dtype
 
 VERSION = 1
 FLUSH_TOKENS = 1 << 20  # tokens held in memory before they are appended to the files
@@ -169,10 +167,7 @@ def build(conversations: Iterable[list[dict]], tokenizer, out_dir, key: str, pro
     out_dir = Path(out_dir)
     if (cached := load(out_dir, key)) is not None:
         return cached
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = new_build_dir(out_dir)
     try:
         dtype = shard_dtype(tokenizer.vocab_size)
         writer = _Writer(tmp, dtype)

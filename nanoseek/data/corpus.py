@@ -249,7 +249,7 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def remove_stale_builds(out_dir: Path) -> None:
+def _remove_stale_builds(out_dir: Path) -> None:
     """Temporary build directories left by killed processes (their pid is in the name)."""
     for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):  # a replaced cache whose removal was cut short
         shutil.rmtree(old, ignore_errors=True)
@@ -261,6 +261,16 @@ def remove_stale_builds(out_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except (ValueError, IndexError, PermissionError, OSError):
             continue
+
+
+def new_build_dir(out_dir: Path) -> Path:
+    """An empty temporary directory beside out_dir to build a cache in (install_build then moves it into place),
+    after removing those that killed processes left."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
 
 
 def install_build(tmp: Path, out_dir: Path) -> None:
@@ -306,10 +316,7 @@ def build_shards(texts: Iterable[str], tokenizer, out_dir, shard_tokens: int = 1
         if _cache_matches(out_dir, digest):
             return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = new_build_dir(out_dir)
     try:
         dtype = shard_dtype(tokenizer.vocab_size)
         writer = _ShardWriter(tmp, dtype, shard_tokens)
