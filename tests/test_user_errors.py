@@ -446,3 +446,22 @@ def test_set_refuses_a_v2_router_transformers_would_read_otherwise(tmp_path, cap
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r", *TINY, "--set", "scoring_func=softmax",
                         "--set", "topk_method=greedy")
     assert code == 1 and "norm_topk_prob false" in err
+
+
+def test_a_run_trains_on_an_earlier_runs_shards_as_it_would_on_the_data(capsys, tmp_path):
+    """--data RUN/data: the shards and the tokenizer of an earlier run, read in place (nothing tokenized again): with
+    the same settings the model is the earlier run's, bit for bit."""
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} + 2 = {i + 2}"}) + "\n" for i in range(80)))
+    assert run_cli(capsys, "pretrain", "--out", tmp_path / "a", *TINY, "--data", data)[0] == 0
+    assert run_cli(capsys, "pretrain", "--out", tmp_path / "b", *TINY, "--data", tmp_path / "a" / "data")[0] == 0
+    same = lambda f: (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()  # noqa: E731
+    assert same("model/model.safetensors") and same("model/tokenizer.json") and not (tmp_path / "b" / "data").exists()
+    for extra, says in (([], "not token shards"), (["--data", data], "cannot be mixed"),
+                        (["--vocab-size", "300"], "drop --tokenizer/--vocab-size")):
+        shards = tmp_path / ("a/data" if extra else "a/model")  # a model folder is not shards
+        code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "c", *TINY, "--data", shards, *extra)
+        assert code == 1 and says in err and err.count("error:") == 1
+    (tmp_path / "a" / "data" / "shard-00000.bin").write_bytes(b"")
+    code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "c", *TINY, "--data", tmp_path / "a" / "data")
+    assert code == 1 and "missing or cut short (shard-00000.bin)" in err

@@ -3,7 +3,8 @@
 Records are `{"text": ...}` (pretraining) or `{"messages": [...]}` (chat, rendered with the tokenizer's template).
 
 Token shards (`build_shards`) are a directory of flat `.bin` files (numpy uint16, or uint32 for vocabularies above
-65535) holding every document as `bos + ids + eos`, back to back, plus `meta.json`:
+65535) holding every document as `bos + ids + eos`, back to back, the tokenizer that made them (tokenizer.json,
+tokenizer_config.json; `nanoseek pretrain --data RUN/data` trains another run on them), plus `meta.json`:
     {"version", "dtype", "shards": [{"file", "tokens"}], "total_tokens", "n_docs", "vocab_size", "bos_id", "eos_id",
      "fingerprint"}
 The fingerprint hashes the tokenizer and every text, so a cache is reused exactly when it holds the same tokens.
@@ -337,6 +338,7 @@ def build_shards(texts: Iterable[str], tokenizer, out_dir, shard_tokens: int = 1
         meta = {"version": FORMAT_VERSION, "dtype": dtype.name, "shards": shards,
                 "total_tokens": sum(s["tokens"] for s in shards), "n_docs": n_docs,
                 "vocab_size": tokenizer.vocab_size, "bos_id": bos, "eos_id": eos, "fingerprint": digest}
+        tokenizer.save(tmp)  # the shards carry their tokenizer: another run can train on them as they are
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if _cache_matches(out_dir, digest):
             shutil.rmtree(tmp)

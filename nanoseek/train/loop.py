@@ -228,7 +228,7 @@ RUN_MARKER = ".nanoseek-run"  # the first thing a new run writes in its director
 RUN_LINKS = ("model", "train_state", "current")
 RUN_FILES = ("metrics.jsonl", "cost.json", "done.json")
 RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",
-               "data": r"meta\.json|shard-\d+\.bin",  # pretraining's token shards
+               "data": r"meta\.json|shard-\d+\.bin|tokenizer(_config)?\.json",  # pretraining's token shards
                "chat_tokens": r"meta\.json|(ids|mask|offsets|answer_at)\.bin"}  # sft's; folder -> what a run writes there
 
 

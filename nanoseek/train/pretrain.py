@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
     p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
-                   help="JSONL/Parquet files with {'text'} or {'messages'} (repeatable); default: the task suite")
+                   help="JSONL/Parquet files with {'text'} or {'messages'} (repeatable); or the token shards of an "
+                        "earlier run (its RUN/data folder), to train on them and their tokenizer without tokenizing "
+                        "again (read in place: keep them while this run may resume); default: the task suite")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="sequences per forward per process (gradient accumulation fills the rest)")
@@ -198,8 +200,32 @@ def read_user_texts(paths: list[str], tok=None) -> Iterator[str]:
         raise UserError(str(e)) from None
 
 
+def shard_source(cfg: PretrainConfig) -> Path | None:
+    """The token-shard folder of an earlier run that --data names (used as it is), or None for data files."""
+    from ..cli import UserError
+    from ..data.corpus import damaged_shards, read_meta
+
+    folders = [Path(p) for p in cfg.data if Path(p).is_dir()]
+    if not folders:
+        return None
+    source, meta = folders[0], read_meta(folders[0])
+    if meta is None:
+        raise UserError(f"--data {source} is a folder but not token shards (an earlier run's RUN/data); give the "
+                        f"data files in it (e.g. {source}/*.jsonl)")
+    if len(cfg.data) > 1:
+        raise UserError(f"--data {source} (token shards) is a whole corpus: it cannot be mixed with other --data")
+    if cfg.tokenizer or cfg.vocab_size:
+        raise UserError(f"--data {source} brings the tokenizer that made its shards: drop --tokenizer/--vocab-size")
+    if not (source / "tokenizer.json").is_file():
+        raise UserError(f"--data {source}: the shards hold no tokenizer (made by an earlier nanoseek); rebuild them")
+    if damaged := damaged_shards(source, meta):
+        raise UserError(f"--data {source}: shard files missing or cut short ({', '.join(damaged[:3])})")
+    return source
+
+
 def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming: bool):
-    """Rank 0 trains/copies the tokenizer and builds token shards under RUN/; the others wait, then read them. A
+    """Rank 0 trains/copies the tokenizer and builds token shards under RUN/ (or takes both from the shard folder
+    --data names); the others wait, then read them. A
     resumed run keeps its tokenizer and its shards, whatever the --data files hold now: a deleted RUN/tokenizer comes
     back from RUN/model, and shards deleted or cut short are rebuilt from --data and refused (by `loop.fit`) if they
     are not the ones the run trained on. A fresh run makes its own (a failed earlier attempt may have left some made
@@ -208,10 +234,13 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
     from ..data.corpus import build_shards, cache_complete
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
-    tok_dir, shard_dir = run / "tokenizer", run / "data"
+    source = shard_source(cfg)
+    tok_dir, shard_dir = run / "tokenizer", source or run / "data"
     if d.is_main and not (resuming and (tok_dir / "tokenizer.json").is_file()):
         if resuming and (run / "model" / "tokenizer.json").is_file():  # the one the run trained with, not a new one
             tok = Tokenizer.from_dir(run / "model")
+        elif source:
+            tok = Tokenizer.from_dir(source)
         elif cfg.tokenizer:
             tok = Tokenizer.from_dir(cfg.tokenizer)
             if tok.bos_id is None or tok.eos_id is None:
@@ -228,7 +257,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
         os.replace(tmp, tok_dir)
     d.wait_for_main()  # no time limit: training a tokenizer on a user's corpus may take a long while
     tok = Tokenizer.from_dir(tok_dir)
-    if d.is_main and not (resuming and cache_complete(shard_dir)):  # (rebuilt shards must match the run's: fit checks)
+    if d.is_main and not source and not (resuming and cache_complete(shard_dir)):  # (rebuilt ones must match: fit checks)
         texts = read_user_texts(cfg.data, tok) if cfg.data else task_suite_corpus(cfg.n_docs, cfg.seed, tok)
         build_shards(texts, tok, shard_dir, progress=cfg.progress)
     d.wait_for_main()  # tokenizing a multi-GB corpus takes rank 0 hours
