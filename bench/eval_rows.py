@@ -47,7 +47,7 @@ def old_eval():  # run_eval's former loop: static chunks of 64
 old, t_old = timed(old_eval)
 new_engine = engine_for(args.model, "cpu", prompts_for(problems, tok, "chat"), 320)
 res, t_new = timed(lambda: run_eval(new_engine, tok, problems, max_new_tokens=320, progress=False))
-same_eval = [completion_text(tok, o) for o in old] == [r.completions[0] for r in res]
+same_eval = ["<think>\n" + completion_text(tok, o) for o in old] == [r.completions[0] for r in res]  # (the prefill)
 
 # teacher traces: training-split questions, sampled
 questions = [p.question for p in mixture(args.traces, seed=7, split="train", families=families)]

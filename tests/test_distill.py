@@ -344,7 +344,9 @@ def test_eval_of_a_served_model_equals_eval_of_its_directory(server, tmp_path):
     assert json.loads(local.stdout.splitlines()[-1]) == json.loads(remote.stdout.splitlines()[-1])
     rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("local.jsonl", "url.jsonl")]
     assert [r["extracted"] for r in rows[0]] == [r["extracted"] for r in rows[1]]
-    assert sum(a is not None for r in rows[0] for a in r["extracted"]) >= 3  # the comparison is not all None
+    # this model never writes </think>: both see replies cut off while reasoning, the same text, so no answer
+    assert [[c.strip() for c in r["completions"]] for r in rows[0]] == [[c.strip() for c in r["completions"]] for r in rows[1]]
+    assert all(c.startswith("<think>\n") and len(c) > 20 for r in rows[0] for c in r["completions"])
     for argv, says in (([s.url, "--prompt", "plain"], "--prompt chat only"), ([str(d), "--served-model", "x"], "URL")):
         r = run("--model", *argv)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr

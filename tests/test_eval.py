@@ -97,9 +97,25 @@ def test_answers_the_second_eval_audit_found_misread():
     assert from_record({"question": "q", "answer": "5", "level": float("nan")}).level == 0  # a Parquet column's gap
 
 
+def test_answers_the_numbers_audit_found_misread():
+    gold = lambda a: from_record({"question": "q", "answer": a})  # noqa: E731
+    suite = generate("word", 1, 1, seed=0)[0]
+    n = suite.answer
+    for text in (f"**Answer:** There are {n} marbles in total.", f"Final Answer: The final answer is {n}. I hope it "
+                 "is correct.", f"The answer is {n}. Let me know if any part of the answer is unclear!"):
+        assert check(suite, extract_answer(text)) and check(gold(n), extract_answer(text)), text  # were wrong
+    assert extract_answer("<think>\n3 × 4 = 12\n12 + 5 = 17") is None  # cut off while reasoning: was 17
+    assert extract_answer("The answer is not 7.") == "not 7" and extract_answer("about 12 or 13") == "13"
+    for text in ("The answer is -$5.", "The net is -$5", "Answer: -$5"):
+        assert check(gold("-5"), extract_answer(text)) and not check(gold("5"), extract_answer(text)), text
+    assert check(gold("#### -$5"), "-5") and check(gold("-$1,200"), extract_answer("The answer is -$1,200."))
+    assert [extract_answer(t) for t in ("The area is 12 m^2.", "\\boxed{12 m^2}", "It is 9 cm².")] == ["12"] * 2 + ["9"]
+    assert check(gold("1234"), extract_answer("The answer is 1 234"))  # was 1
+
+
 def test_a_url_reply_is_scored_as_the_same_local_completion():
-    """A reply cut off right after </think> (content "", not null) has no answer, as locally; one that ended inside
-    the reasoning (content null) is scored from it, as a local completion that never closed </think> is."""
+    """A reply cut off right after </think> (content "", not null) has no answer, as locally; so has one that ended
+    inside the reasoning (content null), as a local completion that never closed </think>."""
     from nanoseek.eval.evaluate import run_eval_url
     from nanoseek.train.teacher import Trace
 
@@ -110,8 +126,8 @@ def test_a_url_reply_is_scored_as_the_same_local_completion():
 
     five = from_record({"question": "What is 2 + 3?", "answer": "5"})
     results = run_eval_url(Client(), [five, five], progress=False)
-    locally = [extract_answer("2 + 3 = 5\n</think>"), extract_answer("2 + 3 = 5")]
-    assert [r.answers[0] for r in results] == locally == [None, "2 + 3 = 5"]
+    locally = [extract_answer("<think>\n2 + 3 = 5\n</think>"), extract_answer("<think>\n2 + 3 = 5")]
+    assert [r.answers[0] for r in results] == locally == [None, None]
 
     class Refusing:  # every request refused: the settings are wrong (a local run says so too), not a score of 0
         def traces(self, questions, max_tokens, temperature, seeds):
@@ -198,6 +214,9 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("evalmodel"), texts, "gsm8k.jsonl", RECORDS)
 
 
+T = "work\n</think>\n\n"  # a completion after the template's prefilled <think>, up to its answer
+
+
 class ScriptedEngine:
     """Stands in for the engine: answers each prompt with the next scripted completion."""
 
@@ -213,15 +232,16 @@ class ScriptedEngine:
 def test_run_eval_reads_and_checks_each_sample(model_dir):
     _, tok, data = model_dir
     problems = load_problems(None, str(data), 0, 0)
-    script = ["<think>\n3 + 4 = 7\n</think>\n\nThe answer is 7.", "<think>\n3 + 4 = 8\n</think>\n\nThe answer is 8.",
-              "<think>\n</think>\n\n\\boxed{36}", "36",
-              "<think>\n1200 - 200 = 1000\n</think>\n\nThe answer is 1,000.", "The answer is 100."]
+    script = ["3 + 4 = 7\n</think>\n\nThe answer is 7.", "3 + 4 = 8\n</think>\n\nThe answer is 8.",  # after <think>
+              "12 × 3\n</think>\n\n\\boxed{36}", "12 × 3 = 36",  # (the template's prefill)
+              "1200 - 200 = 1000\n</think>\n\nThe answer is 1,000.", "1200 - 200 = 1000\n</think>\n\nThe answer is 100."]
     results = run_eval(ScriptedEngine(tok, script), tok, problems, samples=2, temperature=0.6, progress=False)
-    assert [r.correct for r in results] == [[True, False], [True, True], [True, False]]
-    eos = ScriptedEngine(tok, ["The answer is 7<｜end▁of▁sentence｜>"])  # no full stop before the chat's EOS
+    assert [r.correct for r in results] == [[True, False], [True, False], [True, False]]  # 36: never closed </think>
+    assert results[1].completions[1] == "<think>\n12 × 3 = 36" and results[1].answers[1] is None
+    eos = ScriptedEngine(tok, ["3 + 4\n</think>\n\nThe answer is 7<｜end▁of▁sentence｜>"])  # no full stop before EOS
     assert run_eval(eos, tok, problems[:1], progress=False)[0].correct == [True]
     s = summarize(results)
-    assert (s["pass@1"], s["maj@2"], s["pass@2"]) == (pytest.approx(2 / 3, abs=1e-4), 1.0, 1.0)
+    assert (s["pass@1"], s["maj@2"], s["pass@2"]) == (0.5, 1.0, 1.0)
 
 
 def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
@@ -282,7 +302,7 @@ class InterruptedEngine(ScriptedEngine):
 def test_ctrl_c_keeps_the_problems_that_finished(model_dir, tmp_path, capsys, monkeypatch):
     d, tok, data = model_dir
     problems = load_problems(None, str(data), 0, 0)
-    script = ["The answer is 7.", "The answer is 8.", "36", "35"]  # one chunk of 4: problems 1 and 2, not 3
+    script = [T + "The answer is 7.", T + "The answer is 8.", T + "36", T + "35"]  # a chunk of 4: problems 1, 2
     with pytest.raises(Interrupted) as e:
         run_eval(InterruptedEngine(tok, script), tok, problems, samples=2, temperature=0.6, progress=False)
     assert [r.correct for r in e.value.done] == [[True, False], [True, False]]
@@ -343,7 +363,7 @@ def test_ctrl_c_inside_a_chunk_keeps_the_problems_whose_samples_all_finished(mod
 
     class MidChunk(ScriptedEngine):
         def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
-            done = {0: "The answer is 7.", 1: "The answer is 8.", 3: "36"}  # problem 2 has one sample of two
+            done = {0: T + "The answer is 7.", 1: T + "The answer is 8.", 3: T + "36"}  # problem 2: one of two
             raise Interrupted({i: self.tok.encode(t) for i, t in done.items()})
 
     with pytest.raises(Interrupted) as e:

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from nanoseek.train.loop import Dist
+from nanoseek.train.distributed import Dist
 import torch.nn.functional as F
 
 from nanoseek.train.grpo import LOSSES, group_advantages, policy_loss
+from nanoseek.data.tasks import from_record
 from nanoseek.train.rewards import format_ok, judge
 
 
@@ -125,6 +126,12 @@ def test_rewards_on_crafted_completions(problem):
     assert judge(worked, problem).accuracy == 1
     false_working = f"<think>\nhmm\n</think>\n\n{a} + {b} = {int(ans) + 1} = {ans}, so the answer is {ans}."
     assert judge(false_working, problem).accuracy == 0
+    gold = lambda a: from_record({"question": "q", "answer": a})  # noqa: E731
+    latex = [("$3 \\times 4 = 12$, so \\boxed{12}", "12"), ("$3 \\cdot 4 = 12$. \\boxed{12}", "12"),
+             ("$\\frac{6}{8} = \\frac{3}{4}$, so \\boxed{\\frac{3}{4}}", "3/4"), ("50 × 20% = 10. The answer is 10.", "10")]
+    for text, g in latex:  # working in LaTeX or with a percent is working too (they scored 0)
+        assert judge(f"<think>\nhmm\n</think>\n\n{text}", gold(g)).accuracy == 1, text
+    assert judge("<think>\nhmm\n</think>\n\nThe answer is -$5.", gold("5")).accuracy == 0  # the sign counts
 
 
 def test_overlong_penalty():

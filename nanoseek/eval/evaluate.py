@@ -35,25 +35,31 @@ from pathlib import Path
 NUMBER = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"  # −: the Unicode minus; commas only as thousands separators
 AMOUNT = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # unsigned, and a comma only in a whole "1,234": not "12, 13"
 EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
+UNIT_POWER = r"(?<=[A-Za-z])(?:\^\{?\d\}?|[²³])"  # the ^2 of "m^2", "cm²"
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a completion, or None."""
+    """The final answer in a completion, or None. One that opened `<think>` and never closed it was cut off while
+    reasoning: it has no answer (whatever number its reasoning reached last)."""
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
+    elif "<think>" in text:
+        return None
+    text = re.sub(r"([-−])\s*([$€£¥])", r"\2\1", text)  # "-$5" is "$-5": the sign stays with the number
     boxed = _last_boxed(text)
     if boxed is not None:
         return _boxed_answer(boxed)
-    # the last "answer is …" or "Answer: …" (a later correction wins); past "**$" of **$18**
-    m = max(re.finditer(r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)|Answer:\s*([^\n]+)", text, flags=re.IGNORECASE),
-            key=lambda m: m.start(), default=None)
+    # the last "answer is …" or "Answer: …" that holds a number (a later correction wins; a closing "if any part of
+    # the answer is unclear" does not), else the last one; past "**$" of **$18**
+    found = list(re.finditer(r"answer is[:\s*`]*\$?([^\n.$]+(?:\.\d+)?)|Answer:\s*([^\n]+)", text, re.IGNORECASE))
+    m = next((m for m in reversed(found) if re.search(r"\d", m[m.lastindex])), found[-1] if found else None)
     # a worded answer ("Paris") stands, unless a number follows it ("the answer is as follows:\n12")
     if m and (re.search(r"\d", m[m.lastindex]) or not re.search(NUMBER, text[m.end():])):
         return _phrase_answer(m[m.lastindex])
     bare = _bare_expression(text)
     if bare is not None:
         return bare
-    nums = re.findall(NUMBER, text)
+    nums = re.findall(NUMBER, re.sub(UNIT_POWER, "", text))  # "12 m^2" is 12, not 2
     return nums[-1] if nums else None
 
 
@@ -63,7 +69,7 @@ def _boxed_answer(boxed: str) -> str:
     plain = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", boxed)
     plain = re.sub(r"(?<=\d)\\,(?=\d{3})", "", plain).replace("{,}", ",").replace("\\$", "").replace("$", "")
     plain = re.sub(r"\\[,;! ]", " ", plain)
-    m = re.fullmatch(rf"\s*({NUMBER})\s*(?:[A-Za-z][A-Za-z .]*)?", plain)  # the number, then perhaps its unit
+    m = re.fullmatch(rf"\s*({NUMBER})\s*(?:[A-Za-z][A-Za-z .]*{UNIT_POWER}?)?", plain)  # the number, perhaps its unit
     return m.group(1) if m else boxed
 
 
@@ -101,6 +107,10 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+BOUNDS = (r"\b(?:not|no|never|nor|or|at most|at least|less|more|fewer|greater|smaller|larger|under|over|below|above|"
+          r"up to|between|except|maybe|perhaps|about|around|approximately|roughly|nearly|almost)\b|[<>≤≥≈~]")
+
+
 def _phrase_answer(phrase: str) -> str:
     """The answer in "the answer is …": Markdown emphasis dropped (**18**); a number followed by words ("18,
     because …", "18 apples", "18!") is that number, and so is a number after words that do not change it ("therefore
@@ -112,12 +122,20 @@ def _phrase_answer(phrase: str) -> str:
     number = rf"[$€£¥]?([-−]?{AMOUNT})"
     if re.match(rf"{number}(?:,\s+|\s+(?:,\s*)?(?:or|and)\s+)(?:or\s+)?{number}", phrase):  # a hedge (not 1,234)
         return phrase
-    lead = re.match(rf"{number}(?=[\s,;:)!.]|$)(?!:\d|\s+\d+/\d)", phrase)  # not of "3:30", "1 1/2"
+    spaced = re.match(r"[$€£¥]?([-−]?\d{1,3}(?: \d{3})+(?:\.\d+)?)(?=[\s,;:)!.]|$)", phrase)  # "1 234"
+    lead = spaced or re.match(rf"{number}(?=[\s,;:)!.]|$)(?!:\d|\s+\d+/\d)", phrase)  # not of "3:30", "1 1/2"
     if lead:
         return lead.group(1)
     lead_in = r"(?:therefore|thus|hence|so|then|now|still|just|simply|exactly|clearly|approximately|about|around|roughly)"
     words = re.fullmatch(rf"(?:{lead_in},?\s+)+{number}", phrase, flags=re.IGNORECASE)  # not "not 7", "at most 5"
-    return words.group(1) if words else phrase
+    if words:
+        return words.group(1)
+    # a sentence with one number and no word that bounds or hedges it: "There are 12 marbles in total", "The final
+    # answer is 12. I hope it is correct" (after "Answer:")
+    numbers = re.findall(rf"[$€£¥]?({NUMBER})", re.sub(UNIT_POWER, "", phrase))
+    if len(numbers) == 1 and not re.search(BOUNDS, phrase, flags=re.IGNORECASE):
+        return numbers[0]
+    return phrase
 
 
 def majority(problem, answers: list[str | None]) -> int | None:
@@ -198,8 +216,11 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
              style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
     from ..cli import Interrupted, ctrl_c_ignored
 
+    from ..serve.reasoning import starts_in_reasoning
+
     prompts = prompts_for(problems, tok, style)
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
+    thought = "<think>\n" if prompts and starts_in_reasoning(prompts[0], tok) else ""  # the template's prefill
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
     outs: dict[int, list[int]] = {}  # sample index (problem-major) -> its new tokens
     bar = None
@@ -223,12 +244,12 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
                 bar.update(len(chunk))
     except KeyboardInterrupt:
         with ctrl_c_ignored():
-            raise Interrupted(finished_problems(problems, {k: completion_text(tok, o) for k, o in outs.items()},
-                                                samples)) from None
+            raise Interrupted(finished_problems(problems, {k: thought + completion_text(tok, o)
+                                                           for k, o in outs.items()}, samples)) from None
     finally:
         if bar is not None:
             bar.close()
-    return check_completions(problems, [completion_text(tok, outs[k]) for k in range(len(flat))], samples)
+    return check_completions(problems, [thought + completion_text(tok, outs[k]) for k in range(len(flat))], samples)
 
 
 def completion_text(tok, ids: list[int]) -> str:
@@ -265,7 +286,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
                 texts[i] = trace.answer
             elif trace.closed:
                 texts[i] = f"<think>\n{trace.reasoning}\n</think>\n\n{trace.answer}"
-            else:  # ended inside the reasoning: scored as a local completion that never closed </think> is
+            else:  # ended inside the reasoning: no answer, as a local completion that never closed </think>
                 texts[i] = f"<think>\n{trace.reasoning}"
             if bar is not None:
                 bar.update()

@@ -29,6 +29,7 @@ from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
 MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing (a gold "(1, 2, 3)" allows 3)
+VALUE = rf"{NUMBER}(?:/\d+)?"  # what counts as one number of an answer: "3/4" is one
 MAX_REPEATS = 4  # the same non-empty reasoning line more often than this is degenerate
 # "8 + 4 = 12, carry 1", "1 + 9 + 1 = 11", "96 - (-43) = 139", "14 ÷ 8 = 1, remainder 6": a whole line whose left
 # side is numbers and + - × ÷ and whose right side is one integer (then optionally ", ..." or a full stop).
@@ -36,7 +37,7 @@ STEP = re.compile(r"^[ \t]*(?P<lhs>[-(]*\d+\)*(?: [+\-×÷] [-(]*\d+\)*)+) = (?P
                   r"(?:, remainder (?P<rem>\d+))?(?=[ \t]*$|,|\.[ \t]*$)", re.M)
 
 # "16 − 3 = 13", "2.5 × 4 = 10", "1,200 + 300 = 1,500", "9 × $2 = $18", "6 x 7 = 42": working beside an answer
-_OPERAND = rf"[-−(]*\$?{AMOUNT}\)*"
+_OPERAND = rf"[-−(]*\$?{AMOUNT}%?\)*"
 EQUATION = re.compile(rf"(?P<lhs>{_OPERAND}(?:\s*[-−+×x·÷*/]\s*{_OPERAND})+)\s*=\s*"
                       rf"(?P<rhs>[-−]?\$?{AMOUNT})(?![\d.,]\d)")
 
@@ -72,13 +73,19 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     answer = extract_answer(text) if fmt else None
     answer_part = text.rsplit(END_THINK, 1)[-1]
     numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
-    allowed = max(MAX_ANSWER_NUMBERS, len(set(re.findall(NUMBER, problem.answer))))  # "(1, 2, 3)" holds three
-    stuffed = numeric and len(set(re.findall(NUMBER, _results_only(answer_part)))) > allowed
+    allowed = max(MAX_ANSWER_NUMBERS, len(set(re.findall(VALUE, problem.answer))))  # "(1, 2, 3)" holds three
+    stuffed = numeric and len(set(re.findall(VALUE, _results_only(_plain(answer_part))))) > allowed
     acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
     penalty = 0.0
     if overlong_cache and max_tokens:
         penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
+
+
+def _plain(answer: str) -> str:
+    """LaTeX working in plain notation: \\times and \\cdot as ×, \\div as ÷, \\frac{a}{b} as a/b."""
+    answer = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", answer)
+    return answer.replace("\\times", "×").replace("\\cdot", "×").replace("\\div", "÷")
 
 
 def _results_only(answer: str) -> str:
@@ -87,6 +94,7 @@ def _results_only(answer: str) -> str:
 
     def exact(text: str) -> str:  # "$1,200" -> "1200", "2.5" -> "(25/10)", "x" and "·" -> "×": eval_expression's terms
         text = re.sub(r"\$|(?<=\d),(?=\d{3})", "", text).replace("x", "×").replace("·", "×")
+        text = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", text)  # "20%" -> "(20/100)"
         return re.sub(r"(\d+)\.(\d+)", lambda d: f"({d[1]}{d[2]}/{10 ** len(d[2])})", text)
 
     def result(m: re.Match) -> str:
