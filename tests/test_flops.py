@@ -35,3 +35,13 @@ def test_generation_flops_sum_the_kv_cached_decode():
     exact += sum(per_token + 2 * H * d * j * cfg.num_hidden_layers for c in completions for j in range(p + 1, p + c + 1))
     assert generation_flops(cfg, p, completions) == pytest.approx(exact, rel=0.01)
     assert flops_per_token(cfg, 10, training=True, with_mtp=False) == 3 * flops_per_token(cfg, 10, training=False)
+
+
+def test_gpu_peaks_by_card_not_by_substring():
+    from nanoseek.train.metrics import datasheet_peak
+
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H800 PCIe": 756e12, "NVIDIA H200 NVL": 835e12, "NVIDIA H200": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA GeForce RTX 4090": 165e12,
+             "NVIDIA RTX A1000 6GB Laptop GPU": None, "NVIDIA L4": None}  # None: measured instead
+    assert {n: datasheet_peak(n) for n in names} == names

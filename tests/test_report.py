@@ -213,3 +213,13 @@ def test_a_resumed_run_is_not_reported_with_the_cost_of_its_earlier_stop(tmp_pat
     run = stage(tmp_path, "run", steps=6, cost_json=cost(hours=0.001), done=False)
     Metrics(run / "metrics.jsonl", resume_step=6).log({"step": 7, "loss": 0.5, "wall_s": 70.0})  # then killed
     assert " | 0.0194 | " in cost_table(write_report(run).read_text())["run (interrupted at step 7)"]
+
+
+def test_a_run_stopped_early_says_so(tmp_path):
+    """--stop-at writes the run's cost.json too: the report says where it stopped rather than showing a whole run."""
+    run = stage(tmp_path, "run", steps=3, cost_json=cost(), done=False)
+    (run / "train_state").mkdir()
+    (run / "train_state" / "state.json").write_text(json.dumps({"step": 3, "config": {"steps": 6}}))
+    assert "run (stopped at step 3 of 6)" in cost_table(write_report(run).read_text())
+    (run / "train_state" / "state.json").write_text(json.dumps({"step": 6, "config": {"steps": 6}}))
+    assert set(cost_table(write_report(run).read_text())) == {"run", "**total**"}

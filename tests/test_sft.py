@@ -95,6 +95,22 @@ def test_sft_loss_falls_and_resume_is_exact(base_dir, tmp_path):
     assert (part / "model" / "tokenizer.json").is_file()
 
 
+def test_a_teachers_forward_passes_count_in_the_cost(base_dir, tmp_path):
+    """Logit distillation runs the teacher on every batch: its forward FLOPs are part of the step's."""
+    from nanoseek.flops import flops_per_token
+    from nanoseek.train.sft import SFTConfig, sft
+
+    base, _, data = base_dir
+    teacher = nanoseek.load_model(base).eval()
+    common = dict(model=str(base), data=[str(data)], steps=2, batch_size=4, micro_batch_size=4, seq_len=64,
+                  progress=False, device="cpu")
+    alone = sft(SFTConfig(out=str(tmp_path / "a"), **common))["cost"]["flops"]
+    taught = sft(SFTConfig(out=str(tmp_path / "b"), **common), teacher=teacher, kd_weight=0.5)["cost"]["flops"]
+    cfg = teacher.config  # the same model as the student: per token, a forward against a training step
+    share = flops_per_token(cfg, 64, training=False) / flops_per_token(cfg, 64, training=True, with_mtp=True)
+    assert taught == pytest.approx(alone * (1 + share), rel=0.02)  # rows near 64 tokens; was alone
+
+
 def test_a_resume_refuses_edited_data(base_dir, tmp_path):
     """The --data file changed since the run started: resuming would silently train on other conversations."""
     base, _, data = base_dir

@@ -201,6 +201,10 @@ def cost_rows(root: Path, dirs: dict[str, Path], price: float | None) -> list[di
         if device and known.get("devices", 1) > 1:
             device = f"{known['devices']} × {device}"
         note = None if finished else "interrupted" + (f" at step {logged[-1]['step']}" if logged else "")
+        state = read_json(run / "train_state" / "state.json")  # a run stopped early (--stop-at) also wrote its cost
+        step, steps = state.get("step"), (state.get("config") or {}).get("steps")
+        if finished and number(step) and number(steps) and step < steps:
+            note = f"stopped at step {step} of {steps}"
         rows.append({"stage": name, "device_hours": hours, "flops": known.get("flops"), "mfu": known.get("mfu"),
                      "price": p, "dollars": round(hours * p, 4), "device": device, "note": note})
     return rows

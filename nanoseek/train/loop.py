@@ -455,6 +455,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 if teacher is not None and kd_weight > 0:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
+                    flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * inputs.numel()
                     aux = aux + kd_weight * distill_kl(logits, t_logits, labels) * w_main
                 (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux).backward()
             sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach()])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -57,9 +58,15 @@ def run_summary(stage: str, run: Path, step: int, last: dict, cost: dict) -> dic
     return {"stage": stage, "model": str(run / "model"), "steps": step, "final": last, "cost": cost}
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU on GPUs.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                 "4090": 165e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU on GPUs: (pattern in the device's name,
+# peak), the first that matches; the PCIe and NVL cards of a chip run slower than its SXM one.
+GPU_PEAK_BF16 = [(r"\bH[18]00\b.*\bPCIe\b", 756e12), (r"\bH[12]00\b.*\bNVL\b", 835e12), (r"\bH(100|200|800)\b", 989e12),
+                 (r"\bA[18]00\b", 312e12), (r"\bL40S\b", 362e12), (r"\b4090\b", 165e12)]
+
+
+def datasheet_peak(name: str) -> float | None:
+    """The bf16 peak of a GPU named `name` (torch.cuda.get_device_name), or None when the table does not know it."""
+    return next((peak for pattern, peak in GPU_PEAK_BF16 if re.search(pattern, name)), None)
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:
@@ -75,9 +82,8 @@ def _peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} datasheet bf16 dense"
+        if (peak := datasheet_peak(name)) is not None:
+            return peak, f"{name} datasheet bf16 dense"
         return measured_peak_flops(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul"
     return measured_peak_flops("cpu"), f"{cpu_name()}, {threads} thread{'s' * (threads != 1)}, measured fp32 matmul"
 
