@@ -430,14 +430,12 @@ def render_chat(messages: list[dict]) -> str:
 
 def _training_texts(args: argparse.Namespace) -> list[str]:
     from .cli import UserError
-    from .data.corpus import read_texts
+    from .data.corpus import check_paths, read_texts
 
     if not args.data:
         return task_suite_texts(args.n_docs, args.seed)
-    for path in args.data:  # before reading any: a typo in the last file should not wait for the others
-        if not Path(path).exists():
-            raise UserError(f"{path}: no such file")
     try:
+        check_paths(args.data)  # before reading any: a typo in the last file should not wait for the others
         return list(read_texts(args.data))
     except ValueError as e:  # bad JSON line, unknown suffix, missing pyarrow
         raise UserError(str(e)) from e

@@ -84,3 +84,39 @@ def test_the_key_follows_the_tokenizer_and_the_data(tok, tmp_path):
         assert key != chat_tokens.cache_key(tok, chat_tokens.file_bytes([a]))
     finally:
         tok.chat_template = template
+
+
+def test_a_damaged_cache_is_rebuilt_never_trained_on(tok, tmp_path):
+    """Files damaged in place (same size), a malformed meta.json, or the cache's own files without their meta.json
+    (an interrupted copy): each is rebuilt from the conversations, not used and not refused."""
+    out = tmp_path / "c"
+    first = chat_tokens.build(iter(CHATS), tok, out, "k")
+    expected = [first[i] for i in range(len(first))]
+    del first
+    ids = bytearray((out / "ids.bin").read_bytes())
+    ids[:4] = bytes(4) if ids[:4] != bytes(4) else b"\x01\x00\x01\x00"
+    (out / "ids.bin").write_bytes(ids)
+    assert chat_tokens.load(out, "k") is None and chat_tokens.load(out) is not None  # only the key holder checks
+    rebuilt = chat_tokens.build(iter(CHATS), tok, out, "k")
+    assert [rebuilt[i] for i in range(len(rebuilt))] == expected
+    for meta in ('{"version": 1, "dtype": "float99", "n": 1, "tokens": 1, "key": "k", "sha256": {}}', "[]", "{"):
+        (out / "meta.json").write_text(meta)
+        assert chat_tokens.load(out, "k") is None
+        assert len(chat_tokens.build(iter(CHATS), tok, out, "k")) == len(CHATS)
+    (out / "meta.json").unlink()
+    assert len(chat_tokens.build(iter(CHATS), tok, out, "k")) == len(CHATS)
+    (out / "meta.json").unlink()
+    (out / "notes.txt").write_text("mine")  # someone else's file: refused, not replaced
+    with pytest.raises(FileExistsError, match="not a token cache"):
+        chat_tokens.build(iter(CHATS), tok, out, "k")
+
+
+def test_a_build_left_under_this_processs_pid_is_stale(tok, tmp_path):
+    """A killed build's folder is named with its pid; in a restarted container that pid (PID 1) is this process's,
+    which has not made its own yet: the folder is removed, not kept forever."""
+    import os
+
+    left = tmp_path / f".c.tmp-{os.getpid()}-0123abcd"
+    left.mkdir()
+    chat_tokens.build(iter(CHATS[:2]), tok, tmp_path / "c", "k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

@@ -214,3 +214,21 @@ def test_reasoning_in_its_own_field_is_trained_as_r1_writes_it(base_dir, tmp_pat
         data = tmp_path / f"{field}.jsonl"
         data.write_text(json.dumps(split) + "\n")
         assert [tok.chat_sample(m) for m in read_conversations([str(data)])] == [tok.chat_sample(inline["messages"])]
+
+
+def test_data_from_a_pipe_is_read_once(base_dir, tmp_path):
+    """`--data <(zcat chats.jsonl.gz)`: a pipe can be read once, so it is tokenized without first being hashed for
+    the cache (which read it to the end and left SFT waiting forever on the second open)."""
+    import os
+    import threading
+
+    base, _, data = base_dir
+    fifo = tmp_path / "chats.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(data.read_text()), daemon=True)
+    writer.start()
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "sft", "--model", str(base), "--out", str(tmp_path / "run"),
+                        "--data", str(fifo), "--steps", "1", "--batch-size", "2", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "chat_tokens" / "meta.json").read_text())["n"] == len(CONVS)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,8 +81,9 @@ import sys, time
 from nanoseek.train import distributed
 distributed.COLLECTIVE_TIMEOUT_MIN = 0.03  # 1.8 s
 d = distributed.init_distributed("cpu")
+print("waiting", flush=True)
 if d.is_main:
-    time.sleep(5)  # rank 0 preparing the data
+    time.sleep(int(sys.argv[2]))  # rank 0 preparing the data
 getattr(d, sys.argv[1])()
 print("through", flush=True)
 """
@@ -93,11 +95,30 @@ def test_the_others_wait_for_rank_0s_data_past_the_collective_timeout(tmp_path):
     script = tmp_path / "wait.py"
     script.write_text(WAIT)
     run = lambda how: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # noqa: E731
-                                      "--nproc_per_node=2", str(script), how], capture_output=True, text=True,
+                                      "--nproc_per_node=2", str(script), how, "5"], capture_output=True, text=True,
                                      env=ENV, timeout=120)
     waited = run("wait_for_main")
     assert waited.returncode == 0 and waited.stdout.count("through") == 2, waited.stderr[-2000:]
     assert run("barrier").returncode != 0
+
+
+def test_ctrl_c_reaches_the_ranks_waiting_for_rank_0(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while rank 0 prepares the data: the waiting rank stops too.
+    Blocked inside gloo, it ignored the signal until torchrun killed it 30 s later."""
+    import signal
+
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), "wait_for_main", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV, start_new_session=True)
+    said = ""
+    while said.count("waiting") < 2:  # both ranks started (their lines may interleave)
+        said += p.stdout.readline()
+    time.sleep(1)  # both in their wait
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "forcefully exiting via 9" not in err, err[-2000:]
 
 
 def test_help_and_a_missing_verb_print_once():

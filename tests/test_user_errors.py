@@ -448,6 +448,18 @@ def test_set_refuses_a_v2_router_transformers_would_read_otherwise(tmp_path, cap
     assert code == 1 and "norm_topk_prob false" in err
 
 
+def test_a_typo_in_the_last_data_file_is_said_before_the_others_are_read(capsys, tmp_path, monkeypatch):
+    from nanoseek import tokenizer
+
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda *a, **kw: pytest.fail("read the first file first"))
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"text": "1 + 1 = 2"}) + "\n")
+    for verb in (["pretrain", *TINY], ["tokenizer", "train"]):
+        for bad, says in ((tmp_path / "missing.jsonl", "missing.jsonl: no such file"), (tmp_path / "c.csv", "'.csv'")):
+            code, err = run_cli(capsys, *verb, "--out", tmp_path / "o", "--data", data, bad)
+            assert code == 1 and says in err and err.count("error:") == 1, (verb, err)
+
+
 def test_a_run_trains_on_an_earlier_runs_shards_as_it_would_on_the_data(capsys, tmp_path):
     """--data RUN/data: the shards and the tokenizer of an earlier run, read in place (nothing tokenized again): with
     the same settings the model is the earlier run's, bit for bit."""

@@ -8,10 +8,11 @@ processes of a run share. The directory:
     mask.bin       (N,) uint8           1 on the tokens SFT learns (assistant content and its closing eos)
     offsets.bin    (n + 1,) int64       conversation i is tokens [offsets[i], offsets[i + 1])
     answer_at.bin  (n,) int64           where conversation i's first supervised token is (-1: none)
-    meta.json      {"version", "dtype", "n", "tokens", "key"}
+    meta.json      {"version", "dtype", "n", "tokens", "key", "sha256": {file: digest}}
 The key hashes the format version, the tokenizer (vocabulary, special tokens, chat template) and the conversations'
 source (the bytes of every --data file, or the default conversations themselves), so a cache is reused exactly when
-a rebuild would write the same tokens. It is built under a temporary name and renamed into place, as the pretraining
+a rebuild would write the same tokens, and the files' digests are checked before a run reuses them (a file damaged
+in place is rebuilt, never trained on). It is built under a temporary name and renamed into place, as the pretraining
 shards are (`corpus.build_shards`): a killed build never leaves a half cache.
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 from .corpus import META, install_build, new_build_dir, shard_dtype
 
 VERSION = 1
+FILES = r"meta\.json|(ids|mask|offsets|answer_at)\.bin"  # what the directory holds
 FLUSH_TOKENS = 1 << 20  # tokens held in memory before they are appended to the files
 
 
@@ -101,17 +103,22 @@ def file_bytes(paths) -> Iterable[bytes]:
 
 
 def load(out_dir, key: str | None = None) -> ChatTokens | None:
-    """The cache in `out_dir`, memory-mapped, or None if there is no complete one (with `key`: none with that key)."""
+    """The cache in `out_dir`, memory-mapped, or None if there is no complete one. With `key` (the process that built
+    or checks it): None unless it has that key and every file its recorded digest."""
     out_dir = Path(out_dir)
     try:
         meta = json.loads((out_dir / META).read_text())
-    except (OSError, json.JSONDecodeError):
+        n, tokens, dtype, digests = int(meta["n"]), int(meta["tokens"]), np.dtype(meta["dtype"]), dict(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, or not what build writes
         return None
-    if meta.get("version") != VERSION or (key is not None and meta.get("key") != key):
+    if meta.get("version") != VERSION or dtype not in (np.uint16, np.uint32):
         return None
-    n, tokens, dtype = meta["n"], meta["tokens"], np.dtype(meta["dtype"])
+    if key is not None and meta.get("key") != key:
+        return None
     sizes = {"ids.bin": tokens * dtype.itemsize, "mask.bin": tokens, "offsets.bin": (n + 1) * 8, "answer_at.bin": n * 8}
     if any(not (out_dir / f).is_file() or (out_dir / f).stat().st_size != size for f, size in sizes.items()):
+        return None
+    if key is not None and any(_file_digest(out_dir / f) != digests.get(f) for f in sizes):
         return None
 
     def mapped(name: str, dt, count: int) -> np.ndarray:
@@ -121,14 +128,23 @@ def load(out_dir, key: str | None = None) -> ChatTokens | None:
                       np.fromfile(out_dir / "offsets.bin", dtype=np.int64), mapped("answer_at.bin", np.int64, n))
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            h.update(piece)
+    return h.hexdigest()
+
+
 class _Writer:
-    """Appends conversations to the four files of a build directory."""
+    """Appends conversations to the four files of a build directory, and hashes what it writes."""
 
     def __init__(self, directory: Path, dtype: np.dtype):
         self.dir = directory
         self.ids = array("H" if dtype == np.uint16 else "I")
         self.mask, self.offsets, self.answer_at = bytearray(), array("q", [0]), array("q")
         self.n_tokens = 0
+        self.digests = {name: hashlib.sha256() for name in ("ids.bin", "mask.bin", "offsets.bin", "answer_at.bin")}
 
     def add(self, ids: list[int], mask: list[int]) -> None:
         self.ids.extend(ids)
@@ -151,9 +167,11 @@ class _Writer:
 
     def _append(self, name: str, data) -> None:
         path = self.dir / name
+        data = memoryview(data).cast("B")
+        self.digests[name].update(data)
         try:
             with open(path, "ab") as f:
-                f.write(memoryview(data).cast("B"))
+                f.write(data)
         except OSError as e:  # "[Errno 28] No space left on device: PATH"
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
@@ -179,9 +197,9 @@ def build(conversations: Iterable[list[dict]], tokenizer, out_dir, key: str, pro
                 bar.update()
         writer.close()
         meta = {"version": VERSION, "dtype": dtype.name, "n": len(writer.answer_at), "tokens": writer.n_tokens,
-                "key": key}
+                "key": key, "sha256": {name: h.hexdigest() for name, h in writer.digests.items()}}
         (tmp / META).write_text(json.dumps(meta, indent=1))
-        install_build(tmp, out_dir)
+        install_build(tmp, out_dir, FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

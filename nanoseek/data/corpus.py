@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 META = "meta.json"
+SHARD_FILES = r"meta\.json|shard-\d+\.bin|tokenizer(_config)?\.json"  # what a shard directory holds
 FORMAT_VERSION = 1
 ENCODE_BATCH = 512  # documents tokenized per call (the Rust tokenizer parallelises within a call)
 
@@ -100,6 +101,15 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _paths(paths) -> list:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def check_paths(paths) -> None:
+    """ValueError for the first data path that cannot be read (missing, a folder, an unknown format), before any is
+    read: a typo in the last of several files must not wait for the others to be read."""
+    for path in _paths(paths):
+        read_records(path)  # a folder or an unknown suffix (reading itself starts only when iterated)
+        if not Path(path).exists():
+            raise ValueError(f"{path}: no such file")
 
 
 ROLES = ("system", "user", "assistant")
@@ -257,6 +267,8 @@ def _remove_stale_builds(out_dir: Path) -> None:
     for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         try:
             pid = int(tmp.name.rsplit("-", 2)[-2])
+            if pid == os.getpid():  # a killed process's pid come back (PID 1 of a restarted container): not ours yet
+                raise ProcessLookupError
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -274,11 +286,12 @@ def new_build_dir(out_dir: Path) -> Path:
     return tmp
 
 
-def install_build(tmp: Path, out_dir: Path) -> None:
-    """Move a finished build into place, replacing an outdated cache (never a directory of someone else's files)."""
+def install_build(tmp: Path, out_dir: Path, own: str = SHARD_FILES) -> None:
+    """Move a finished build into place, replacing an outdated or damaged cache (`own`: a regex of the names a cache
+    holds), never a directory of someone else's files."""
     old = None
     if out_dir.exists():
-        if not (out_dir / META).is_file() and any(out_dir.iterdir()):
+        if not (out_dir / META).is_file() and not all(re.fullmatch(own, f.name) for f in out_dir.iterdir()):
             raise FileExistsError(f"{out_dir} holds files that are not a token cache; not replacing it (choose "
                                   "another run directory)")
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

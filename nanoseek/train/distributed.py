@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,12 +34,14 @@ class Dist:
     def wait_for_main(self) -> None:
         """A barrier for rank 0's data preparation (training a tokenizer, tokenizing a user's corpus), which may take
         longer than COLLECTIVE_TIMEOUT_MIN: a multi-GB corpus takes rank 0 hours. It runs in a gloo group of its own
-        with a timeout of days (and no busy GPU stream); if rank 0 fails, torchrun stops the others at once."""
+        (made at start-up, when every rank is there) with a timeout of days, and is polled, so that a Ctrl-C or a
+        SIGTERM reaches the waiting ranks at once; if rank 0 fails, torchrun stops the others."""
         if self.world_size == 1:
             return
-        if self._prepare_group is None:
-            self._prepare_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
-        dist.barrier(group=self._prepare_group)
+        work = dist.barrier(group=self._prepare_group, async_op=True)
+        while not work.is_completed():
+            time.sleep(0.1)
+        work.wait()  # raises what the barrier ended with
 
     def close(self) -> None:
         """End the process group on every rank together. A rank that exits with gloo still running could abort
@@ -111,6 +114,7 @@ def init_distributed(device: str = "auto") -> Dist:
     if kind == "cuda":
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout)
-        return Dist(rank, world, local, torch.device("cuda", local))
-    dist.init_process_group("gloo", timeout=timeout)
-    return Dist(rank, world, local, torch.device("cpu"))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    prepare = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)  # for wait_for_main
+    return Dist(rank, world, local, torch.device("cuda", local) if kind == "cuda" else torch.device("cpu"), prepare)

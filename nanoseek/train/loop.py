@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import save_model
+from ..data.chat_tokens import FILES as CHAT_TOKEN_FILES
+from ..data.corpus import SHARD_FILES
 from ..flops import flops_per_token
 from ..model.mtp import mtp_loss
 from . import muon as muon_lib
@@ -227,9 +229,8 @@ DEST_FIELDS = {"set": "overrides", "no_document_mask": "document_mask"}  # argpa
 RUN_MARKER = ".nanoseek-run"  # the first thing a new run writes in its directory
 RUN_LINKS = ("model", "train_state", "current")
 RUN_FILES = ("metrics.jsonl", "cost.json", "done.json")
-RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",
-               "data": r"meta\.json|shard-\d+\.bin|tokenizer(_config)?\.json",  # pretraining's token shards
-               "chat_tokens": r"meta\.json|(ids|mask|offsets|answer_at)\.bin"}  # sft's; folder -> what a run writes there
+RUN_FOLDERS = {"ckpt": r"\.?step-\d+(\.tmp)?", "tokenizer": r"tokenizer(_config)?\.json",  # folder -> what a run writes there
+               "data": SHARD_FILES, "chat_tokens": CHAT_TOKEN_FILES}  # pretraining's token shards, sft's tokenized chats
 
 
 def leftover(entry: Path) -> bool:

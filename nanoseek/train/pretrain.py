@@ -231,10 +231,15 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
     are not the ones the run trained on. A fresh run makes its own (a failed earlier attempt may have left some made
     with other settings)."""
     from ..cli import UserError
-    from ..data.corpus import build_shards, cache_complete
+    from ..data.corpus import build_shards, cache_complete, check_paths
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
     source = shard_source(cfg)
+    if cfg.data and not source:
+        try:
+            check_paths(cfg.data)  # a typo in the last of several files, said before reading the others
+        except ValueError as e:
+            raise UserError(str(e)) from None
     tok_dir, shard_dir = run / "tokenizer", source or run / "data"
     if d.is_main and not (resuming and (tok_dir / "tokenizer.json").is_file()):
         if resuming and (run / "model" / "tokenizer.json").is_file():  # the one the run trained with, not a new one

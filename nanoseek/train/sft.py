@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import uuid
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,17 +160,20 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
     --data files are unchanged, e.g. on --resume); the other ranks wait, then map the same files."""
     from ..cli import UserError
     from ..data import chat_tokens
-    from ..data.corpus import read_records
+    from ..data.corpus import check_paths
 
     out = run / "chat_tokens"
     if d.is_main:
         if cfg.data:
-            for path in cfg.data:
-                try:
-                    read_records(path)  # a folder or an unknown format: say so before reading anything
-                except ValueError as e:
-                    raise UserError(str(e)) from None
-            key, convs = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data)), read_conversations(cfg.data)
+            try:
+                check_paths(cfg.data)  # a missing file, a folder or an unknown format: said before reading any
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            convs = read_conversations(cfg.data)
+            if all(Path(p).is_file() for p in cfg.data):
+                key = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data))
+            else:  # a pipe (--data <(zcat chats.jsonl.gz)) can be read once: tokenized, never reused
+                key = f"stream-{uuid.uuid4().hex}"
         else:  # other problems than pretraining's
             convs = [c["messages"] for c in default_conversations(cfg.n_samples, cfg.seed + 1)]
             key = chat_tokens.cache_key(tok, (json.dumps(m).encode() for m in convs))
