@@ -3,9 +3,10 @@
 Problems come from the task suite's held-out split (`--task arithmetic`, `--task word:2`, `--task all`) or from any
 GSM8K-format JSONL (`question`, `answer` = worked solution ending in `#### N` or just `N`, optional `level`).
 Each problem is prompted through the model's own chat template (or as plain text for base models), K samples are
-drawn, and the answer is read from the completion: the text after `</think>` if present, then `\\boxed{…}`,
-"answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last number. pass@1 is
-the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
+drawn, and the answer is read from the completion: the text after `</think>` if present (a completion that opened
+`<think>`, or whose template prefilled it, and never closed it has none: it was cut off while reasoning), then
+`\\boxed{…}`, "answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last
+number. pass@1 is the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
 pass@k (k = 2, 4, …, K, the unbiased estimator) the chance that k samples include a right one: what reinforcement
 learning could sharpen into pass@1 without new skills.
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
@@ -215,7 +216,6 @@ def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens:
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
              style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
     from ..cli import Interrupted, ctrl_c_ignored
-
     from ..serve.reasoning import starts_in_reasoning
 
     prompts = prompts_for(problems, tok, style)

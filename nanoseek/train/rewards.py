@@ -10,7 +10,7 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 - accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
   `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
   stuffing", a numeric answer section listing several candidate numbers (the operands of a true equation shown as
-  working do not count), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
+  working do not count, also in LaTeX or with a percent; a fraction a/b is one number), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
 - false steps, for GRPO's `false_steps` metric (the share of rollouts that state one): the reasoning lines that
