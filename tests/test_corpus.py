@@ -93,6 +93,14 @@ def test_read_parquet(tmp_path):
 
     pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "d.parquet")
     assert list(read_texts(tmp_path / "d.parquet")) == ["x", "y"]
+    # a dataset's other columns (ids, URLs, the page's HTML) are not read: only those the caller names
+    pq.write_table(pa.table({"id": [1, 2], "text": ["x", "y"], "html": ["<p>x</p>", "<p>y</p>"]}), tmp_path / "w.parquet")
+    assert [r for _, r in read_records(tmp_path / "w.parquet", columns=("text", "messages"))] == [{"text": "x"},
+                                                                                                   {"text": "y"}]
+    assert list(read_texts(tmp_path / "w.parquet")) == ["x", "y"]
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "o.parquet")
+    with pytest.raises(ValueError, match="o.parquet: row 1: the record has neither"):  # still says what is missing
+        list(read_texts(tmp_path / "o.parquet"))
 
 
 def test_lone_surrogate_names_its_line(tmp_path):

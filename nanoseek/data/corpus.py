@@ -37,9 +37,10 @@ ENCODE_BATCH = 512  # documents tokenized per call (the Rust tokenizer paralleli
 
 
 # --- reading records -----------------------------------------------------------------------------------------------
-def read_records(path) -> Iterator[tuple[str, dict]]:
+def read_records(path, columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
     """(where, record) for the records of a JSONL (.jsonl/.json, one object a line; where: "PATH:LINE") or Parquet
-    (.parquet; where: "PATH: row N") file: errors about a record name its line, blank lines counted."""
+    (.parquet; where: "PATH: row N") file: errors about a record name its line, blank lines counted. `columns`: the
+    fields the caller reads; of a Parquet file only those are read (a dataset's ids, URLs and metadata cost nothing)."""
     path = Path(path)
     if path.is_dir():  # e.g. a Parquet dataset as Spark or HF datasets write it
         raise ValueError(f"{path} is a directory; give the files in it (e.g. {path}/*.parquet or {path}/*.jsonl)")
@@ -47,7 +48,7 @@ def read_records(path) -> Iterator[tuple[str, dict]]:
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return _read_parquet(path, columns)
     raise ValueError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; expected .jsonl, .json or .parquet")
 
 
@@ -82,7 +83,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             yield where, record
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_parquet(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -91,7 +92,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())
+        table = pq.ParquetFile(path)
+        wanted = None if columns is None else [c for c in table.schema_arrow.names if c in columns]
+        rows = (row for batch in table.iter_batches(columns=wanted) for row in batch.to_pylist())
         yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows, 1))
     except pa.ArrowException as e:
         raise ValueError(f"{path}: cannot read as Parquet: {e}") from None
@@ -151,7 +154,7 @@ def render_messages(messages: list[dict], tokenizer=None) -> str:
 def read_texts(paths, tokenizer=None) -> Iterator[str]:
     """Training texts from one path or many: `text` records as they are, `messages` records rendered."""
     for path in _paths(paths):
-        for where, record in read_records(path):
+        for where, record in read_records(path, columns=("text", "messages")):
             if isinstance(record.get("text"), str):
                 yield record["text"]
             elif isinstance(record.get("messages"), list):

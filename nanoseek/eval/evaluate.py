@@ -394,7 +394,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
         problems = []
         try:
-            records = read_records(data)
+            records = read_records(data, columns=("question", "answer", "level", "family", "meta"))
             for where, rec in records:
                 try:
                     problems.append(tasks.from_record(rec))

@@ -143,7 +143,7 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
 
     try:
         for path in paths:
-            for where, rec in read_records(path):
+            for where, rec in read_records(path, columns=("messages",)):
                 if not isinstance(rec.get("messages"), list) or not rec["messages"]:
                     raise UserError(f"{where}: the record has no 'messages' list (expected the OpenAI chat shape)")
                 try:
