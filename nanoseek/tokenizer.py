@@ -8,10 +8,13 @@ rendered text is tokenized with special-token strings parsed as their ids and no
 
 The template (R1 style):
     <bos>{system}<｜User｜>{q}<｜Assistant｜>{answer}<eos><｜User｜>{q2}<｜Assistant｜><think>\\n
-Earlier assistant turns lose their `…</think>` reasoning (R1 does not feed old reasoning back); the generation prompt
-prefills `<think>\\n` unless the template variable `thinking` is false. Assistant content is wrapped in
-`{% generation %}` blocks, which is how `chat_sample` (and transformers' `return_assistant_tokens_mask`) find the
-tokens to train on.
+Earlier assistant turns (before the last user turn) lose their `…</think>` reasoning (R1 does not feed old reasoning
+back) and are not trained on: they are not what the model generated. The generation prompt prefills `<think>\\n`
+unless the template variable `thinking` is false, so a final assistant turn without reasoning is rendered with an
+empty `<think>\\n\\n</think>\\n\\n` before its answer, as the model will write it. Final assistant content is wrapped
+in `{% generation %}` blocks, which is how `chat_sample` (and transformers' `return_assistant_tokens_mask`) find the
+tokens to train on; SFT makes one sample per assistant turn of a multi-turn chat, so every turn is trained as it is
+generated.
 
 CLI: `nanoseek tokenizer train --out DIR [--data FILE ...] [--vocab-size N] [--n-docs N] [--seed S]`.
 """
@@ -65,11 +68,16 @@ CHAT_TEMPLATE = (
     "{{- '<｜User｜>' + message['content'] }}"
     "{%- elif message['role'] == 'assistant' %}"
     "{%- set content = message['content'] or '' %}"
-    "{%- if loop.index0 < ns.last_user and '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip() %}"
+    "{%- if loop.index0 < ns.last_user %}"
+    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip() %}{% endif %}"
+    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{%- else %}"
+    "{%- if '<think>' not in content and '</think>' not in content %}"
+    "{%- set content = '<think>\n\n</think>\n\n' + content %}"
     "{%- endif %}"
     "{{- '<｜Assistant｜>' }}"
     "{%- generation %}{{ content + '<｜end▁of▁sentence｜>' }}{% endgeneration %}"
+    "{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
@@ -222,7 +230,9 @@ class Tokenizer:
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
-            raise TokenizerError(f"{tj}: not found (a tokenizer directory needs tokenizer.json)")
+            hint = f"; a run directory's model is {path / 'model'}" if (path / "model" / "tokenizer.json").is_file() \
+                else "" if path.is_dir() else f"; {path} does not exist"
+            raise TokenizerError(f"{tj}: not found (a tokenizer directory needs tokenizer.json{hint})")
         try:
             tok = HFTokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files

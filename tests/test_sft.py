@@ -232,3 +232,25 @@ def test_data_from_a_pipe_is_read_once(base_dir, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "chat_tokens" / "meta.json").read_text())["n"] == len(CONVS)
+
+
+def test_every_turn_of_a_multi_turn_chat_is_trained_as_generated(base_dir, tmp_path):
+    """A chat with reasoning in two assistant turns: the template renders the earlier one without its reasoning
+    (history), so SFT trains each turn in a sample that ends with it, reasoning and all; a turn without reasoning is
+    trained after an empty <think></think>, as the generation prompt (which prefills <think>) makes the model write."""
+    from nanoseek.train.sft import read_conversations
+
+    _, tok, _ = base_dir
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5"},
+            {"role": "user", "content": "And times 4?"},
+            {"role": "assistant", "content": "20", "reasoning_content": "5 × 4 = 20"},
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome."}]
+    data = tmp_path / "multi.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    samples = list(read_conversations([str(data)]))
+    assert [len(s) for s in samples] == [3, 5, 7]
+    eos = "<｜end▁of▁sentence｜>"
+    trained = [tok.decode([i for i, m in zip(*tok.chat_sample(s)) if m]) for s in samples]
+    assert trained == [f"<think>\n2 + 3 = 5\n</think>\n\n5{eos}", f"<think>\n5 × 4 = 20\n</think>\n\n20{eos}",
+                       f"<think>\n\n</think>\n\nYou are welcome.{eos}"]

@@ -156,9 +156,11 @@ def test_chat_sample_mask(tok, hf_tok):
     assert len(mask) == len(ids) and set(mask) <= {0, 1}
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
     eos = SPECIAL_TOKENS["eos"]
-    assert trained == f"42{eos}<think>\nseven sixes\n</think>\n\n42 again{eos}"
-    prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
-    assert SPECIAL_TOKENS["assistant"] in prompt and "42" not in prompt
+    assert trained == f"<think>\nseven sixes\n</think>\n\n42 again{eos}"  # the last turn: the earlier one is
+    prompt = tok.decode([i for i, m in zip(ids, mask) if not m])  # history, without its reasoning (not as generated)
+    assert SPECIAL_TOKENS["assistant"] in prompt and f"42{eos}" in prompt and "again" not in prompt
+    plain = tok.chat_sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    assert tok.decode([i for i, m in zip(*plain) if m]) == f"<think>\n\n</think>\n\nhello{eos}"  # as generated
     r = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert list(r["assistant_masks"]) == mask
 
@@ -180,6 +182,14 @@ def test_chat_sample_without_generation_blocks(tok):
 
 
 # --- directories ---------------------------------------------------------------------------------------------------
+def test_a_run_directory_given_for_a_model_says_where_the_model_is(tok, tmp_path):
+    tok.save(tmp_path / "run" / "model")
+    with pytest.raises(TokenizerError, match="a run directory's model is .*run/model"):
+        Tokenizer.from_dir(tmp_path / "run")
+    with pytest.raises(TokenizerError, match="does not exist"):
+        Tokenizer.from_dir(tmp_path / "nowhere")
+
+
 def test_save_and_from_dir(tok, tmp_path):
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

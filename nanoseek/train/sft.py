@@ -137,7 +137,9 @@ def default_conversations(n: int, seed: int) -> list[dict]:
 
 def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
     """The messages of every record of the --data files, one record at a time; a bad record is a UserError that
-    names its line."""
+    names its line. A multi-turn chat gives one sample per assistant turn, ending with it: the chat template trains
+    only the turns after the last user turn, since earlier ones are rendered without their reasoning (not as the
+    model generated them)."""
     from ..cli import UserError
     from ..data.corpus import check_messages, inline_reasoning, read_records
 
@@ -150,9 +152,18 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
                     check_messages(rec["messages"])
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
-                yield inline_reasoning(rec["messages"])
+                yield from turns(inline_reasoning(rec["messages"]))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def turns(messages: list[dict]) -> Iterator[list[dict]]:
+    """[u1, a1, u2, a2] -> [u1, a1], [u1, a1, u2, a2]: the chat up to each assistant turn that a user turn follows,
+    then the whole chat."""
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] == "assistant" and messages[i + 1]["role"] == "user":
+            yield messages[: i + 1]
+    yield messages
 
 
 def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatTokens:
@@ -172,7 +183,7 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
             convs = read_conversations(cfg.data)
             if all(Path(p).is_file() for p in cfg.data):
                 key = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data))
-            else:  # a pipe (--data <(zcat chats.jsonl.gz)) can be read once: tokenized, never reused
+            else:  # a named pipe (mkfifo chats.jsonl) can be read once: tokenized, never reused
                 key = f"stream-{uuid.uuid4().hex}"
         else:  # other problems than pretraining's
             convs = [c["messages"] for c in default_conversations(cfg.n_samples, cfg.seed + 1)]
@@ -203,9 +214,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     d.barrier()
     torch.manual_seed(cfg.seed)
     source = run / "model" if resuming else Path(cfg.model)
-    if not (source / "tokenizer.json").is_file():
-        raise UserError(f"{source}: no tokenizer.json (SFT renders chats with the model directory's own tokenizer)")
-    tok = Tokenizer.from_dir(source)
+    tok = Tokenizer.from_dir(source)  # SFT renders chats with the model directory's own tokenizer
     model = load_model(source, device=d.device)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's context "
