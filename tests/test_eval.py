@@ -111,6 +111,10 @@ def test_answers_the_numbers_audit_found_misread():
     assert check(gold("#### -$5"), "-5") and check(gold("-$1,200"), extract_answer("The answer is -$1,200."))
     assert [extract_answer(t) for t in ("The area is 12 m^2.", "\\boxed{12 m^2}", "It is 9 cm².")] == ["12"] * 2 + ["9"]
     assert check(gold("1234"), extract_answer("The answer is 1 234"))  # was 1
+    math_style = gold("Two and three make five.\nSo the answer is $\\boxed{5}$.")  # the whole text was the gold
+    assert math_style.answer == "5" and check(math_style, "5")
+    with pytest.raises(ValueError, match="without a final answer to check against"):  # could never be scored right
+        gold("Two and three make five.\nSo five.")
 
 
 def test_a_url_reply_is_scored_as_the_same_local_completion():

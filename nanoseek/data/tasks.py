@@ -417,8 +417,7 @@ def mixture(n: int, seed: int = 0, split: str = "train", families=None, levels=N
 
 # --- checking ---------------------------------------------------------------------------------------------------
 def as_number(text) -> Fraction | None:
-    """'1,234', '1 234', '+7', '42.0', '-3', '- 3', '5.', '$5', '-$5' -> a number; anything else ('7 8', '12,34')
-    -> None."""
+    """'1,234', '1 234', '+7', '42.0', '-3', '- 3', '5.', '-$5' -> a number; anything else ('7 8', '12,34') -> None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
     s = re.sub(r"^([-+]?)\s*\\?[$€£¥]\s*", r"\1", text.strip().replace("−", "-"))  # "-$5", "$ 5", "\\$5"
@@ -553,7 +552,7 @@ def to_gsm8k(problem: Problem) -> dict:
 
 
 def from_record(rec: dict, family: str | None = None) -> Problem:
-    """A Problem from a GSM8K-format record: `answer` is a worked solution ending in '#### N', or just 'N'."""
+    """A Problem from a GSM8K-format record: `answer` is a solution ending in '#### N' or boxing it, or just 'N'."""
     question, answer = rec.get("question"), rec.get("answer")
     if not isinstance(question, str) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise ValueError("a record needs a 'question' string and an 'answer' (a string or a number)")
@@ -564,6 +563,13 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     body, sep, final = str(answer).rpartition("####")
     steps = tuple(l for l in body.split("\n") if l.strip()) if sep else ()
     final = (final if sep else str(answer)).strip()
+    if not sep and "\n" in final:  # a worked solution: its answer is boxed, or it cannot be checked
+        from ..eval.evaluate import extract_answer
+
+        steps, final = tuple(l for l in final.split("\n") if l.strip()), "\\boxed{" in final and extract_answer(final)
+        if not final:
+            raise ValueError("the 'answer' is a worked solution without a final answer to check against: end it with "
+                             "a line '#### N' (GSM8K's form) or put the answer in \\boxed{}")
     if not final:
         raise ValueError("the 'answer' is empty (nothing to check a completion against)")
     level = rec.get("level")

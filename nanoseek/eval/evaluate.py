@@ -390,10 +390,11 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
     from ..data import tasks
 
     if data:
-        from ..data.corpus import read_records
+        from ..data.corpus import check_paths, read_records
 
         problems = []
         try:
+            check_paths(data)  # "PATH: no such file", not an errno
             records = read_records(data, columns=("question", "answer", "level", "family", "meta"))
             for where, rec in records:
                 try:
