@@ -87,6 +87,13 @@ def test_read_texts(tmp_path, tok):
         list(read_texts(tmp_path / "bad.jsonl"))
 
 
+def test_a_json_array_says_lines_are_read(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[{"text": "a"}, {"text": "b"}]')
+    with pytest.raises(ValueError, match=r"d.json:1: expected a JSON object, got list \(one JSON object a line"):
+        list(read_texts(p))
+
+
 def test_read_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -73,7 +73,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise ValueError(f"{where}: JSON nested too deeply (a record is {{'text': ...}} or "
                                  "{'messages': [...]})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                lines = " (one JSON object a line, also in a .json file: jq -c '.[]' turns an array into lines)"
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}{lines}")
             # A lone \ud800 escape is valid JSON, but no tokenizer can encode it (e.g. text cut inside an emoji).
             # Only an escape can make one (strict UTF-8 refuses encoded surrogates), so other lines skip the check.
             bad = "\\u" in line and _SURROGATE.search(json.dumps(record, ensure_ascii=False))
