@@ -73,7 +73,7 @@ CHAT_TEMPLATE = (
     "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
     "{%- else %}"
     "{%- if '<think>' not in content and '</think>' not in content %}"
-    "{%- set content = '<think>\n\n</think>\n\n' + content %}"
+    "{%- set content = '<think>\\n\\n</think>\\n\\n' + content %}"
     "{%- endif %}"
     "{{- '<｜Assistant｜>' }}"
     "{%- generation %}{{ content + '<｜end▁of▁sentence｜>' }}{% endgeneration %}"

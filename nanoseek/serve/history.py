@@ -2,9 +2,9 @@
 
 Two tables: `conversations(id, title, created_at, updated_at)` and `messages(id, conversation_id, role, content,
 reasoning, created_at, finish)` (finish: how an answer ended when not by itself, "stopped" or "length"; a file from
-before that column gets it when opened); deleting a conversation deletes its messages, and `secure_delete` overwrites their text in
-the file (SQLite's upstream default leaves it in freed pages; Debian's build turns it on, macOS's python.org one does
-not). The file is private (mode 0600, made so if it was looser) at `--history`, default
+before that column gets it when opened); deleting a conversation deletes its messages, and `secure_delete` overwrites
+their text in the file (SQLite's upstream default leaves it in freed pages; Debian's build turns it on, macOS's
+python.org one does not). The file is private (mode 0600, made so if it was looser) at `--history`, default
 `~/.nanoseek/history.sqlite3`, and survives server restarts. One connection, guarded by a lock, is shared by the
 server's threads. `HistoryStore(":memory:")` keeps nothing on disk.
 """
