@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from nanoseek.data import chat_tokens
-from nanoseek.data.chat_tokens import ChatTokens
 from nanoseek.tokenizer import train_tokenizer
 
 CHATS = [[{"role": "user", "content": f"What is {a} × {b}?"},
@@ -32,8 +31,6 @@ def test_what_is_read_back_is_what_was_tokenized(tok, tmp_path):
     assert tokens.lengths().tolist() == [len(ids) for ids, _ in expected]
     assert tokens.answers_at().tolist() == [m.index(1) if 1 in m else -1 for _, m in expected]
     assert tokens.answers_at()[-1] == -1 and (tokens.first_tokens() == tok.bos_id).all()
-    memory = ChatTokens.from_pairs(expected)
-    assert [memory[i] for i in range(len(memory))] == expected
     keep = np.arange(len(chats)) % 3 == 0  # a subset keeps the order and the arrays
     assert [tokens.subset(keep)[i] for i in range(keep.sum())] == [e for e, k in zip(expected, keep) if k]
     assert tokens.subset(keep).subset(np.array([False, True] + [False] * (keep.sum() - 2)))[0] == expected[3]

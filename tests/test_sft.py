@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 import nanoseek
 from conftest import tiny_model_dir
-from nanoseek.data.chat_tokens import ChatTokens
 from nanoseek.train.sft import ChatLoader, add_arguments, rows_per_epoch
 from test_user_errors import run_cli
 
@@ -24,8 +23,8 @@ CONVS = [
 ]
 
 
-def tokenized(convs, tok) -> ChatTokens:
-    return ChatTokens.from_pairs(tok.chat_sample(c["messages"]) for c in convs)
+def tokenized(convs, tok) -> list[tuple[list[int], list[int]]]:
+    return [tok.chat_sample(c["messages"]) for c in convs]  # ChatLoader takes any sequence of (ids, mask)
 
 
 @pytest.fixture(scope="module")

@@ -44,15 +44,6 @@ class ChatTokens:
         self.ids, self.mask, self.offsets, self.answer_at = ids, mask, offsets, answer_at
         self.index = np.arange(len(answer_at)) if index is None else index  # (n,) which conversations, in order
 
-    @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[list[int], list[int]]]) -> ChatTokens:
-        """In memory, from (ids, mask) pairs (e.g. `Tokenizer.chat_sample`'s)."""
-        pairs = list(pairs)
-        offsets = np.cumsum([0] + [len(ids) for ids, _ in pairs], dtype=np.int64)
-        ids = np.array([t for x, _ in pairs for t in x], dtype=np.int64)
-        mask = np.array([t for _, m in pairs for t in m], dtype=np.uint8)
-        return cls(ids, mask, offsets, np.array([_answer_at(m) for _, m in pairs], dtype=np.int64))
-
     def __len__(self) -> int:
         return len(self.index)
 
@@ -76,10 +67,6 @@ class ChatTokens:
     def subset(self, keep: np.ndarray) -> ChatTokens:
         """The conversations where `keep` (n,) bool is True, in the same order."""
         return ChatTokens(self.ids, self.mask, self.offsets, self.answer_at, self.index[keep])
-
-
-def _answer_at(mask: list[int]) -> int:
-    return mask.index(1) if 1 in mask else -1
 
 
 def cache_key(tokenizer, sources: Iterable[bytes]) -> str:
@@ -151,7 +138,10 @@ class _Writer:
         self.mask.extend(mask)
         self.n_tokens += len(ids)
         self.offsets.append(self.n_tokens)
-        self.answer_at.append(_answer_at(mask))
+        try:
+            self.answer_at.append(mask.index(1))
+        except ValueError:  # a prompt-only record: nothing to learn
+            self.answer_at.append(-1)
         if len(self.mask) >= FLUSH_TOKENS:
             self.flush()
 

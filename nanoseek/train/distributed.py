@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    _prepare_group: object = field(default=None, repr=False, compare=False)
+    prepare_group: object = None  # wait_for_main's gloo group (made by init_distributed under torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +38,7 @@ class Dist:
         SIGTERM reaches the waiting ranks at once; if rank 0 fails, torchrun stops the others."""
         if self.world_size == 1:
             return
-        work = dist.barrier(group=self._prepare_group, async_op=True)
+        work = dist.barrier(group=self.prepare_group, async_op=True)
         while not work.is_completed():
             time.sleep(0.1)
         work.wait()  # raises what the barrier ended with

@@ -173,7 +173,7 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
     from ..data import chat_tokens
     from ..data.corpus import check_paths
 
-    out = run / "chat_tokens"
+    out, tokens = run / "chat_tokens", None
     if d.is_main:
         if cfg.data:
             try:
@@ -188,9 +188,10 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
         else:  # other problems than pretraining's
             convs = [c["messages"] for c in default_conversations(cfg.n_samples, cfg.seed + 1)]
             key = chat_tokens.cache_key(tok, (json.dumps(m).encode() for m in convs))
-        chat_tokens.build(convs, tok, out, key, progress=cfg.progress)
+        tokens = chat_tokens.build(convs, tok, out, key, progress=cfg.progress)
     d.wait_for_main()  # no time limit: a user's large --data may take rank 0 a long while
-    tokens = chat_tokens.load(out)
+    if not d.is_main:
+        tokens = chat_tokens.load(out)
     if tokens is None:  # rank 0 built it: this process does not see the same run directory
         raise UserError(f"{out}: rank {d.rank} cannot read the conversations rank 0 tokenized; under torchrun on "
                         "several machines, --out must be on a filesystem they share")
