@@ -95,3 +95,15 @@ def test_a_free_form_answer_may_hold_as_many_numbers_as_its_gold(gold):
     problem = Problem("imported", 0, "q", (), gold, {})
     assert judge(f"<think>\nwork\n</think>\n\n\\boxed{{{gold}}}", problem).accuracy == 1
     assert judge(f"<think>\nwork\n</think>\n\n\\boxed{{{gold}}} or 4 or 5 or 6", problem).accuracy == 0
+
+
+@pytest.mark.parametrize("answer", ["Ava had 20 apples and gave away 8, so she has 12 left.",
+                                    "She had 1200 dollars, spent $8, and has $1,192 left.",
+                                    "**12** apples: taking 8 from 20 leaves 12."])
+def test_numbers_the_question_gave_are_not_stuffing(answer):
+    """A prose answer restating the question's numbers scored 0 (and distill dropped a teacher's right trace)."""
+    gold = "1192" if "1,192" in answer else "12"
+    problem = Problem("word", 1, "Ava has 20 apples (1200 dollars) and gives away 8. How many are left?", (), gold, {})
+    assert judge(f"<think>\nwork\n</think>\n\n{answer}", problem).accuracy == 1
+    stuffed = f"<think>\nwork\n</think>\n\nAva had 20 apples, so 11 or 13 or {gold}."
+    assert judge(stuffed, problem).accuracy == 0

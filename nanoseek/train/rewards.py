@@ -10,7 +10,8 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 - accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
   `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
   stuffing", a numeric answer section listing several candidate numbers (the operands of a true equation shown as
-  working do not count, also in LaTeX or with a percent; a fraction a/b is one number), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
+  working and the numbers the question gave do not count, also in LaTeX or with a percent; a fraction a/b is one
+  number), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
 - false steps, for GRPO's `false_steps` metric (the share of rollouts that state one): the reasoning lines that
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..data.tasks import eval_expression
 from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
@@ -73,13 +75,25 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     answer = extract_answer(text) if fmt else None
     answer_part = text.rsplit(END_THINK, 1)[-1]
     numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
-    allowed = max(MAX_ANSWER_NUMBERS, len(set(re.findall(VALUE, problem.answer))))  # "(1, 2, 3)" holds three
-    stuffed = numeric and len(set(re.findall(VALUE, _results_only(_plain(answer_part))))) > allowed
+    allowed = max(MAX_ANSWER_NUMBERS, len(_values(problem.answer)))  # "(1, 2, 3)" holds three
+    candidates = _values(_results_only(_plain(answer_part))) - _values(_plain(problem.question), signed=False)
+    stuffed = numeric and len(candidates) > allowed
     acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
     penalty = 0.0
     if overlong_cache and max_tokens:
         penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
+
+
+def _values(text: str, signed: bool = True) -> set[Fraction]:
+    """The numbers in `text` as exact values ("1,200" and "1200" are one, "3/4" is one number); with signed=False
+    both signs of each, so that "-5" in an answer is a number the question gave as "5"."""
+    values = set()
+    for v in re.findall(VALUE, text):
+        num, _, den = v.replace(",", "").replace("−", "-").partition("/")
+        value = Fraction(num) / (int(den) or 1) if den else Fraction(num)
+        values |= {value} if signed else {value, -value}
+    return values
 
 
 def _plain(answer: str) -> str:
