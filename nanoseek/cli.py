@@ -91,25 +91,25 @@ def bounded(kind: type, low: float, high: float | None = None, low_open: bool = 
     return parse
 
 
-def output_file(text: str, replace_ok=None, overwrite: bool = False, flag: str = "--out"):
+def output_file(text: str, replace_ok=None, overwrite: bool = False):
     """The Path of a file the user asked a command to write, checked before any work: its directory exists, it is
     not a directory or a device, and an existing file is replaced only with --overwrite or when `replace_ok(path)`
     says an earlier run of the same command wrote it."""
     from pathlib import Path
 
     if not text.strip():
-        raise UserError(f"{flag} must name a file")
+        raise UserError("--out must name a file")
     path = Path(text)
     if path.is_dir():
-        raise UserError(f"{flag} {text} is a directory; name a file")
+        raise UserError(f"--out {text} is a directory; name a file")
     if not path.parent.is_dir():
-        raise UserError(f"{flag} {text}: there is no directory {path.parent}")
+        raise UserError(f"--out {text}: there is no directory {path.parent}")
     if path.exists() or path.is_symlink():
         if not path.is_file():
-            raise UserError(f"{flag} {text} is not a regular file")
+            raise UserError(f"--out {text} is not a regular file")
         if not overwrite and not (replace_ok and replace_ok(path)):
-            raise UserError(f"{flag} {text} already exists; pass --overwrite to replace it" if replace_ok is None else
-                            f"{flag} {text} already exists and is not this command's output; choose another name")
+            raise UserError(f"--out {text} already exists; pass --overwrite to replace it" if replace_ok is None else
+                            f"--out {text} already exists and is not this command's output; choose another name")
     return path
 
 

@@ -35,26 +35,26 @@ COUNTS = ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "num_exper
 @dataclass
 class ModelConfig:
     # --- sizes -------------------------------------------------------------------------------------------
-    vocab_size: int = 129280
-    hidden_size: int = 7168
-    num_hidden_layers: int = 61
+    vocab_size: int = 129280  # rows of the embedding and the output head
+    hidden_size: int = 7168  # width of the residual stream
+    num_hidden_layers: int = 61  # transformer blocks, not counting MTP layers
     intermediate_size: int = 18432  # dense SwiGLU width (first_k_dense_replace layers)
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
+    rms_norm_eps: float = 1e-6  # added to the mean square in every RMSNorm
+    hidden_act: str = "silu"  # the SwiGLU gate's activation: only silu is accepted
+    tie_word_embeddings: bool = False  # True: the output head shares the embedding matrix
     # --- Multi-head Latent Attention -----------------------------------------------------------------------
-    num_attention_heads: int = 128
+    num_attention_heads: int = 128  # query heads; every head reads the same latent
     num_key_value_heads: int = 128  # MLA has no GQA; kept for HF compatibility
     q_lora_rank: int | None = 1536  # None: queries come from one full-rank q_proj (V2-Lite)
     kv_lora_rank: int = 512  # width of the cached latent c_kv
     qk_nope_head_dim: int = 128  # per-head query/key width without position
     qk_rope_head_dim: int = 64  # per-head query width (and shared key width) that carries RoPE
-    v_head_dim: int = 128
-    attention_bias: bool = False
+    v_head_dim: int = 128  # per-head value width
+    attention_bias: bool = False  # biases on the attention projections (V3: none)
     # --- RoPE ----------------------------------------------------------------------------------------------
-    max_position_embeddings: int = 163840
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(
+    max_position_embeddings: int = 163840  # the longest context, prompt and answer together
+    rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once in ~2π·theta positions
+    rope_scaling: dict | None = field(  # YaRN context extension (None: plain RoPE)
         default_factory=lambda: {
             "type": "yarn",
             "factor": 40,
@@ -69,28 +69,28 @@ class ModelConfig:
     # (vLLM and SGLang always rotate interleaved pairs)
     rope_interleave: bool = True
     # --- DeepSeekMoE ---------------------------------------------------------------------------------------
-    n_routed_experts: int | None = 256
-    n_shared_experts: int | None = 1
-    num_experts_per_tok: int | None = 8
-    moe_intermediate_size: int = 2048
+    n_routed_experts: int | None = 256  # experts a router chooses from (0 / None: a dense model)
+    n_shared_experts: int | None = 1  # experts every token goes through, beside the routed ones
+    num_experts_per_tok: int | None = 8  # routed experts each token uses (top-k)
+    moe_intermediate_size: int = 2048  # SwiGLU width of one expert
     first_k_dense_replace: int = 3  # layers [0, k) use a dense MLP, the rest MoE
-    moe_layer_freq: int = 1
+    moe_layer_freq: int = 1  # every k-th layer is MoE; only 1 is accepted (what HF's classes read)
     n_group: int | None = 8  # experts are split into groups; tokens may use only topk_group of them
     topk_group: int | None = 4
     scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
     topk_method: str = "noaux_tc"  # "noaux_tc" (V3, biased choice), "group_limited_greedy" (V2), "greedy"
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True  # rescale the chosen experts' weights to sum to 1
+    routed_scaling_factor: float = 2.5  # multiplies the routed experts' weighted sum
     aux_loss_alpha: float = 0.0001  # weight of the sequence-wise balance loss (0 turns it off)
-    seq_aux: bool = True
+    seq_aux: bool = True  # balance loss per sequence (V3); False turns it off (V2's batch-wise loss is not built)
     # --- multi-token prediction ----------------------------------------------------------------------------
-    num_nextn_predict_layers: int = 1
+    num_nextn_predict_layers: int = 1  # MTP depth: extra layers predicting tokens 2.. ahead (0: off)
     # --- bookkeeping ---------------------------------------------------------------------------------------
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 0
+    initializer_range: float = 0.02  # std of the normal init of weight matrices
+    bos_token_id: int | None = 0  # token ids as the tokenizer numbers them
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
     quantization_config: dict | None = None  # e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]}
 
     def __post_init__(self) -> None:

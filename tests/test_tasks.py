@@ -200,7 +200,7 @@ def test_from_record_gsm8k():
     assert check(p, "12") and check(p, "12.0") and not check(p, "13")
     big = from_record({"question": "q", "answer": "Lots.\n#### 1,250", "level": 2})
     assert big.answer == "1250" and big.level == 2 and check(big, "1,250") and check(big, "1250")
-    plain = from_record({"question": "q", "answer": "7"}, family="word")
+    plain = from_record({"question": "q", "answer": "7", "family": "word"})
     assert plain.family == "word" and plain.steps == () and check(plain, "7")
     with pytest.raises(ValueError):
         from_record({"answer": "7"})

@@ -3,7 +3,7 @@
 Records are `{"text": ...}` (pretraining) or `{"messages": [...]}` (chat, rendered with the tokenizer's template).
 
 Token shards (`build_shards`) are a directory of flat `.bin` files (numpy uint16, or uint32 for vocabularies above
-65535) holding every document as `bos + ids + eos`, back to back, the tokenizer that made them (tokenizer.json,
+65536 tokens) holding every document as `bos + ids + eos`, back to back, the tokenizer that made them (tokenizer.json,
 tokenizer_config.json; `nanoseek pretrain --data RUN/data` trains another run on them), plus `meta.json`:
     {"version", "dtype", "shards": [{"file", "tokens"}], "total_tokens", "n_docs", "vocab_size", "bos_id", "eos_id",
      "fingerprint"}

@@ -551,7 +551,7 @@ def to_gsm8k(problem: Problem) -> dict:
             "level": problem.level, "family": problem.family, "meta": problem.meta}
 
 
-def from_record(rec: dict, family: str | None = None) -> Problem:
+def from_record(rec: dict) -> Problem:
     """A Problem from a GSM8K-format record: `answer` is a solution ending in '#### N' or boxing it, or just 'N'."""
     question, answer = rec.get("question"), rec.get("answer")
     if not isinstance(question, str) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
@@ -579,7 +579,7 @@ def from_record(rec: dict, family: str | None = None) -> Problem:
     if isinstance(level, bool) or not isinstance(level, (int, float)) or level < 0 or (
             isinstance(level, float) and not level.is_integer()):  # 2.0 passes: pandas writes a gappy int column so
         raise ValueError(f"'level' must be a non-negative integer such as 2, got {level!r}")
-    family = family or rec.get("family") or "gsm8k"
+    family = rec.get("family") or "gsm8k"
     if not isinstance(family, str):
         raise ValueError(f"'family' must be a string such as \"gsm8k\", got {family!r}")
     meta = rec.get("meta") or {}

@@ -7,12 +7,12 @@ convention is the whole slot table. A finished or cancelled request's row is ref
 row into it (one copy of that row's valid positions, all layers); newcomers are prefilled straight into rows
 [n, n + k) through a `LatentCache.rows` view.
 
-One `step()`:
-1. admit waiting requests into free rows: a right-padded prefill over the distinct prompts, one forward per
-   `prefill_chunk` positions (identical prompts, e.g. GRPO's G samples of one prompt, are prefilled once and
+One `step()` does one of two things:
+1. when requests wait and rows are free, admit them: a right-padded prefill over the distinct prompts, one forward
+   per `prefill_chunk` positions (identical prompts, e.g. GRPO's G samples of one prompt, are prefilled once and
    their cache rows copied), then each newcomer's first token is chosen from its prompt's last logits;
-2. one joint decode forward for every active request (newcomers included): feed each request's last token at
-   its own position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
+2. otherwise one joint decode forward for every active request: feed each request's last token at its own
+   position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
    `Engine(..., compile=True)`: that forward is compiled with torch.compile (the fast path's compiled step).
 Each chosen token is emitted as an event `(request_id, token_id, finished, finish_reason, logprob)`. A request
@@ -25,7 +25,7 @@ top-p / top-k and its own seeded generator (so a seeded request's tokens do not 
 Log-probabilities (`SamplingParams.logprobs = k`): the event's `logprob` is `(log p(token), [(id, log p), ...] of the k
 likeliest tokens)` under the model's own distribution, log_softmax of the raw logits (before temperature, top-k and
 top-p; vLLM's default "raw_logprobs"), else None. `score(prompt, k)` gives the same for each token of a prompt from
-the tokens before it (one forward, no cache): what `echo` with `logprobs` returns, and how evaluation harnesses score
+the tokens before it (a chunked prefill into a one-row cache of its own): what `echo` with `logprobs` returns, and how evaluation harnesses score
 a continuation.
 
 Speculative decoding (`SamplingParams.speculative`, greedy only, needs an MTP module): the request carries a draft

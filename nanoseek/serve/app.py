@@ -392,7 +392,6 @@ def create_app(rt: Runtime, *, model_name: str, api_key: str | None = None, hist
             history.close()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.runtime, app.state.worker, app.state.history = rt, worker, history
     _install_error_handlers(app)
     app.add_middleware(BrowserGuard, loopback_only=restrict_host)
     app.add_middleware(BodyLimit)

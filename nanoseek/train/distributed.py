@@ -19,7 +19,6 @@ PREPARE_TIMEOUT = datetime.timedelta(days=7)  # how long the others wait for ran
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     prepare_group: object = None  # wait_for_main's gloo group (made by init_distributed under torchrun)
 
@@ -117,4 +116,4 @@ def init_distributed(device: str = "auto") -> Dist:
     else:
         dist.init_process_group("gloo", timeout=timeout)
     prepare = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)  # for wait_for_main
-    return Dist(rank, world, local, torch.device("cuda", local) if kind == "cuda" else torch.device("cpu"), prepare)
+    return Dist(rank, world, torch.device("cuda", local) if kind == "cuda" else torch.device("cpu"), prepare)
