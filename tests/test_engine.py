@@ -442,3 +442,14 @@ def test_score_matches_transformers(model, engine, tmp_path):
         assert abs(chosen - ref[i, prompt[i + 1]].item()) < 1e-4
         assert [t for t, _ in top] == ref[i].topk(3).indices.tolist()
     assert engine.score([7]) == [None]
+
+
+def test_newcomers_that_finish_at_once_do_not_starve_the_running(model):
+    """One 1-token request arriving every step kept a running request from ever decoding (it admitted each time)."""
+    e = Engine(model, max_batch_size=2, max_seq_len=96)
+    long = e.submit(PROMPTS[0], SamplingParams(max_new_tokens=20))
+    got = []
+    for _ in range(60):
+        e.submit(PROMPTS[1], SamplingParams(max_new_tokens=1))
+        got += [tok for rid, tok, *_ in e.step() if rid == long]
+    assert len(got) == 20 and e.stats["decode_steps"] >= 19

@@ -8,9 +8,10 @@ row into it (one copy of that row's valid positions, all layers); newcomers are 
 [n, n + k) through a `LatentCache.rows` view.
 
 One `step()` does one of two things:
-1. when requests wait and rows are free, admit them: a right-padded prefill over the distinct prompts, one forward
-   per `prefill_chunk` positions (identical prompts, e.g. GRPO's G samples of one prompt, are prefilled once and
-   their cache rows copied), then each newcomer's first token is chosen from its prompt's last logits;
+1. when requests wait and rows are free (and the last step did not admit while others ran), admit them: a
+   right-padded prefill over the distinct prompts, one forward per `prefill_chunk` positions (identical prompts,
+   e.g. GRPO's G samples of one prompt, are prefilled once and their cache rows copied), then each newcomer's
+   first token is chosen from its prompt's last logits;
 2. otherwise one joint decode forward for every active request: feed each request's last token at its own
    position, choose the next token. For float32 models this forward is `fastpath.FastDecoder` (the same
    math in far fewer ops, tested equal to the modules); `Engine(..., fast_decode=False)` uses the modules.
@@ -129,6 +130,7 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self._lock = threading.RLock()
+        self._decode_next = False  # the last step admitted newcomers while others ran: those decode next
 
     @classmethod
     def for_batch(cls, model, n_seqs: int, longest_prompt: int, max_new_tokens: int,
@@ -252,12 +254,17 @@ class Engine:
     def step(self) -> list[Event]:
         """One step: admit waiting requests (prefill; each newcomer emits its first token), or, when none is
         admitted, one joint decode step of the running ones. Returns the tokens emitted, in order. Keeping the two
-        apart lets a caller act on a newcomer's first token (stop it, force what follows) before its second."""
+        apart lets a caller act on a newcomer's first token (stop it, force what follows) before its second. A step
+        that admitted while others ran is followed by a decode step, so that a stream of newcomers that finish at
+        once (1-token requests) cannot hold the running ones back for ever."""
         with self._lock:
             events: list[Event] = []
-            if self._waiting and len(self._active) < self.max_batch_size:
+            decode_first, self._decode_next = self._decode_next and bool(self._active), False
+            if not decode_first and self._waiting and len(self._active) < self.max_batch_size:
+                running = len(self._active)
                 with self._eval_mode():  # only the module forwards care (MoE counts expert load in training)
                     self._admit(events)
+                self._decode_next = running > 0 and bool(events)
             if self._active and not events:
                 if self._active[0].params.speculative:
                     with self._eval_mode():
