@@ -91,6 +91,17 @@ def bounded(kind: type, low: float, high: float | None = None, low_open: bool = 
     return parse
 
 
+class OneFile(argparse.Action):
+    """--data FILE of a verb that reads one file: given twice it is an error, not the second silently replacing the
+    first (`sft` and `pretrain` add their --data files up, so a user may well expect that here)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} takes one file (given {getattr(namespace, self.dest)} and {values}); "
+                         "put the records in one file")
+        setattr(namespace, self.dest, values)
+
+
 def output_file(text: str, replace_ok=None, overwrite: bool = False):
     """The Path of a file the user asked a command to write, checked before any work: its directory exists, it is
     not a directory or a device, and an existing file is replaced only with --overwrite or when `replace_ok(path)`

@@ -35,8 +35,12 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     (["grpo", "--model", "m", "--out", "x", "--lr", "inf"], "--lr: inf: must be a finite number"),
     (["eval", "--model", "m", "--temperature", "nan"], "must be a finite number"),
     (["pretrain", "--out", "x", "--seed", "-1"], "--seed: -1 is outside [0, 4294967295]"),
+    # the second file silently replaced the first (sft and pretrain add theirs up)
+    (["eval", "--model", "m", "--data", "a.jsonl", "--data", "b.jsonl"], "--data takes one file (given a.jsonl and b"),
+    (["grpo", "--model", "m", "--out", "x", "--eval-data", "a", "--eval-data", "b"], "--eval-data takes one file"),
+    (["distill", "--teacher", "t", "--out", "x", "--data", "a", "--data", "b"], "--data takes one file"),
 ])
-def test_out_of_range_numbers_are_usage_errors(capsys, argv, says):
+def test_bad_option_values_are_usage_errors(capsys, argv, says):
     code, err = run_cli(capsys, *argv)
     assert code == 2 and says in err and "Traceback" not in err
 

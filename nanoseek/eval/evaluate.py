@@ -426,7 +426,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE
+    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, OneFile
     from ..device import add_dtype_argument
 
     p.add_argument("--model", required=True,
@@ -438,7 +438,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
-    src.add_argument("--data", help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
+    src.add_argument("--data", action=OneFile, help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
     p.add_argument("--n", type=NONNEGATIVE_INT, default=200,
                    help="problems to evaluate (default 200; 0 = all of --data)")
     p.add_argument("--samples", type=POSITIVE_INT, default=1,

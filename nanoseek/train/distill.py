@@ -427,7 +427,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE
+    from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE, OneFile
 
     p.add_argument("--teacher", required=True, help="teacher model directory, or an OpenAI-compatible base URL "
                    "(API key from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
@@ -441,9 +441,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
                      help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
                           "(default: all three families)")
-    src.add_argument("--data", help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' "
+    src.add_argument("--data", action=OneFile, help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' "
                                     "or 'N'); the answer verifies each trace")
-    p.add_argument("--eval-data", help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
+    p.add_argument("--eval-data", action=OneFile, help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
                                        "held-out split)")
     p.add_argument("--n", type=NONNEGATIVE_INT, default=2000,
                    help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
