@@ -162,7 +162,8 @@ def test_countdown_checker():
     q = Problem("countdown", 1, "q", (), "", {"numbers": [7, 2, 4], "target": 14})
     assert check(q, "7 × 2") and check(q, "7 × 4 ÷ 2") and not check(q, "7 ÷ 2 × 4")  # 7 ÷ 2 is not exact
     r = Problem("countdown", 1, "q", (), "", {"numbers": [3, 5, 9], "target": 7})
-    assert check(r, "9 - 5 + 3") and not check(r, "3 - 5 + 9")  # 3 - 5 is not positive
+    # 3 - 5 is negative, which no question forbids (this was refused, and so was 8 × (2 - 3 + 7) for 48)
+    assert check(r, "9 - 5 + 3") and check(r, "3 - 5 + 9") and check(r, "3 - (5 - 9)") and not check(r, "-5 + 9 + 3")
     s = Problem("countdown", 1, "q", (), "", {"numbers": [5, 3, 2], "target": 25})
     assert not check(s, "5 × 5") and check(s, "5 × (3 + 2)")  # 5 used twice
 

@@ -6,9 +6,8 @@ Three families, each with difficulty levels and many phrasings (so a model learn
   what is left of the expression (`Now: 36 - 7`).
 - word: one- to three-step word problems (shopping, sharing, groups, rates, ages, time) with integer answers; each
   step names its operation in a sentence, then shows the same column working as arithmetic, then the result.
-- countdown: reach a target from a few numbers (each at most once, + - × ÷, exact division, positive intermediate
-  results). The answer is an expression, checked by walking its `ast` through a whitelist
-  (integer constants and + - × ÷ only), never `eval`.
+- countdown: reach a target from a few numbers (each at most once, + - × ÷, exact division; `3 - 5 + 9` may pass
+  through -2). The answer is an expression, checked by walking its `ast` through a whitelist (integers, + - × ÷).
 
 The same problems feed pretraining (`to_text`), SFT in DeepSeek-R1's `<think>` format (`to_chat`), GRPO with
 verifiable rewards (`check`) and evaluation (`to_gsm8k` / `from_record`, which also reads GSM8K-format JSONL).
@@ -435,25 +434,25 @@ _ASCII = str.maketrans({"×": "*", "÷": "/", "−": "-"})
 _AST_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def eval_expression(text: str, used: list[int] | None = None, positive: bool = False) -> Fraction:
+def eval_expression(text: str, used: list[int] | None = None, whole: bool = False) -> Fraction:
     """Exact value of an arithmetic expression in the suite's notation (integers, + - × ÷ or + - * /, parentheses,
     a leading minus), by a whitelisted walk of its Python parse: anything else raises ValueError (SyntaxError for
-    what does not parse, ZeroDivisionError for a division by 0). `used` collects the integers it holds; `positive`
-    (countdown's rule) requires every intermediate result to be a positive integer, so every division exact."""
+    what does not parse, ZeroDivisionError for a division by 0). `used` collects the integers it holds; `whole`
+    (countdown's rules) requires whole-number intermediate results (exact division) and refuses a leading minus."""
 
     def walk(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) is int:
             if used is not None:
                 used.append(node.value)
             v = Fraction(node.value)
-        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and not positive:
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and not whole:
             v = -walk(node.operand)
         elif isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
             v = _AST_OPS[type(node.op)](walk(node.left), walk(node.right))
         else:
             raise ValueError(f"{type(node).__name__} is not allowed")
-        if positive and (v <= 0 or v.denominator != 1):
-            raise ValueError("an intermediate result is not a positive integer")
+        if whole and v.denominator != 1:
+            raise ValueError("an intermediate result is not a whole number")
         return v
 
     for latex, op in (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/")):  # \boxed{(3 + 4) \times 5}
@@ -468,7 +467,7 @@ def _check_countdown(meta: dict, predicted: str) -> bool:
     if eq and as_number(rhs) != meta["target"]:  # "(3 + 4) × 5 = 35" is fine, "= 36" is not
         return False
     used: list[int] = []
-    value = eval_expression(expr, used, positive=True)
+    value = eval_expression(expr, used, whole=True)
     return value == meta["target"] and not Counter(used) - Counter(meta["numbers"])
 
 
