@@ -308,3 +308,11 @@ def test_tasks_command_writes_each_rendering(tmp_path, capsys):
                        (["--out", str(tmp_path)], "a directory")):
         assert main(["tasks", "--out", str(tmp_path / "x.jsonl"), *argv]) == 1
         assert says in capsys.readouterr().err
+
+
+def test_word_problems_read_as_english(samples):
+    """1 took plural nouns ("Rosa is 1 years older", "plus 1 loose cards", "After 1 are lost") and apple took "A"."""
+    bad = re.compile(r"\b1 (?:years|loose|of the|are)\b|\b1 (?:\w+s|loaves)\b|\bA apple")
+    for level in LEVELS["word"]:
+        for p in generate("word", level, 3000, seed=0):
+            assert not bad.search(p.question), p.question

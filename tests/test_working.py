@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from nanoseek.data.working import apply_op, columns, signed, work_out
+from nanoseek.data.working import apply_op, columns, render, signed, work_out
 
 OPS = "+-×÷"
 
@@ -85,3 +85,16 @@ def test_work_out_lines_are_true(seed):
         value, lines = work_out(t)
         check_lines(lines)
         assert lines[-1].endswith(f"= {value}")
+
+
+def test_every_digit_of_a_difference_is_worked():
+    """A column past the smaller number that only pays a borrow back was skipped (52 - 7 showed 12 - 7 = 5 and never
+    where the 4 came from), where + shows its carry column."""
+    assert columns("-", 52, 7) == ["12 - 7 = 5, borrow 1", "5 - 1 = 4"]
+    assert columns("-", 734, 58) == ["14 - 8 = 6, borrow 1", "12 - 5 = 7, borrow 1", "7 - 1 = 6"]
+    assert columns("-", 59, 7) == ["9 - 7 = 2"]  # no borrow: the 5 is copied
+
+
+def test_a_negative_number_inside_an_expression_is_bracketed():
+    assert render(("-", 9, ("×", -701, 9))) == "9 - (-701) × 9"  # was "9 - -701 × 9"
+    assert render(("×", -3, 2)) == "-3 × 2" and render(("×", ("+", -3, 2), 4)) == "(-3 + 2) × 4"

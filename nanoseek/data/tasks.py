@@ -158,7 +158,7 @@ WORD_TEMPLATES = {
     ("shopping", 1): ("{n} buys {a} {items} at ${p} each. How many dollars does {n} spend?",
                       "Each {item} costs ${p}. How much do {a} {items} cost in dollars?"),
     ("shopping", 2): ("{n} buys {a} {items} at ${p} each and a {thing} for ${q}. How many dollars does {n} spend in total?",
-                      "A {item} costs ${p} and a {thing} costs ${q}. What do {a} {items} and one {thing} cost together, in dollars?"),
+                      "{A} {item} costs ${p} and a {thing} costs ${q}. What do {a} {items} and one {thing} cost together, in dollars?"),
     ("shopping", 3): ("{n} buys {a} {items} at ${p} each and a {thing} for ${q}, paying with a ${r} bill. How many dollars of change does {n} get?",
                       "{n} has ${r}, then buys {a} {items} for ${p} each and a {thing} for ${q}. How many dollars does {n} have left?"),
     ("sharing", 1): ("{n} shares {t} {things} equally among {k} friends. How many {things} does each friend get?",
@@ -201,13 +201,14 @@ def _shopping(r: random.Random, lvl: int):
     bill = next(b for b in (20, 50, 100, 200, 500) if b > t)
     steps = [f"The {items} cost {a} × {p} = {c} dollars.", f"With the {thing}: {c} + {q} = {t} dollars.",
              f"The change is {bill} - {t} = {bill - t} dollars."]
-    return dict(n=n, item=item, items=items, a=a, p=p, thing=thing, q=q, r=bill), steps[:lvl], (c, t, bill - t)[lvl - 1]
+    values = dict(n=n, item=item, items=items, a=a, p=p, thing=thing, q=q, r=bill, A="An" if item[0] in "aeiou" else "A")
+    return values, steps[:lvl], (c, t, bill - t)[lvl - 1]
 
 
 def _sharing(r: random.Random, lvl: int):
-    k, q, c = r.randint(2, 9), r.randint(2, 15), r.randint(1, 12) if lvl == 3 else 0
+    k, q, c = r.randint(2, 9), r.randint(2, 15), r.randint(2, 12) if lvl == 3 else 0  # counts of plurals from 2
     t, s, things = k * q, k * q + c, r.choice(THINGS)
-    a = r.randint(1, s - 1)
+    a = r.randint(2, s - 2)
     steps = ([f"Altogether there are {a} + {s - a} = {s} {things}."] if lvl >= 2 else []) + (
         [f"Without the {c}: {s} - {c} = {t}."] if lvl == 3 else []) + [f"Each share is {t} ÷ {k} = {q}."]
     return dict(n=r.choice(NAMES), things=things, t=t, k=k, a=a, b=s - a, c=c), steps, q
@@ -215,10 +216,10 @@ def _sharing(r: random.Random, lvl: int):
 
 def _groups(r: random.Random, lvl: int):
     (box, boxes), things = r.choice(CONTAINERS), r.choice(THINGS)
-    g, e, m, x = r.randint(2, 9), r.randint(2, 12), r.randint(2, 9), r.randint(1, 15)
+    g, e, m, x = r.randint(2, 9), r.randint(2, 12), r.randint(2, 9), r.randint(2, 15)
     p = g * e
     if lvl == 3:  # make the total a multiple of the group size
-        x = m - p % m + m * r.randint(0, 2)
+        x = m - p % m + m * r.randint(0 if m - p % m > 1 else 1, 2)  # not "1 loose cards"
     steps = [f"The {boxes} hold {g} × {e} = {p} {things}.", f"With the extra {x}: {p} + {x} = {p + x}.",
              f"In groups of {m}: {p + x} ÷ {m} = {(p + x) // m}."]
     return dict(box=box, boxes=boxes, things=things, g=g, e=e, m=m, x=x), steps[:lvl], (p, p + x, (p + x) // m)[lvl - 1]
@@ -228,7 +229,7 @@ def _rates(r: random.Random, lvl: int):
     worker, verbs, units = r.choice(WORKERS)
     rate, h1, h2 = r.randint(2, 30), r.randint(2, 8), r.randint(2, 8)
     hours = h1 + h2 if lvl >= 2 else h1
-    t, d = rate * hours, r.randint(1, rate * hours - 1)
+    t, d = rate * hours, r.randint(2, rate * hours - 1)
     steps = ([f"Hours worked: {h1} + {h2} = {hours}."] if lvl >= 2 else []) + [
         f"It {verbs} {rate} × {hours} = {t} {units}."] + ([f"Then {t} - {d} = {t - d}."] if lvl == 3 else [])
     return dict(worker=worker, verbs=verbs, units=units, rate=rate, h1=h1, h2=h2, d=d), steps, t - d if lvl == 3 else t
@@ -236,7 +237,7 @@ def _rates(r: random.Random, lvl: int):
 
 def _ages(r: random.Random, lvl: int):
     A, B, C = r.sample(NAMES, 3)
-    x, d, k, y = r.randint(2, 15), r.randint(1, 12), r.randint(2, 3), r.randint(1, 20)
+    x, d, k, y = r.randint(2, 15), r.randint(2, 12), r.randint(2, 3), r.randint(2, 20)
     b = x + d
     steps = [f"{B} is {x} + {d} = {b} years old."]
     if lvl == 3:

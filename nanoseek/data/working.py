@@ -21,16 +21,16 @@ def tree_value(t) -> int:
     return t if isinstance(t, int) else apply_op(t[0], tree_value(t[1]), tree_value(t[2]))
 
 
-def render(t, parent: str | None = None, right: bool = False) -> str:
+def render(t, parent: str | None = None, right: bool = False, first: bool = True) -> str:
     """Parenthesise a child of lower precedence, or a right child of equal precedence, so the text parses back
-    into exactly this tree (and its evaluation order)."""
+    into exactly this tree (and its evaluation order); a negative number too, unless it opens the text or a
+    bracket (`-3 × 2`, `9 - (-701) × 9`, not `9 - -701 × 9`)."""
     if isinstance(t, int):
-        return f"({t})" if t < 0 and right else str(t)  # 5 - (-3); a negative on the left needs none
+        return f"({t})" if t < 0 and not first else str(t)
     op, a, b = t
-    s = f"{render(a, op)} {op} {render(b, op, True)}"
-    if parent and (PREC[op] < PREC[parent] or (right and PREC[op] == PREC[parent])):
-        s = f"({s})"
-    return s
+    wrap = parent is not None and (PREC[op] < PREC[parent] or (right and PREC[op] == PREC[parent]))
+    s = f"{render(a, op, False, first or wrap)} {op} {render(b, op, True, False)}"
+    return f"({s})" if wrap else s
 
 
 def _reduce(t):
@@ -111,10 +111,12 @@ def columns(op: str, a: int, b: int) -> list[str]:
         big, small = max(a, b), min(a, b)
         db, ds, borrow = _digits(big), _digits(small), 0
         for i, x in enumerate(db):
-            x, y = x - borrow, ds[i] if i < len(ds) else 0
+            paid, (x, y) = borrow, (x - borrow, ds[i] if i < len(ds) else 0)
             borrow = int(x < y)
             if i < len(ds) or borrow:
                 lines.append(f"{x + 10 * borrow} - {y} = {x + 10 * borrow - y}" + (", borrow 1" if borrow else ""))
+            elif paid:  # a column past the smaller number that only pays the borrow back, as + shows its carry
+                lines.append(f"{x + 1} - 1 = {x}")
         if a < b:
             lines.append(f"{b} - {a} = {b - a}, so {a} - {b} is negative")
     elif op == "×" and min(a, b) <= 9:
