@@ -26,8 +26,8 @@ top-p / top-k and its own seeded generator (so a seeded request's tokens do not 
 Log-probabilities (`SamplingParams.logprobs = k`): the event's `logprob` is `(log p(token), [(id, log p), ...] of the k
 likeliest tokens)` under the model's own distribution, log_softmax of the raw logits (before temperature, top-k and
 top-p; vLLM's default "raw_logprobs"), else None. `score(prompt, k)` gives the same for each token of a prompt from
-the tokens before it (a chunked prefill into a one-row cache of its own): what `echo` with `logprobs` returns, and how evaluation harnesses score
-a continuation.
+the tokens before it (a chunked prefill into a one-row cache of its own): what `echo` with `logprobs` returns, and
+how evaluation harnesses score a continuation.
 
 Speculative decoding (`SamplingParams.speculative`, greedy only, needs an MTP module): the request carries a draft
 d of the token after next, made by MTP module 1 from the last verified hidden state. A step feeds [t, d] at

@@ -438,7 +438,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
-    src.add_argument("--data", action=OneFile, help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
+    src.add_argument("--data", action=OneFile,
+                     help="GSM8K-format JSONL: question, answer ('... #### N' or 'N'), optional level")
     p.add_argument("--n", type=NONNEGATIVE_INT, default=200,
                    help="problems to evaluate (default 200; 0 = all of --data)")
     p.add_argument("--samples", type=POSITIVE_INT, default=1,

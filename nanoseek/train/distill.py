@@ -441,10 +441,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tasks", nargs="+", default=["arithmetic", "word", "countdown"],
                      help="task-suite cells to ask the teacher: FAMILY (all its levels) or FAMILY:LEVEL "
                           "(default: all three families)")
-    src.add_argument("--data", action=OneFile, help="ask your own problems instead: GSM8K-format JSONL (question, answer '... #### N' "
-                                    "or 'N'); the answer verifies each trace")
-    p.add_argument("--eval-data", action=OneFile, help="GSM8K-format JSONL to score teacher and student on (default: the task suite's "
-                                       "held-out split)")
+    src.add_argument("--data", action=OneFile, help="ask your own problems instead: GSM8K-format JSONL (question, "
+                                                    "answer '... #### N' or 'N'); the answer verifies each trace")
+    p.add_argument("--eval-data", action=OneFile, help="GSM8K-format JSONL to score teacher and student on (default: "
+                                                       "the task suite's held-out split)")
     p.add_argument("--n", type=NONNEGATIVE_INT, default=2000,
                    help="problems to ask the teacher (with --data: the file's first N; 0 = all)")
     p.add_argument("--samples", type=POSITIVE_INT, default=1, help="traces per problem")

@@ -528,8 +528,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tasks", nargs="+", default=["arithmetic"],
                      help="task-suite families[:level] to train on (default: arithmetic; every family: "
                           "arithmetic word countdown)")
-    src.add_argument("--data", action=OneFile, help="train on your own problems instead: GSM8K-format JSONL (question, answer '... "
-                                    "#### N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
+    src.add_argument("--data", action=OneFile, help="train on your own problems instead: GSM8K-format JSONL "
+                     "(question, answer '... #### N' or 'N', as `nanoseek eval --data` reads), drawn in a seeded order")
     p.add_argument("--adaptive-tasks", action="store_true",
                    help="draw the tasks' levels by learnability p(1-p) of their running rollout accuracy, not evenly")
     p.add_argument("--steps", type=POSITIVE_INT, default=60, help="rollout batches (default 60)")
@@ -550,7 +550,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=NONNEGATIVE_INT, default=20,
                    help="evaluate on the held-out split every K steps (0: never)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=100, help="held-out problems per evaluation (default 100)")
-    p.add_argument("--eval-data", action=OneFile, help="GSM8K-format JSONL to evaluate on instead of the task suite's held-out split")
+    p.add_argument("--eval-data", action=OneFile,
+                   help="GSM8K-format JSONL to evaluate on instead of the task suite's held-out split")
     loop.add_run_arguments(p, "seed of the rollouts and the problems drawn", save_every=20)
 
 
