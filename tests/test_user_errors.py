@@ -481,3 +481,12 @@ def test_a_run_trains_on_an_earlier_runs_shards_as_it_would_on_the_data(capsys, 
     (tmp_path / "a" / "data" / "shard-00000.bin").write_bytes(b"")
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "c", *TINY, "--data", tmp_path / "a" / "data")
     assert code == 1 and "missing or cut short (shard-00000.bin)" in err
+
+
+def test_pretrain_refuses_a_pipe_it_would_read_twice(capsys, tmp_path):
+    """It trained the tokenizer on the pipe, then waited for ever to read it again for the token shards."""
+    import os
+
+    os.mkfifo(tmp_path / "corpus.jsonl")
+    code, err = run_cli(capsys, "pretrain", *TINY, "--out", tmp_path / "run", "--data", tmp_path / "corpus.jsonl")
+    assert code == 1 and "can be read only once (a pipe?)" in err and "--tokenizer" in err

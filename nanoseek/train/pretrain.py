@@ -252,6 +252,10 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
                 raise UserError(f"--tokenizer {cfg.tokenizer}: no begin/end-of-sentence token (documents are packed "
                                 "between them; set bos_token and eos_token in its tokenizer_config.json)")
         else:
+            once = [p for p in cfg.data if not Path(p).is_file()]  # a named pipe: its second read would wait for ever
+            if once:
+                raise UserError(f"--data {once[0]} can be read only once (a pipe?), and pretraining reads it twice: "
+                                "to train the tokenizer, then to tokenize; write it to a file, or pass --tokenizer")
             texts = read_user_texts(cfg.data) if cfg.data else task_suite_texts(min(cfg.n_docs, 10000), cfg.seed)
             tok = train_tokenizer(texts, vocab_size=cfg.vocab_size or get_preset(cfg.preset).vocab_size,
                                   show_progress=cfg.progress and bool(cfg.data))  # a user's corpus may take minutes
