@@ -10,8 +10,10 @@ The template (R1 style):
     <bos>{system}<｜User｜>{q}<｜Assistant｜>{answer}<eos><｜User｜>{q2}<｜Assistant｜><think>\\n
 Earlier assistant turns (before the last user turn) lose their `…</think>` reasoning (R1 does not feed old reasoning
 back) and are not trained on: they are not what the model generated. The generation prompt prefills `<think>\\n`
-unless the template variable `thinking` is false, so a final assistant turn without reasoning is rendered with an
-empty `<think>\\n\\n</think>\\n\\n` before its answer, as the model will write it. Final assistant content is wrapped
+unless the template variable `thinking` (or `enable_thinking`, as Qwen-style clients name it) is false. A final
+assistant turn's reasoning is its content's `<think>…</think>`, else its `reasoning_content` (or `reasoning`) field as
+DeepSeek's API and vLLM return it; one without any is rendered with an empty `<think>\\n\\n</think>\\n\\n` before
+its answer, as the model will write it. Final assistant content is wrapped
 in `{% generation %}` blocks, which is how `chat_sample` (and transformers' `return_assistant_tokens_mask`) find the
 tokens to train on; SFT makes one sample per assistant turn of a multi-turn chat, so every turn is trained as it is
 generated.
@@ -25,6 +27,7 @@ import argparse
 import functools
 import json
 import re
+import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -54,7 +57,8 @@ N_BYTES = 256
 MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # every byte and every special token
 
 CHAT_TEMPLATE = (
-    "{%- if thinking is not defined %}{% set thinking = true %}{% endif %}"
+    "{%- if thinking is not defined %}{% set thinking = enable_thinking if enable_thinking is defined else true %}"
+    "{%- endif %}"
     "{%- set ns = namespace(system='', last_user=-1) %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}"
@@ -72,8 +76,11 @@ CHAT_TEMPLATE = (
     "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip() %}{% endif %}"
     "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
     "{%- else %}"
+    "{%- set reasoning = message['reasoning_content'] or message['reasoning'] %}"
     "{%- if '<think>' not in content and '</think>' not in content %}"
-    "{%- set content = '<think>\\n\\n</think>\\n\\n' + content %}"
+    "{%- if reasoning is string and reasoning.strip() %}"
+    "{%- set content = '<think>\\n' + reasoning.strip() + '\\n</think>\\n\\n' + content.lstrip() %}"
+    "{%- else %}{% set content = '<think>\\n\\n</think>\\n\\n' + content %}{% endif %}"
     "{%- endif %}"
     "{{- '<｜Assistant｜>' }}"
     "{%- generation %}{{ content + '<｜end▁of▁sentence｜>' }}{% endgeneration %}"
@@ -91,8 +98,9 @@ class TokenizerError(ValueError):
 
 
 # --- chat template rendering ---------------------------------------------------------------------------------------
-# Private-use characters that bracket `{% generation %}` output while tracking; removed before tokenizing.
-_GEN_OPEN, _GEN_CLOSE = "\U000f0000", "\U000f0001"
+# Markers that bracket `{% generation %}` output while tracking, removed before tokenizing: random per process, so
+# no chat can hold them (fixed private-use characters refused chats with Nerd Font icons)
+_GEN_OPEN, _GEN_CLOSE = (f"\x00nanoseek-{kind}-{secrets.token_hex(8)}\x00" for kind in ("open", "close"))
 _TRACK_VAR = "nanoseek_track_generation"
 
 
@@ -140,14 +148,15 @@ def render_template(template: str, messages: list[dict], **variables) -> str:
 def _split_tracked(text: str) -> tuple[str, list[tuple[int, int]]]:
     """Remove generation markers; return the clean text and the character spans they bracketed."""
     clean, spans, pos = [], [], 0
-    for i, piece in enumerate(re.split(f"[{_GEN_OPEN}{_GEN_CLOSE}]", text)):
+    markers = f"({re.escape(_GEN_OPEN)}|{re.escape(_GEN_CLOSE)})"
+    pieces = re.split(markers, text)  # text, marker, text, marker, ...
+    for i, piece in enumerate(pieces[::2]):
         if i % 2:
             spans.append((pos, pos + len(piece)))
         clean.append(piece)
         pos += len(piece)
-    expected = "".join(_GEN_OPEN if i % 2 == 0 else _GEN_CLOSE for i in range(2 * len(spans)))
-    if "".join(c for c in text if c in (_GEN_OPEN, _GEN_CLOSE)) != expected:
-        raise TokenizerError("chat contains reserved private-use characters or nested {% generation %} blocks")
+    if pieces[1::2] != [_GEN_OPEN, _GEN_CLOSE] * len(spans):
+        raise TokenizerError("the chat template nests {% generation %} blocks")
     return "".join(clean), spans
 
 
@@ -312,17 +321,22 @@ class Tokenizer:
         return token_id
 
     # chat
-    def _render(self, messages: list[dict], add_generation_prompt: bool, thinking: bool, track: bool = False) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, thinking: bool | None = None,
+                track: bool = False) -> str:
+        """thinking None leaves the template's own default (ours thinks; DeepSeek-V3.1's does not); a bool is given
+        under both names templates use, `thinking` (DeepSeek) and `enable_thinking` (Qwen)."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template")
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                     "add_generation_prompt": add_generation_prompt, "thinking": thinking}
+                     "add_generation_prompt": add_generation_prompt}
+        if thinking is not None:
+            variables["thinking"] = variables["enable_thinking"] = thinking
         if track:
             variables[_TRACK_VAR] = True
         return render_template(self.chat_template, messages, **variables)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = True,
-                            tokenize: bool = True) -> list[int] | str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            thinking: bool | None = None, tokenize: bool = True) -> list[int] | str:
         text = self._render(messages, add_generation_prompt, thinking)
         return self.encode(text) if tokenize else text
 
@@ -332,20 +346,34 @@ class Tokenizer:
         Assistant spans come from the template's `{% generation %}` blocks; a template without them (another
         model's) falls back to marking, per assistant message, all the text its turn adds to the rendering.
         """
-        text, spans = _split_tracked(self._render(messages, False, True, track=True))
+        text, spans = _split_tracked(self._render(messages, False, track=True))
         if not re.search(r"\{%-?\s*generation\s*-?%\}", self.chat_template):
             spans = self._spans_by_prefix(messages, text)
-        enc = self.hf.encode(text, add_special_tokens=False)
         inside = bytearray(len(text) + 1)
         for start, end in spans:
             inside[start:end] = b"\x01" * (end - start)
-        mask = [int(any(inside[a:b])) for a, b in enc.offsets]
-        return list(enc.ids), mask
+        # tokenized in pieces cut where a generation prompt ends, so that the prefill's tokens are those generation
+        # starts from (`<think>` `\n`, then `\n` `</think>`), never one merged `\n\n` the model would not see
+        cuts = sorted({0, len(text), *(i for span in spans for i in span), *self._prompt_ends(messages, text)})
+        ids, mask = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            enc = self.hf.encode(text[a:b], add_special_tokens=False)
+            ids += enc.ids
+            mask += [int(any(inside[a + s : a + e])) for s, e in enc.offsets]
+        return ids, mask
+
+    def _prompt_ends(self, messages: list[dict], text: str) -> Iterator[int]:
+        """Where, in a conversation's rendering, the generation prompt of each of its assistant turns ends."""
+        for i, message in enumerate(messages):
+            if message.get("role") == "assistant":
+                prompt = self._render(messages[:i], True)
+                if text.startswith(prompt):
+                    yield len(prompt)
 
     def _spans_by_prefix(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
         spans, prev = [], ""
         for i, message in enumerate(messages):
-            text = full if i == len(messages) - 1 else self._render(messages[: i + 1], False, True)
+            text = full if i == len(messages) - 1 else self._render(messages[: i + 1], False)
             if not text.startswith(prev):
                 raise TokenizerError("chat template has no {% generation %} blocks and renders conversation "
                                      "prefixes inconsistently: cannot tell which tokens are the assistant's")

@@ -181,6 +181,52 @@ def test_chat_sample_without_generation_blocks(tok):
             "{% endgeneration %}", "")).chat_sample(messages)
 
 
+def test_thinking_switches_as_transformers_and_vllm_pass_them(tok, hf_tok):
+    """`enable_thinking` (Qwen-style clients) turned the server's prefill off but not the template's, so vLLM kept
+    it; and a directory whose template defaults to not thinking (DeepSeek-V3.1's) was forced to think."""
+    assert hf_ids(hf_tok, [Q1], add_generation_prompt=True, enable_thinking=False) == \
+        tok.apply_chat_template([Q1], thinking=False)
+    v31 = "{{ bos_token }}{% if thinking is not defined %}{% set thinking = false %}{% endif %}" \
+          "{{ messages[0]['content'] }}<｜Assistant｜>{{ '<think>' if thinking else '</think>' }}"
+    other = Tokenizer(tok.hf, chat_template=v31)
+    assert other.apply_chat_template([Q1], tokenize=False).endswith("</think>")
+    assert other.apply_chat_template([Q1], thinking=True, tokenize=False).endswith("<think>")
+
+
+def test_reasoning_in_a_field_is_rendered_as_transformers_renders_it(tok, hf_tok):
+    """SFT trained a final turn's `reasoning_content` (inlined before rendering) that the template ignored, so
+    transformers (TRL, any other trainer) rendered the same record with an empty think block."""
+    messages = [Q1, {"role": "assistant", "content": "42", "reasoning_content": " 12 plus 30 "}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert text.endswith("<think>\n12 plus 30\n</think>\n\n42" + SPECIAL_TOKENS["eos"])
+    assert hf_ids(hf_tok, messages) == tok.chat_sample(messages)[0]
+    history = tok.apply_chat_template(messages + [Q2], tokenize=False)
+    assert "12 plus 30" not in history  # an earlier turn's reasoning is not fed back
+
+
+def test_the_prefill_is_tokenized_as_generation_sees_it():
+    """With a merged "\\n\\n" token, SFT trained `<think>` `\\n\\n` `</think>` where generation starts from
+    `<think>` `\\n`: a context the model never saw in training."""
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
+             for i in range(300)]
+    from nanoseek.tokenizer import render_chat
+
+    merged = train_tokenizer([render_chat(c) for c in chats], vocab_size=300)
+    assert len(merged.encode("\n\n")) == 1
+    for chat in chats[:20]:
+        ids, mask = merged.chat_sample(chat)
+        prompt = merged.apply_chat_template(chat[:1])
+        assert ids[: len(prompt)] == prompt and merged.decode(ids[len(prompt):]).startswith("\n</think>")
+
+
+def test_a_chat_may_hold_any_character(tok):
+    """U+F0000 and U+F0001 (Nerd Font icons in pasted terminal text) marked the trained spans, so such chats were
+    refused."""
+    ids, mask = tok.chat_sample([{"role": "user", "content": "icon \U000f0000 here"},
+                                 {"role": "assistant", "content": "ok \U000f0001"}])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]).endswith("ok \U000f0001" + SPECIAL_TOKENS["eos"])
+
+
 # --- directories ---------------------------------------------------------------------------------------------------
 def test_a_run_directory_given_for_a_model_says_where_the_model_is(tok, tmp_path):
     tok.save(tmp_path / "run" / "model")

@@ -165,8 +165,8 @@ def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
                 for i, m in enumerate(req.messages)]
     kwargs = req.chat_template_kwargs or {}
     key = "thinking" if "thinking" in kwargs else "enable_thinking"
-    thinking = kwargs.get(key, True)
-    if not isinstance(thinking, bool):  # the string "false" would be truthy
+    thinking = kwargs.get(key)  # None: the template's own default
+    if thinking is not None and not isinstance(thinking, bool):  # the string "false" would be truthy
         raise ApiError(400, f"chat_template_kwargs.{key} must be true or false, not {thinking!r}",
                        param=f"chat_template_kwargs.{key}")
     try:
