@@ -13,10 +13,10 @@ back) and are not trained on: they are not what the model generated. The generat
 unless the template variable `thinking` (or `enable_thinking`, as Qwen-style clients name it) is false. A final
 assistant turn's reasoning is its content's `<think>…</think>`, else its `reasoning_content` (or `reasoning`) field as
 DeepSeek's API and vLLM return it; one without any is rendered with an empty `<think>\\n\\n</think>\\n\\n` before
-its answer, as the model will write it. Final assistant content is wrapped
-in `{% generation %}` blocks, which is how `chat_sample` (and transformers' `return_assistant_tokens_mask`) find the
-tokens to train on; SFT makes one sample per assistant turn of a multi-turn chat, so every turn is trained as it is
-generated.
+its answer, as the model will write it. Final assistant content is wrapped in `{% generation %}` blocks, which is
+how `chat_sample` (and transformers' `return_assistant_tokens_mask`) find the tokens to train on (the prefilled
+`<think>\\n` among them: a model prompted without the prefill opens it itself); SFT makes one sample per assistant
+turn of a multi-turn chat, so every turn is trained as it is generated.
 
 CLI: `nanoseek tokenizer train --out DIR [--data FILE ...] [--vocab-size N] [--n-docs N] [--seed S]`.
 """

@@ -1,7 +1,7 @@
 """`nanoseek serve` end to end: a real server process on a loopback port over a tiny random model, driven with the
 official `openai` client (and httpx for raw HTTP): models, chat (streamed and not, same greedy text), usage, the
 reasoning split and thinking budget, errors as 4xx JSON, the API key, concurrent streams, a client that disconnects
-mid-stream, plain completions, the history endpoints; plus the incremental decoder and `nanoseek chat`.
+mid-stream, plain completions, the history endpoints; plus the incremental decoder.
 
 The model's lm_head rows for the special tokens (bos, eos, <think>, </think>, User, Assistant) are zeroed and the
 others scaled up, so with random weights it never emits them by itself, greedy or sampled (some other token always
@@ -185,6 +185,13 @@ def test_health_is_public_and_models_listed(server, client):
     assert health["status"] == "ok" and "model" not in health  # this server has an API key: the model is not public
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
+
+
+def test_text_parts_are_joined_as_vllm_joins_them(client):
+    parts = ask(client, [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 2?"}])
+    joined = ask(client, "What is\n2 + 2?")
+    assert parts.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert parts.choices[0].message.reasoning_content == joined.choices[0].message.reasoning_content
 
 
 def test_chat_streamed_equals_non_streamed_greedy(client):
@@ -570,31 +577,3 @@ def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
     dec = CompletionDecoder(tok, split=False, stop=["answer"])
     out = "".join(dec.feed(t).content for t in tok.encode("the 🙂 ans ans answer is five"))
     assert dec.stopped and out + dec.finish().content == "the 🙂 ans ans "
-
-
-# --- nanoseek chat ---------------------------------------------------------------------------------------------------
-def test_terminal_chat(model_dir):
-    cmd = verb_command("chat", "nanoseek.chat") + ["--model", str(model_dir), "--max-tokens", "12", "--device", "cpu",
-                                                   "--no-compile"]
-    r = subprocess.run(cmd, input="hi\n/clear\nhello again\n/exit\n", capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert "\x1b" not in r.stdout  # a pipe gets no styling escapes
-    assert "cleared" in r.stdout.lower()
-    assert "(cut off at 12 tokens: --max-tokens)" in r.stdout  # the tiny random model never ends on its own
-    eof = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert eof.returncode == 0, eof.stderr  # EOF quits cleanly too
-
-
-def test_chat_printer_dims_reasoning_on_a_terminal():
-    import io
-
-    from nanoseek.chat import DIM, RESET, Printer
-
-    for color, want in ((True, f"{DIM}think{RESET}\n\nanswer\n"), (False, "think\n\nanswer\n")):
-        out = io.StringIO()
-        printer = Printer(out, color=color)
-        printer.write("reasoning", "think")
-        printer.write("content", "answer")
-        printer.end()
-        assert out.getvalue() == want

@@ -150,7 +150,7 @@ def _message_text(message, index: int) -> str:
             raise ApiError(400, f"only text content is supported (got a {part.type!r} part)",
                            param=f"messages.{index}.content")
         texts.append(part.text)
-    return "".join(texts)
+    return "\n".join(texts)  # as vLLM joins a message's text parts
 
 
 def chat_prompt(rt: Runtime, req: ChatRequest) -> list[int]:
