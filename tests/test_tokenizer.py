@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat, train_tokenizer
 
 WORDS = "the a cat dog sat ran on mat sum of and is total apples each box how many step first then answer".split()
 
@@ -209,8 +209,6 @@ def test_the_prefill_is_tokenized_as_generation_sees_it():
     `<think>` `\\n`: a context the model never saw in training."""
     chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
              for i in range(300)]
-    from nanoseek.tokenizer import render_chat
-
     merged = train_tokenizer([render_chat(c) for c in chats], vocab_size=300)
     assert len(merged.encode("\n\n")) == 1
     for chat in chats[:20]:
