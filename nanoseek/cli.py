@@ -96,9 +96,9 @@ class OneFile(argparse.Action):
     first (`sft` and `pretrain` add their --data files up, so a user may well expect that here)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest) is not None:
-            parser.error(f"{option_string} takes one file (given {getattr(namespace, self.dest)} and {values}); "
-                         "put the records in one file")
+        given = getattr(namespace, self.dest, None)  # (absent when the parser suppresses defaults)
+        if given is not None:
+            parser.error(f"{option_string} takes one file (given {given} and {values}); put the records in one file")
         setattr(namespace, self.dest, values)
 
 

