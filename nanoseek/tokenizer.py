@@ -354,7 +354,7 @@ class Tokenizer:
             inside[start:end] = b"\x01" * (end - start)
         # tokenized in pieces cut where a generation prompt ends, so that the prefill's tokens are those generation
         # starts from (`<think>` `\n`, then `\n` `</think>`), never one merged `\n\n` the model would not see
-        cuts = sorted({0, len(text), *(i for span in spans for i in span), *self._prompt_ends(messages, text)})
+        cuts = sorted({0, len(text), *self._prompt_ends(messages, text)})  # (a token across a span's edge is trained)
         ids, mask = [], []
         for a, b in zip(cuts, cuts[1:]):
             enc = self.hf.encode(text[a:b], add_special_tokens=False)

@@ -107,3 +107,11 @@ def test_numbers_the_question_gave_are_not_stuffing(answer):
     assert judge(f"<think>\nwork\n</think>\n\n{answer}", problem).accuracy == 1
     stuffed = f"<think>\nwork\n</think>\n\nAva had 20 apples, so 11 or 13 or {gold}."
     assert judge(stuffed, problem).accuracy == 0
+
+
+@pytest.mark.parametrize("question, answer, gold", [
+    ("Ava has 20 apples and 8 pears. How many apples?", "19, 21, 20", "20"),  # the answer is one of the question's
+    ("Ava has 20 apples and 8 pears. How many apples?", "7, 8, 19 or 20", "20"),
+    ("Ava had 20 apples and gave away 8. How many are left?", "It is 8, 20, -8, -20 or 12.", "12")])  # signs it gave
+def test_a_hedge_among_the_questions_numbers_is_still_stuffing(question, answer, gold):
+    assert judge(f"<think>\nwork\n</think>\n\n{answer}", Problem("word", 1, question, (), gold, {})).accuracy == 0

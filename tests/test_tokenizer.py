@@ -217,6 +217,18 @@ def test_the_prefill_is_tokenized_as_generation_sees_it():
         assert ids[: len(prompt)] == prompt and merged.decode(ids[len(prompt):]).startswith("\n</think>")
 
 
+def test_another_templates_sample_is_cut_only_where_its_prompt_ends():
+    """Cutting at each trained span's edge too split " assistant" into pieces generation never produces."""
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}" \
+            "{% if add_generation_prompt %}assistant:{% endif %}"
+    tok = Tokenizer(train_tokenizer([f"user: what is {i} plus {i}? assistant: it is {2 * i}. " for i in range(400)],
+                                    vocab_size=400).hf, chat_template=plain)
+    chat = [{"role": "user", "content": "what is 3 plus 3?"}, {"role": "assistant", "content": "it is 6."}]
+    ids, mask = tok.chat_sample(chat)
+    assert ids == tok.apply_chat_template(chat, add_generation_prompt=False)  # no merge across "assistant:" | " it"
+    assert ids[: len(tok.apply_chat_template(chat[:1]))] == tok.apply_chat_template(chat[:1])
+
+
 def test_a_chat_may_hold_any_character(tok):
     """U+F0000 and U+F0001 (Nerd Font icons in pasted terminal text) marked the trained spans, so such chats were
     refused."""

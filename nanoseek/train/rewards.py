@@ -10,8 +10,9 @@ prefix is put back before judging; in `r1-zero` mode the model writes it itself.
 - accuracy = 1 iff the format holds and the task's checker accepts the answer extracted from the text after
   `</think>`. Guards against the known hacks: empty or repeated tags fail the format (so also accuracy); "answer
   stuffing", a numeric answer section listing several candidate numbers (the operands of a true equation shown as
-  working and the numbers the question gave do not count, also in LaTeX or with a percent; a fraction a/b is one
-  number), scores 0 accuracy; reasoning that is the same line repeated over and over fails the format.
+  working and the numbers the question gave, other than the answer, do not count, also in LaTeX or with a percent; a
+  fraction a/b is one number), scores 0 accuracy; reasoning that is the same line repeated over and over fails the
+  format.
 - reward = accuracy + format_weight · format, minus DAPO's soft overlong penalty when enabled: for a completion
   of length L with budget L_max and cache L_c, penalty = clip((L − (L_max − L_c)) / L_c, 0, 1).
 - false steps, for GRPO's `false_steps` metric (the share of rollouts that state one): the reasoning lines that
@@ -76,7 +77,8 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     answer_part = text.rsplit(END_THINK, 1)[-1]
     numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
     allowed = max(MAX_ANSWER_NUMBERS, len(_values(problem.answer)))  # "(1, 2, 3)" holds three
-    candidates = _values(_results_only(_plain(answer_part))) - _values(_plain(problem.question), signed=False)
+    restated = _values(_plain(problem.question)) - _values(problem.answer)  # the answer itself always counts
+    candidates = _values(_results_only(_plain(answer_part))) - restated
     stuffed = numeric and len(candidates) > allowed
     acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
     penalty = 0.0
@@ -85,14 +87,12 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
 
 
-def _values(text: str, signed: bool = True) -> set[Fraction]:
-    """The numbers in `text` as exact values ("1,200" and "1200" are one, "3/4" is one number); with signed=False
-    both signs of each, so that "-5" in an answer is a number the question gave as "5"."""
+def _values(text: str) -> set[Fraction]:
+    """The numbers in `text` as exact values ("1,200" and "1200" are one, "3/4" is one number)."""
     values = set()
     for v in re.findall(VALUE, text):
         num, _, den = v.replace(",", "").replace("−", "-").partition("/")
-        value = Fraction(num) / (int(den) or 1) if den else Fraction(num)
-        values |= {value} if signed else {value, -value}
+        values.add(Fraction(num) / (int(den) or 1) if den else Fraction(num))
     return values
 
 
