@@ -116,11 +116,8 @@ def load(out_dir, key: str | None = None) -> ChatTokens | None:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while piece := f.read(1 << 24):
-            h.update(piece)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _Writer:

@@ -116,6 +116,11 @@ def check_paths(paths) -> None:
             raise ValueError(f"{path}: no such file")
 
 
+def read_once(paths) -> list:
+    """The data paths that can be read only once (a named pipe, /dev/stdin): those that are not regular files."""
+    return [p for p in _paths(paths) if not Path(p).is_file()]
+
+
 ROLES = ("system", "user", "assistant")
 
 

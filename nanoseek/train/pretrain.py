@@ -231,7 +231,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
     are not the ones the run trained on. A fresh run makes its own (a failed earlier attempt may have left some made
     with other settings)."""
     from ..cli import UserError
-    from ..data.corpus import build_shards, cache_complete, check_paths
+    from ..data.corpus import build_shards, cache_complete, check_paths, read_once
     from ..tokenizer import Tokenizer, task_suite_texts, train_tokenizer
 
     source = shard_source(cfg)
@@ -252,7 +252,7 @@ def prepare_tokenizer_and_data(cfg: PretrainConfig, run: Path, d: Dist, resuming
                 raise UserError(f"--tokenizer {cfg.tokenizer}: no begin/end-of-sentence token (documents are packed "
                                 "between them; set bos_token and eos_token in its tokenizer_config.json)")
         else:
-            once = [p for p in cfg.data if not Path(p).is_file()]  # a named pipe: its second read would wait for ever
+            once = read_once(cfg.data)  # a named pipe: its second read would wait for ever
             if once:
                 raise UserError(f"--data {once[0]} can be read only once (a pipe?), and pretraining reads it twice: "
                                 "to train the tokenizer, then to tokenize; write it to a file, or pass --tokenizer")

@@ -74,17 +74,22 @@ def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2,
 
     fmt = format_ok(text, finished)
     answer = extract_answer(text) if fmt else None
-    answer_part = text.rsplit(END_THINK, 1)[-1]
-    numeric = problem.family != "countdown"  # a countdown answer is an expression full of numbers
-    allowed = max(MAX_ANSWER_NUMBERS, len(_values(problem.answer)))  # "(1, 2, 3)" holds three
-    restated = _values(_plain(problem.question)) - _values(problem.answer)  # the answer itself always counts
-    candidates = _values(_results_only(_plain(answer_part))) - restated
-    stuffed = numeric and len(candidates) > allowed
-    acc = float(fmt and answer is not None and not stuffed and check(problem, answer))
+    acc = float(answer is not None and not _stuffed(text.rsplit(END_THINK, 1)[-1], problem) and check(problem, answer))
     penalty = 0.0
     if overlong_cache and max_tokens:
         penalty = min(1.0, max(0.0, (n_tokens - (max_tokens - overlong_cache)) / overlong_cache))
     return Judgement(acc + format_weight * float(fmt) - penalty, acc, float(fmt), answer, penalty)
+
+
+def _stuffed(answer_part: str, problem) -> bool:
+    """More candidate numbers in the answer section than its gold holds (at least MAX_ANSWER_NUMBERS): the working
+    of true equations and the numbers the question gave, other than the answer, are not candidates. A countdown
+    answer is an expression full of numbers: never stuffing."""
+    if problem.family == "countdown":
+        return False
+    gold = _values(problem.answer)
+    restated = _values(_plain(problem.question)) - gold  # the answer itself always counts
+    return len(_values(_results_only(_plain(answer_part))) - restated) > max(MAX_ANSWER_NUMBERS, len(gold))
 
 
 def _values(text: str) -> set[Fraction]:
@@ -92,7 +97,7 @@ def _values(text: str) -> set[Fraction]:
     values = set()
     for v in re.findall(VALUE, text):
         num, _, den = v.replace(",", "").replace("−", "-").partition("/")
-        values.add(Fraction(num) / (int(den) or 1) if den else Fraction(num))
+        values.add(Fraction(num) / int(den) if den and int(den) else Fraction(num))
     return values
 
 

@@ -171,7 +171,7 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
     --data files are unchanged, e.g. on --resume); the other ranks wait, then map the same files."""
     from ..cli import UserError
     from ..data import chat_tokens
-    from ..data.corpus import check_paths
+    from ..data.corpus import check_paths, read_once
 
     out, tokens = run / "chat_tokens", None
     if d.is_main:
@@ -181,10 +181,10 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
             except ValueError as e:
                 raise UserError(str(e)) from None
             convs = read_conversations(cfg.data)
-            if all(Path(p).is_file() for p in cfg.data):
-                key = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data))
-            else:  # a named pipe (mkfifo chats.jsonl) can be read once: tokenized, never reused
+            if read_once(cfg.data):  # a named pipe (mkfifo chats.jsonl): tokenized, never reused
                 key = f"stream-{uuid.uuid4().hex}"
+            else:
+                key = chat_tokens.cache_key(tok, chat_tokens.file_bytes(cfg.data))
         else:  # other problems than pretraining's
             convs = [c["messages"] for c in default_conversations(cfg.n_samples, cfg.seed + 1)]
             key = chat_tokens.cache_key(tok, (json.dumps(m).encode() for m in convs))
