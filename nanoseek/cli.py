@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
-        if "tqdm" in sys.modules:  # close the bars now: one collected later is drawn again, after the line below
-            for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
-                bar.close()
+        close_bars()
         if rank() == 0:
             print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
         code = 130
@@ -178,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def close_bars() -> None:
+    """Close the progress bars still open, so that a message printed now starts a line of its own (and a bar
+    collected later is not drawn again after it)."""
+    if "tqdm" in sys.modules:
+        for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", [])):
+            bar.close()
 
 
 def rank() -> int:
@@ -226,6 +232,7 @@ def run_verb(argv: list[str]) -> int:
                             f"{', '.join(sorted(DISTRIBUTED))}{hint}")
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
+        close_bars()  # an error found mid-run (a diverged step, a full disk) goes under the bar, not onto its line
         if rank() == 0:  # every rank checks the same things: one copy of the message
             print(f"error: {e}", file=sys.stderr)
         return 1

@@ -273,9 +273,10 @@ def update_flops(mc, row_lengths: list[int], updates: int, extra_forwards: int) 
 
 
 # --- the run -------------------------------------------------------------------------------------------------------------
-def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist) -> dict:
+def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist, step: int = 0) -> dict:
     """`updates_per_batch` optimiser steps on one rollout batch (this rank's part of it: the loss's normalisers are
-    the whole batch's, and the gradients are summed over the ranks before clipping)."""
+    the whole batch's, and the gradients are summed over the ranks before clipping); `step` (1-based) names the run's
+    step in the error that stops a diverged run."""
     device = d.device
     adv = group_advantages(r.rewards, cfg.loss).flatten()
     T = cfg.temperature  # the loss scores the distribution the rollouts were sampled from
@@ -318,7 +319,9 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist) -> dict:
             stats["clipped"] += st["clipped"] / n_trained_tokens / cfg.updates_per_batch
             stats["entropy"] += ent / n_trained_tokens / cfg.updates_per_batch
         d.all_reduce_grads(model)
-        stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item() / cfg.updates_per_batch
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        loop.stop_if_diverged(grad_norm, cfg, "grpo", step)
+        stats["grad_norm"] += grad_norm.item() / cfg.updates_per_batch
         opt.step()
         model.update_routing_bias(0.0)  # RL leaves the routing bias alone; drop the accumulated loads
     for k in ("kl", "clipped", "entropy"):  # each rank's share of the batch's per-token means
@@ -470,7 +473,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         t1 = time.perf_counter()
         model.train()
         trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
-        stats = update(cfg, model, ref, opt, batch, d) if trainable else {}  # dapo may have dropped every group
+        stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may have dropped every group
         t2 = time.perf_counter()
         flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
                                                 device=d.device)).item() + stats.pop("flops", 0.0)

@@ -344,6 +344,22 @@ def add_run_arguments(p, seed_help: str, save_every: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def stop_if_diverged(grad_norm: torch.Tensor, cfg, stage: str, step: int) -> None:
+    """Stop a run whose gradient is NaN or infinite before the optimiser applies it (usually too high a learning
+    rate): clipping scales NaN to NaN, every weight would turn NaN, and the next checkpoint would replace the last good
+    one. The norm is of the gradients summed over every process, so all of them stop at the same step."""
+    if torch.isfinite(grad_norm):
+        return
+    from ..cli import UserError
+
+    run = Path(cfg.out)
+    kept = (f"its last checkpoint (step {json.loads((run / 'train_state' / 'state.json').read_text())['step']}) is "
+            f"kept" if has_checkpoint(run) else "no checkpoint had been written")
+    raise UserError(f"{stage}: the gradient at step {step} is {grad_norm.item()}: training diverged, and stopped "
+                    f"before that update reached the weights; {kept} in {run}. Start a new run with a lower --lr "
+                    f"(this one's: {cfg.lr:g})")
+
+
 def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
     from ..cli import UserError
 
@@ -461,6 +477,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux).backward()
             sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        stop_if_diverged(grad_norm, cfg, stage, step + 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loads = [d.all_reduce_sum_(m.load.clone()) if m.load is not None else None for m in moes]
