@@ -106,6 +106,8 @@ def test_answers_the_numbers_audit_found_misread():
         assert check(suite, extract_answer(text)) and check(gold(n), extract_answer(text)), text  # were wrong
     assert extract_answer("<think>\n3 × 4 = 12\n12 + 5 = 17") is None  # cut off while reasoning: was 17
     assert extract_answer("The answer is not 7.") == "not 7" and extract_answer("about 12 or 13") == "13"
+    assert [extract_answer(t) for t in ("She has 12 left, not 20.", "12 rather than $20", "It is never 20.")] == \
+        ["12", "12", None]  # a number ruled out is not the answer (was 20, 20 and 20)
     for text in ("The answer is -$5.", "The net is -$5", "Answer: -$5"):
         assert check(gold("-5"), extract_answer(text)) and not check(gold("5"), extract_answer(text)), text
     assert check(gold("#### -$5"), "-5") and check(gold("-$1,200"), extract_answer("The answer is -$1,200."))

@@ -6,7 +6,7 @@ Each problem is prompted through the model's own chat template (or as plain text
 drawn, and the answer is read from the completion: the text after `</think>` if present (a completion that opened
 `<think>`, or whose template prefilled it, and never closed it has none: it was cut off while reasoning), then
 `\\boxed{…}`, "answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last
-number. pass@1 is the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
+number that no "not" rules out ("12 left, not 20" is 12). pass@1 is the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
 pass@k (k = 2, 4, …, K, the unbiased estimator) the chance that k samples include a right one: what reinforcement
 learning could sharpen into pass@1 without new skills.
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
@@ -37,6 +37,7 @@ NUMBER = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"  # −: the Unicode minus; commas on
 AMOUNT = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # unsigned, and a comma only in a whole "1,234": not "12, 13"
 EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
 UNIT_POWER = r"(?<=[A-Za-z])(?:\^\{?\d\}?|[²³])"  # the ^2 of "m^2", "cm²"
+NEGATED = r"\b(?:not|never|nor|isn't|rather than|instead of)\s+[$€£¥]?$"  # the words before a number ruled out
 
 
 def extract_answer(text: str) -> str | None:
@@ -60,8 +61,10 @@ def extract_answer(text: str) -> str | None:
     bare = _bare_expression(text)
     if bare is not None:
         return bare
-    nums = re.findall(NUMBER, re.sub(UNIT_POWER, "", text))  # "12 m^2" is 12, not 2
-    return nums[-1] if nums else None
+    text = re.sub(UNIT_POWER, "", text)  # "12 m^2" is 12, not 2
+    nums = [m[0] for m in re.finditer(NUMBER, text)
+            if not re.search(NEGATED, text[max(0, m.start() - 24) : m.start()], re.IGNORECASE)]
+    return nums[-1] if nums else None  # "She has 12 left, not 20." is 12
 
 
 def _boxed_answer(boxed: str) -> str:
