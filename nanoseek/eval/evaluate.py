@@ -6,9 +6,10 @@ Each problem is prompted through the model's own chat template (or as plain text
 drawn, and the answer is read from the completion: the text after `</think>` if present (a completion that opened
 `<think>`, or whose template prefilled it, and never closed it has none: it was cut off while reasoning), then
 `\\boxed{…}`, "answer is …", "Answer: …", a last line that is an expression (a countdown answer), or the last
-number that no "not" rules out ("12 left, not 20" is 12). pass@1 is the mean correctness over all K samples; with K > 1, maj@K is the accuracy of the most common extracted answer and
-pass@k (k = 2, 4, …, K, the unbiased estimator) the chance that k samples include a right one: what reinforcement
-learning could sharpen into pass@1 without new skills.
+number that no "not" rules out ("12 left, not 20" is 12). pass@1 is the mean correctness over all K samples; with
+K > 1, maj@K is the accuracy of the most common extracted answer and pass@k (k = 2, 4, …, K, the unbiased estimator)
+the chance that k samples include a right one: what reinforcement learning could sharpen into pass@1 without new
+skills.
 Numbers are compared as numbers, free-form math answers of imported data (fractions, expressions, sets) by
 `math-verify`.
 
