@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import tiny_model_dir
-from nanoseek.data.tasks import Problem, check, from_record, generate
+from nanoseek.data.checking import check
+from nanoseek.data.tasks import Problem, from_record, generate
 from nanoseek.cli import Interrupted, main
 from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, majority, run_eval, summarize
 

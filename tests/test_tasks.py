@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 
 from nanoseek.data.tasks import (
-    FAMILIES, LEVELS, Problem, check, from_record, generate, mixture, split_of, to_chat, to_gsm8k, to_text,
+    FAMILIES, LEVELS, Problem, from_record, generate, mixture, split_of, to_chat, to_gsm8k, to_text,
 )
+from nanoseek.data.checking import check
 from test_working import check_lines  # tests/ is on sys.path under pytest
 
 CELLS = [(f, l) for f in FAMILIES for l in LEVELS[f]]

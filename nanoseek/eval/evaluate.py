@@ -89,7 +89,7 @@ def _bare_expression(text: str) -> str | None:
 def _is_expression(text: str) -> bool:
     """An arithmetic expression, perhaps followed by "= value" ("(3 + 4) × 5", "8 + 4 = 12"), that parses as one
     ("12 (3 × 4)" does not: a number, then its working)."""
-    from ..data.tasks import eval_expression
+    from ..data.checking import eval_expression
 
     if not re.fullmatch(rf"{EXPRESSION}(?:=\s*{NUMBER}\s*)?", text):
         return False
@@ -148,7 +148,8 @@ def majority(problem, answers: list[str | None]) -> int | None:
     tie), or None when there is none. Answers are grouped as `check` reads them: "12", "12.0" and "3 × 4 = 12" are one
     answer; "1/2", "0.5" and "\\frac{1}{2}" are one too (math-verify) in imported data. A countdown expression is its
     text."""
-    from ..data.tasks import FAMILIES, as_number, math_equal, result_of
+    from ..data.checking import as_number, math_equal, result_of
+    from ..data.tasks import FAMILIES
 
     groups: list[list] = []  # [first index, key, votes, text]
     for i, a in enumerate(answers):
@@ -318,7 +319,7 @@ def finished_problems(problems, texts: dict[int, str], samples: int) -> list[Eva
 
 def check_completions(problems, texts: list[str], samples: int) -> list[EvalResult]:
     """Completions (problem-major, `samples` each) -> each problem's extracted answers, checked."""
-    from ..data.tasks import check
+    from ..data.checking import check
 
     results = []
     for i, p in enumerate(problems):

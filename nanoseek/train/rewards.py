@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ..data.tasks import eval_expression
+from ..data.checking import eval_expression
 from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
@@ -70,7 +70,7 @@ def format_ok(text: str, finished: bool = True) -> bool:
 def judge(text: str, problem, finished: bool = True, format_weight: float = 0.2, n_tokens: int = 0,
           max_tokens: int = 0, overlong_cache: int = 0) -> Judgement:
     """text: the whole assistant turn (with the prefilled `<think>` put back); problem: a data.tasks.Problem."""
-    from ..data.tasks import check
+    from ..data.checking import check
 
     fmt = format_ok(text, finished)
     answer = extract_answer(text) if fmt else None
