@@ -45,6 +45,8 @@ class CheckpointError(Exception):
 def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'a file, not a model directory' if path.exists() else 'no such directory'}")
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     try:
@@ -72,12 +74,17 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         return {name: path / fname for name, fname in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
+    weights = [f for f in files if _WEIGHT_FILE.match(f.name)]
+    files = weights or files  # model.safetensors (transformers reads it alone); other *.safetensors are not weights
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
     out = {}
     for f in files:
         with _open(f) as sf:
-            out.update({name: f for name in sf.keys()})
+            for name in sf.keys():
+                if name in out:
+                    raise CheckpointError(f"{path}: tensor {name} is in both {out[name].name} and {f.name}")
+                out[name] = f
     return out
 
 
@@ -130,8 +137,13 @@ def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32)
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool = True) -> Transformer:
-    """Read any deepseek_v3 HF directory (ours or DeepSeek's; single file or sharded; bf16/fp16/fp32/FP8)."""
+    """Read any deepseek_v3 HF directory (ours or DeepSeek's; single file or sharded; bf16/fp16/fp32/FP8) into
+    `dtype` (a torch dtype or its name, "bfloat16")."""
     path = Path(path)
+    if isinstance(dtype, str):
+        if dtype not in _SAVE_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: one of {', '.join(_SAVE_DTYPES)}")
+        dtype = _SAVE_DTYPES[dtype]
     cfg = read_config(path)
     cfg.quantization_config = None  # weights are dequantised into `dtype`
     files = _tensor_files(path)

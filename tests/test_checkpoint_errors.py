@@ -134,3 +134,29 @@ def test_partial_mtp_layer_is_an_error(model_dir):
     rewrite(model_dir, lambda t: t.pop("model.layers.4.eh_proj.weight"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.4\.eh_proj\.weight is missing"):
         nanoseek.load_model(model_dir)
+
+
+def test_other_safetensors_files_are_not_weights(model_dir):
+    """Beside model.safetensors, a stray *.safetensors (an old copy, an adapter) used to be read too, the last file
+    in name order winning each tensor: logits were off by 6, silently. transformers reads model.safetensors alone."""
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        want = nanoseek.load_model(model_dir)(ids)
+    save_file({k: v + 1 for k, v in load_file(str(model_dir / "model.safetensors")).items()},
+              str(model_dir / "zz_old.safetensors"))
+    save_file({"lora_A": torch.zeros(2)}, str(model_dir / "adapter.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(nanoseek.load_model(model_dir)(ids), want)
+    (model_dir / "model.safetensors").rename(model_dir / "weights.safetensors")  # no model.safetensors: every file,
+    with pytest.raises(CheckpointError, match="is in both"):  # and a tensor in two of them is an error
+        nanoseek.load_model(model_dir)
+
+
+def test_paths_and_dtype_names(model_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        nanoseek.load_model(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="a file, not a model directory"):
+        nanoseek.load_model(model_dir / "config.json")
+    assert next(nanoseek.load_model(model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'half'"):
+        nanoseek.load_model(model_dir, dtype="half")

@@ -453,3 +453,36 @@ def test_newcomers_that_finish_at_once_do_not_starve_the_running(model):
         e.submit(PROMPTS[1], SamplingParams(max_new_tokens=1))
         got += [tok for rid, tok, *_ in e.step() if rid == long]
     assert len(got) == 20 and e.stats["decode_steps"] >= 19
+
+
+def test_bad_input_is_a_clear_error_and_leaves_the_engine_usable(model):
+    """Found by an audit of the Python API: a batch refused at its second prompt left the first queued, so every later
+    generate() failed with "needs an idle engine"; an out-of-vocabulary id was an IndexError from inside torch."""
+    e = Engine(model, max_batch_size=4, max_seq_len=64)
+    V = model.config.vocab_size
+    for prompts, kwargs, error in [
+        ([[5, 6], []], {}, "empty prompt"),
+        ([[5, 6], [7, V]], {}, f"token id {V} is outside the vocabulary"),
+        ([[5, 6], [-1]], {}, "token id -1 is outside"),
+        ([[5, 6], [7]], {"seed": [1]}, "1 seeds for 2 prompts"),
+        ([[5, 6]], {"temperature": float("nan")}, "temperature >= 0"),
+        ([[5, 6]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            e.generate(prompts, max_new_tokens=kwargs.pop("max_new_tokens", 4), **kwargs)
+        assert not e.has_work()
+    for prompts in ("hello", [5, 6, 7], torch.tensor([5, 6, 7])):
+        with pytest.raises(TypeError, match="list of prompts"):
+            e.generate(prompts, max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        e.score([5, V + 3])
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        e.score([5, 6], k=-1)
+    assert e.generate([[5, 6]], max_new_tokens=3, stop_token_ids=()) == [greedy_reference(model, [5, 6], 3)]
+
+
+def test_a_completion_cut_by_the_cache_row_warns(model):
+    e = Engine(model, max_batch_size=2, max_seq_len=16)
+    with pytest.warns(UserWarning, match="exceeds this engine's max_seq_len=16"):
+        out = e.generate([list(range(1, 13))], max_new_tokens=10, stop_token_ids=())
+    assert len(out[0]) == 4  # 12 prompt tokens + 4 fill the 16 positions

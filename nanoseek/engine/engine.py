@@ -152,14 +152,12 @@ class Engine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. It is admitted by a later `step()` when a cache row is free."""
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("empty prompt")
+        prompt = _token_ids(prompt_ids, self.cfg.vocab_size)
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len}")
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+        if not params.temperature >= 0 or not 0 < params.top_p <= 1 or params.top_k < 0:  # NaN fails too
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         if 0 < params.temperature < GREEDY_BELOW:
             params = replace(params, temperature=0.0)
@@ -238,7 +236,9 @@ class Engine:
         """Each prompt token's log-probability given the tokens before it, with the k likeliest alternatives (the
         first token, which nothing predicts, gets None): a chunked prefill into a one-row cache of its own, so it
         may run between the steps of requests in flight, and a long prompt's attention scores stay (chunk, T)."""
-        ids = torch.tensor([int(t) for t in prompt_ids], device=self.device)[None]  # (1, T)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        ids = torch.tensor(_token_ids(prompt_ids, self.cfg.vocab_size), device=self.device)[None]  # (1, T)
         if not 0 < ids.shape[1] <= self.cfg.max_position_embeddings:
             raise ValueError(f"a prompt to score needs 1 to {self.cfg.max_position_embeddings} tokens")
         with self._lock, self._eval_mode():
@@ -304,11 +304,17 @@ class Engine:
         None stops at the config's eos_token_id, as transformers' generate does; () generates max_new_tokens
         always. Prompt i is seeded with seed + i (so repeated prompts give different samples), or with seed[i]
         when seed is a list. Uses the step machinery, so it needs an idle engine (do not mix with server
-        requests). `speculative` requires temperature 0. Ctrl-C raises cli.Interrupted with the completions that
+        requests). A completion also stops where the engine's cache row ends (`max_seq_len`; a warning says so).
+        `speculative` requires temperature 0. Ctrl-C raises cli.Interrupted with the completions that
         had finished ({prompt index: new tokens})."""
         from ..cli import Interrupted
 
-        if max_new_tokens < 1:
+        if isinstance(prompts, (str, bytes)) or (isinstance(prompts, torch.Tensor) and prompts.dim() != 2) or any(
+                isinstance(p, (int, str)) for p in prompts):
+            raise TypeError("prompts is a list of prompts, each a list of token ids (e.g. [[1, 2, 3]])")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
             return [[] for _ in prompts]
         if stop_token_ids is None:
             eos = self.cfg.eos_token_id
@@ -318,12 +324,18 @@ class Engine:
                 raise RuntimeError("generate() needs an idle engine (requests are in flight)")
             seeds = list(seed) if isinstance(seed, Sequence) else [
                 None if seed is None else seed + i for i in range(len(prompts))]
-            rids = [
-                self.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, s, stop_token_ids, speculative))
-                for p, s in zip(prompts, seeds, strict=True)
-            ]
-            reqs = [self._requests[rid] for rid in rids]
-            try:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seed is a list of {len(seeds)} seeds for {len(prompts)} prompts")
+            rids: list[int] = []
+            reqs: list[_Request] = []
+            try:  # a bad prompt raises in submit: the ones queued before it are cancelled below
+                for p, s in zip(prompts, seeds):
+                    rids.append(self.submit(
+                        p, SamplingParams(max_new_tokens, temperature, top_p, top_k, s, stop_token_ids, speculative)))
+                reqs = [self._requests[rid] for rid in rids]
+                if any(r.max_new < max_new_tokens for r in reqs):  # one fixed message: Python shows it once
+                    warnings.warn(f"a prompt plus max_new_tokens exceeds this engine's max_seq_len={self.max_seq_len}: "
+                                  "its completion stops there (Engine(model, max_seq_len=...) for more)", stacklevel=2)
                 while self.has_work():
                     self.step()
             except KeyboardInterrupt:
@@ -498,6 +510,24 @@ class Engine:
         for r, d in zip(act, drafts):
             r.draft = d
         self._release([r for r in act if r.done])
+
+
+def _token_ids(prompt_ids, vocab_size: int) -> list[int]:
+    """A prompt as a list of token ids in [0, vocab_size); a ValueError/TypeError that says what is wrong."""
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, (Sequence, torch.Tensor)):
+        raise TypeError(f"a prompt is a list of token ids, got {type(prompt_ids).__name__} (tokenize text first)")
+    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() != 1:
+        raise ValueError(f"a prompt is a 1-D list of token ids, got a tensor of shape {tuple(prompt_ids.shape)}")
+    try:
+        ids = [int(t) for t in prompt_ids]
+    except (TypeError, ValueError):
+        raise TypeError("a prompt is a list of int token ids (generate() takes a list of such lists)") from None
+    if not ids:
+        raise ValueError("empty prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
 
 
 def _logprobs(logits: torch.Tensor, toks: list[int], k: int) -> list[TokenLogprob]:
