@@ -5,7 +5,8 @@ Ctrl-C in its first second is then the CLI's one-line "interrupted", not a trace
 
 import importlib
 
-_WHERE = {"load_model": "checkpoint", "save_model": "checkpoint", "ModelConfig": "config", "PRESETS": "config",
+_WHERE = {"load_model": "checkpoint", "save_model": "checkpoint", "CheckpointError": "checkpoint",  # a bad model dir
+          "ModelConfig": "config", "PRESETS": "config",
           "get_preset": "config", "Engine": "engine.engine", "SamplingParams": "engine.engine",
           "Transformer": "model", "build_model": "model"}
 __all__ = list(_WHERE)

@@ -153,7 +153,7 @@ def test_other_safetensors_files_are_not_weights(model_dir):
 
 
 def test_paths_and_dtype_names(model_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(nanoseek.CheckpointError, match="no such directory"):  # exported, for except clauses
         nanoseek.load_model(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="a file, not a model directory"):
         nanoseek.load_model(model_dir / "config.json")
