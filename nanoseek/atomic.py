@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -24,3 +25,22 @@ def write_text(path, text: str) -> None:
 def write_json(path, obj, indent: int = 1) -> None:
     """`obj` as JSON (values JSON does not know, such as paths, as their str)."""
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def is_temporary(entry: Path, *names: str) -> bool:
+    """Whether `entry` is the temporary file of a write_text of one of the files `names` that a kill (SIGKILL) cut
+    short: a run directory whose first write was killed holds only that."""
+    pattern = rf"\.({'|'.join(map(re.escape, names))})\.[0-9a-f]{{12}}\.tmp"
+    return re.fullmatch(pattern, entry.name) is not None and entry.is_file()
+
+
+def entries(directory, first: str) -> list[Path]:
+    """What `directory` holds, less the temporary files of a write of `first` (the file a run writes first) that a
+    kill cut short, which are removed: a directory whose first write was killed is empty again."""
+    kept = []
+    for p in Path(directory).iterdir():
+        if is_temporary(p, first):
+            p.unlink(missing_ok=True)
+        else:
+            kept.append(p)
+    return kept

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import atomic
 from .atomic import write_json
 
 
@@ -120,7 +121,7 @@ def claim(out: Path, settings: dict) -> None:
             raise UserError(f"{out} holds a speedrun of other settings ({held}, asked {settings}); rerun with "
                             "those to resume it, or choose a new --out")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and atomic.entries(out, "speedrun.json"):
         raise UserError(f"{out} is not empty and holds no speedrun (no speedrun.json); choose a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, settings)

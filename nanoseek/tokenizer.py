@@ -277,8 +277,9 @@ class Tokenizer:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        write_text(path / "tokenizer.json", self.hf.to_str(pretty=True))
+        # tokenizer.json last: its presence is what says a directory holds a (complete) tokenizer
         write_json(path / "tokenizer_config.json", self.config(), indent=2)
+        write_text(path / "tokenizer.json", self.hf.to_str(pretty=True))
 
     # text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -438,3 +439,42 @@ def test_a_stopped_url_run_leaves_no_thread_the_process_must_wait_for(server, mo
     for t in hanging:
         t.join(5)
     assert not any(t.is_alive() for t in hanging)  # and they asked nothing more once stopped
+
+
+def test_a_first_write_cut_by_a_kill_does_not_block_the_rerun(tmp_path):
+    """Killed while writing distill.json or speedrun.json (a run's first file), a directory held only the hidden
+    temporary file of that write, and every rerun refused it as someone's files (found by a kill audit)."""
+    from nanoseek.speedrun import claim
+    from nanoseek.train.distill import claim_run
+
+    for name, first, start in (("d", "distill.json", lambda run: claim_run(run, DistillConfig(
+            teacher="t", out=str(run), student="s"))), ("s", "speedrun.json", lambda run: claim(run, {"seed": 0}))):
+        run = tmp_path / name
+        run.mkdir()
+        (run / f".{first}.0123456789ab.tmp").write_text('{"te')
+        start(run)
+        assert sorted(p.name for p in run.iterdir()) == [first]
+        other = tmp_path / f"{name}-other"  # another file's temporary stays someone's file
+        other.mkdir()
+        (other / ".notes.txt.0123456789ab.tmp").write_text("mine")
+        with pytest.raises(UserError, match="not empty"):
+            start(other)
+
+
+def test_a_last_record_without_its_newline_is_kept(tmp_path):
+    """A kill between a record and its newline: the record counted as done was then cut from traces.jsonl, so the
+    next rerun asked the teacher again (and a URL teacher's other answer retrained the student)."""
+    from nanoseek.train.distill import collect_traces
+
+    record = {"index": 0, "uid": "u", "sample": 0, "question": "q", "reasoning": "r", "answer": "a", "finished": True}
+    path = tmp_path / "traces.jsonl"
+    path.write_text(json.dumps(record))
+    cfg = DistillConfig(teacher="t", out=str(tmp_path), student="s", progress=False)
+    problem = types.SimpleNamespace(uid="u", question="q", answer="a")
+
+    class NoTeacher:
+        def traces(self, questions, *args):
+            assert not questions, "asked the teacher for a trace already on disk"
+            return iter(())
+
+    assert collect_traces(cfg, NoTeacher(), [problem], path) and path.read_text() == json.dumps(record) + "\n"

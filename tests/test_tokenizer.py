@@ -266,6 +266,21 @@ def test_transformers_puts_bos_before_raw_text_as_our_engine_does(tok, hf_tok):
         tok.apply_chat_template(messages)
 
 
+def test_a_save_cut_short_leaves_no_tokenizer_json(tok, tmp_path, monkeypatch):
+    """tokenizer.json is what says a directory holds a tokenizer, so it is written last: killed after it and before
+    tokenizer_config.json, a directory that transformers reads without BOS, EOS or chat template was refused by the
+    rerun as a finished tokenizer (found by a kill audit)."""
+    import nanoseek.atomic
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nanoseek.atomic, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tok.save(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
 def test_from_dir_uses_the_directorys_own_template(tok, hf_tok, tmp_path):
     custom = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     hf_tok.chat_template = custom

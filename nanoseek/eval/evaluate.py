@@ -475,6 +475,7 @@ def earlier_results(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import atomic
     from ..cli import Interrupted, UserError, ctrl_c_ignored, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
@@ -525,6 +526,6 @@ def run(args: argparse.Namespace) -> int:
             if args.out == "-":
                 sys.stdout.write(rows)
             else:
-                Path(args.out).write_text(rows)
+                atomic.write_text(Path(args.out).resolve(), rows)  # whole or not at all, through a link
         print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {})))
     return 130 if interrupted else 0

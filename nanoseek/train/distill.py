@@ -101,9 +101,18 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
                     older[(rec["uid"], rec["sample"])] = rec
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by an interruption
-        if text and not text.endswith("\n"):  # drop that cut line, or the next record would be appended to it
-            with path.open("r+") as f:
-                f.truncate(len(text[: text.rfind("\n") + 1].encode()))
+        if text and not text.endswith("\n"):
+            last = text[text.rfind("\n") + 1 :]
+            try:
+                whole = isinstance(json.loads(last), dict)
+            except json.JSONDecodeError:
+                whole = False
+            if whole:  # a whole record that lacks only its newline was read above: keep it, end its line
+                with path.open("a") as f:
+                    f.write("\n")
+            else:  # drop that cut line, or the next record would be appended to it
+                with path.open("r+") as f:
+                    f.truncate(len(text[: text.rfind("\n") + 1].encode()))
     todo = [(p, s, k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
             if k not in done and (p.uid, s) not in older]
     bar = None
@@ -306,7 +315,8 @@ RUN_ENTRIES = {"traces.jsonl", "traces_cost.json", "kept.jsonl", "student_init",
 def older_run(run: Path) -> bool:
     """A distillation run from before RUN/distill.json was written: nothing but what distill writes, and a
     traces.jsonl of its records (a last line cut short by an interruption aside)."""
-    if not (run / "traces.jsonl").is_file() or not {p.name for p in run.iterdir()} <= RUN_ENTRIES:
+    if not (run / "traces.jsonl").is_file() or not {p.name for p in atomic.entries(run, "distill.json")} <= (
+            RUN_ENTRIES):
         return False
     try:
         text = (run / "traces.jsonl").read_text()
@@ -347,7 +357,7 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
         return
-    if run.is_dir() and any(run.iterdir()) and not older_run(run):  # someone's files: distill would replace them
+    if run.is_dir() and atomic.entries(run, "distill.json") and not older_run(run):  # someone's files: not replaced
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, what)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .. import atomic
 from ..checkpoint import save_model
 from ..data.chat_tokens import FILES as CHAT_TOKEN_FILES
 from ..data.corpus import SHARD_FILES
@@ -245,8 +246,7 @@ def leftover(entry: Path) -> bool:
     if entry.name in RUN_FOLDERS:
         return entry.is_dir() and not entry.is_symlink() and all(
             re.fullmatch(RUN_FOLDERS[entry.name], c.name) for c in entry.iterdir())
-    temporary = re.fullmatch(rf"\.({'|'.join(map(re.escape, RUN_FILES))})\.[0-9a-f]{{12}}\.tmp", entry.name)  # atomic
-    return (entry.name in RUN_FILES or temporary is not None) and entry.is_file()
+    return (entry.name in RUN_FILES and entry.is_file()) or atomic.is_temporary(entry, *RUN_FILES)
 
 
 def make_run_dir(run: Path) -> None:
