@@ -473,7 +473,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         t1 = time.perf_counter()
         model.train()
         trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
-        stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may have dropped every group
+        stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may drop every group
         t2 = time.perf_counter()
         flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
                                                 device=d.device)).item() + stats.pop("flops", 0.0)
