@@ -12,11 +12,15 @@ from pathlib import Path
 
 
 def write_text(path, text: str) -> None:
+    """`text` into `path`, whole or not at all; a file it replaces keeps its permissions (a private 0600 file stays
+    private)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a new name ("x": never someone's file)
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
+        if path.is_file():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -74,7 +74,8 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         return {name: path / fname for name, fname in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
-    weights = [f for f in files if _WEIGHT_FILE.match(f.name)]
+    single = path / "model.safetensors"
+    weights = [single] if single.is_file() else [f for f in files if _WEIGHT_FILE.match(f.name)]
     files = weights or files  # model.safetensors (transformers reads it alone); other *.safetensors are not weights
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")

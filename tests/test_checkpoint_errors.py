@@ -147,6 +147,11 @@ def test_other_safetensors_files_are_not_weights(model_dir):
     save_file({"lora_A": torch.zeros(2)}, str(model_dir / "adapter.safetensors"))
     with torch.no_grad():
         assert torch.equal(nanoseek.load_model(model_dir)(ids), want)
+    shard = model_dir / "model-00001-of-00002.safetensors"  # model.safetensors wins over index-less shards too
+    save_file({k: v + 1 for k, v in load_file(str(model_dir / "model.safetensors")).items()}, str(shard))
+    with torch.no_grad():
+        assert torch.equal(nanoseek.load_model(model_dir)(ids), want)
+    shard.unlink()
     (model_dir / "model.safetensors").rename(model_dir / "weights.safetensors")  # no model.safetensors: every file,
     with pytest.raises(CheckpointError, match="is in both"):  # and a tensor in two of them is an error
         nanoseek.load_model(model_dir)
@@ -160,3 +165,17 @@ def test_paths_and_dtype_names(model_dir, tmp_path):
     assert next(nanoseek.load_model(model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype 'half'"):
         nanoseek.load_model(model_dir, dtype="half")
+
+
+def test_an_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    """eval --out and the other whole-file writes go through a temporary file: a private 0600 results file came back
+    0644 (found by a regression audit)."""
+    import os
+
+    from nanoseek import atomic
+
+    private = tmp_path / "results.jsonl"
+    private.write_text("old")
+    os.chmod(private, 0o600)
+    atomic.write_text(private, "new")
+    assert private.read_text() == "new" and private.stat().st_mode & 0o777 == 0o600

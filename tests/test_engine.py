@@ -479,6 +479,9 @@ def test_bad_input_is_a_clear_error_and_leaves_the_engine_usable(model):
     with pytest.raises(ValueError, match="k must be >= 0"):
         e.score([5, 6], k=-1)
     assert e.generate([[5, 6]], max_new_tokens=3, stop_token_ids=()) == [greedy_reference(model, [5, 6], 3)]
+    import numpy as np  # a tokenizer's return_tensors="np" output, as before the checks
+
+    assert e.generate(np.array([[5, 6]]), max_new_tokens=3, stop_token_ids=()) == [greedy_reference(model, [5, 6], 3)]
 
 
 def test_a_completion_cut_by_the_cache_row_warns(model):

@@ -514,9 +514,10 @@ class Engine:
 
 def _token_ids(prompt_ids, vocab_size: int) -> list[int]:
     """A prompt as a list of token ids in [0, vocab_size); a ValueError/TypeError that says what is wrong."""
-    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, (Sequence, torch.Tensor)):
+    if isinstance(prompt_ids, (str, bytes)) or not (
+            isinstance(prompt_ids, (Sequence, torch.Tensor)) or hasattr(prompt_ids, "__array__")):  # numpy too
         raise TypeError(f"a prompt is a list of token ids, got {type(prompt_ids).__name__} (tokenize text first)")
-    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() != 1:
+    if getattr(prompt_ids, "ndim", 1) != 1:
         raise ValueError(f"a prompt is a 1-D list of token ids, got a tensor of shape {tuple(prompt_ids.shape)}")
     try:
         ids = [int(t) for t in prompt_ids]
