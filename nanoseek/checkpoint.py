@@ -74,9 +74,10 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor name -> file name)")
         return {name: path / fname for name, fname in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
-    single = path / "model.safetensors"
-    weights = [single] if single.is_file() else [f for f in files if _WEIGHT_FILE.match(f.name)]
-    files = weights or files  # model.safetensors (transformers reads it alone); other *.safetensors are not weights
+    if (path / "model.safetensors").is_file():  # transformers reads it alone: other *.safetensors are not weights
+        files = [path / "model.safetensors"]
+    else:  # shards without an index, else whatever there is
+        files = [f for f in files if _WEIGHT_FILE.match(f.name)] or files
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
     out = {}

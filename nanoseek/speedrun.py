@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import atomic
-from .atomic import write_json
+from .atomic import entries, write_json
 
 
 # Per-preset stage settings. cpu: cpu-tiny teacher, cpu-student (half its active parameters) student.
@@ -121,7 +120,7 @@ def claim(out: Path, settings: dict) -> None:
             raise UserError(f"{out} holds a speedrun of other settings ({held}, asked {settings}); rerun with "
                             "those to resume it, or choose a new --out")
         return
-    if out.is_dir() and atomic.entries(out, "speedrun.json"):
+    if out.is_dir() and entries(out, "speedrun.json"):
         raise UserError(f"{out} is not empty and holds no speedrun (no speedrun.json); choose a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, settings)

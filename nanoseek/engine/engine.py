@@ -333,7 +333,7 @@ class Engine:
                     rids.append(self.submit(
                         p, SamplingParams(max_new_tokens, temperature, top_p, top_k, s, stop_token_ids, speculative)))
                 reqs = [self._requests[rid] for rid in rids]
-                if any(r.max_new < max_new_tokens for r in reqs):  # one fixed message: Python shows it once
+                if any(r.max_new < max_new_tokens for r in reqs):  # (Python shows a repeated message once)
                     warnings.warn(f"a prompt plus max_new_tokens exceeds this engine's max_seq_len={self.max_seq_len}: "
                                   "its completion stops there (Engine(model, max_seq_len=...) for more)", stacklevel=2)
                 while self.has_work():
@@ -525,9 +525,9 @@ def _token_ids(prompt_ids, vocab_size: int) -> list[int]:
         raise TypeError("a prompt is a list of int token ids (generate() takes a list of such lists)") from None
     if not ids:
         raise ValueError("empty prompt")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
     return ids
 
 

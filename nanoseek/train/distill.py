@@ -92,6 +92,7 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
     done, older = {}, {}  # index -> record; (uid, sample) -> a record written before traces had an index
     if path.is_file():
         text = path.read_text()
+        read = False  # whether the last line was read as a record
         for line in text.splitlines():
             try:
                 rec = json.loads(line)
@@ -99,19 +100,14 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
                     done[rec["index"]] = rec
                 else:
                     older[(rec["uid"], rec["sample"])] = rec
+                read = True
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by an interruption
-        if text and not text.endswith("\n"):
-            last = text[text.rfind("\n") + 1 :]
-            try:
-                whole = isinstance(json.loads(last), dict)
-            except json.JSONDecodeError:
-                whole = False
-            if whole:  # a whole record that lacks only its newline was read above: keep it, end its line
-                with path.open("a") as f:
+                read = False  # a line cut short by an interruption
+        if text and not text.endswith("\n"):  # a kill before the last newline
+            with path.open("a" if read else "r+") as f:
+                if read:  # a whole record: it counts as done above, so keep it and end its line
                     f.write("\n")
-            else:  # drop that cut line, or the next record would be appended to it
-                with path.open("r+") as f:
+                else:  # drop that cut line, or the next record would be appended to it
                     f.truncate(len(text[: text.rfind("\n") + 1].encode()))
     todo = [(p, s, k) for k, (p, s) in enumerate((p, s) for p in problems for s in range(cfg.samples))
             if k not in done and (p.uid, s) not in older]
