@@ -237,10 +237,11 @@ def test_thinking_budget_forces_end_of_reasoning(client):
     assert one.usage.completion_tokens_details.reasoning_tokens == 1
 
 
-def test_stop_strings_cut_the_answer(client):
+def test_stop_strings_cut_the_answer(server, client):
     msg = ask(client, max_tokens=40, extra_body={"thinking_token_budget": 2}).choices[0].message
     assert len(msg.content) > 4
     stop = msg.content[2:4]
+    before = server.health()
     sixteen = [stop] + [f"never-appears-{i}" for i in range(15)]  # the most a request may send
     cut = ask(client, max_tokens=40, stop=sixteen, extra_body={"thinking_token_budget": 2})
     assert cut.choices[0].finish_reason == "stop"
@@ -248,6 +249,10 @@ def test_stop_strings_cut_the_answer(client):
     _, _, content, finish, _, _ = collect_stream(
         ask(client, max_tokens=40, stop=stop, stream=True, extra_body={"thinking_token_budget": 2}))
     assert content == cut.choices[0].message.content and finish == {0: "stop"}
+    deadline = time.monotonic() + 10  # the engine frees a stopped request's slot between its steps
+    while (h := server.health())["finished"] < before["finished"] + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (h["finished"], h["cancelled"]) == (before["finished"] + 2, before["cancelled"])  # not client cancels
 
 
 def test_n_and_seed(client):

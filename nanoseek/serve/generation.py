@@ -110,7 +110,7 @@ class Generation:
         if dec.stopped:  # a stop string: cut here, with the entries of the tokens whose text it cut away
             self._pending[i]["content"] = [e for e in self._pending[i]["content"] if e[2] < len(dec.content.text)]
             if not finished:
-                self.worker.cancel(self.jobs[i])
+                self.worker.finish(self.jobs[i])
             finished, reason = True, "stop"
         if finished:
             delta = delta + dec.finish()

@@ -171,7 +171,12 @@ class EngineWorker:
         self._command("submit", job)
 
     def cancel(self, job: Job) -> None:
+        """Free a job's engine slot: its client went away (counted as cancelled)."""
         self._command("cancel", job)
+
+    def finish(self, job: Job) -> None:
+        """Free a job's engine slot: it ended early by a rule of its request, a stop string (counted as finished)."""
+        self._command("finish", job)
 
     def counts(self) -> dict:
         return {"running": self.engine.num_active, "waiting": self.engine.num_waiting + len(self._commands),
@@ -200,11 +205,11 @@ class EngineWorker:
             self.engine.cancel(rid)
 
     def _apply(self, kind: str, job: Job) -> None:
-        if kind == "cancel":
+        if kind in ("cancel", "finish"):
             job.cancelled = True
             if job.rid is not None and self._jobs.pop(job.rid, None) is not None:
                 self.engine.cancel(job.rid)
-                self.stats["cancelled"] += 1
+                self.stats["cancelled" if kind == "cancel" else "finished"] += 1
             return
         if job.cancelled:
             return
