@@ -563,8 +563,8 @@ def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
     answer_ids = tok.encode("\n\nthe 🙂 answer is five")
     # byte-level pieces of multi-byte characters: some tokens decode to U+FFFD on their own
     assert any("\ufffd" in tok.decode([t]) for t in reasoning_ids)
-    cases = {  # model emits <think> itself / template prefilled it
-        False: [tok.think_id, *reasoning_ids, tok.end_think_id, *answer_ids, tok.eos_id],
+    cases = {  # model emits <think> itself, and the newline the prefill has / template prefilled "<think>\n"
+        False: [tok.think_id, *tok.encode("\n"), *reasoning_ids, tok.end_think_id, *answer_ids, tok.eos_id],
         True: [*reasoning_ids, tok.end_think_id, *answer_ids, tok.eos_id],
     }
     for prefilled, ids in cases.items():
@@ -577,7 +577,7 @@ def test_incremental_decoder_splits_and_never_breaks_utf8(model_dir):
         assert all("\ufffd" not in d.reasoning + d.content for d in deltas)
         assert "".join(d.reasoning for d in deltas) == dec.reasoning_text == "héllo 日本語 🚀Ωж think"
         assert "".join(d.content for d in deltas) == dec.content_text == "the 🙂 answer is five"
-        assert dec.reasoning_tokens == len(reasoning_ids) and dec.num_tokens == len(ids)
+        assert dec.reasoning_tokens == ids.index(tok.end_think_id) - (not prefilled) and dec.num_tokens == len(ids)
     # stop strings: cut where they begin, never leak a prefix of one, even across tokens
     dec = CompletionDecoder(tok, split=False, stop=["answer"])
     out = "".join(dec.feed(t).content for t in tok.encode("the 🙂 ans ans answer is five"))

@@ -103,8 +103,9 @@ class Generation:
         start = len(dec.content.text)  # where this token's text begins in the answer
         delta = dec.feed(tok)
         kind = dec.last_kind if logprob is not None else None
-        if kind == "content" and dec.content.strip_leading and not dec.content.text:
-            kind = None  # the whitespace after </think>, which the answer drops
+        section = {"reasoning": dec.reasoning, "content": dec.content}.get(kind)
+        if section is not None and section.strip_leading and not section.text:
+            kind = None  # the whitespace after <think> or </think>, which the section drops
         if kind in ("reasoning", "content"):
             self._pending[i][kind].append((tok, logprob, start))
         if dec.stopped:  # a stop string: cut here, with the entries of the tokens whose text it cut away

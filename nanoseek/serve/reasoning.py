@@ -171,7 +171,8 @@ class CompletionDecoder:
         think_id = tokenizer.think_id if split else None
         end_think_id = tokenizer.end_think_id if split else None
         self.tracker = SectionTracker(think_id, end_think_id, in_reasoning, end_ids)
-        self.reasoning = IncrementalText(tokenizer)
+        # "<think>\nReasoning": the reasoning is "Reasoning", whether the template's prefill or the model wrote the tag
+        self.reasoning = IncrementalText(tokenizer, strip_leading=True)
         self.content = IncrementalText(tokenizer, stop, strip_leading=self.tracker.opened)
         self.num_tokens = 0
         self.last_kind: str | None = None
