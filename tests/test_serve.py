@@ -314,6 +314,16 @@ def assert_error(r, status: int, param: str | None = None) -> dict:
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": True}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 30}, "min_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}, "ignore_eos"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The", "prefix": True}]},
+     "messages.1.prefix"),  # DeepSeek's prefix completion
+    ({"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, "continue_final_message"),
+    ({"messages": [{"role": "user", "content": [{"text": "a part without its type"}]}]}, "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", 1]}, "stop.1"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"thinking": "false"}},
@@ -337,8 +347,13 @@ def test_other_errors(server):
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "stream": None})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1  # null: "not given", as OpenAI's SDK sends it
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
-                       "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}, "tools": []})
+                       "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}, "tools": [],
+                       "tool_choice": "none", "repetition_penalty": 1.0, "min_p": 0, "add_generation_prompt": True})
     assert ok.status_code == 200, ok.text  # the unsupported parameters at their "off" values are fine
+    err = assert_error(post(server, {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1}), 400)
+    assert err["message"] == "presence_penalty: presence_penalty is not supported by this server"
+    assert "empty" in assert_error(post(server, "", headers={"Content-Type": "application/json"}), 400)["message"]
+    assert_error(post(server, {"prompt": "a", "suffix": " END"}, path="/v1/completions"), 400, "suffix")
     assert_error(post(server, {"prompt": "a", "logprobs": 21}, path="/v1/completions"), 400, "logprobs")
     assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",
                       headers={"Content-Type": "application/json"}), 400, "prompt")

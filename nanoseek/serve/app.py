@@ -9,7 +9,8 @@ in `content` (reasoning.py). Log-probabilities (chat `logprobs` / `top_logprobs`
 which scores a prompt's own tokens as evaluation harnesses do, with `max_tokens: 0` alone) come in OpenAI's shapes
 (logprobs.py). Sampling defaults come from the directory's generation_config.json. Bad input never gives a 500:
 every error is a 4xx with OpenAI's `{"error": {...}}` body. Parameters the server does not implement (penalties,
-logit_bias, response_format, tools, best_of) are accepted only at their "off" values.
+logit_bias, response_format, tools and functions, best_of, suffix, vLLM's min_p / min_tokens / ignore_eos /
+stop_token_ids, continuing a partial assistant message) are accepted only at their "off" values (schemas.UNSUPPORTED).
 With `--api-key` (or NANOSEEK_API_KEY) every endpoint but `/health` and the static page needs `Authorization: Bearer
 KEY`; without one `/v1` is open and the web chat's history needs a token (access.py). Bound to a loopback address,
 requests must also name a loopback host (so a web page elsewhere cannot reach the server through DNS rebinding), and
@@ -26,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -52,16 +54,24 @@ MAX_BODY_BYTES = 8 * 2**20  # a request body this large is refused (413) before 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
 def _validation_error(exc: RequestValidationError, content_type: str) -> ApiError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    # a field of several types (content: str | list[part], stop, prompt) fails once per type; the deepest error is
+    # the one about the type the client sent (a list's bad part, not "Input should be a valid string")
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"type": "", "loc": (), "msg": ""})
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('msg', '')})")
-    if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type:
-        # FastAPI parses only JSON-typed bodies (which also keeps cross-site form posts out)
-        return ApiError(400, "send the body as JSON with 'Content-Type: application/json'")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if tuple(first.get("loc", ())) == ("body",):
+        if content_type and "json" not in content_type:
+            # FastAPI parses only JSON-typed bodies (which also keeps cross-site form posts out)
+            return ApiError(400, "send the body as JSON with 'Content-Type: application/json'")
+        if first.get("type") == "missing":
+            return ApiError(400, "the request body is empty: send a JSON object")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_IN_LOC.fullmatch(str(x))]
     param = ".".join(loc) or None
-    return ApiError(400, f"{param}: {first['msg']}" if param else str(first["msg"]), param=param)
+    msg = str(first["msg"]).removeprefix("Value error, ") or "invalid request"
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+_TYPE_IN_LOC = re.compile(r"str|int|float|bool|(list|dict)\[.*\]")  # pydantic's name of the type that failed
 
 
 def _install_error_handlers(app: FastAPI) -> None:

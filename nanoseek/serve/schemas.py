@@ -45,13 +45,26 @@ def _check_text(value: Any, path: str) -> None:
             _check_text(v, f"{path}[{i}]")
 
 
+# each unsupported parameter's values that mean "off" (besides null), as OpenAI's and vLLM's SDKs send them
+UNSUPPORTED: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "best_of": (1,), "suffix": ("",), "repetition_penalty": (1,), "min_p": (0,), "min_tokens": (0,),
+    "ignore_eos": (False,), "stop_token_ids": ([],), "continue_final_message": (False,),
+    "add_generation_prompt": (True,), "prefix": (False,),
+}
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     @field_validator("*")
     @classmethod
-    def _encodable(cls, value, info):
-        _check_text(value, info.field_name)
+    def _encodable_and_supported(cls, value, info):
+        name = info.field_name
+        _check_text(value, name)
+        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+            raise ValueError(f"{name} is not supported by this server")
         return value
 
 
@@ -68,6 +81,7 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     # reasoning_content / reasoning of earlier assistant turns are ignored (not fed back, as in R1)
+    prefix: Any = None  # DeepSeek's "continue this assistant message": not supported
 
 
 class _Sampling(_Body):
@@ -83,23 +97,24 @@ class _Sampling(_Body):
     seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # OpenAI parameters this server does not implement: accepted at their "off" values, refused otherwise (a client
-    # that asks for penalties must not silently get an answer without them)
+    # Parameters of OpenAI and vLLM that this server does not implement: accepted unset or at a value that means
+    # "off" (UNSUPPORTED), refused otherwise (a client that asks for penalties must not silently get an answer
+    # without them)
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None  # the legacy form of tools
+    function_call: Any = None
     best_of: Any = None
-
-    @field_validator("frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools", "best_of")
-    @classmethod
-    def _unsupported(cls, value, info):
-        off = value in (None, False, 0, {}, []) or (info.field_name == "best_of" and value == 1) or (
-            info.field_name == "response_format" and isinstance(value, dict) and value.get("type") == "text")
-        if not off:
-            raise ValueError(f"{info.field_name} is not supported by this server")
-        return value
+    suffix: Any = None  # the text after a completion's insertion point
+    repetition_penalty: Any = None  # vLLM's sampling extensions
+    min_p: Any = None
+    min_tokens: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -135,6 +150,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     thinking_token_budget: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None  # {"thinking": false} turns the <think> prefill off
+    continue_final_message: Any = None  # vLLM's prefill of the last assistant message: not supported
+    add_generation_prompt: Any = None
     logprobs: StrictBool | None = None  # each answer token's log-probability (logprobs.py)
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # and the k likeliest tokens'
 
