@@ -21,13 +21,26 @@ class Script:
 
     def __init__(self):
         self.asked: list[str] = []
+        self.paths: list[str] = []
         self.delay = 0.0
 
-    def reply(self, question: str) -> tuple[int, dict]:
+    def reply(self, question: str, auth: str) -> tuple[int, dict | bytes, dict]:
         self.asked.append(question)
         time.sleep(self.delay)
         if "REFUSE" in question:
-            return 400, {"error": {"message": "prompt too long"}}
+            return 400, {"error": {"message": "prompt too long"}}, {}
+        if "FAIL" in question:  # a server that answers others but always fails on this one
+            return 500, {"error": {"message": "internal error"}}, {}
+        if "SLOW" in question:
+            time.sleep(1.0)
+        if "RATELIMIT" in question and self.asked.count(question) == 1:
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"}
+        if "REDIRECT" in question:
+            return 302, b"", {"Location": "/elsewhere/v1/chat/completions"}
+        if "ECHO" in question:  # an error page that quotes the request's key, over several lines
+            return 403, f"<html>\n<body>forbidden: {auth}</body>\n</html>".encode(), {}
+        if "CHOICESDICT" in question:
+            return 200, {"choices": {"a": 1}}, {}
         if "CLOSEONLY" in question:  # a server without a reasoning parser, after a template that prefilled <think>
             message = {"role": "assistant", "content": "2 + 2 = 4\n</think>\n\nThe answer is 4."}
         elif "PARTS" in question:
@@ -41,7 +54,7 @@ class Script:
             message = None
         else:
             message = {"role": "assistant", "content": "<think>add</think>The answer is 4."}
-        return 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        return 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}, {}
 
 
 @pytest.fixture
@@ -50,17 +63,19 @@ def scripted():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            script.paths.append(self.path)
             self._send(200, {"data": [{"id": "m"}]})
 
         def do_POST(self):
+            script.paths.append(self.path)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self._send(*script.reply(body["messages"][0]["content"]))
+            self._send(*script.reply(body["messages"][0]["content"], self.headers.get("Authorization", "")))
 
-        def _send(self, code, obj):
-            raw = json.dumps(obj).encode()
+        def _send(self, code, obj, headers=None):
+            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(raw)
 
@@ -68,6 +83,7 @@ def scripted():
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.handle_error = lambda request, address: None  # a client that gave up waiting (the SLOW question)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", script
     httpd.shutdown()
@@ -135,7 +151,7 @@ def test_reply_shapes(scripted):
 
 
 @pytest.mark.parametrize("url, says", [("http://127.0.0.1:abc", "not a valid URL"), ("http://[::1", "not a valid URL"),
-                                       ("http://", "no host")])
+                                       ("http://", "no host"), ("http://127.0.0.1:8000/my api", "not a valid URL")])
 def test_urls_no_retry_can_fix_fail_at_once(url, says):
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=says):
@@ -177,3 +193,80 @@ def test_logit_distillation_needs_the_teachers_tokenizer(tmp_path):
         distill(DistillConfig(teacher=str(teacher), student=str(student), out=str(tmp_path / "run"), n=2,
                               kd_weight=0.5, progress=False, device="cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_question_the_server_keeps_failing_on_is_skipped_and_asked_again(scripted, tmp_path, monkeypatch):
+    """A 5xx on every retry for one question, while the server answers the others, used to end every rerun at the
+    same question: the run could never finish. It is left out as a refused one is; a failing server still stops it."""
+    url, script = scripted
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: False)
+    cfg = DistillConfig(teacher=url, out=str(tmp_path), n=6, max_tokens=8, progress=False)
+    problems = trace_problems(cfg)
+    problems[3] = dataclasses.replace(problems[3], question="FAIL " + problems[3].question)
+    path = tmp_path / "traces.jsonl"
+    assert len(collect_traces(cfg, URLTeacher(url, concurrency=1), problems, path)) == 5
+    assert script.asked.count(problems[3].question) == 6  # with its 5 retries
+    script.asked.clear()
+    collect_traces(cfg, URLTeacher(url), problems, path)
+    assert script.asked == [problems[3].question] * 6
+    failing = [dataclasses.replace(p, question="FAIL " + p.question) for p in trace_problems(
+        dataclasses.replace(cfg, n=12, seed=1))]
+    with pytest.raises(ConnectionError, match="failed on 8 requests in a row: .*internal error"):
+        collect_traces(cfg, URLTeacher(url, concurrency=2), problems + failing, tmp_path / "t2.jsonl")
+
+
+def test_retries_wait_what_retry_after_asks_and_never_follow_a_redirect(scripted, monkeypatch):
+    url, script = scripted
+    waits = []
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: waits.append(delay) or False)
+    teacher = URLTeacher(url)
+    assert teacher.ask("RATELIMIT", 8, 0.0, 0).answer == "The answer is 4." and waits == [7.0]  # not 1 s
+    with pytest.raises(ConnectionError, match="HTTP 302: redirected to /elsewhere/v1/chat/completions"):
+        teacher.ask("REDIRECT", 8, 0.0, 0)
+    assert not any(p.startswith("/elsewhere") for p in script.paths)  # the API key went nowhere else
+
+
+def test_error_replies_are_one_line_without_the_key(scripted, monkeypatch):
+    url, _ = scripted
+    monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", "sk-secret-123")
+    teacher = URLTeacher(url)
+    with pytest.raises(ConnectionError) as e:
+        teacher.ask("ECHO", 8, 0.0, 0)
+    assert "sk-secret-123" not in str(e.value) and "forbidden: Bearer ***" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConnectionError, match="without choices"):  # was a KeyError traceback
+        teacher.ask("CHOICESDICT", 8, 0.0, 0)
+
+
+def test_a_reply_that_never_comes_is_given_up_after_two_timeouts(scripted, monkeypatch):
+    url, script = scripted
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: False)
+    teacher = URLTeacher(url, timeout=0.3)
+    trace = teacher.ask("SLOW", 8, 0.0, 0)
+    assert trace.failed and "timed out" in trace.error and script.asked == ["SLOW"] * 2
+
+
+@pytest.mark.parametrize("url, base", [("http://127.0.0.1:9", "http://127.0.0.1:9/v1"),
+                                       ("http://127.0.0.1:9/", "http://127.0.0.1:9/v1"),
+                                       ("http://127.0.0.1:9/v1/", "http://127.0.0.1:9/v1"),
+                                       ("https://h.example/v1beta/openai/", "https://h.example/v1beta/openai")])
+def test_api_base(url, base):
+    from nanoseek.train.teacher import api_base
+
+    assert api_base(url) == base
+
+
+def test_a_run_no_teacher_answered_takes_new_settings(tmp_path):
+    """A mistyped --teacher-model is only found when the first request fails, after the run is claimed: the rerun
+    with the right name was refused as 'other settings' although the run held nothing."""
+    from nanoseek.cli import UserError
+    from nanoseek.train.distill import claim_run
+
+    cfg = DistillConfig(teacher="http://127.0.0.1:9", teacher_model="deepseek-reasonr", out=str(tmp_path / "run"))
+    claim_run(tmp_path / "run", cfg)
+    right = dataclasses.replace(cfg, teacher="http://127.0.0.1:9/v1/", teacher_model="deepseek-reasoner")
+    claim_run(tmp_path / "run", right)
+    assert json.loads((tmp_path / "run" / "distill.json").read_text())["teacher_model"] == "deepseek-reasoner"
+    (tmp_path / "run" / "traces.jsonl").write_text('{"index": 0}\n')
+    claim_run(tmp_path / "run", dataclasses.replace(right, teacher="http://127.0.0.1:9"))  # the same teacher
+    with pytest.raises(UserError, match="other settings"):
+        claim_run(tmp_path / "run", cfg)

@@ -305,8 +305,8 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         raise ConnectionError(f"the server refused every request (first: {refused[0]}); is --max-new-tokens more "
                               "than its context leaves?")
     if refused:
-        print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
-              "scored as wrong", file=sys.stderr)
+        print(f"eval: the server refused or failed on {len(refused)} of {len(questions)} requests (first: "
+              f"{refused[0]}); they are scored as wrong", file=sys.stderr)
     return check_completions(problems, [texts[i] for i in range(len(questions))], samples)
 
 
@@ -431,7 +431,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, OneFile
+    from ..cli import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE, OneFile
     from ..device import add_dtype_argument
 
     p.add_argument("--model", required=True,
@@ -441,6 +441,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model", metavar="NAME",
                    help="with a URL: the model to ask for (default: the first the server lists)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
+    p.add_argument("--timeout", type=POSITIVE, default=600.0,
+                   help="with a URL: seconds for one whole reply (default 600); one that times out twice is scored "
+                        "as wrong")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", action=OneFile,
@@ -496,7 +499,8 @@ def run(args: argparse.Namespace) -> int:
             if args.prompt != "chat":
                 raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")
             try:
-                client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency)
+                client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency,
+                                    timeout=args.timeout)
                 results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens,
                                        args.seed, progress=not args.no_progress)
             except ConnectionError as e:

@@ -32,7 +32,7 @@ from .. import atomic
 from . import loop
 from . import metrics as metrics_lib
 from .rewards import judge
-from .teacher import LocalTeacher, check_scheme, is_url, make_teacher
+from .teacher import LocalTeacher, api_base, check_scheme, is_url, make_teacher
 
 
 @dataclass
@@ -50,6 +50,7 @@ class DistillConfig:
     max_tokens: int = 160
     temperature: float = 0.6  # R1's recommended sampling
     concurrency: int = 8
+    timeout: float = 600.0  # seconds a URL teacher has for one whole reply
     epochs: float = 4.0  # passes of the student SFT over the kept traces
     steps: int | None = None  # or exactly this many SFT steps
     batch_size: int = 32
@@ -62,7 +63,7 @@ class DistillConfig:
     progress: bool = True
 
 
-REFUSALS_BEFORE_ABORT = 8  # requests the teacher refused before it answered any: stop asking
+REFUSALS_BEFORE_ABORT = 8  # requests the teacher refused before it answered any, or failed on in a row: stop asking
 
 
 def trace_problems(cfg: DistillConfig):
@@ -116,13 +117,17 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="teacher traces", unit="trace", file=sys.stderr, dynamic_ncols=True)
-    refused: list[str] = []  # requests the server refused: not saved, so a rerun asks them again
+    refused: list[str] = []  # requests the server refused or failed on: not saved, so a rerun asks them again
+    failing = 0  # requests it failed on since its last answer
     with path.open("a") as f:
         for i, trace in teacher.traces([p.question for p, _, _ in todo], cfg.max_tokens, cfg.temperature,
                                        [cfg.seed + k for _, _, k in todo]):
             p, s, k = todo[i]
+            failing = failing + 1 if trace.failed else 0
+            if failing >= REFUSALS_BEFORE_ABORT:  # the server is down or overloaded, not one question
+                raise ConnectionError(f"the teacher failed on {failing} requests in a row: {trace.error}")
             if trace.error:
-                refused.append(trace.error)
+                refused.append(f"{trace.error} (question: {p.question[:80]!r})")
                 if len(refused) >= REFUSALS_BEFORE_ABORT and not done and not older:  # the settings, not a question
                     raise ConnectionError(f"the teacher refused the first {len(refused)} requests: {trace.error}")
                 continue
@@ -136,8 +141,8 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
     if bar is not None:
         bar.close()
     if refused:
-        print(f"distill: the teacher refused {len(refused)} of {len(todo)} requests (first: {refused[0]}); they are "
-              "left out, and a rerun asks them again", file=sys.stderr)
+        print(f"distill: the teacher refused or failed on {len(refused)} of {len(todo)} requests (first: "
+              f"{refused[0]}); they are left out, and a rerun asks them again", file=sys.stderr)
     return [done[k] for k in sorted(done)] + list(older.values())
 
 
@@ -326,11 +331,12 @@ def older_run(run: Path) -> bool:
 def claim_run(run: Path, cfg: DistillConfig) -> None:
     """RUN/distill.json records what a run distils (teacher, student, problems, sampling, the student's training); a
     rerun in the same directory with the same settings resumes it, and one with other settings is refused instead of
-    silently reusing traces or a student made with the old ones."""
+    silently reusing traces or a student made with the old ones. A run that holds neither yet (its teacher never
+    answered: a mistyped --teacher-model) takes the new settings."""
     from ..cli import UserError
 
     what = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "eval_data", "eval_n", "concurrency",
-                                                                          "device", "progress")}
+                                                                          "timeout", "device", "progress")}
     what["tasks"] = None if cfg.data else list(cfg.tasks)
     if cfg.data:  # the file's content, not only its name: traces of an edited file's problems would not be these
         what["data_sha256"] = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
@@ -338,22 +344,28 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     for k in ("teacher", "student", "data"):  # a speedrun's models sit beside its distill run: moving OUT moves them
         if what.get(k) and not is_url(what[k]) and Path(what[k]).resolve().is_relative_to(home):
             what[k] = str(Path(what[k]).resolve().relative_to(home))
+    if is_url(cfg.teacher):  # 'http://h:p', 'http://h:p/' and 'http://h:p/v1' are one teacher
+        what["teacher"] = api_base(cfg.teacher)
     path = run / "distill.json"
     if path.is_file():
         try:
             before = json.loads(path.read_text())
         except json.JSONDecodeError:
             before = what  # written atomically; an unreadable one is not ours to judge
+        if isinstance(before.get("teacher"), str) and is_url(before["teacher"]):  # (older runs kept the spelling)
+            before["teacher"] = api_base(before["teacher"])
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # for what an older record leaves out
         defaults["data_sha256"] = what.get("data_sha256")
         changed = [f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}" if k != "data_sha256" else
                    f"the --data file {cfg.data} changed since" for k, v in what.items()
                    if before.get(k, defaults.get(k)) != v]
-        if changed:
+        if not changed:
+            return
+        traces = run / "traces.jsonl"
+        if traces.is_file() and traces.stat().st_size or (run / "student").exists():
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
-        return
-    if run.is_dir() and atomic.entries(run, "distill.json") and not older_run(run):  # someone's files: not replaced
+    elif run.is_dir() and atomic.entries(run, "distill.json") and not older_run(run):  # someone's files: not replaced
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, what)
@@ -390,7 +402,8 @@ def distill(cfg: DistillConfig) -> dict:
     cfg = loop.absolute_paths(cfg, "teacher", "student", "data", "eval_data")  # a rerun elsewhere names the same run
     run = Path(cfg.out)
     try:
-        teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency, model=cfg.teacher_model)
+        teacher = make_teacher(cfg.teacher, device=device, concurrency=cfg.concurrency, model=cfg.teacher_model,
+                               timeout=cfg.timeout)
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
     claim_run(run, cfg)  # only now: a mistyped teacher URL must not tie --out to it
@@ -398,7 +411,8 @@ def distill(cfg: DistillConfig) -> dict:
     try:
         records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
     except ConnectionError as e:
-        raise UserError(f"teacher failed: {e} (traces so far are kept in {run / 'traces.jsonl'}; rerun to resume)") from None
+        raise UserError(f"teacher failed: {e} (the traces so far are kept in {run / 'traces.jsonl'}: a rerun asks only "
+                        "for the rest)") from None
     traces_cost = add_traces_cost(run, time.perf_counter() - t0, getattr(teacher, "flops", None))
     kept, counts = filter_traces(records, problems)
     kept_text = "".join(json.dumps(k) + "\n" for k in kept)
@@ -409,6 +423,10 @@ def distill(cfg: DistillConfig) -> dict:
         shutil.rmtree(run / "student")
     atomic.write_text(run / "kept.jsonl", kept_text)
     print(f"traces: {json.dumps(counts)}", file=sys.stderr)
+    if not kept and counts["total"] and counts["malformed"] == counts["total"]:
+        raise UserError(f"no trace passed verification ({counts}): every reply lacked a reasoning (reasoning_content, "
+                        "reasoning, or <think>…</think> in its content) or an answer after it; is the teacher a "
+                        "reasoning model, and is --max-tokens enough for it to finish?")
     if not kept:
         raise UserError(f"no trace passed verification ({counts}); a stronger teacher or more samples are needed")
     student = cfg.student or str(fresh_student(cfg, teacher, run))
@@ -459,6 +477,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=TEMPERATURE, default=0.6,
                    help="teacher sampling temperature (default 0.6, R1's)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="parallel requests to a URL teacher")
+    p.add_argument("--timeout", type=POSITIVE, default=600.0,
+                   help="seconds a URL teacher has for one whole reply (default 600); a reply that times out twice "
+                        "is left out, and a rerun asks it again")
     p.add_argument("--epochs", type=POSITIVE, default=4.0, help="student SFT passes over the kept traces (default 4)")
     p.add_argument("--steps", type=POSITIVE_INT, help="student SFT steps (overrides --epochs)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="student SFT rows per step (default 32)")
@@ -476,7 +497,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     keys = ("teacher", "teacher_model", "out", "student", "student_preset", "tasks", "data", "eval_data", "n", "samples",
-            "max_tokens", "temperature", "concurrency", "epochs", "steps", "batch_size", "seq_len", "lr", "kd_weight",
-            "eval_n", "seed", "device")
+            "max_tokens", "temperature", "concurrency", "timeout", "epochs", "steps", "batch_size", "seq_len", "lr",
+            "kd_weight", "eval_n", "seed", "device")
     print(json.dumps(distill(DistillConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))))
     return 0

@@ -1,10 +1,11 @@
 """Teachers for distillation: a local model directory (our engine) or any OpenAI-compatible endpoint.
 
 Both turn a list of chat prompts into (reasoning, answer, finished) traces. The URL teacher sends concurrent
-requests with retries and exponential backoff; the API key comes from an environment variable
-(NANOSEEK_TEACHER_API_KEY, else OPENAI_API_KEY), never from the command line. Reasoning is read from the response's
-`reasoning_content` (DeepSeek, SGLang) or `reasoning` (vLLM) field, or from `<think>…</think>` in the content.
-Nothing leaves the machine except the requests to the URL the user names.
+requests with retries, exponential backoff with jitter, and the wait a 429/503's Retry-After asks for; the API key
+comes from an environment variable (NANOSEEK_TEACHER_API_KEY, else OPENAI_API_KEY), never from the command line, and
+never appears in an error message. Reasoning is read from the response's `reasoning_content` (DeepSeek, SGLang) or
+`reasoning` (vLLM) field, or from `<think>…</think>` in the content. Nothing leaves the machine except the requests to
+the URL the user names: a redirect is reported, not followed (it would carry the key elsewhere).
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import http.client
 import json
 import os
 import queue
+import random
 import re
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+MAX_RETRY_AFTER = 300.0  # seconds: the longest a server's Retry-After is waited for
 
 
 @dataclass
@@ -29,12 +35,19 @@ class Trace:
     reasoning: str
     answer: str
     finished: bool  # ended by itself rather than by the token limit
-    error: str = ""  # the server refused this one request (e.g. HTTP 400 for a prompt too long for it): no trace
+    error: str = ""  # the server refused this one request (e.g. HTTP 400 for a prompt too long for it), or kept
+    # failing on it (a 5xx or no reply in time, retried, while it answers others): no trace
+    failed: bool = False  # the latter
     closed: bool = True  # the reasoning ended (`content` came, perhaps empty); not when cut off inside it (null)
 
 
 class Refused(ConnectionError):
     """The server refused one request (HTTP 400, 413, 422): that request's fault, not the run's."""
+
+
+class Failed(ConnectionError):
+    """The server, which has answered other requests, kept failing on this one (a 5xx, a 429 or no reply in time, on
+    every retry)."""
 
 
 def split_reasoning(text: str, prefilled: bool = False) -> tuple[str, str]:
@@ -87,17 +100,15 @@ class LocalTeacher:
 class URLTeacher:
     """Any OpenAI-compatible /v1/chat/completions endpoint (nanoseek serve, vLLM, SGLang, DeepSeek's API).
 
-    A request that fails for the network or the server (5xx, 429, a dropped connection) is retried with backoff; one
-    the server refuses as such (400, 413, 422: a prompt too long for its context, a content filter) becomes a
-    Trace with `error`, so one bad question does not stop the run. When the consumer stops (an error, Ctrl-C),
-    queued requests are cancelled and retries end; at most `concurrency` requests in flight are still answered,
-    unused."""
+    A request that fails for the network or the server (5xx, 429, a dropped connection, no reply within `timeout`
+    seconds) is retried with backoff; one the server refuses as such (400, 413, 422: a prompt too long for its
+    context, a content filter), or one it keeps failing on while it answers others, becomes a Trace with `error`, so
+    one bad question does not stop the run. When the consumer stops (an error, Ctrl-C), queued requests are
+    cancelled and retries end; at most `concurrency` requests in flight are still answered, unused."""
 
-    def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5, timeout: float = 300):
-        self.base = url.rstrip("/")
-        if not self.base.endswith("/v1"):
-            self.base += "/v1"
-        check_url(self.base)
+    def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5,
+                 timeout: float = 600):
+        self.base = api_base(url)
         self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
         self.answered = False  # until the server has answered once, a refused connection is a wrong URL: no retry
@@ -105,39 +116,69 @@ class URLTeacher:
         self.model = model or self._first_model()
 
     def _request(self, path: str, body: dict | None = None) -> dict:
+        """The reply to one request, retried while the failure may pass; ConnectionError (Refused, Failed) else."""
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         data = None if body is None else json.dumps(body).encode()
-        delay = 1.0
+        url, delay, timeouts = self.base + path, 1.0, 0
         for attempt in range(self.retries + 1):
+            wait = delay * random.uniform(0.5, 1.0)  # jitter: concurrent requests do not retry in lockstep
             try:
-                req = urllib.request.Request(self.base + path, data=data, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                raw = self._read(urllib.request.Request(url, data=data, headers=headers))
             except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code != 429 or attempt == self.retries:  # our mistake, or out of retries
-                    detail = e.read().decode(errors="replace")[:300]
-                    hint = " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)" if e.code == 401 else ""
+                detail = self._detail(e)
+                if 300 <= e.code < 400:
+                    raise ConnectionError(f"{url}: HTTP {e.code}: redirected to {e.headers.get('Location')}, which "
+                                          "is not followed (it would be sent the API key); name that URL") from None
+                if e.code < 500 and e.code != 429:  # our mistake: no retry can fix it
                     error = Refused if e.code in (400, 413, 422) and path == "/chat/completions" else ConnectionError
-                    raise error(f"{self.base}{path}: HTTP {e.code}: {detail}{hint}") from None
+                    raise error(f"{url}: HTTP {e.code}: {detail}{_hint(e.code, path)}") from None
+                if attempt == self.retries:
+                    raise Failed(f"{url}: HTTP {e.code}: {detail}") from None
+                wait = max(wait, min(_retry_after(e.headers.get("Retry-After")), MAX_RETRY_AFTER))
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, a reply cut short, ...
                 reason = getattr(e, "reason", e)
                 # before any answer: no server there, or not an HTTP(S) one at that address
                 wrong_url = isinstance(reason, (ConnectionRefusedError, socket.gaierror, ssl.SSLError,
-                                                http.client.BadStatusLine))
+                                                http.client.BadStatusLine, http.client.InvalidURL))
                 if wrong_url and not self.answered:
-                    raise ConnectionError(f"cannot reach {self.base}{path}: {reason!r} (is the server running, and is "
-                                          "the URL right?)") from None
-                if attempt == self.retries:
-                    raise ConnectionError(f"{self.base}{path}: {e!r}") from None
+                    raise ConnectionError(f"cannot reach {url}: {reason!r} (is the server running, and is the URL "
+                                          "right?)") from None
+                timeouts += isinstance(reason, TimeoutError)
+                if timeouts > 1 and self.answered:  # stuck on this request (twice): not asked again
+                    raise Failed(f"{url}: {e!r}") from None
+                if attempt == self.retries or timeouts > 1:  # the server went away, or never answered in time
+                    raise ConnectionError(f"{url}: {e!r}") from None
             else:
                 self.answered = True
-                return _reply(raw, self.base + path)  # a reply that is not the API's will not heal: no retry
-            if self._backoff(delay):
-                raise ConnectionError(f"{self.base}{path}: stopped")
+                return _reply(raw, url)  # a reply that is not the API's will not heal: no retry
+            if self._backoff(wait):
+                raise ConnectionError(f"{url}: stopped")
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+    def _read(self, req: urllib.request.Request) -> bytes:
+        """The body of the reply; TimeoutError if it has not all come `timeout` seconds after its headers (a server
+        that sends a byte now and then never trips the socket's own timeout)."""
+        with _OPENER.open(req, timeout=self.timeout) as resp:
+            deadline, chunks = time.monotonic() + self.timeout, []
+            while chunk := resp.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole reply within {self.timeout:g} s")
+            return b"".join(chunks)
+
+    def _detail(self, e: urllib.error.HTTPError) -> str:
+        """An error reply's body on one line, at most 300 characters, with the API key masked if the server echoed
+        it."""
+        try:
+            text = e.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):  # the body cut short
+            text = ""
+        if self.key:
+            text = text.replace(self.key, "***")
+        return " ".join(text.split())[:300]
 
     def _backoff(self, delay: float) -> bool:
         """Wait `delay` seconds before a retry; True if the run stopped meanwhile (then no retry)."""
@@ -155,9 +196,10 @@ class URLTeacher:
                 "temperature": temperature, "top_p": 0.95, "seed": seed}
         try:
             reply = self._request("/chat/completions", body)
-        except Refused as e:
-            return Trace("", "", False, error=str(e))
-        choice = (reply.get("choices") or [None])[0]
+        except (Refused, Failed) as e:
+            return Trace("", "", False, error=str(e), failed=isinstance(e, Failed))
+        choices = reply.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
         msg = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(msg, dict):
             raise ConnectionError(f"{self.base}/chat/completions: a reply without choices[0].message: "
@@ -204,6 +246,39 @@ class URLTeacher:
             stop.set()  # no new question, no retry
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed (urllib then raises the 3xx as an HTTPError): urllib would send the request's
+    Authorization header on to wherever one points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _retry_after(value: str | None) -> float:
+    """The seconds a 429/503 asks to wait: Retry-After as seconds or as an HTTP date; 0 if absent or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _hint(code: int, path: str) -> str:
+    if code == 401:
+        return " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)"
+    if code == 404 and path == "/models":
+        return " (a server without /models: name its model with --teacher-model, or --served-model in eval)"
+    return ""
+
+
 def _text(value) -> str:
     """A message field as text: a string, or the text parts of a list of content parts; anything else ''."""
     if isinstance(value, str):
@@ -213,8 +288,20 @@ def _text(value) -> str:
     return ""
 
 
+def api_base(url: str) -> str:
+    """The API's base URL: 'http://h:p' or 'http://h:p/' -> 'http://h:p/v1'; a URL with a path ('…/v1',
+    '…/v1beta/openai') is the base as given, as the OpenAI SDK reads its base_url. ConnectionError at once for a
+    URL that no retry can fix."""
+    base = url.rstrip("/")
+    check_url(base)
+    return base if urllib.parse.urlsplit(base).path else base + "/v1"
+
+
 def check_url(url: str) -> None:
-    """ConnectionError at once for a URL that no retry can fix: no host, a port that is not a number, bad IPv6."""
+    """ConnectionError at once for a URL that no retry can fix: no host, a port that is not a number, bad IPv6,
+    whitespace or control characters."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ConnectionError(f"{url!r}: not a valid URL (it holds a space or a control character)")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
@@ -252,9 +339,9 @@ def check_scheme(spec: str, option: str) -> None:
         raise UserError(f"{option} {spec}: a model behind a URL is reached over http:// or https://")
 
 
-def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None
-                 ) -> LocalTeacher | URLTeacher:
+def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None,
+                 timeout: float = 600.0) -> LocalTeacher | URLTeacher:
     """A URL teacher asks for `model` (default: the first one its /models lists); a directory is a local teacher."""
     if is_url(spec):
-        return URLTeacher(spec, model=model, concurrency=concurrency)
+        return URLTeacher(spec, model=model, concurrency=concurrency, timeout=timeout)
     return LocalTeacher(spec, device=device)
