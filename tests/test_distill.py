@@ -479,3 +479,11 @@ def test_a_last_record_without_its_newline_is_kept(tmp_path):
             return iter(())
 
     assert collect_traces(cfg, NoTeacher(), [problem], path) and path.read_text() == json.dumps(record) + "\n"
+
+
+def test_tasks_all_is_scored_on_every_family():
+    """`--tasks all` asked the teacher every cell, then raised a traceback choosing the held-out problems."""
+    from nanoseek.train.distill import scored_problems
+
+    problems = scored_problems(DistillConfig(teacher="t", out="o", tasks=["all"], eval_n=30))
+    assert len(problems) == 30 and {p.family for p in problems} == {"arithmetic", "word", "countdown"}

@@ -215,7 +215,9 @@ def scored_problems(cfg: DistillConfig) -> list:
         return load_problems(None, cfg.eval_data, cfg.eval_n, 0, n_flag="--eval-n")
     if cfg.data:
         return []
-    return held_out(cfg.eval_n, sorted({t.partition(":")[0] for t in cfg.tasks}), seed=cfg.seed)
+    from ..data.tasks import parse_cells
+
+    return held_out(cfg.eval_n, sorted({family for family, _ in parse_cells(cfg.tasks)}), seed=cfg.seed)
 
 
 def describe(model_dir: str, device: str, problems: list, max_new_tokens: int) -> dict:
