@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import io
 import math
@@ -197,11 +198,29 @@ def peer_failed(e: BaseException) -> bool:
         m in str(e) for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def verb_parser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported with the verb's usage (argparse gives the top level's) and the
+    option it is closest to: `nanoseek eval: error: unrecognized arguments: --temprature (did you mean
+    --temperature?)`."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = verb_parser(parser, args.verb) if getattr(args, "verb", None) else parser
+        known = [o for a in target._actions for o in a.option_strings]
+        guesses = [m[0] for x in extra if x.startswith("-")
+                   and (m := difflib.get_close_matches(x.split("=")[0], known, n=1, cutoff=0.8))]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        target.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def given_options(parser: argparse.ArgumentParser, argv: list[str], verb: str) -> set[str]:
     """The dests of the options the command line gave, whatever their values (`--steps 300` is given even when 300
     is the default): argv parsed again with every default of the verb's options suppressed."""
-    verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
-    defaults = [(a, a.default) for a in verb_parser._actions]
+    defaults = [(a, a.default) for a in verb_parser(parser, verb)._actions]
     try:
         for a, _ in defaults:
             a.default = argparse.SUPPRESS
@@ -215,9 +234,9 @@ def run_verb(argv: list[str]) -> int:
     parser = build_parser()
     if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error or --help
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            args = parser.parse_args(argv)
+            args = parse(parser, argv)
     else:
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
     if not args.verb:
         if rank() == 0:
             parser.print_help()

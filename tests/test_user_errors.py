@@ -237,6 +237,15 @@ def test_sft_and_grpo_resume_without_model(capsys, tmp_path):
     for verb in ("sft", "grpo"):
         code, err = run_cli(capsys, verb, "--out", tmp_path / f"new-{verb}", "--no-progress")
         assert code == 1 and "--model names the model to start from" in err
+        code, err = run_cli(capsys, verb, "--out", tmp_path / f"new-{verb}", "--resume", "--no-progress")
+        assert code == 1 and err == f"error: {tmp_path / f'new-{verb}'} has no checkpoint to resume; pass --model to " \
+                                    "start a new run there\n"  # not "starting a new run" first
+
+
+def test_an_unknown_option_gets_the_verbs_usage_and_a_guess(capsys):
+    code, err = run_cli(capsys, "eval", "--model", "m", "--temprature", "0.6")
+    assert code == 2 and "usage: nanoseek eval" in err
+    assert "unrecognized arguments: --temprature 0.6 (did you mean --temperature?)" in err
 
 
 def test_resume_trains_on_the_runs_own_shards_after_the_data_changed(capsys, tmp_path):

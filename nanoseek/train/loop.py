@@ -281,10 +281,12 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
         if foreign:
             raise UserError(f"{run} holds files that are not a training run ({', '.join(foreign[:3])}"
                             f"{', …' if len(foreign) > 3 else ''}); choose a new or empty --out")
+        if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
+            raise UserError(f"{run} has no checkpoint to resume; pass --model to start a new run there" if cfg.resume
+                            else "--model names the model to start from (only --resume of an existing run can leave "
+                                 "it out)")
         if cfg.resume and cli.GIVEN is not None and "resume" in cli.GIVEN:
             notice(f"{run}: no checkpoint to resume; starting a new run")
-        if getattr(cfg, "model", None) == "":  # sft and grpo start from a model; a resumed run uses its own
-            raise UserError("--model names the model to start from (only --resume of an existing run can leave it out)")
         return cfg, False
     if not cfg.resume:
         raise UserError(f"{run} already holds a run; pass --resume to continue it or choose a new --out")
