@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if dst.resolve() == src.resolve():
         raise UserError("output must differ from input (the input would be overwritten while it is read)")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} is a file; name a model directory to write")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
     model = load_model(src, dtype=DTYPES[args.dtype])

@@ -382,6 +382,8 @@ def distill(cfg: DistillConfig) -> dict:
 
     # everything that can be checked is checked before any teacher time is spent
     device = resolve_device(cfg.device, allow_mps=False)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file; name a run directory")
     check_scheme(cfg.teacher, "--teacher")
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
