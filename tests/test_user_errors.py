@@ -4,6 +4,7 @@ the user's files left as they were. Each case here once printed a traceback, exi
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -407,6 +408,12 @@ def test_serve_and_generate_refuse_what_they_cannot_use(capsys, tmp_path):
     assert code == 1 and err.startswith("error: no memory for the KV cache") and "Traceback" not in err, err
     code, err = run_cli(capsys, "generate", "--model", model, "--prompts", prompts, "--max-new-tokens", 2)
     assert code == 1 and "a message's role must be one of system, developer, user, assistant" in err
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port in use: told before the model loads, not after
+        port = busy.getsockname()[1]
+        code, err = run_cli(capsys, "serve", "--model", tmp_path / "no-model", "--history", tmp_path / "h.sqlite3",
+                            "--port", port)
+    assert code == 1 and err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (choose another " \
+                                "--port or --host)\n"
 
 
 def test_a_model_too_big_for_memory_is_refused_before_any_work(capsys, tmp_path):

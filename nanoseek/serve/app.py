@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import uuid
@@ -538,20 +539,38 @@ def run(args: argparse.Namespace) -> int:
         token = None if api_key else history_token(history.path)
     except HistoryError as e:
         raise UserError(f"--history {e}") from None
-    rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
-                      max_batch_size=args.max_batch_size, compile=args.compile, dtype=args.dtype)
-    name = args.served_model_name or args.model
-    app = create_app(rt, model_name=name, api_key=api_key, history=history, history_token=token,
-                     restrict_host=is_loopback(args.host))
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown}:{args.port}"
-    print(f"nanoseek: serving {name!r} on {rt.engine.device} (context {rt.max_model_len} tokens)\n"
-          f"  web chat: {url}/" + (f"#token={token}" if token else "") + f"\n  API:      {url}/v1" +
-          ("  (API key required)" if api_key else "  (no API key: open to all who can connect)"), flush=True)
-    if not is_loopback(args.host) and not api_key:
-        print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = listen(args.host, args.port)  # a port in use is told before the model loads, not after
+    with sock:  # closed however the rest ends
+        rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
+                          max_batch_size=args.max_batch_size, compile=args.compile, dtype=args.dtype)
+        name = args.served_model_name or args.model
+        app = create_app(rt, model_name=name, api_key=api_key, history=history, history_token=token,
+                         restrict_host=is_loopback(args.host))
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{shown}:{sock.getsockname()[1]}"  # (--port 0: the one the system chose)
+        print(f"nanoseek: serving {name!r} on {rt.engine.device} (context {rt.max_model_len} tokens)\n"
+              f"  web chat: {url}/" + (f"#token={token}" if token else "") + f"\n  API:      {url}/v1" +
+              ("  (API key required)" if api_key else "  (no API key: open to all who can connect)"), flush=True)
+        if not is_loopback(args.host) and not api_key:
+            print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, for uvicorn to serve on; UserError if it cannot be had."""
+    from ..cli import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
+                        ) from None
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
