@@ -117,8 +117,9 @@ def claim(out: Path, settings: dict) -> None:
             raise UserError(f"{path} is damaged, so the settings of the speedrun in {out} are unknown; choose a new "
                             f"--out (or, if it ran with these settings, write {json.dumps(settings)} into it)") from None
         if held != settings:
-            raise UserError(f"{out} holds a speedrun of other settings ({held}, asked {settings}); rerun with "
-                            "those to resume it, or choose a new --out")
+            flags = " ".join(f"--{k} {v}" for k, v in held.items()) if isinstance(held, dict) else held
+            raise UserError(f"{out} holds a speedrun of other settings ({flags}); rerun with those (or with neither "
+                            "option) to resume it, or choose a new --out")
         return
     if out.is_dir() and entries(out, "speedrun.json"):
         raise UserError(f"{out} is not empty and holds no speedrun (no speedrun.json); choose a new or empty --out")
@@ -220,13 +221,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import SEED
 
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", metavar="{cpu,gpu}",
-                   help="cpu (2 cores, ~20 min) or gpu (one GPU; meant for ~10 min on an H100, not yet timed on one); "
-                        "`smoke` is the tests' wiring check, whose teacher is too small to pass verification unless the "
-                        "test writes its traces first")
+                   help="cpu (2 cores: 12-16 min measured, 20 at most; the default) or gpu (one GPU; meant for ~10 "
+                        "min on an H100, not yet timed on one). A rerun in the same --out resumes with that run's "
+                        "preset and seed")
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every stage (data, initialisation, rollouts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (each stage still logs its lines)")
+
+
+def resumed_settings(out: Path, preset: str, seed: int) -> tuple[str, int]:
+    """A rerun in a speedrun's directory resumes with that run's preset and seed, unless the command line gives
+    them (then `claim` checks that they match)."""
+    from . import cli
+
+    try:
+        held = json.loads((out / "speedrun.json").read_text())
+    except (OSError, ValueError):  # none (a new run), or damaged (claim says so)
+        return preset, seed
+    given = cli.GIVEN if cli.GIVEN is not None else {"preset", "seed"}
+    if "preset" not in given and held.get("preset") in PRESETS:
+        preset = held["preset"]
+    if "seed" not in given and isinstance(held.get("seed"), int):
+        seed = held["seed"]
+    return preset, seed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,8 +254,12 @@ def run(args: argparse.Namespace) -> int:
     if not str(args.out).strip():
         raise UserError("--out must name a directory")
 
+    preset, seed = resumed_settings(Path(args.out), args.preset, args.seed)
     device = resolve_device(args.device, allow_mps=False)
-    summary = speedrun(Path(args.out), args.preset, device, args.seed, progress=not args.no_progress)
+    if preset == "gpu" and device == "cpu":
+        raise UserError("--preset gpu is sized for one GPU (a 195M-parameter model for 1200 steps: days on a CPU); "
+                        "this run's device is the CPU: use --preset cpu")
+    summary = speedrun(Path(args.out), preset, device, seed, progress=not args.no_progress)
     log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")
     print(json.dumps(summary, default=str))
     return 0

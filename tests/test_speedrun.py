@@ -46,8 +46,8 @@ def test_smoke_speedrun(tmp_path):
     distill_cost = json.loads((out / "distill" / "cost.json").read_text())
     assert distill_cost["parts"]["teacher_traces"]["flops"] > 0  # the teacher's last two traces, generated here
     assert distill_cost["flops"] > distill_cost["parts"]["student_sft"]["flops"]
-    # rerunning resumes: every stage is skipped
-    r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],
+    # rerunning resumes, with the run's own preset and seed unless given: every stage is skipped
+    r2 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--out", str(out)],
                         capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and r2.stderr.count("already done") == 5
     again = json.loads(r2.stdout.strip().splitlines()[-1])
@@ -57,7 +57,8 @@ def test_smoke_speedrun(tmp_path):
     # ... of the same settings only: another seed would mix seeds across the stages
     r3 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out),
                          "--seed", "1"], capture_output=True, text=True, timeout=900)
-    assert r3.returncode == 1 and "holds a speedrun of other settings" in r3.stderr and "already done" not in r3.stderr
+    assert r3.returncode == 1 and "holds a speedrun of other settings (--preset smoke --seed 0)" in r3.stderr
+    assert "already done" not in r3.stderr
     # a done.json cut short (a full disk) resumes that stage, which has nothing left to do; a lost model is one line
     (out / "sft" / "done.json").write_text("")
     r4 = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out)],

@@ -416,6 +416,11 @@ def test_serve_and_generate_refuse_what_they_cannot_use(capsys, tmp_path):
                                 "--port or --host)\n"
 
 
+def test_the_gpu_speedrun_is_refused_on_the_cpu(capsys, tmp_path):
+    code, err = run_cli(capsys, "speedrun", "--preset", "gpu", "--device", "cpu", "--out", tmp_path / "s")
+    assert code == 1 and "sized for one GPU" in err and not (tmp_path / "s").exists()  # it started, for days
+
+
 def test_a_model_too_big_for_memory_is_refused_before_any_work(capsys, tmp_path):
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "big", *TINY, "--preset", "v3-671b")
     assert code == 1 and "optimiser state need" in err and "choose a smaller --preset" in err, err  # was an OOM
