@@ -172,12 +172,14 @@ def test_distill_refuses_a_run_of_other_settings(capsys, tmp_path):
     run = tmp_path / "run"
     claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s1"))
     claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s1"))  # a rerun resumes
+    (run / "traces.jsonl").write_text('{"index": 0}\n')  # (a run with no traces yet takes new settings)
     with pytest.raises(UserError, match="teacher"):
         claim_run(run, DistillConfig(teacher="other", out=str(run), student="s1"))
     with pytest.raises(UserError, match="student 's1' -> 's2'"):
         claim_run(run, DistillConfig(teacher="http://127.0.0.1:1/v1", out=str(run), student="s2"))
     old, new = tmp_path / "speedrun", tmp_path / "moved"  # a speedrun's distill run, its models beside it
     claim_run(old / "distill", DistillConfig(teacher=str(old / "grpo/model"), out="", student=str(old / "s/model")))
+    (old / "distill" / "traces.jsonl").write_text('{"index": 0}\n')
     old.rename(new)
     claim_run(new / "distill", DistillConfig(teacher=str(new / "grpo/model"), out="", student=str(new / "s/model")))
     with pytest.raises(UserError, match="student 's/model' -> 'x/model'"):
