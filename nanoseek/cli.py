@@ -143,6 +143,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, CheckpointError, ConfigError, TokenizerError, OSError, SafetensorError)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help states each option's default, unless its text already speaks of it or there is none."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if not action.option_strings or "default" in text or default is None or default is False or \
+                default == argparse.SUPPRESS or default in ("", []):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default {shown.replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
@@ -150,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     return parser

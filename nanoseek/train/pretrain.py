@@ -57,6 +57,10 @@ class PretrainConfig(loop.TrainConfig):
     fp8: bool = False  # FP8 GEMMs (DeepSeek-V3's tile/block recipe, model/fp8.py); master weights stay float32
 
 
+def per_preset(key: str) -> str:
+    return f"(default per preset; cpu-tiny {TRAIN_PRESETS['cpu-tiny'][key]})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
     from ..tokenizer import MIN_VOCAB
@@ -64,17 +68,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny",
                    help="model size: cpu-tiny, cpu-student, small, v2-lite, v3-671b (default cpu-tiny)")
     p.add_argument("--out", required=True, help="run directory (model/, train_state/, metrics.jsonl)")
-    p.add_argument("--steps", type=POSITIVE_INT, help="optimiser steps (default per preset; cpu-tiny 2000)")
+    p.add_argument("--steps", type=POSITIVE_INT, help=f"optimiser steps {per_preset('steps')}")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
                    help="JSONL/Parquet files with {'text'} or {'messages'} (repeatable); or the token shards of an "
                         "earlier run (its RUN/data folder), to train on them and their tokenizer without tokenizing "
                         "again (read in place: keep them while this run may resume); default: the task suite")
-    p.add_argument("--batch-size", type=POSITIVE_INT, help="global sequences per step")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help=f"global sequences per step {per_preset('batch_size')}")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT,
-                   help="sequences per forward per process (gradient accumulation fills the rest)")
-    p.add_argument("--seq-len", type=bounded(int, 2), help="tokens per packed row (default per preset; cpu-tiny 128)")
-    p.add_argument("--lr", type=POSITIVE, help="peak learning rate")
-    p.add_argument("--warmup", type=NONNEGATIVE_INT, help="warmup steps")
+                   help="sequences per forward per process (gradient accumulation fills the rest) "
+                        f"{per_preset('micro_batch_size')}")
+    p.add_argument("--seq-len", type=bounded(int, 2), help=f"tokens per packed row {per_preset('seq_len')}")
+    p.add_argument("--lr", type=POSITIVE, help=f"peak learning rate {per_preset('lr')}")
+    p.add_argument("--warmup", type=NONNEGATIVE_INT, help=f"warmup steps {per_preset('warmup')}")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine",
                    help="after warmup: cosine to 10%% of the peak, WSD (flat, then a linear decay over the last 20%%), or constant")
     p.add_argument("--optimizer", choices=["adamw", "muon"],
@@ -91,9 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="change one model-config field of the preset, e.g. --set num_hidden_layers=6 (repeatable; "
                         "VALUE is JSON: numbers, true/false, null; True/False/None too)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to use instead of training one")
-    p.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), help="vocabulary of the tokenizer trained for this run")
+    p.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB),
+                   help="vocabulary of the tokenizer trained for this run (default: the preset's; cpu-tiny "
+                        f"{get_preset('cpu-tiny').vocab_size})")
     p.add_argument("--n-docs", type=POSITIVE_INT, help="task-suite problems to generate when no --data is given "
-                   "(each a text document; every fourth also a chat document)")
+                   f"(each a text document; every fourth also a chat document) {per_preset('n_docs')}")
     p.add_argument("--fp8", action="store_true",
                    help="train with FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks; exact emulation on CPU); "
                         "checkpoints keep float32 master weights: `nanoseek convert RUN/model OUT --fp8` writes "
