@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+  have=$("$PY" -c 'import sys; print("Python", sys.version.split()[0])' 2>/dev/null || echo "not a Python that runs")
+  echo "error: nanoseek needs Python >= 3.11; '$PY' is $have (name another: PYTHON=python3.12 bash $0)" >&2
+  exit 1
+}
 if [ ! -x .venv/bin/pip ]; then  # none yet, or one a failed attempt left without pip: make it anew
   "$PY" -m venv --clear .venv || {
     echo "error: '$PY -m venv' failed; install Python's venv module (Debian/Ubuntu: apt install python3-venv)" >&2
