@@ -199,7 +199,7 @@ def test_a_question_the_server_keeps_failing_on_is_skipped_and_asked_again(scrip
     """A 5xx on every retry for one question, while the server answers the others, used to end every rerun at the
     same question: the run could never finish. It is left out as a refused one is; a failing server still stops it."""
     url, script = scripted
-    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: False)
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: self.stop.is_set())  # no waiting
     cfg = DistillConfig(teacher=url, out=str(tmp_path), n=6, max_tokens=8, progress=False)
     problems = trace_problems(cfg)
     problems[3] = dataclasses.replace(problems[3], question="FAIL " + problems[3].question)
@@ -218,8 +218,8 @@ def test_a_question_the_server_keeps_failing_on_is_skipped_and_asked_again(scrip
 def test_retries_wait_what_retry_after_asks_and_never_follow_a_redirect(scripted, monkeypatch):
     url, script = scripted
     waits = []
-    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: waits.append(delay) or False)
     teacher = URLTeacher(url)
+    monkeypatch.setattr(teacher, "_backoff", lambda delay: waits.append(delay) or False)
     assert teacher.ask("RATELIMIT", 8, 0.0, 0).answer == "The answer is 4." and waits == [7.0]  # not 1 s
     with pytest.raises(ConnectionError, match="HTTP 302: redirected to /elsewhere/v1/chat/completions"):
         teacher.ask("REDIRECT", 8, 0.0, 0)
@@ -239,7 +239,7 @@ def test_error_replies_are_one_line_without_the_key(scripted, monkeypatch):
 
 def test_a_reply_that_never_comes_is_given_up_after_two_timeouts(scripted, monkeypatch):
     url, script = scripted
-    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: False)
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: self.stop.is_set())  # no waiting
     teacher = URLTeacher(url, timeout=0.3)
     trace = teacher.ask("SLOW", 8, 0.0, 0)
     assert trace.failed and "timed out" in trace.error and script.asked == ["SLOW"] * 2
