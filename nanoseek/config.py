@@ -94,6 +94,11 @@ class ModelConfig:
     quantization_config: dict | None = None  # e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]}
 
     def __post_init__(self) -> None:
+        # transformers spells rope_scaling's kind "type" or "rope_type": one spelling, so no reader misses YaRN
+        rs = self.rope_scaling
+        if isinstance(rs, dict) and "rope_type" in rs:
+            rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": rs.get("type", rs["rope_type"])}
+            self.rope_scaling = None if rs["type"] in ("default", None) else rs
         self.validate()
 
     # ------------------------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ class ModelConfig:
         """1/sqrt(d_qk), times mscale² when YaRN sets mscale_all_dim (DeepSeek's long-context correction)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling or {}
-        if rs.get("type", rs.get("rope_type", "default")) not in ("default", None) and rs.get("mscale_all_dim"):
+        if rs.get("type", "default") != "default" and rs.get("mscale_all_dim"):
             m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
             scale *= m * m
         return scale
@@ -171,7 +176,7 @@ class ModelConfig:
         rs = self.rope_scaling
         need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
         if rs is not None:
-            kind = rs.get("type", rs.get("rope_type"))
+            kind = rs.get("type")
             need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (yarn only)")
             if kind == "yarn":
                 need(isinstance(rs.get("factor"), (int, float)) and rs["factor"] > 0,
@@ -203,11 +208,9 @@ class ModelConfig:
             kind = rp.get("rope_type", rp.get("type", "default"))
             if kind != "default" and not d.get("rope_scaling"):
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")} | {"type": kind}
-        if d.get("rope_scaling"):
+        if d.get("rope_scaling"):  # (a "rope_type" spelling is read as "type" in __post_init__)
             rs = dict(d["rope_scaling"])
-            rs.setdefault("type", rs.pop("rope_type", "default"))
-            rs.pop("rope_type", None)
-            d["rope_scaling"] = None if rs["type"] == "default" else rs
+            d["rope_scaling"] = None if rs.get("type", rs.get("rope_type", "default")) == "default" else rs
         else:
             d["rope_scaling"] = None
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:

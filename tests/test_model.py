@@ -223,3 +223,19 @@ def test_mtp_and_main_loss_fall():
     assert mtp[0].shape == (4, 31, 512)
     assert losses[-1][0] < 0.5 * losses[0][0] and losses[-1][1] < 0.7 * losses[0][1]
     assert model.model.layers[-1].eh_proj.weight.grad is not None
+
+
+def test_rope_type_spelling_is_yarn_as_type_is():
+    """transformers writes rope_scaling's kind as "type" or "rope_type"; RoPE read only "type", so a config given
+    "rope_type" trained with YaRN's attention scale but plain frequencies, and differed from itself reloaded."""
+    import dataclasses
+
+    from nanoseek.config import get_preset
+    from nanoseek.model.rope import rope_frequencies
+
+    yarn = {"factor": 4, "original_max_position_embeddings": 128, "mscale_all_dim": 1}
+    a = dataclasses.replace(get_preset("cpu-tiny"), rope_scaling={"type": "yarn", **yarn})
+    b = dataclasses.replace(a, rope_scaling={"rope_type": "yarn", **yarn})
+    (fa, ma), (fb, mb) = rope_frequencies(a), rope_frequencies(b)
+    assert torch.equal(fa, fb) and ma == mb != 1.0 and a.softmax_scale == b.softmax_scale
+    assert dataclasses.replace(a, rope_scaling={"rope_type": "default"}).rope_scaling is None
