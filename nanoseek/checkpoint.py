@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,10 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up
 _MTP_SHARED = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
 _WEIGHT_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")  # a model's weights; other *.safetensors are not
 _SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what transformers and the tokenizers it wraps write beside a model (chat_template.jinja: transformers >= 4.50)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model")
 
 
 class CheckpointError(Exception):
@@ -228,10 +233,13 @@ def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def save_model(
-    model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30, dtype=None
+    model: Transformer, path: str | Path, fp8: bool = False, max_shard_bytes: int = 4 << 30, dtype=None,
+    tokenizer=None,
 ) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load. `fp8` stores attention and FFN weights
     as e4m3 with 128×128 block scales (DeepSeek's format); `dtype` casts the rest (default: as in the model).
+    `tokenizer` (a nanoseek Tokenizer, or a directory to copy the tokenizer files from) writes those too: without
+    them the directory holds weights alone, which eval, serve and vLLM cannot prompt.
     Over an existing model directory, the old model's weight files are replaced or removed; other files are kept."""
     if dtype is not None:
         dtype = _save_dtype(dtype)
@@ -283,6 +291,12 @@ def save_model(
         weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
         write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(path)
+    elif tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy2(Path(tokenizer) / name, path / name)
     hf_cfg = cfg.to_hf()  # torch_dtype: what the unquantised weights are stored in
     hf_cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
     write_json(path / "config.json", hf_cfg, indent=2)

@@ -11,10 +11,6 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# what transformers and the tokenizers it wraps write beside a model (chat_template.jinja: transformers >= 4.50)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "tokenizer.model")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import TOKENIZER_FILES, load_model, save_model
     from .cli import UserError
 
     src, dst = Path(args.input), Path(args.output)

@@ -218,3 +218,19 @@ def test_a_v2_router_is_written_as_deepseek_v2_and_transformers_agrees(tmp_path)
     (d / "config.json").write_text(json.dumps(written))
     cfg = nanoseek.load_model(d).config
     assert (cfg.norm_topk_prob, cfg.routed_scaling_factor) == (False, 1.0)  # as transformers reads them
+
+
+def test_save_model_writes_the_tokenizer_it_is_given(tmp_path):
+    """DESIGN's model directory holds the tokenizer files; save_model wrote weights alone, which eval and serve
+    cannot prompt. Given a Tokenizer or a directory, it writes them."""
+    from conftest import tiny_model_dir
+    from nanoseek.tokenizer import Tokenizer
+
+    src, tok, _ = tiny_model_dir(tmp_path / "src", ["What is 2 + 2? The answer is 4."] * 20, "d.jsonl", [])
+    model = nanoseek.load_model(src)
+    for given, out in ((src, tmp_path / "copied"), (tok, tmp_path / "saved")):
+        nanoseek.save_model(model, out, tokenizer=given)
+        assert Tokenizer.from_dir(out).encode("2 + 2") == tok.encode("2 + 2")
+        assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    nanoseek.save_model(model, tmp_path / "bare")
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
