@@ -85,6 +85,19 @@ def test_read_texts(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_text('{"question": "?"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: the record has neither"):
         list(read_texts(tmp_path / "bad.jsonl"))
+    # OpenAI's content parts, which the server takes, read as the string they join to (were refused)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]},
+             messages[1]]
+    (tmp_path / "parts.jsonl").write_text(json.dumps({"messages": parts}) + "\n")
+    joined = [{"role": "user", "content": "h\ni"}, messages[1]]
+    assert list(read_texts(tmp_path / "parts.jsonl", tokenizer=tok)) == [render_messages(joined, tok)]
+    from nanoseek.train.sft import read_conversations
+
+    assert list(read_conversations([str(tmp_path / "parts.jsonl")])) == [joined]
+    (tmp_path / "image.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}) + "\n")
+    with pytest.raises(ValueError, match="image.jsonl:1: message 1 must be .*text parts"):
+        list(read_texts(tmp_path / "image.jsonl"))
 
 
 def test_a_json_array_says_lines_are_read(tmp_path):

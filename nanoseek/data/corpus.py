@@ -124,14 +124,23 @@ def read_once(paths) -> list:
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(messages) -> None:
-    """ValueError unless `messages` is a non-empty list of {"role": system|user|assistant, "content": str}."""
+def chat_messages(messages) -> list[dict]:
+    """A record's messages, each's content a string: OpenAI's list of text parts is joined with newlines, as the
+    server (and vLLM) join them. ValueError unless `messages` is a non-empty list of {"role": system|user|assistant,
+    "content": a string or a list of {"type": "text", "text": str}}."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
+    out = []
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {j + 1} must be {{'role': one of {', '.join(ROLES)}, 'content': a string}}, "
-                             f"got {json.dumps(m)[:80]}")
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
+            raise ValueError(f"message {j + 1} must be {{'role': one of {', '.join(ROLES)}, 'content': a string or "
+                             f"text parts}}, got {json.dumps(m)[:80]}")
+        out.append({**m, "content": content})
+    return out
 
 
 def inline_reasoning(messages: list[dict]) -> list[dict]:
@@ -165,10 +174,10 @@ def read_texts(paths, tokenizer=None) -> Iterator[str]:
                 yield record["text"]
             elif isinstance(record.get("messages"), list):
                 try:
-                    check_messages(record["messages"])
+                    messages = chat_messages(record["messages"])
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
-                yield render_messages(inline_reasoning(record["messages"]), tokenizer)
+                yield render_messages(inline_reasoning(messages), tokenizer)
             else:
                 raise ValueError(f"{where}: the record has neither a 'text' string nor a 'messages' list")
 

@@ -141,7 +141,7 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
     only the turns after the last user turn, since earlier ones are rendered without their reasoning (not as the
     model generated them)."""
     from ..cli import UserError
-    from ..data.corpus import check_messages, inline_reasoning, read_records
+    from ..data.corpus import chat_messages, inline_reasoning, read_records
 
     try:
         for path in paths:
@@ -149,10 +149,10 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
                 if not isinstance(rec.get("messages"), list) or not rec["messages"]:
                     raise UserError(f"{where}: the record has no 'messages' list (expected the OpenAI chat shape)")
                 try:
-                    check_messages(rec["messages"])
+                    messages = chat_messages(rec["messages"])
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
-                yield from turns(inline_reasoning(rec["messages"]))
+                yield from turns(inline_reasoning(messages))
     except ValueError as e:
         raise UserError(str(e)) from None
 
