@@ -353,7 +353,8 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=100000,
         eos_token_id=100001,
     ),
-    "v3-671b": ModelConfig(),  # the dataclass defaults are DeepSeek-V3's config.json
+    "v3-671b": ModelConfig(),  # the dataclass defaults: DeepSeek-V3's config.json, but the paper's α 1e-4
+    # (its config.json ships aux_loss_alpha 0.001)
 }
 # cpu-student: the distillation student of the CPU speedrun, under half cpu-tiny's active parameters (217k vs 444k).
 # Dense (every layer `first_k_dense_replace`, as DeepSeek's distilled students were dense) and without MTP: on 2 cores
