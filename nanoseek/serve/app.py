@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -539,47 +540,60 @@ def run(args: argparse.Namespace) -> int:
         token = None if api_key else history_token(history.path)
     except HistoryError as e:
         raise UserError(f"--history {e}") from None
-    sock = listen(args.host, args.port)  # a port in use is told before the model loads, not after
-    with sock:  # closed however the rest ends
+    socks = bind(args.host, args.port)  # a port in use is told before the model loads, not after
+    with contextlib.ExitStack() as opened:  # closed however the rest ends
+        for sock in socks:
+            opened.enter_context(sock)
         rt = load_runtime(args.model, device=args.device, max_model_len=args.max_model_len,
                           max_batch_size=args.max_batch_size, compile=args.compile, dtype=args.dtype)
         name = args.served_model_name or args.model
         app = create_app(rt, model_name=name, api_key=api_key, history=history, history_token=token,
                          restrict_host=is_loopback(args.host))
-        shown = f"[{args.host}]" if ":" in args.host else args.host
-        url = f"http://{shown}:{sock.getsockname()[1]}"  # (--port 0: the one the system chose)
+        shown = f"[{args.host}]" if ":" in args.host else args.host or "0.0.0.0"
+        url = f"http://{shown}:{socks[0].getsockname()[1]}"  # (--port 0: the one the system chose)
         print(f"nanoseek: serving {name!r} on {rt.engine.device} (context {rt.max_model_len} tokens)\n"
               f"  web chat: {url}/" + (f"#token={token}" if token else "") + f"\n  API:      {url}/v1" +
-              ("  (API key required)" if api_key else "  (no API key: open to all who can connect)"), flush=True)
+              ("  (API key required)" if api_key else "  (no API key: open to all who can connect)") +
+              "\n  (Ctrl-C to stop)", flush=True)
         if not is_loopback(args.host) and not api_key:
             print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)).run(sockets=socks)
     return 0
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port and listening, for uvicorn to serve on; UserError if it cannot be had."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` names (localhost: 127.0.0.1 and ::1, as uvicorn binds them), on one
+    port (--port 0: the one the system picks for the first); UserError if one cannot be had. uvicorn makes them
+    listen once the model is ready, so until then a client is refused rather than kept waiting."""
     from ..cli import UserError
 
+    socks: list[socket.socket] = []
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
-        sock.bind(address)
-        sock.listen(2048)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+            if family == socket.AF_INET6:  # "::" is IPv6 only, as with uvicorn; "0.0.0.0" is the IPv4 one
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
     except OSError as e:
+        for sock in socks:
+            sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)"
                         ) from None
-    return sock
+    return socks
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m nanoseek.serve ...`: the same as `nanoseek serve ...`."""
+    from .. import cli
     from ..cli import _user_errors
 
     parser = argparse.ArgumentParser(prog="nanoseek serve", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
     try:
         return run(args) or 0
     except _user_errors() as e:
