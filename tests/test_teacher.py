@@ -215,6 +215,20 @@ def test_a_question_the_server_keeps_failing_on_is_skipped_and_asked_again(scrip
         collect_traces(cfg, URLTeacher(url, concurrency=2), problems + failing, tmp_path / "t2.jsonl")
 
 
+def test_eval_gives_no_score_when_the_server_kept_failing(scripted, tmp_path, monkeypatch):
+    """A request that failed after its retries was scored as a wrong answer: an outage made a benchmark number."""
+    from nanoseek.eval.evaluate import run_eval_url
+
+    url, _ = scripted
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: self.stop.is_set())  # no waiting
+    problems = trace_problems(DistillConfig(teacher=url, out=str(tmp_path), n=4))
+    problems[1] = dataclasses.replace(problems[1], question="FAIL " + problems[1].question)
+    with pytest.raises(ConnectionError, match="failed on 1 of 4 requests, even after retries .*no score"):
+        run_eval_url(URLTeacher(url), problems, progress=False)
+    problems[1] = dataclasses.replace(problems[1], question="REFUSE " + problems[1].question)
+    assert len(run_eval_url(URLTeacher(url), problems, progress=False)) == 4  # a refusal is scored as wrong
+
+
 def test_retries_wait_what_retry_after_asks_and_never_follow_a_redirect(scripted, monkeypatch):
     url, script = scripted
     waits = []

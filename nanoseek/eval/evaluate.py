@@ -283,10 +283,17 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         from tqdm import tqdm
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
-    refused: list[str] = []
+    refused: list[str] = []  # requests the server refused (a 400: scored as wrong, as a local run's)
+    failed: list[str] = []  # requests it kept failing on (a 5xx or no reply, after retries): no score counts them
     try:
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
-            refused += [trace.error] if trace.error else []
+            if trace.failed:
+                failed.append(trace.error)
+                if len(failed) >= 8:  # no use asking the rest
+                    raise ConnectionError(f"the server failed on {len(failed)} requests, even after retries: "
+                                          f"{trace.error}")
+            elif trace.error:
+                refused.append(trace.error)
             if not trace.reasoning:
                 texts[i] = trace.answer
             elif trace.closed:
@@ -301,12 +308,15 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
+    if failed:  # a score that counts a server's failures as wrong answers would not be the model's
+        raise ConnectionError(f"the server failed on {len(failed)} of {len(questions)} requests, even after "
+                              f"retries (first: {failed[0]}); no score is given: rerun when it answers")
     if refused and len(refused) == len(questions):  # the settings, not the questions: as a local run's error
         raise ConnectionError(f"the server refused every request (first: {refused[0]}); is --max-new-tokens more "
                               "than its context leaves?")
     if refused:
-        print(f"eval: the server refused or failed on {len(refused)} of {len(questions)} requests (first: "
-              f"{refused[0]}); they are scored as wrong", file=sys.stderr)
+        print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
+              "scored as wrong", file=sys.stderr)
     return check_completions(problems, [texts[i] for i in range(len(questions))], samples)
 
 
