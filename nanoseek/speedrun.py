@@ -239,10 +239,12 @@ def resumed_settings(out: Path, preset: str, seed: int) -> tuple[str, int]:
         held = json.loads((out / "speedrun.json").read_text())
     except (OSError, ValueError):  # none (a new run), or damaged (claim says so)
         return preset, seed
+    if not isinstance(held, dict):  # not a record of ours (claim says so)
+        return preset, seed
     given = cli.GIVEN if cli.GIVEN is not None else {"preset", "seed"}
-    if "preset" not in given and held.get("preset") in PRESETS:
+    if "preset" not in given and isinstance(held.get("preset"), str) and held["preset"] in PRESETS:
         preset = held["preset"]
-    if "seed" not in given and isinstance(held.get("seed"), int):
+    if "seed" not in given and type(held.get("seed")) is int:
         seed = held["seed"]
     return preset, seed
 
@@ -257,8 +259,10 @@ def run(args: argparse.Namespace) -> int:
     preset, seed = resumed_settings(Path(args.out), args.preset, args.seed)
     device = resolve_device(args.device, allow_mps=False)
     if preset == "gpu" and device == "cpu":
-        raise UserError("--preset gpu is sized for one GPU (a 195M-parameter model for 1200 steps: days on a CPU); "
-                        "this run's device is the CPU: use --preset cpu")
+        why = "--preset gpu is" if args.preset == "gpu" else f"{args.out} holds a --preset gpu speedrun,"
+        raise UserError(f"{why} sized for one GPU (a 195M-parameter model for 1200 steps: days on a CPU), and this "
+                        "run's device is the CPU: " + ("use --preset cpu" if args.preset == "gpu" else
+                                                       "resume it on a GPU, or choose a new --out for --preset cpu"))
     summary = speedrun(Path(args.out), preset, device, seed, progress=not args.no_progress)
     log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")
     print(json.dumps(summary, default=str))

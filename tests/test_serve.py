@@ -354,6 +354,11 @@ def test_other_errors(server):
     assert err["message"] == "presence_penalty: presence_penalty is not supported by this server"
     assert "empty" in assert_error(post(server, "", headers={"Content-Type": "application/json"}), 400)["message"]
     assert_error(post(server, {"prompt": "a", "suffix": " END"}, path="/v1/completions"), 400, "suffix")
+    err = assert_error(post(server, {"prompt": [1, "x"]}, path="/v1/completions"), 400, "prompt.1")
+    assert "integer" in err["message"]  # the token ids' item that is not one, not item 0 read as a list of strings
+    for off in ({"response_format": {"type": "text", "strict": False}}, {"logit_bias": []}, {"ignore_eos": False}):
+        assert post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **off}).status_code == 200
+    assert_error(post(server, {"messages": [{"role": "user", "content": "hi"}], "best_of": True}), 400, "best_of")
     assert_error(post(server, {"prompt": "a", "logprobs": 21}, path="/v1/completions"), 400, "logprobs")
     assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",
                       headers={"Content-Type": "application/json"}), 400, "prompt")

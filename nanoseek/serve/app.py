@@ -56,9 +56,11 @@ MAX_BODY_BYTES = 8 * 2**20  # a request body this large is refused (413) before 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
 def _validation_error(exc: RequestValidationError, content_type: str) -> ApiError:
-    # a field of several types (content: str | list[part], stop, prompt) fails once per type; the deepest error is
-    # the one about the type the client sent (a list's bad part, not "Input should be a valid string")
-    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"type": "", "loc": (), "msg": ""})
+    # a field of several types (content: str | list[part], stop, prompt) fails once per type; the deepest error,
+    # furthest into a list, is the one about the type the client sent (a list's bad item, not "Input should be a
+    # valid string"; prompt [1, "x"]: item 1 as a token id, not item 0 as a string)
+    first = max(exc.errors(), default={"type": "", "loc": (), "msg": ""},
+                key=lambda e: (len(e.get("loc", ())), [x for x in e.get("loc", ()) if isinstance(x, int)]))
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('msg', '')})")
     if tuple(first.get("loc", ())) == ("body",):

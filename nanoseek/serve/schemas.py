@@ -47,12 +47,20 @@ def _check_text(value: Any, path: str) -> None:
 
 # each unsupported parameter's values that mean "off" (besides null), as OpenAI's and vLLM's SDKs send them
 UNSUPPORTED: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "response_format": ({"type": "text"},),
-    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({}, []), "response_format": (),
+    "tools": ([], {}), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "best_of": (1,), "suffix": ("",), "repetition_penalty": (1,), "min_p": (0,), "min_tokens": (0,),
     "ignore_eos": (False,), "stop_token_ids": ([],), "continue_final_message": (False,),
     "add_generation_prompt": (True,), "prefix": (False,),
 }
+
+
+def _off(name: str, value) -> bool:
+    """Whether an unsupported parameter's value asks for nothing: null, an "off" value of UNSUPPORTED (true is not
+    1, nor false 0), or a response_format of type text."""
+    if value is None or name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+        return True
+    return any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in UNSUPPORTED[name])
 
 
 class _Body(BaseModel):
@@ -63,7 +71,7 @@ class _Body(BaseModel):
     def _encodable_and_supported(cls, value, info):
         name = info.field_name
         _check_text(value, name)
-        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+        if name in UNSUPPORTED and not _off(name, value):
             raise ValueError(f"{name} is not supported by this server")
         return value
 
