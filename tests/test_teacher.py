@@ -151,7 +151,9 @@ def test_reply_shapes(scripted):
 
 
 @pytest.mark.parametrize("url, says", [("http://127.0.0.1:abc", "not a valid URL"), ("http://[::1", "not a valid URL"),
-                                       ("http://", "no host"), ("http://127.0.0.1:8000/my api", "not a valid URL")])
+                                       ("http://", "no host"), ("http://127.0.0.1:8000/my api", "not a valid URL"),
+                                       ("http://127.0.0.1:8000/ü", "not a valid URL"),
+                                       ("http://127.0.0.1:8000/v1?x=1", "no query string")])
 def test_urls_no_retry_can_fix_fail_at_once(url, says):
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=says):
@@ -262,7 +264,8 @@ def test_a_reply_that_never_comes_is_given_up_after_two_timeouts(scripted, monke
 @pytest.mark.parametrize("url, base", [("http://127.0.0.1:9", "http://127.0.0.1:9/v1"),
                                        ("http://127.0.0.1:9/", "http://127.0.0.1:9/v1"),
                                        ("http://127.0.0.1:9/v1/", "http://127.0.0.1:9/v1"),
-                                       ("https://h.example/v1beta/openai/", "https://h.example/v1beta/openai")])
+                                       ("https://h.example/v1beta/openai/", "https://h.example/v1beta/openai"),
+                                       ("http://h:9/v1/chat/completions", "http://h:9/v1")])
 def test_api_base(url, base):
     from nanoseek.train.teacher import api_base
 

@@ -133,7 +133,7 @@ class URLTeacher:
                                           "is not followed (it would be sent the API key); name that URL") from None
                 if e.code < 500 and e.code != 429:  # our mistake: no retry can fix it
                     error = Refused if e.code in (400, 413, 422) and path == "/chat/completions" else ConnectionError
-                    raise error(f"{url}: HTTP {e.code}: {detail}{_hint(e.code, path)}") from None
+                    raise error(f"{url}: HTTP {e.code}: {detail}{_hint(e.code, path, self.base)}") from None
                 if attempt == self.retries:
                     raise Failed(f"{url}: HTTP {e.code}: {detail}") from None
                 wait = max(wait, min(_retry_after(e.headers.get("Retry-After")), MAX_RETRY_AFTER))
@@ -271,9 +271,11 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
-def _hint(code: int, path: str) -> str:
+def _hint(code: int, path: str, base: str) -> str:
     if code == 401:
         return " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)"
+    if code == 404 and not base.endswith("/v1"):
+        return f" (is the API's base URL {base}/v1?)"
     if code == 404 and path == "/models":
         return " (a server without /models: name its model with --teacher-model, or --served-model in eval)"
     return ""
@@ -290,23 +292,26 @@ def _text(value) -> str:
 
 def api_base(url: str) -> str:
     """The API's base URL: 'http://h:p' or 'http://h:p/' -> 'http://h:p/v1'; a URL with a path ('…/v1',
-    '…/v1beta/openai') is the base as given, as the OpenAI SDK reads its base_url. ConnectionError at once for a
-    URL that no retry can fix."""
-    base = url.rstrip("/")
-    check_url(base)
+    '…/v1beta/openai') is the base as given, as the OpenAI SDK reads its base_url, less an endpoint it may end with
+    ('…/v1/chat/completions' -> '…/v1'). ConnectionError at once for a URL that no retry can fix."""
+    check_url(url)
+    base = re.sub(r"/(chat/completions|completions|models)/*$", "", url.rstrip("/"))
     return base if urllib.parse.urlsplit(base).path else base + "/v1"
 
 
 def check_url(url: str) -> None:
     """ConnectionError at once for a URL that no retry can fix: no host, a port that is not a number, bad IPv6,
-    whitespace or control characters."""
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise ConnectionError(f"{url!r}: not a valid URL (it holds a space or a control character)")
+    whitespace, control or non-ASCII characters, a query string."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url) or not url.isascii():
+        raise ConnectionError(f"{url!r}: not a valid URL (it holds a space, a control character or a non-ASCII one: "
+                              "percent-encode it)")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError as e:
         raise ConnectionError(f"{url}: not a valid URL ({e})") from None
+    if parts.query or parts.fragment:
+        raise ConnectionError(f"{url}: a base URL takes no query string or fragment")
     if not parts.hostname:
         raise ConnectionError(f"{url}: no host in the URL (e.g. http://127.0.0.1:8000)")
 
