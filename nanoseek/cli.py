@@ -222,7 +222,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     if extra:
         target = verb_parser(parser, args.verb) if getattr(args, "verb", None) else parser
         known = [o for a in target._actions for o in a.option_strings]
-        guesses = [m[0] for x in extra if x.startswith("-")
+        guesses = [m[0] for x in extra if x.startswith("--") and len(x) > 3
                    and (m := difflib.get_close_matches(x.split("=")[0], known, n=1, cutoff=0.8))]
         hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         target.error(f"unrecognized arguments: {' '.join(extra)}{hint}")

@@ -280,8 +280,10 @@ def test_a_run_no_teacher_answered_takes_new_settings(tmp_path):
 
     cfg = DistillConfig(teacher="http://127.0.0.1:9", teacher_model="deepseek-reasonr", out=str(tmp_path / "run"))
     claim_run(tmp_path / "run", cfg)
+    (tmp_path / "run" / "traces_cost.json").write_text('{"wall_s": 3600.0}')  # the failed first try's time
     right = dataclasses.replace(cfg, teacher="http://127.0.0.1:9/v1/", teacher_model="deepseek-reasoner")
     claim_run(tmp_path / "run", right)
+    assert not (tmp_path / "run" / "traces_cost.json").exists()  # not added to the new run's
     assert json.loads((tmp_path / "run" / "distill.json").read_text())["teacher_model"] == "deepseek-reasoner"
     (tmp_path / "run" / "traces.jsonl").write_text('{"index": 0}\n')
     claim_run(tmp_path / "run", dataclasses.replace(right, teacher="http://127.0.0.1:9"))  # the same teacher

@@ -367,6 +367,8 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
         if traces.is_file() and traces.stat().st_size or (run / "student").exists():
             raise UserError(f"{run} holds a distillation of other settings ({'; '.join(changed)}); choose a new "
                             "--out, or rerun with the same settings to resume it")
+        for name in ("traces_cost.json", "kept.jsonl"):  # the old settings' time and (empty) verdicts
+            (run / name).unlink(missing_ok=True)
     elif run.is_dir() and atomic.entries(run, "distill.json") and not older_run(run):  # someone's files: not replaced
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
