@@ -38,6 +38,10 @@ RECORDS = [
     ("so x = −5", "−5"),  # the Unicode minus
     ("The answer is 1 1/2.", "1 1/2"),  # a mixed number, not its 1
     ("The answer is 2:5.", "2:5"),  # a ratio, not its 2
+    ("So the fraction is 3/4.", "3/4"),  # a fraction in prose, not its denominator
+    ("Each person gets $\\frac{1}{2}$ of the cake.", "1/2"),
+    ("3/4 of 16 is 12", "12"),
+    ("The dates 12/25/2024 are far", "2024"),  # not a fraction
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
