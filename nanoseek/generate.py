@@ -122,6 +122,7 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
 def _record(line: str, where: str, args) -> Prompt:
     """One JSONL line: {"prompt": text} (chat with --chat) or {"messages": [{"role", "content"}, ...]} (chat)."""
     from .cli import UserError
+    from .data.corpus import chat_messages
 
     try:
         rec = json.loads(line)
@@ -133,14 +134,13 @@ def _record(line: str, where: str, args) -> Prompt:
         if not isinstance(rec["prompt"], str):
             raise UserError(f'{where}: "prompt" must be a string')
         return _text_prompt(rec["prompt"], where, args)
-    msgs = rec["messages"]
-    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                    for m in msgs)):
-        raise UserError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
-    roles = ("system", "developer", "user", "assistant")  # as the server takes them (a developer message is a system one)
-    if any(m.get("role") not in roles for m in msgs):
-        raise UserError(f"{where}: a message's role must be one of {', '.join(roles)}")
-    msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in msgs]
+    try:  # as SFT reads them and the server takes them: text parts joined, a developer message a system one
+        msgs = chat_messages(rec["messages"])
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+    if msgs[-1]["role"] == "assistant":  # it would be rendered closed, then a second assistant turn opened
+        raise UserError(f"{where}: the conversation ends with an assistant turn; a prompt ends with the user's (its "
+                        "answer is what generate writes)")
     return Prompt(where, msgs, _with_system(msgs, args.system))
 
 

@@ -211,8 +211,10 @@ def test_prompt_files_and_stdin(model, capsys, tmp_path, monkeypatch):
     # JSONL: a "messages" record goes through the chat template, a "prompt" record stays raw
     jl = tmp_path / "p.jsonl"
     msgs = [{"role": "user", "content": "What is 2?"}]
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]}, *msgs]  # as the server takes
     jl.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "Tom has"}) + "\n"
-                  + json.dumps({"prompt": "a\u2028b\x0cc"}, ensure_ascii=False) + "\n")  # line breaks only at \\n
+                  + json.dumps({"prompt": "a\u2028b\x0cc"}, ensure_ascii=False) + "\n"  # line breaks only at \\n
+                  + json.dumps({"messages": parts}) + "\n")
     out = tmp_path / "j.jsonl"
     _, s = generate(capsys, model, "--prompts", str(jl), "--max-new-tokens", "6", "--out", str(out))
     recs = [json.loads(line) for line in out.read_text().split("\n") if line]
@@ -220,7 +222,8 @@ def test_prompt_files_and_stdin(model, capsys, tmp_path, monkeypatch):
     expected = tok.decode(reference(model, tok.apply_chat_template(msgs), 6), skip_special_tokens=True)
     assert recs[0]["reasoning"] == expected
     assert s["completions"][1] == from_args["completions"][0]
-    assert len(recs) == 3 and recs[2]["prompt"] == "a\u2028b\x0cc"
+    assert len(recs) == 4 and recs[2]["prompt"] == "a\u2028b\x0cc"
+    assert recs[3]["prompt"] == [{"role": "system", "content": "be brief"}, *msgs]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -238,18 +241,21 @@ def test_prompt_files_and_stdin(model, capsys, tmp_path, monkeypatch):
     (["a", "--stop", ""], "--stop must not be empty"),
     (["a", "--device", "tpu"], "--device"),
     (["a", "--out", "{dir}/exists.jsonl"], "--overwrite"),
+    (["--prompts", "{answered}"], "answered.jsonl line 1: the conversation ends with an assistant turn"),
 ])
 def test_user_mistakes_are_one_line_errors(model, tmp_path, capsys, args, message):
     d = model[0]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "exists.jsonl").write_text("mine\n")
+    (tmp_path / "answered.jsonl").write_text(json.dumps({"messages": [  # an SFT chat reused as a prompt
+        {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
     nomtp = tmp_path / "nomtp"
     nomtp.mkdir()
     cfg = json.loads((d / "config.json").read_text())
     (nomtp / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
     subst = {"{dir}": str(tmp_path), "{bad}": str(tmp_path / "bad.jsonl"), "{empty}": str(tmp_path / "empty.txt"),
-             "{nomtp}": str(nomtp)}
+             "{nomtp}": str(nomtp), "{answered}": str(tmp_path / "answered.jsonl")}
     args = [next((a.replace(k, v) for k, v in subst.items() if k in a), a) for a in args]
     assert main(["--model", str(d), "--max-new-tokens", "4", *args]) == 1
     err = capsys.readouterr().err

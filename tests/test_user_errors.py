@@ -409,7 +409,7 @@ def test_serve_and_generate_refuse_what_they_cannot_use(capsys, tmp_path):
                         "--max-batch-size", 10**9)
     assert code == 1 and err.startswith("error: no memory for the KV cache") and "Traceback" not in err, err
     code, err = run_cli(capsys, "generate", "--model", model, "--prompts", prompts, "--max-new-tokens", 2)
-    assert code == 1 and "a message's role must be one of system, developer, user, assistant" in err
+    assert code == 1 and "message 1 must be {'role': one of system, developer, user, assistant" in err
     with socket.create_server(("127.0.0.1", 0)) as busy:  # a port in use: told before the model loads, not after
         port = busy.getsockname()[1]
         code, err = run_cli(capsys, "serve", "--model", tmp_path / "no-model", "--history", tmp_path / "h.sqlite3",

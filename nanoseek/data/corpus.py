@@ -68,7 +68,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON: {e.msg}") from e
+                raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from e
             except RecursionError:
                 raise ValueError(f"{where}: JSON nested too deeply (a record is {{'text': ...}} or "
                                  "{'messages': [...]})") from None
@@ -121,18 +121,20 @@ def read_once(paths) -> list:
     return [p for p in _paths(paths) if not Path(p).is_file()]
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
 
 
 def chat_messages(messages) -> list[dict]:
     """A record's messages, each's content a string: OpenAI's list of text parts is joined with newlines, as the
-    server (and vLLM) join them. ValueError unless `messages` is a non-empty list of {"role": system|user|assistant,
+    server (and vLLM) join them, and a developer message is a system one. ValueError unless `messages` is a non-empty list of {"role": system|user|assistant,
     "content": a string or a list of {"type": "text", "text": str}}."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     out = []
     for j, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(m, dict) and m.get("role") == "developer":  # OpenAI's newer name, as the server reads it
+            m = {**m, "role": "system"}
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "\n".join(p["text"] for p in content)
@@ -171,7 +173,8 @@ def read_texts(paths, tokenizer=None) -> Iterator[str]:
     for path in _paths(paths):
         for where, record in read_records(path, columns=("text", "messages")):
             if isinstance(record.get("text"), str):
-                yield record["text"]
+                if record["text"].strip():  # an empty one would train p(eos | bos), nothing else
+                    yield record["text"]
             elif isinstance(record.get("messages"), list):
                 try:
                     messages = chat_messages(record["messages"])

@@ -360,7 +360,8 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
         defaults["data_sha256"] = what.get("data_sha256")
         changed = [f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}" if k != "data_sha256" else
                    f"the --data file {cfg.data} changed since" for k, v in what.items()
-                   if before.get(k, defaults.get(k)) != v]
+                   if before.get(k, defaults.get(k)) != v
+                   and not (k == "data_sha256" and before.get("data") != what.get("data"))]  # (another file)
         if not changed:
             return
         traces = run / "traces.jsonl"

@@ -143,6 +143,7 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
     from ..cli import UserError
     from ..data.corpus import chat_messages, inline_reasoning, read_records
 
+    cut_off = 0  # samples whose assistant turn opens <think> and never closes it
     try:
         for path in paths:
             for where, rec in read_records(path, columns=("messages",)):
@@ -152,9 +153,18 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
                     messages = chat_messages(rec["messages"])
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
-                yield from turns(inline_reasoning(messages))
+                for sample in turns(inline_reasoning(messages)):
+                    last = sample[-1]
+                    if last["role"] == "assistant" and "<think>" in last["content"] and \
+                            "</think>" not in last["content"]:  # a reply cut off at its token limit, mid-thought
+                        cut_off += 1
+                    else:
+                        yield sample
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cut_off:
+        loop.notice(f"sft: {cut_off} assistant turns open <think> and never close it (replies cut off at their token "
+                    "limit?) and are left out: a model trained on them would stop while thinking")
 
 
 def turns(messages: list[dict]) -> Iterator[list[dict]]:
@@ -225,8 +235,8 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     if not len(samples):
         raise UserError("no conversation has an assistant turn to learn from")
     if len(samples) < len(convs):
-        loop.notice(f"sft: {len(convs) - len(samples)} of {len(convs)} conversations have no assistant turn and are "
-                    "left out")
+        loop.notice(f"sft: {len(convs) - len(samples)} of {len(convs)} training samples have no assistant turn and are "
+                    "left out (a chat gives one sample per assistant turn)")
     fits = samples.answers_at() < cfg.seq_len  # a row keeps seq_len + 1 tokens
     if not fits.all():
         if not fits.any():
