@@ -238,12 +238,23 @@ def save_model(
 ) -> Path:
     """Write an HF model directory that transformers / vLLM / SGLang load. `fp8` stores attention and FFN weights
     as e4m3 with 128×128 block scales (DeepSeek's format); `dtype` casts the rest (default: as in the model).
-    `tokenizer` (a nanoseek Tokenizer, or a directory to copy the tokenizer files from) writes those too: without
-    them the directory holds weights alone, which eval, serve and vLLM cannot prompt.
+    `tokenizer` (a nanoseek or transformers tokenizer, or a directory to copy the tokenizer files from) replaces the
+    directory's tokenizer files with its own: without them it holds weights alone, which eval, serve and vLLM cannot
+    prompt.
     Over an existing model directory, the old model's weight files are replaced or removed; other files are kept."""
     if dtype is not None:
         dtype = _save_dtype(dtype)
     path = Path(path)
+    same_dir = isinstance(tokenizer, (str, Path)) and Path(tokenizer).resolve() == path.resolve()
+    if isinstance(tokenizer, (str, Path)) and not (Path(tokenizer) / "tokenizer.json").is_file() and not (
+            Path(tokenizer) / "tokenizer_config.json").is_file():  # checked before anything is written
+        raise ValueError(f"save_model: tokenizer {tokenizer} holds no tokenizer files (tokenizer.json)")
+    from .tokenizer import Tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path, Tokenizer)) and not hasattr(
+            tokenizer, "save_pretrained"):
+        raise ValueError(f"save_model: tokenizer must be a nanoseek or transformers tokenizer or a directory, not "
+                         f"{type(tokenizer).__name__}")
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config.replace()
     if fp8:
@@ -291,12 +302,17 @@ def save_model(
         weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
         write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    if hasattr(tokenizer, "save"):
-        tokenizer.save(path)
-    elif tokenizer is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer) / name).is_file():
-                shutil.copy2(Path(tokenizer) / name, path / name)
+    if tokenizer is not None and not same_dir:  # (from its own directory: the files are already there)
+        for name in TOKENIZER_FILES:  # an earlier tokenizer's files would be read beside the new one's
+            (path / name).unlink(missing_ok=True)
+        if isinstance(tokenizer, (str, Path)):
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copy2(Path(tokenizer) / name, path / name)
+        elif hasattr(tokenizer, "save_pretrained"):  # transformers'
+            tokenizer.save_pretrained(path)
+        else:
+            tokenizer.save(path)
     hf_cfg = cfg.to_hf()  # torch_dtype: what the unquantised weights are stored in
     hf_cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
     write_json(path / "config.json", hf_cfg, indent=2)

@@ -97,7 +97,7 @@ class ModelConfig:
         # transformers spells rope_scaling's kind "type" or "rope_type": one spelling, so no reader misses YaRN
         rs = self.rope_scaling
         if isinstance(rs, dict) and "rope_type" in rs:
-            rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": rs.get("type", rs["rope_type"])}
+            rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": rs["rope_type"]}  # first, as in HF
             self.rope_scaling = None if rs["type"] in ("default", None) else rs
         self.validate()
 
@@ -210,7 +210,7 @@ class ModelConfig:
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")} | {"type": kind}
         if d.get("rope_scaling"):  # (a "rope_type" spelling is read as "type" in __post_init__)
             rs = dict(d["rope_scaling"])
-            d["rope_scaling"] = None if rs.get("type", rs.get("rope_type", "default")) == "default" else rs
+            d["rope_scaling"] = None if rs.get("rope_type", rs.get("type", "default")) == "default" else rs
         else:
             d["rope_scaling"] = None
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:

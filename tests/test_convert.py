@@ -234,3 +234,12 @@ def test_save_model_writes_the_tokenizer_it_is_given(tmp_path):
         assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
     nanoseek.save_model(model, tmp_path / "bare")
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    nanoseek.save_model(model, src, tokenizer=src)  # in place: its own files stay (a copy onto itself broke it)
+    assert Tokenizer.from_dir(src).encode("2 + 2") == tok.encode("2 + 2") and nanoseek.load_model(src) is not None
+    (tmp_path / "saved" / "chat_template.jinja").write_text("an earlier model's")
+    nanoseek.save_model(model, tmp_path / "saved", tokenizer=src)
+    assert not (tmp_path / "saved" / "chat_template.jinja").exists()  # not read beside the new tokenizer
+    for bad in (tmp_path / "bare", tok.hf):  # no tokenizer files; a tokenizers.Tokenizer: refused before writing
+        with pytest.raises(ValueError, match="save_model: tokenizer"):
+            nanoseek.save_model(model, tmp_path / "never", tokenizer=bad)
+    assert not (tmp_path / "never").exists()

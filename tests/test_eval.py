@@ -42,6 +42,7 @@ RECORDS = [
     ("Each person gets $\\frac{1}{2}$ of the cake.", "1/2"),
     ("3/4 of 16 is 12", "12"),
     ("The dates 12/25/2024 are far", "2024"),  # not a fraction
+    ("It is 1/1,000 of the total", "1,000"), ("a ratio of 3/1.5", "1.5"),  # a denominator is not cut
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

@@ -137,10 +137,12 @@ def test_prompt_only_conversations_are_reported(base_dir, tmp_path, capsys):
     prompt_only = {"messages": [{"role": "user", "content": "What is 1 + 1?"}]}
     cut_off = {"messages": [{"role": "user", "content": "What is 1 + 1?"},  # an API reply cut at its token limit
                             {"role": "assistant", "content": "<think>\n1 + 1 is"}]}
-    data.write_text("".join(json.dumps(c) + "\n" for c in [prompt_only] * 5 + [cut_off] * 2 + CONVS[:10]))
+    tag = {"messages": [{"role": "user", "content": "Which tag opens R1's reasoning?"},
+                        {"role": "assistant", "content": "It is `<think>`."}]}  # an answer that names the tag: kept
+    data.write_text("".join(json.dumps(c) + "\n" for c in [prompt_only] * 5 + [cut_off] * 2 + [tag] + CONVS[:10]))
     code, err = run_cli(capsys, "sft", "--model", base, "--out", tmp_path / "o", "--data", data, "--steps", 1,
                         "--batch-size", 2, "--seq-len", 64, "--no-progress")
-    assert code == 0 and "sft: 5 of 15 training samples have no assistant turn and are left out" in err
+    assert code == 0 and "sft: 5 of 16 training samples have no assistant turn and are left out" in err
     assert "sft: 2 assistant turns open <think> and never close it" in err  # (trained on, they taught stopping)
 
 

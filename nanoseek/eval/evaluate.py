@@ -63,9 +63,9 @@ def extract_answer(text: str) -> str | None:
     if bare is not None:
         return bare
     text = re.sub(UNIT_POWER, "", text)  # "12 m^2" is 12, not 2
-    text = re.sub(r"\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}", r"\1/\2", text)  # $\frac{1}{2}$ is 1/2, not 2
+    text = re.sub(r"\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}", r" \1/\2", text)  # $\frac{1}{2}$ is 1/2, not 2
     # "3/4" is one number, not 4 (but a date's 12/25/2024 is no fraction)
-    nums = [m[0] for m in re.finditer(rf"(?<![/\d]){NUMBER}/\d+(?![\d/])|{NUMBER}", text)
+    nums = [m[0] for m in re.finditer(rf"(?<![/\d]){NUMBER}/\d+(?![\d/]|[.,]\d)|{NUMBER}", text)
             if not re.search(NEGATED, text[max(0, m.start() - 24) : m.start()], re.IGNORECASE)]
     return nums[-1] if nums else None  # "She has 12 left, not 20." is 12
 

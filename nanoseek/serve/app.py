@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -564,9 +565,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
-    """Sockets bound to every address `host` names (localhost: 127.0.0.1 and ::1, as uvicorn binds them), on one
-    port (--port 0: the one the system picks for the first); UserError if one cannot be had. uvicorn makes them
-    listen once the model is ready, so until then a client is refused rather than kept waiting."""
+    """Sockets bound to every address `host` names (localhost: 127.0.0.1 and ::1, as uvicorn binds them, skipping
+    one whose family the machine has off), on one port (--port 0: the one the system picks for the first);
+    UserError if none can be had. uvicorn makes them listen once the model is ready, so until then a client is
+    refused rather than kept waiting. As with uvicorn, "::" is IPv6 only and "0.0.0.0" IPv4."""
     from ..cli import UserError
 
     socks: list[socket.socket] = []
@@ -574,12 +576,19 @@ def bind(host: str, port: int) -> list[socket.socket]:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
-            socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
-            if family == socket.AF_INET6:  # "::" is IPv6 only, as with uvicorn; "0.0.0.0" is the IPv4 one
+            if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], port, *address[2:]))
-            port = sock.getsockname()[1]
+            try:
+                sock.bind((address[0], socks[0].getsockname()[1] if socks else port, *address[2:]))
+            except OSError as e:
+                sock.close()
+                if e.errno == errno.EADDRNOTAVAIL and len(infos) > 1:  # e.g. ::1 where IPv6 is off (asyncio too)
+                    continue
+                raise
+            socks.append(sock)
+        if not socks:
+            raise OSError(errno.EADDRNOTAVAIL, "no address of it can be bound")
     except OSError as e:
         for sock in socks:
             sock.close()

@@ -155,7 +155,7 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
                     raise UserError(f"{where}: {e}") from None
                 for sample in turns(inline_reasoning(messages)):
                     last = sample[-1]
-                    if last["role"] == "assistant" and "<think>" in last["content"] and \
+                    if last["role"] == "assistant" and last["content"].lstrip().startswith("<think>") and \
                             "</think>" not in last["content"]:  # a reply cut off at its token limit, mid-thought
                         cut_off += 1
                     else:

@@ -274,11 +274,13 @@ def _retry_after(value: str | None) -> float:
 def _hint(code: int, path: str, base: str) -> str:
     if code == 401:
         return " (the API key comes from $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)"
-    if code == 404 and not base.endswith("/v1"):
-        return f" (is the API's base URL {base}/v1?)"
-    if code == 404 and path == "/models":
-        return " (a server without /models: name its model with --teacher-model, or --served-model in eval)"
-    return ""
+    if code != 404:
+        return ""
+    hints = ["a server without /models: name its model with --teacher-model, or --served-model in eval"] if (
+        path == "/models") else []
+    if not base.endswith("/v1"):
+        hints.append(f"or is the API's base URL {base}/v1?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _text(value) -> str:
@@ -295,7 +297,7 @@ def api_base(url: str) -> str:
     '…/v1beta/openai') is the base as given, as the OpenAI SDK reads its base_url, less an endpoint it may end with
     ('…/v1/chat/completions' -> '…/v1'). ConnectionError at once for a URL that no retry can fix."""
     check_url(url)
-    base = re.sub(r"/(chat/completions|completions|models)/*$", "", url.rstrip("/"))
+    base = re.sub(r"/chat/completions/*$", "", url.rstrip("/"))
     return base if urllib.parse.urlsplit(base).path else base + "/v1"
 
 
@@ -304,7 +306,7 @@ def check_url(url: str) -> None:
     whitespace, control or non-ASCII characters, a query string."""
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url) or not url.isascii():
         raise ConnectionError(f"{url!r}: not a valid URL (it holds a space, a control character or a non-ASCII one: "
-                              "percent-encode it)")
+                              "percent-encode a path, write a host name in its xn-- punycode)")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
