@@ -242,6 +242,8 @@ def save_model(
     directory's tokenizer files with its own: without them it holds weights alone, which eval, serve and vLLM cannot
     prompt.
     Over an existing model directory, the old model's weight files are replaced or removed; other files are kept."""
+    from .tokenizer import Tokenizer
+
     if dtype is not None:
         dtype = _save_dtype(dtype)
     path = Path(path)
@@ -249,8 +251,6 @@ def save_model(
     if isinstance(tokenizer, (str, Path)) and not (Path(tokenizer) / "tokenizer.json").is_file() and not (
             Path(tokenizer) / "tokenizer_config.json").is_file():  # checked before anything is written
         raise ValueError(f"save_model: tokenizer {tokenizer} holds no tokenizer files (tokenizer.json)")
-    from .tokenizer import Tokenizer
-
     if tokenizer is not None and not isinstance(tokenizer, (str, Path, Tokenizer)) and not hasattr(
             tokenizer, "save_pretrained"):
         raise ValueError(f"save_model: tokenizer must be a nanoseek or transformers tokenizer or a directory, not "
