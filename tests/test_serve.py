@@ -362,7 +362,7 @@ def test_other_errors(server):
     assert_error(post(server, {"prompt": "a", "logprobs": 21}, path="/v1/completions"), 400, "logprobs")
     assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",
                       headers={"Content-Type": "application/json"}), 400, "prompt")
-    from nanoseek.serve.app import MAX_BODY_BYTES
+    from nanoseek.serve.errors import MAX_BODY_BYTES
 
     huge = post(server, b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}', path="/v1/completions",
                 headers={"Content-Type": "application/json"})
@@ -543,34 +543,6 @@ def test_history_endpoints(server):
     assert httpx.delete(f"{server.url}/api/conversations/{conv['id']}", headers=h).status_code == 200
     assert_error(httpx.get(f"{server.url}/api/conversations/{conv['id']}", headers=h), 404)
     assert_error(httpx.post(f"{server.url}/api/conversations/nope/messages", json={"role": "user"}, headers=h), 404)
-
-
-def test_history_survives_a_restart(tmp_path, monkeypatch, capsys):
-    """The history is kept private: a file made looser since (restored from a backup, copied) is made 0600 again, a
-    folder others can list is warned about, and a deleted conversation's text is gone from the file, also under
-    SQLite's upstream default secure_delete=OFF (emulated here: Debian's build turns it on)."""
-    import sqlite3
-
-    from nanoseek.serve.history import HistoryStore
-
-    connect = sqlite3.connect
-    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, **kw).execute(
-        "PRAGMA secure_delete = OFF").connection)
-    path = tmp_path / "sub" / "history.sqlite3"
-    store = HistoryStore(path)
-    conv = store.create_conversation("kept")
-    store.add_message(conv["id"], "user", "hello, a secret")
-    store.close()
-    assert oct(path.stat().st_mode & 0o777) == "0o600" and not capsys.readouterr().err  # private
-    path.chmod(0o644), path.parent.chmod(0o755)
-    again = HistoryStore(path)
-    assert oct(path.stat().st_mode & 0o777) == "0o600" and "other users can list" in capsys.readouterr().err
-    assert [c["title"] for c in again.list_conversations()] == ["kept"]
-    assert [m["content"] for m in again.get_conversation(conv["id"])["messages"]] == ["hello, a secret"]
-    assert again.add_message("missing", "user", "x") is None
-    assert again.delete_conversation(conv["id"]) and again.list_conversations() == []
-    again.close()
-    assert b"a secret" not in path.read_bytes()
 
 
 # --- the decoder, in process -----------------------------------------------------------------------------------------
