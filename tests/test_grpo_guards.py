@@ -72,6 +72,29 @@ def test_dapo_counts_every_group_it_dropped(monkeypatch):
     assert seen.rewards.shape[0] == 4 and batch.rewards.shape[0] == 2 and batch.n_groups_dropped == 2
 
 
+def test_dapo_extra_rounds_are_seeded_apart_from_steps(monkeypatch):
+    """The extra rounds were seeded from --steps + step, so a dapo run extended on --resume sampled other completions
+    than one run to that length at once."""
+    from nanoseek.train import distributed, grpo
+
+    seeds = []
+
+    def fake_rollout(cfg, engine, tok, problems, step, curriculum, d):
+        seeds.append(step)
+        r = torch.zeros(2, 2)  # every group all-equal: dapo asks for all three extra rounds
+        return grpo.Rollout(torch.ones(4, 4, dtype=torch.long), torch.ones(4, 4), r, r, r, torch.ones(4), 0.0)
+
+    class Curriculum:
+        def sample(self, *a):
+            return [None, None]
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    for steps in (2, 4):
+        cfg = grpo.GRPOConfig(out="x", loss="dapo", prompts_per_step=2, group_size=2, steps=steps)
+        grpo.collect(cfg, None, None, 1, Curriculum(), distributed.init_distributed("cpu"))
+    assert seeds[:4] == seeds[4:] and len(set(seeds[:4])) == 4 and max(seeds) > 10**6
+
+
 @pytest.mark.parametrize("answer, gold", [("16 − 3 − 4 = 9, so the answer is 9.", "9"),
                                           ("2.5 × 4 = 10, so the answer is 10.", "10"),
                                           ("1,200 + 300 = 1,500, so the answer is 1,500.", "1500"),

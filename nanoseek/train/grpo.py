@@ -67,7 +67,7 @@ from .rewards import false_steps, judge
 LOSSES = ("grpo", "dr_grpo", "dapo")
 KL_LOG_RATIO, KL_MAX = 20.0, 10.0  # the k3 estimate's bounds (module docstring)
 TRUNCATION_WARNING = 0.2  # warn (once) when more than this share of a step's completions is cut off
-
+EXTRA_ROUNDS = 1 << 24  # dapo's extra rollout rounds are seeded as steps from here on
 
 @dataclass
 class GRPOConfig(loop.TrainConfig):
@@ -245,9 +245,10 @@ def collect(cfg: GRPOConfig, engine, tok, step: int, curriculum: Curriculum, d: 
         short = d.all_reduce_sum_(torch.tensor(float(batch.rewards.shape[0] < share), device=d.device))
         if not short.item():
             break
-        # seeded as a step of its own beyond any real one (step·10 + round met step 10·s + r's main rollout)
+        # seeded as a step of its own beyond any real one (step·10 + round met step 10·s + r's main rollout), and
+        # not by --steps, which a resumed run may extend
         extra = rollout(cfg, engine, tok, curriculum.sample(step, round_, cfg.prompts_per_step),
-                        (cfg.steps + step) * 4 + round_, curriculum, d)
+                        EXTRA_ROUNDS + step * 4 + round_, curriculum, d)
         seen = concat(seen, extra)
         batch = concat(batch, keep_groups(extra, extra.rewards.std(dim=1) > 0))
     n = min(share, batch.rewards.shape[0])
@@ -474,6 +475,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         model.train()
         trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
         stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may drop every group
+        if not trainable:
+            loop.notice(f"grpo: step {step + 1}: every group's rewards were equal, also after 3 more rollout rounds: "
+                        "no update (the problems are all solved or all failed; see --tasks / --data)")
         t2 = time.perf_counter()
         flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
                                                 device=d.device)).item() + stats.pop("flops", 0.0)
@@ -544,7 +548,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rollout sampling temperature; the loss scores the same softmax(logits / T)")
     p.add_argument("--lr", type=POSITIVE, default=1e-4, help="learning rate, constant (default 1e-4)")
     p.add_argument("--beta", type=NONNEGATIVE, default=0.001, help="KL weight (0: no reference model)")
-    p.add_argument("--clip-eps", type=POSITIVE, default=0.2, help="ε, the importance ratio's clip range (default 0.2)")
+    p.add_argument("--clip-eps", type=bounded(float, 0, 1, low_open=True), default=0.2,
+                   help="ε, the importance ratio's clip range [1 - ε, 1 + ε] (default 0.2)")
     p.add_argument("--clip-eps-high", type=POSITIVE, help="upper clip (default ε; dapo 0.28)")
     p.add_argument("--updates-per-batch", type=POSITIVE_INT, default=2, help="μ, optimiser steps per rollout batch")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=32, help="completions per forward in the update")
