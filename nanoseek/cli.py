@@ -258,7 +258,7 @@ def run_verb(argv: list[str]) -> int:
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.verb not in DISTRIBUTED:
             hint = (" (train the student data-parallel with `torchrun ... nanoseek sft --data RUN/kept.jsonl`)"
-                    if args.verb in ("distill", "speedrun") else "")
+                    if args.verb == "distill" else "")
             raise UserError(f"nanoseek {args.verb} runs in one process; under torchrun run "
                             f"{', '.join(sorted(DISTRIBUTED))}{hint}")
         return importlib.import_module(args._module).run(args) or 0
@@ -270,8 +270,10 @@ def run_verb(argv: list[str]) -> int:
     except RuntimeError as e:
         if not peer_failed(e):
             raise
-        if rank() == 0:  # the process that exited first said why (if it could); a traceback would only bury that
-            print("error: another process of this run exited; continue the run with --resume", file=sys.stderr)
+        # every process left says so (rank 0 may be the one that exited); the one that exited first said why, if it
+        # could, and a traceback would only bury that
+        print(f"error: rank {rank()}: another process of this run exited; continue the run with --resume",
+              file=sys.stderr)
         return 1
     finally:
         GIVEN = None

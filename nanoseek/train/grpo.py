@@ -410,7 +410,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     d = init_distributed(cfg.device)
     cfg, resuming = loop.restore_config(loop.absolute_paths(cfg, "model", "data", "eval_data"))
     if cfg.prompts_per_step % d.world_size:  # after restore_config: a resumed run keeps its own value
-        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes")
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {d.world_size} processes"
+                        + ("; a resumed run keeps its own: resume it with a process count that divides it" if resuming
+                           else ""))
     d.barrier()  # every rank has read the run directory before rank 0 writes to it
     pool = None
     if cfg.data:

@@ -367,7 +367,9 @@ def grad_accum_steps(cfg: TrainConfig, d: Dist) -> int:
 
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
         raise UserError(f"batch size {cfg.batch_size} is not a multiple of micro-batch {cfg.micro_batch_size} "
-                        f"x {d.world_size} processes")
+                        f"x {d.world_size} processes" + ("" if not cfg.resume else "; a resumed run keeps its batch "
+                                                           "and micro-batch: resume it with a process count that "
+                                                           "divides them"))
     return cfg.batch_size // (cfg.micro_batch_size * d.world_size)
 
 
