@@ -270,10 +270,8 @@ def run_verb(argv: list[str]) -> int:
     except RuntimeError as e:
         if not peer_failed(e):
             raise
-        # every process left says so (rank 0 may be the one that exited); the one that exited first said why, if it
-        # could, and a traceback would only bury that
-        print(f"error: rank {rank()}: another process of this run exited; continue the run with --resume",
-              file=sys.stderr)
+        if rank() == 0:  # the process that exited first said why (if it could); a traceback would only bury that
+            print("error: another process of this run exited; continue the run with --resume", file=sys.stderr)
         return 1
     finally:
         GIVEN = None

@@ -347,8 +347,9 @@ def test_other_errors(server):
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": None, "stream": None})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1  # null: "not given", as OpenAI's SDK sends it
     ok = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
-                       "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}, "tools": [],
-                       "tool_choice": "none", "repetition_penalty": 1.0, "min_p": 0, "add_generation_prompt": True})
+                       "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"},
+                       "tools": [], "tool_choice": "none", "repetition_penalty": 1.0, "min_p": 0,
+                       "add_generation_prompt": True})
     assert ok.status_code == 200, ok.text  # the unsupported parameters at their "off" values are fine
     err = assert_error(post(server, {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1}), 400)
     assert err["message"] == "presence_penalty: presence_penalty is not supported by this server"
@@ -357,7 +358,8 @@ def test_other_errors(server):
     err = assert_error(post(server, {"prompt": [1, "x"]}, path="/v1/completions"), 400, "prompt.1")
     assert "integer" in err["message"]  # the token ids' item that is not one, not item 0 read as a list of strings
     for off in ({"response_format": {"type": "text", "strict": False}}, {"logit_bias": []}, {"ignore_eos": False}):
-        assert post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **off}).status_code == 200
+        r = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **off})
+        assert r.status_code == 200, off
     assert_error(post(server, {"messages": [{"role": "user", "content": "hi"}], "best_of": True}), 400, "best_of")
     assert_error(post(server, {"prompt": "a", "logprobs": 21}, path="/v1/completions"), 400, "logprobs")
     assert_error(post(server, '{"prompt": ["ok", "a \\udc00"]}', path="/v1/completions",

@@ -74,7 +74,8 @@ def scripted():
         def _send(self, code, obj, headers=None):
             raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
             self.send_response(code)
-            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}.items():
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(raw)), **(headers or {})}
+            for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(raw)

@@ -74,7 +74,8 @@ def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
     code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "notes.txt", *TINY)
     assert code == 1 and err.startswith("error:") and (tmp_path / "notes.txt").read_text() == "keep me"
     assert "is a file; name a run directory" in err  # not "[Errno 17] File exists"
-    for argv in (["distill", "--teacher", tmp_path / "t", "--student-preset", "cpu-student", "--out"], ["convert", "m"]):
+    distill = ["distill", "--teacher", tmp_path / "t", "--student-preset", "cpu-student", "--out"]
+    for argv in (distill, ["convert", "m"]):
         code, err = run_cli(capsys, *argv, tmp_path / "notes.txt")
         assert code == 1 and "is a file; name a" in err and (tmp_path / "notes.txt").read_text() == "keep me", err
 

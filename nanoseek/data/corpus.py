@@ -126,8 +126,9 @@ ROLES = ("system", "developer", "user", "assistant")
 
 def chat_messages(messages) -> list[dict]:
     """A record's messages, each's content a string: OpenAI's list of text parts is joined with newlines, as the
-    server (and vLLM) join them, and a developer message is a system one. ValueError unless `messages` is a non-empty list of {"role": system|user|assistant,
-    "content": a string or a list of {"type": "text", "text": str}}."""
+    server (and vLLM) join them, and a developer message is a system one. ValueError unless `messages` is a non-empty
+    list of {"role": system|developer|user|assistant, "content": a string or a list of {"type": "text", "text": str}}.
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     out = []

@@ -454,8 +454,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a URL: the model to ask for (default: the first the server lists)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
     p.add_argument("--timeout", type=POSITIVE, default=600.0,
-                   help="with a URL: seconds for one whole reply (default 600); one that times out twice is scored "
-                        "as wrong")
+                   help="with a URL: seconds for one whole reply (default 600); a request that times out twice "
+                        "fails, and a run with a failed request gives no score")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default="all", help="task-suite family[:level] or 'all' (held-out split; default all)")
     src.add_argument("--data", action=OneFile,

@@ -18,7 +18,6 @@ log = logging.getLogger("nanoseek.serve")
 MAX_BODY_BYTES = 8 * 2**20  # a request body this large is refused (413) before it is read
 
 
-# --- errors ----------------------------------------------------------------------------------------------------------
 def _validation_error(exc: RequestValidationError, content_type: str) -> ApiError:
     # a field of several types (content: str | list[part], stop, prompt) fails once per type; the deepest error,
     # furthest into a list, is the one about the type the client sent (a list's bad item, not "Input should be a
