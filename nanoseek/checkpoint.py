@@ -302,21 +302,29 @@ def save_model(
         weight_map = {k: fname for fname, shard in zip(fnames, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
         write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    if tokenizer is not None and not same_dir:  # (from its own directory: the files are already there)
-        for name in TOKENIZER_FILES:  # an earlier tokenizer's files would be read beside the new one's
-            (path / name).unlink(missing_ok=True)
-        if isinstance(tokenizer, (str, Path)):
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer) / name).is_file():
-                    shutil.copy2(Path(tokenizer) / name, path / name)
-        elif hasattr(tokenizer, "save_pretrained"):  # transformers'
-            tokenizer.save_pretrained(path)
-        else:
-            tokenizer.save(path)
+    if isinstance(tokenizer, (str, Path)):
+        if not same_dir:  # (from its own directory: the files are already there)
+            copy_tokenizer(tokenizer, path)
+    elif isinstance(tokenizer, Tokenizer):
+        copy_tokenizer(None, path)  # an earlier tokenizer's files would be read beside the new one's
+        tokenizer.save(path)
+    elif tokenizer is not None:  # transformers'
+        copy_tokenizer(None, path)
+        tokenizer.save_pretrained(path)
     hf_cfg = cfg.to_hf()  # torch_dtype: what the unquantised weights are stored in
     hf_cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
     write_json(path / "config.json", hf_cfg, indent=2)
     return path
+
+
+def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
+    """dst's tokenizer files become src's (none when src is None): what src lacks is removed from dst, never left
+    over from an earlier model."""
+    for name in TOKENIZER_FILES:
+        if src is not None and (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+        else:
+            (dst / name).unlink(missing_ok=True)
 
 
 def _save_dtype(dtype) -> torch.dtype:

@@ -94,11 +94,13 @@ class ModelConfig:
     quantization_config: dict | None = None  # e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]}
 
     def __post_init__(self) -> None:
-        # transformers spells rope_scaling's kind "type" or "rope_type": one spelling, so no reader misses YaRN
+        # transformers spells rope_scaling's kind "type" or "rope_type" (which wins): one spelling, "type", so no
+        # reader misses YaRN; plain RoPE is None
         rs = self.rope_scaling
-        if isinstance(rs, dict) and "rope_type" in rs:
-            rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": rs["rope_type"]}  # first, as in HF
-            self.rope_scaling = None if rs["type"] in ("default", None) else rs
+        if isinstance(rs, dict):
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": kind}
+            self.rope_scaling = None if kind in ("default", None) else rs
         self.validate()
 
     # ------------------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class ModelConfig:
         """1/sqrt(d_qk), times mscale² when YaRN sets mscale_all_dim (DeepSeek's long-context correction)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling or {}
-        if rs.get("type", "default") != "default" and rs.get("mscale_all_dim"):
+        if rs and rs.get("mscale_all_dim"):
             m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
             scale *= m * m
         return scale
@@ -177,7 +179,7 @@ class ModelConfig:
         need(rs is None or isinstance(rs, dict), f"rope_scaling must be an object or null, got {rs!r}")
         if rs is not None:
             kind = rs.get("type")
-            need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (yarn only)")
+            need(kind == "yarn", f"rope_scaling type {kind!r} is not supported (yarn only)")
             if kind == "yarn":
                 need(isinstance(rs.get("factor"), (int, float)) and rs["factor"] > 0,
                      f"rope_scaling (yarn) needs a positive number 'factor', got {rs.get('factor')!r}")
@@ -208,11 +210,7 @@ class ModelConfig:
             kind = rp.get("rope_type", rp.get("type", "default"))
             if kind != "default" and not d.get("rope_scaling"):
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")} | {"type": kind}
-        if d.get("rope_scaling"):  # (a "rope_type" spelling is read as "type" in __post_init__)
-            rs = dict(d["rope_scaling"])
-            d["rope_scaling"] = None if rs.get("rope_type", rs.get("type", "default")) == "default" else rs
-        else:
-            d["rope_scaling"] = None
+        d["rope_scaling"] = d.get("rope_scaling") or None  # (its spelling is settled in __post_init__)
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if "dtype" in d and "torch_dtype" not in d:

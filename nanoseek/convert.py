@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import TOKENIZER_FILES, load_model, save_model
+    from .checkpoint import copy_tokenizer, load_model, save_model
     from .cli import UserError
 
     src, dst = Path(args.input), Path(args.output)
@@ -35,11 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
     model = load_model(src, dtype=DTYPES[args.dtype])
     save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
-    for name in TOKENIZER_FILES:  # the output's tokenizer is the input's, or none (never an overwritten model's)
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-        else:
-            (dst / name).unlink(missing_ok=True)
+    copy_tokenizer(src, dst)  # the output's tokenizer is the input's, or none (never an overwritten model's)
     if (src / "generation_config.json").is_file():  # its stop ids and sampling defaults (serve, chat, generate read them)
         shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
     print(json.dumps({"output": str(dst), "fp8": args.fp8, "dtype": args.dtype}))

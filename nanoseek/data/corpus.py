@@ -134,15 +134,14 @@ def chat_messages(messages) -> list[dict]:
     out = []
     for j, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(m, dict) and m.get("role") == "developer":  # OpenAI's newer name, as the server reads it
-            m = {**m, "role": "system"}
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "\n".join(p["text"] for p in content)
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
             raise ValueError(f"message {j + 1} must be {{'role': one of {', '.join(ROLES)}, 'content': a string or "
                              f"text parts}}, got {json.dumps(m)[:80]}")
-        out.append({**m, "content": content})
+        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name, as the server reads it
+        out.append({**m, "role": role, "content": content})
     return out
 
 

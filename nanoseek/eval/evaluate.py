@@ -277,6 +277,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     `content` null, as nanoseek serve and vLLM send it).
     Sample i of the whole run is asked with seed + i."""
     from ..cli import Interrupted, ctrl_c_ignored
+    from ..train.teacher import FAILURES_BEFORE_ABORT
 
     questions = [p.question for p in problems for _ in range(samples)]
     texts: dict[int, str] = {}  # sample index (problem-major) -> the reply as a completion's text
@@ -291,7 +292,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
             if trace.failed:
                 failed.append(trace.error)
-                if len(failed) >= 8:  # no use asking the rest
+                if len(failed) >= FAILURES_BEFORE_ABORT:  # no use asking the rest
                     raise ConnectionError(f"the server failed on {len(failed)} requests, even after retries: "
                                           f"{trace.error}")
             elif trace.error:
@@ -445,6 +446,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE, OneFile
     from ..device import add_dtype_argument
+    from ..train.teacher import TIMEOUT
 
     p.add_argument("--model", required=True,
                    help="model directory (HF format, with tokenizer files), or the base URL of an OpenAI-compatible "
@@ -453,7 +455,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model", metavar="NAME",
                    help="with a URL: the model to ask for (default: the first the server lists)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with a URL: requests in flight (default 8)")
-    p.add_argument("--timeout", type=POSITIVE, default=600.0,
+    p.add_argument("--timeout", type=POSITIVE, default=TIMEOUT,
                    help="with a URL: seconds for one whole reply (default 600); a request that times out twice "
                         "fails, and a run with a failed request gives no score")
     src = p.add_mutually_exclusive_group()

@@ -23,7 +23,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     rs = cfg.rope_scaling
-    if not rs or rs.get("type", "default") == "default":
+    if not rs:  # (ModelConfig keeps YaRN alone here; plain RoPE is None)
         return inv_freq, 1.0
     factor = float(rs["factor"])
     original = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)

@@ -103,7 +103,7 @@ class Generation:
         start = len(dec.content.text)  # where this token's text begins in the answer
         delta = dec.feed(tok)
         kind = dec.last_kind if logprob is not None else None
-        section = {"reasoning": dec.reasoning, "content": dec.content}.get(kind)
+        section = getattr(dec, kind) if kind in ("reasoning", "content") else None
         if section is not None and section.strip_leading and not section.text:
             kind = None  # the whitespace after <think> or </think>, which the section drops
         if kind in ("reasoning", "content"):

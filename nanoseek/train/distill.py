@@ -32,7 +32,7 @@ from .. import atomic
 from . import loop
 from . import metrics as metrics_lib
 from .rewards import judge
-from .teacher import LocalTeacher, api_base, check_scheme, is_url, make_teacher
+from .teacher import FAILURES_BEFORE_ABORT, TIMEOUT, LocalTeacher, api_base, check_scheme, is_url, make_teacher
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DistillConfig:
     max_tokens: int = 160
     temperature: float = 0.6  # R1's recommended sampling
     concurrency: int = 8
-    timeout: float = 600.0  # seconds a URL teacher has for one whole reply
+    timeout: float = TIMEOUT  # seconds a URL teacher has for one whole reply
     epochs: float = 4.0  # passes of the student SFT over the kept traces
     steps: int | None = None  # or exactly this many SFT steps
     batch_size: int = 32
@@ -63,7 +63,7 @@ class DistillConfig:
     progress: bool = True
 
 
-REFUSALS_BEFORE_ABORT = 8  # requests the teacher refused before it answered any, or failed on in a row: stop asking
+REFUSALS_BEFORE_ABORT = 8  # requests the teacher refused before it answered any: stop asking
 
 
 def trace_problems(cfg: DistillConfig):
@@ -124,7 +124,7 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
                                        [cfg.seed + k for _, _, k in todo]):
             p, s, k = todo[i]
             failing = failing + 1 if trace.failed else 0
-            if failing >= REFUSALS_BEFORE_ABORT:  # the server is down or overloaded, not one question
+            if failing >= FAILURES_BEFORE_ABORT:  # the server is down or overloaded, not one question
                 raise ConnectionError(f"the teacher failed on {failing} requests in a row: {trace.error}")
             if trace.error:
                 refused.append(f"{trace.error} (question: {p.question[:80]!r})")
@@ -484,7 +484,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=TEMPERATURE, default=0.6,
                    help="teacher sampling temperature (default 0.6, R1's)")
     p.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="parallel requests to a URL teacher")
-    p.add_argument("--timeout", type=POSITIVE, default=600.0,
+    p.add_argument("--timeout", type=POSITIVE, default=TIMEOUT,
                    help="seconds a URL teacher has for one whole reply (default 600); a reply that times out twice "
                         "is left out, and a rerun asks it again")
     p.add_argument("--epochs", type=POSITIVE, default=4.0, help="student SFT passes over the kept traces (default 4)")

@@ -154,9 +154,7 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
                 except ValueError as e:
                     raise UserError(f"{where}: {e}") from None
                 for sample in turns(inline_reasoning(messages)):
-                    last = sample[-1]
-                    if last["role"] == "assistant" and last["content"].lstrip().startswith("<think>") and \
-                            "</think>" not in last["content"]:  # a reply cut off at its token limit, mid-thought
+                    if cut_off_mid_thought(sample[-1]):
                         cut_off += 1
                     else:
                         yield sample
@@ -165,6 +163,12 @@ def read_conversations(paths: list[str]) -> Iterator[list[dict]]:
     if cut_off:
         loop.notice(f"sft: {cut_off} assistant turns open <think> and never close it (replies cut off at their token "
                     "limit?) and are left out: a model trained on them would stop while thinking")
+
+
+def cut_off_mid_thought(message: dict) -> bool:
+    """An assistant turn that opens <think> and never closes it: a reply cut off at its token limit."""
+    content = message["content"]
+    return message["role"] == "assistant" and content.lstrip().startswith("<think>") and "</think>" not in content
 
 
 def turns(messages: list[dict]) -> Iterator[list[dict]]:

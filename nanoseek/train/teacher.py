@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 MAX_RETRY_AFTER = 300.0  # seconds: the longest a server's Retry-After is waited for
+TIMEOUT = 600.0  # seconds a URL teacher has for one whole reply (--timeout)
+FAILURES_BEFORE_ABORT = 8  # requests the server failed on (after retries) that stop a run: it is down, not one question
 
 
 @dataclass
@@ -107,7 +109,7 @@ class URLTeacher:
     cancelled and retries end; at most `concurrency` requests in flight are still answered, unused."""
 
     def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5,
-                 timeout: float = 600):
+                 timeout: float = TIMEOUT):
         self.base = api_base(url)
         self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
@@ -347,7 +349,7 @@ def check_scheme(spec: str, option: str) -> None:
 
 
 def make_teacher(spec: str, device: str = "cpu", concurrency: int = 8, model: str | None = None,
-                 timeout: float = 600.0) -> LocalTeacher | URLTeacher:
+                 timeout: float = TIMEOUT) -> LocalTeacher | URLTeacher:
     """A URL teacher asks for `model` (default: the first one its /models lists); a directory is a local teacher."""
     if is_url(spec):
         return URLTeacher(spec, model=model, concurrency=concurrency, timeout=timeout)
