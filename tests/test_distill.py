@@ -225,9 +225,9 @@ def test_filter_keeps_only_verified_unique_traces():
     rec = lambda prob, ans, fin=True, why="add": {"uid": prob.uid, "sample": 0, "question": prob.question,  # noqa: E731
                                                   "reasoning": why, "answer": f"The answer is {ans}.", "finished": fin}
     records = [rec(p, p.answer), rec(p, p.answer), rec(q, int(q.answer) + 1), rec(q, q.answer, fin=False),
-               rec(q, q.answer, why="")]
-    kept, counts = filter_traces(records, [p, q])
-    assert counts == {"total": 5, "malformed": 2, "wrong": 1, "duplicate": 1, "kept": 1}
+               rec(q, q.answer, why=""), rec(q, q.answer, why="add\n<｜User｜>more<｜Assistant｜>add")]
+    kept, counts = filter_traces(records, [p, q])  # chat tokens in a reasoning would train a new turn in the middle
+    assert counts == {"total": 6, "malformed": 3, "wrong": 1, "duplicate": 1, "kept": 1}
     msg = kept[0]["messages"]
     assert msg[0]["content"] == p.question and msg[1]["content"].startswith("<think>\nadd\n</think>\n\n")
 
@@ -487,3 +487,105 @@ def test_tasks_all_is_scored_on_every_family():
 
     problems = scored_problems(DistillConfig(teacher="t", out="o", tasks=["all"], eval_n=30))
     assert len(problems) == 30 and {p.family for p in problems} == {"arithmetic", "word", "countdown"}
+
+
+class ChunkTeacher:
+    """Stands in for LocalTeacher: answers in chunks of two, its FLOPs counted per chunk; stops at `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        self.flops, self.stop_at, self.seeds = 0.0, stop_at, []
+
+    def traces(self, questions, max_tokens, temperature, seeds):
+        from nanoseek.train.teacher import Trace
+
+        self.seeds += seeds
+        for start in range(0, len(questions), 2):
+            self.flops += 10.0
+            for i in range(start, min(start + 2, len(questions))):
+                if i == self.stop_at:
+                    raise KeyboardInterrupt
+                yield i, Trace(f"r{seeds[i]}", "a", True)
+
+
+def test_an_interrupted_collection_counts_what_its_saved_traces_cost(tmp_path):
+    """traces_cost.json used to be written only when the whole collection returned: a run interrupted after
+    saving traces, then resumed, reported the cost of the rest alone."""
+    cfg = DistillConfig(teacher="t", out=str(tmp_path), n=4, progress=False)
+    problems, path = trace_problems(cfg), tmp_path / "traces.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        collect_traces(cfg, ChunkTeacher(stop_at=3), problems, path)  # two chunks generated, three traces saved
+    assert len(path.read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "traces_cost.json").read_text())["flops"] == 20.0
+    collect_traces(cfg, ChunkTeacher(), problems, path)  # the rest: one chunk
+    assert json.loads((tmp_path / "traces_cost.json").read_text())["flops"] == 30.0
+
+
+def test_another_seed_samples_other_traces(tmp_path):
+    """Request seeds were seed + k: --seed 1's first sample of a problem was --seed 0's second."""
+    seeds = []
+    for seed in (0, 1):
+        teacher = ChunkTeacher()
+        cfg = DistillConfig(teacher="t", out=str(tmp_path), n=4, samples=2, seed=seed, progress=False)
+        collect_traces(cfg, teacher, trace_problems(dataclasses.replace(cfg, seed=0)), tmp_path / f"{seed}.jsonl")
+        seeds.append(set(teacher.seeds))
+    assert len(seeds[0]) == len(seeds[1]) == 8 and not seeds[0] & seeds[1]
+    assert seeds[0] == set(range(8))  # --seed 0 keeps its traces
+
+
+def test_a_student_without_weights_is_refused_before_the_teacher_is_asked(server, tmp_path):
+    import shutil
+
+    _, d = server
+    student = tmp_path / "student"
+    shutil.copytree(d, student, ignore=shutil.ignore_patterns("*.safetensors"))
+    from nanoseek.train.distill import distill
+
+    with pytest.raises(UserError, match="safetensors"):
+        distill(DistillConfig(teacher=str(d), student=str(student), out=str(tmp_path / "run"), n=2, progress=False,
+                              device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_teacher_is_not_kept_beside_the_students_training(server, tmp_path, monkeypatch):
+    """Without logit distillation the local teacher's weights were held through the student's SFT, and the report
+    loaded two more copies (one per engine)."""
+    import gc
+    import weakref
+
+    import nanoseek.engine.engine as engine_mod
+    import nanoseek.train.distill as distill_mod
+    import nanoseek.train.sft as sft_mod
+    from nanoseek.train.distill import distill
+
+    _, d = server
+    loaded, alive_in_sft = [], []
+    real_load = engine_mod.load_for_inference
+
+    def load(*a, **kw):
+        gc.collect()
+        loaded.append(sum(r() is not None for r in refs))
+        model = real_load(*a, **kw)
+        refs.append(weakref.ref(model))
+        return model
+
+    refs = []
+    real_sft = sft_mod.sft
+
+    def sft(*a, **kw):
+        gc.collect()
+        alive_in_sft.append(sum(r() is not None for r in refs))
+        return real_sft(*a, **kw)
+
+    def verified(records, problems):  # (this random teacher verifies none: keep the gold answers instead)
+        return [{"messages": [{"role": "user", "content": p.question},
+                              {"role": "assistant", "content": f"<think>\nr\n</think>\n\n{p.answer}"}]}
+                for p in problems], {"total": len(problems), "kept": len(problems)}
+
+    monkeypatch.setattr(engine_mod, "load_for_inference", load)
+    monkeypatch.setattr(sft_mod, "sft", sft)
+    monkeypatch.setattr(distill_mod, "filter_traces", verified)
+    monkeypatch.setattr(distill_mod, "eval_budget", lambda cfg: 8)  # (a random model never ends: 320 tokens each)
+    distill(DistillConfig(teacher=str(d), student_preset="cpu-student", out=str(tmp_path / "run"), n=4, steps=1,
+                          batch_size=2, max_tokens=16, eval_n=2, progress=False, device="cpu"))
+    assert alive_in_sft == [0]  # (kd_weight 0)
+    assert max(loaded) == 0  # every model (teacher, student, their reports) loaded with no other alive

@@ -108,6 +108,11 @@ def test_a_teachers_forward_passes_count_in_the_cost(base_dir, tmp_path):
     cfg = teacher.config  # the same model as the student: per token, a forward against a training step
     share = flops_per_token(cfg, 64, training=False) / flops_per_token(cfg, 64, training=True, with_mtp=True)
     assert taught == pytest.approx(alone * (1 + share), rel=0.02)  # rows near 64 tokens; was alone
+    # the KD term is logged on its own (it was summed into aux_loss with the balance loss)
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read("a"), read("b")
+    assert "kd_loss" not in a[0] and b[0]["aux_loss"] == a[0]["aux_loss"]
+    assert b[0]["kd_loss"] == 0 < b[1]["kd_loss"]  # the teacher is the student's start: apart after one step
 
 
 def test_a_resume_refuses_edited_data(base_dir, tmp_path):

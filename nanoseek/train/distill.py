@@ -17,6 +17,7 @@ teacher's verified traces only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -87,9 +88,10 @@ def trace_problems(cfg: DistillConfig):
 
 def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[dict]:
     """Ask the teacher for every (problem, sample) not yet in `path`; append each answer as it arrives. The k-th
-    (problem, sample) is always asked with seed cfg.seed + k and saved with its `index` k, so a resumed run gets the
-    traces an uninterrupted one would have (from a local teacher, whose sampling is seeded per request). Two
-    phrasings of one problem are two questions: keyed by problem, one overwrote the other."""
+    (problem, sample) is always asked with seed `request_seed(cfg.seed, k)` and saved with its `index` k, so a resumed
+    run gets the traces an uninterrupted one would have (from a local teacher, whose sampling is seeded per request).
+    Two phrasings of one problem are two questions: keyed by problem, one overwrote the other. The time and FLOPs
+    spent go to traces_cost.json as the traces are saved, so an interrupted run's saved traces are counted too."""
     done, older = {}, {}  # index -> record; (uid, sample) -> a record written before traces had an index
     if path.is_file():
         text = path.read_text()
@@ -119,9 +121,18 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
         bar = tqdm(total=len(todo), desc="teacher traces", unit="trace", file=sys.stderr, dynamic_ncols=True)
     refused: list[str] = []  # requests the server refused or failed on: not saved, so a rerun asks them again
     failing = 0  # requests it failed on since its last answer
-    with path.open("a") as f:
+    spent = {"t": time.perf_counter(), "flops": getattr(teacher, "flops", None)}  # not yet in traces_cost.json
+
+    def account() -> None:
+        now, flops = time.perf_counter(), getattr(teacher, "flops", None)
+        add_traces_cost(path.parent, now - spent["t"], None if flops is None else flops - spent["flops"])
+        spent.update(t=now, flops=flops)
+
+    with path.open("a") as f, contextlib.ExitStack() as on_exit:
+        if todo:
+            on_exit.callback(account)  # also on an error or Ctrl-C: what was saved was paid for
         for i, trace in teacher.traces([p.question for p, _, _ in todo], cfg.max_tokens, cfg.temperature,
-                                       [cfg.seed + k for _, _, k in todo]):
+                                       [request_seed(cfg.seed, k) for _, _, k in todo]):
             p, s, k = todo[i]
             failing = failing + 1 if trace.failed else 0
             if failing >= FAILURES_BEFORE_ABORT:  # the server is down or overloaded, not one question
@@ -136,6 +147,8 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done[k] = rec
+            if getattr(teacher, "flops", None) != spent["flops"] or time.perf_counter() - spent["t"] > 60:
+                account()  # a local teacher's chunk was generated (a kill -9 loses at most the one in progress)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -144,6 +157,12 @@ def collect_traces(cfg: DistillConfig, teacher, problems, path: Path) -> list[di
         print(f"distill: the teacher refused or failed on {len(refused)} of {len(todo)} requests (first: "
               f"{refused[0]}); they are left out, and a rerun asks them again", file=sys.stderr)
     return [done[k] for k in sorted(done)] + list(older.values())
+
+
+def request_seed(seed: int, k: int) -> int:
+    """The sampling seed of the k-th (problem, sample) of a run with --seed `seed`. Not seed + k: then --seed 1's
+    first sample was --seed 0's second, and two runs' traces merged held duplicates. Below 2**63, as servers take."""
+    return (seed << 31) + k
 
 
 def filter_traces(records: list[dict], problems) -> tuple[list[dict], dict]:
@@ -189,13 +208,12 @@ def fresh_student(cfg: DistillConfig, teacher, run: Path) -> Path:
     return out
 
 
-def decode_tokens_per_s(model_dir: str, device: str, n_prompts: int = 8, new_tokens: int = 64, repeats: int = 3
-                        ) -> float:
+def decode_tokens_per_s(model, n_prompts: int = 8, new_tokens: int = 64, repeats: int = 3) -> float:
     """Tokens per second of `n_prompts` rows decoding `new_tokens` each: the best of `repeats` timed runs after a
     warm-up of the same shape (one run of ~0.1 s on a shared 2-core machine moved by up to 6x)."""
     from ..engine.engine import Engine
 
-    engine = Engine.from_pretrained(model_dir, device=device)
+    engine = Engine(model)
     prompts = [[engine.cfg.bos_token_id or 0] + [5 + i] * 8 for i in range(n_prompts)]
     best = 0.0
     for run in range(repeats + 1):  # run 0 warms up
@@ -229,11 +247,12 @@ def describe(model_dir: str, device: str, problems: list, max_new_tokens: int) -
     if problems:
         summary, engine = evaluate_dir(model_dir, problems, device, max_new_tokens=max_new_tokens)
         model = engine.model
+        del engine  # its cache: one engine at a time
     else:
         summary, model = {}, load_for_inference(model_dir, device)
     counts = param_counts(model)
     return {"pass@1": summary.get("pass@1"), "levels": summary.get("levels"), "params_total": counts["total"],
-            "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model_dir, device), 1)}
+            "params_active": counts["active"], "decode_tokens_per_s": round(decode_tokens_per_s(model), 1)}
 
 
 def describe_url(teacher, problems: list, max_new_tokens: int, progress: bool) -> dict:
@@ -250,15 +269,19 @@ def describe_url(teacher, problems: list, max_new_tokens: int, progress: bool) -
             "params_active": None, "decode_tokens_per_s": None}
 
 
-def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
-    """Add this process's trace collection to RUN/traces_cost.json (a resumed run adds to what earlier ones spent;
-    the part of an interrupted collection is not counted). flops None: a URL teacher, whose machine did the work."""
-    path = run / "traces_cost.json"
-    cost = {"wall_s": 0.0, "flops": 0.0 if flops is not None else None}
+def read_traces_cost(run: Path, local: bool) -> dict:
+    """RUN/traces_cost.json: the wall time and (from a local teacher) FLOPs that the saved traces cost."""
     try:
-        cost = json.loads(path.read_text())
+        return json.loads((run / "traces_cost.json").read_text())
     except (OSError, ValueError):  # none yet (or, from older versions, one cut short: its time is lost)
-        pass
+        return {"wall_s": 0.0, "flops": 0.0 if local else None}
+
+
+def add_traces_cost(run: Path, wall_s: float, flops: float | None) -> dict:
+    """Add to RUN/traces_cost.json (a resumed run adds to what earlier ones spent). flops None: a URL teacher, whose
+    machine did the work."""
+    path = run / "traces_cost.json"
+    cost = read_traces_cost(run, flops is not None)
     cost["wall_s"] = round(cost["wall_s"] + wall_s, 2)
     if flops is not None and cost["flops"] is not None:
         cost["flops"] += flops
@@ -390,8 +413,10 @@ def distill(cfg: DistillConfig) -> dict:
     check_scheme(cfg.teacher, "--teacher")
     if not cfg.student and not cfg.student_preset:
         raise UserError("name the student: --student DIR or --student-preset PRESET")
-    if cfg.student and not all((Path(cfg.student) / f).is_file() for f in ("config.json", "tokenizer.json")):
-        raise UserError(f"--student {cfg.student}: not a model directory with config.json and tokenizer files")
+    if cfg.student and not (all((Path(cfg.student) / f).is_file() for f in ("config.json", "tokenizer.json"))
+                            and any(Path(cfg.student).glob("*.safetensors"))):
+        raise UserError(f"--student {cfg.student}: not a model directory with config.json, *.safetensors weights "
+                        "and tokenizer files")
     if cfg.student_preset:
         get_preset(cfg.student_preset)  # ConfigError names the presets
         if is_url(cfg.teacher):
@@ -414,13 +439,12 @@ def distill(cfg: DistillConfig) -> dict:
     except ConnectionError as e:
         raise UserError(f"teacher unreachable: {e}") from None
     claim_run(run, cfg)  # only now: a mistyped teacher URL must not tie --out to it
-    t0 = time.perf_counter()
     try:
         records = collect_traces(cfg, teacher, problems, run / "traces.jsonl")
     except ConnectionError as e:
         raise UserError(f"teacher failed: {e} (the traces so far are kept in {run / 'traces.jsonl'}: a rerun asks only "
                         "for the rest)") from None
-    traces_cost = add_traces_cost(run, time.perf_counter() - t0, getattr(teacher, "flops", None))
+    traces_cost = read_traces_cost(run, isinstance(teacher, LocalTeacher))
     kept, counts = filter_traces(records, problems)
     kept_text = "".join(json.dumps(k) + "\n" for k in kept)
     kept_before = (run / "kept.jsonl").read_text() if (run / "kept.jsonl").is_file() else None
@@ -438,6 +462,8 @@ def distill(cfg: DistillConfig) -> dict:
         raise UserError(f"no trace passed verification ({counts}); a stronger teacher or more samples are needed")
     student = cfg.student or str(fresh_student(cfg, teacher, run))
     kd_teacher = teacher.model if cfg.kd_weight > 0 and isinstance(teacher, LocalTeacher) else None
+    if isinstance(teacher, LocalTeacher):
+        teacher.model = None  # not beside the student's training unless KD needs it (the report loads it again)
     # A few hundred kept traces and a fixed step count would mean dozens of epochs: the student memorises them and
     # forgets what its pretraining taught it (measured: a student base at 0.39 on level-1 arithmetic fell to 0.06 on
     # arithmetic after ~50 epochs of 127 traces). Count epochs instead.
@@ -447,6 +473,7 @@ def distill(cfg: DistillConfig) -> dict:
                         seq_len=min(cfg.seq_len, read_config(student).max_position_embeddings),
                         device=device, progress=cfg.progress, resume=True)
     result = sft(sft_cfg, teacher=kd_teacher, kd_weight=cfg.kd_weight)
+    del kd_teacher
     write_cost(run, traces_cost, device)
     report = {"traces": counts, "student": describe(str(run / "student" / "model"), device, scored, eval_budget(cfg))}
     if isinstance(teacher, LocalTeacher):
@@ -494,7 +521,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student SFT tokens per row (default 256, capped by the student's context): raise it for "
                         "long teacher traces, whose ends are otherwise cut")
     p.add_argument("--lr", type=POSITIVE, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
-    p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation weight (local teacher only)")
+    p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation: adds W × KL(teacher ‖ student) "
+                   "(temperature 1, over the assistant tokens, logged as kd_loss) to the student's SFT loss; needs a "
+                   "local teacher with the student's tokenizer (default 0: off)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=200,
                    help="held-out problems to score teacher and student on (default 200)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the problems, the sampling and the student SFT")

@@ -417,7 +417,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
     with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
     (inputs, labels) and state_dict()/load_state_dict(). With a `teacher` model (same vocabulary), kd_weight ·
-    KL(teacher ‖ student) on the supervised positions joins the loss. A loader that pads may return a third tensor,
+    KL(teacher ‖ student) on the supervised positions joins the loss (logged as kd_loss). A loader that pads may return a third tensor,
     (B, T) bool False on padding, which then counts in no router load or balance loss. Returns the result dict on
     rank 0."""
     run = Path(cfg.out)
@@ -448,6 +448,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     autocast = mixed_precision(d.device)
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
+    distilling = teacher is not None and kd_weight > 0
     bar = None
     if d.is_main and cfg.progress:
         from tqdm import tqdm
@@ -459,7 +460,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(3, device=d.device)  # main CE, MTP CE, balance loss (+ KD)
+        sums = torch.zeros(4, device=d.device)  # main CE, MTP CE, balance loss, KD (kd_weight × KL)
         tokens = flops = 0.0
         batches = [loader.next_batch() for _ in range(accum)]
         weights = token_weights([batch[1] for batch in batches], d)
@@ -473,13 +474,14 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
                 logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real)
                 aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
-                if teacher is not None and kd_weight > 0:
+                kd = torch.zeros((), device=d.device)
+                if distilling:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
                     flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * inputs.numel()
-                    aux = aux + kd_weight * distill_kl(logits, t_logits, labels) * w_main
-                (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux).backward()
-            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach()])
+                    kd = kd_weight * distill_kl(logits, t_logits, labels) * w_main
+                (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux + kd).backward()
+            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach(), kd.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         stop_if_diverged(grad_norm, cfg, stage, step + 1)
         opt.step()
@@ -491,7 +493,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         tokens, flops = tokens * d.world_size, flops * d.world_size
         total_flops += flops
         if step % cfg.log_every == 0 or step == cfg.end - 1:
-            main_l, mtp_l, aux_l = sums.tolist()
+            main_l, mtp_l, aux_l, kd_l = sums.tolist()
             imbalance = [round((l.max() / l.mean()).item(), 3) for l in loads[: len(moes) - len(model.mtp_layers)] if l is not None]
             last = {
                 "step": step + 1, "loss": round(main_l, 5), "mtp_loss": round(mtp_l, 5), "aux_loss": round(aux_l, 7),
@@ -499,6 +501,8 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 "mfu": round(flops / dt / peak_all, 4), "expert_imbalance": imbalance,
                 "wall_s": round(prior_wall + timer.elapsed(), 2),
             }
+            if distilling:
+                last["kd_loss"] = round(kd_l, 7)
             metrics.log(last)
         if bar is not None:
             bar.update(1)

@@ -55,13 +55,15 @@ class Judgement:
 
 
 def format_ok(text: str, finished: bool = True) -> bool:
-    if not finished or text.count(THINK) != 1 or text.count(END_THINK) != 1:
+    """Finished, one `<think>…</think>` with a reasoning and an answer after it, no line repeated past MAX_REPEATS,
+    no tags in the answer and no chat-template token (`<｜User｜>`, …) anywhere: one would open another turn."""
+    if not finished or text.count(THINK) != 1 or text.count(END_THINK) != 1 or "<｜" in text:
         return False
     m = re.fullmatch(r"\s*<think>(.*)</think>(.*)", text, flags=re.DOTALL)
     if m is None:
         return False
     reasoning, answer = m.group(1).strip(), m.group(2).strip()
-    if not reasoning or not answer or "<" in answer and re.search(r"</?\w+>|<｜", answer):  # tags, chat tokens
+    if not reasoning or not answer or "<" in answer and re.search(r"</?\w+>", answer):  # tags
         return False
     lines = [l.strip() for l in reasoning.splitlines() if l.strip()]
     return not lines or max(lines.count(l) for l in set(lines)) <= MAX_REPEATS
