@@ -109,8 +109,15 @@ def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32)
     files = _tensor_files(path)
     block = BLOCK
     qc = read_config(path).quantization_config
+    if qc and qc.get("quant_method", "fp8") != "fp8":
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config quant_method {qc.get('quant_method')!r} is "
+                              "not supported (only DeepSeek's fp8 block format; dequantise the model first)")
     if qc and qc.get("weight_block_size"):
-        block = int(qc["weight_block_size"][0])
+        sizes = qc["weight_block_size"]
+        if len(set(sizes)) != 1:
+            raise CheckpointError(f"{path / 'config.json'}: quantization_config weight_block_size {sizes}: only square "
+                                  "blocks are read (DeepSeek's are [128, 128])")
+        block = int(sizes[0])
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -118,9 +125,13 @@ def iter_tensors(path: str | Path, dequantize: bool = True, dtype=torch.float32)
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in the index but missing")
         with _open(f) as sf:
+            held = set(sf.keys())
             for name in names:
                 if dequantize and name.endswith("_scale_inv"):
                     continue
+                if name not in held:
+                    raise CheckpointError(f"{path / 'model.safetensors.index.json'}: maps tensor {name} to {f.name}, "
+                                          "which does not hold it")
                 try:
                     t = sf.get_tensor(name)
                 except (SafetensorError, OSError, RuntimeError) as e:
@@ -176,8 +187,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
     n_layers = L + cfg.num_nextn_predict_layers
     for name, t in iter_tensors(path, dequantize=True, dtype=dtype):
         where = f"{path / files[name].name}: tensor {name}"
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
+        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue  # (a tied head's copy, which some writers store: the head is the embedding, as in transformers)
         m = _MTP_SHARED.match(name)
         if m and int(m.group(1)) >= L:
             continue  # MTP's copies of the shared embedding / output head
@@ -186,6 +197,9 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, strict: bool
             continue
         if name not in expected:
             raise CheckpointError(f"{where} is not part of this model (config.json does not describe it)")
+        if not t.is_floating_point():  # e.g. int8 weights with their own scales: never copy raw integers as weights
+            raise CheckpointError(f"{where} is stored as {t.dtype}; only float weights and DeepSeek's FP8 "
+                                  "(float8 + weight_scale_inv) are read")
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(f"{where} has shape {tuple(t.shape)}, config.json implies {expected[name]}")
         em = _EXPERT.match(name)

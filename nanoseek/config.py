@@ -200,6 +200,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
         mt = d.get("model_type")
+        if mt == "kimi_k2" and "DeepseekV3ForCausalLM" in (d.get("architectures") or []):
+            mt = "deepseek_v3"  # Moonshot's Kimi-K2 releases: DeepSeek-V3's architecture under their own model_type
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"model_type {mt!r} is not a DeepSeek-V3 architecture (expected one of {SUPPORTED_MODEL_TYPES})")
         d = dict(d)

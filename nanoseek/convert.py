@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst} is a file; name a model directory to write")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
-    model = load_model(src, dtype=DTYPES[args.dtype])
+    # FP8 output: quantise from float32, not from weights already rounded to --dtype (FP8 -> FP8 is then exact)
+    model = load_model(src, dtype=torch.float32 if args.fp8 else DTYPES[args.dtype])
     save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
     copy_tokenizer(src, dst)  # the output's tokenizer is the input's, or none (never an overwritten model's)
     if (src / "generation_config.json").is_file():  # its stop ids and sampling defaults (serve, chat, generate read them)

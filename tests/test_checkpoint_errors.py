@@ -179,3 +179,88 @@ def test_an_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path)
     os.chmod(private, 0o600)
     atomic.write_text(private, "new")
     assert private.read_text() == "new" and private.stat().st_mode & 0o777 == 0o600
+
+
+def test_integer_weights_with_scales_are_refused_not_loaded_raw(model_dir, tmp_path):
+    """int8 weights with block scales (SGLang's blockwise_int8) passed every shape check, and their raw codes
+    (-127..127) became the weights while the scales were dropped."""
+    fp8 = nanoseek.save_model(nanoseek.load_model(model_dir), tmp_path / "q", fp8=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rewrite(fp8, lambda t: t.update({name: t[name].float().round().clamp(-127, 127).to(torch.int8)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} is stored as torch\.int8"):
+        nanoseek.load_model(fp8)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "blockwise_int8"
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quant_method 'blockwise_int8' is not supported"):
+        nanoseek.load_model(fp8)
+
+
+def test_non_square_fp8_blocks_are_refused_by_name(model_dir, tmp_path):
+    fp8 = nanoseek.save_model(nanoseek.load_model(model_dir), tmp_path / "q", fp8=True)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [128, 64]  # read as 128x128 before: loaded silently
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"weight_block_size \[128, 64\]: only square blocks"):
+        nanoseek.load_model(fp8)
+
+
+def test_an_index_that_names_the_wrong_file_says_so(model_dir):
+    names = list(load_file(str(model_dir / "model.safetensors")))
+    other = {n: torch.zeros(1) for n in ["x"]}
+    save_file(other, str(model_dir / "other.safetensors"))
+    weight_map = {n: "model.safetensors" for n in names} | {names[0]: "other.safetensors"}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"index\.json: maps tensor {names[0]} to other\.safetensors, which "
+                                              "does not hold it"):
+        nanoseek.load_model(model_dir)
+
+
+def test_kimi_k2_is_read_as_the_deepseek_v3_architecture_it_names(model_dir):
+    """Moonshot's Kimi-K2 config.json says model_type kimi_k2 with architectures [DeepseekV3ForCausalLM]."""
+    want = nanoseek.load_model(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "kimi_k2", ["DeepseekV3ForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(nanoseek.load_model(model_dir)(ids), want(ids))
+    cfg["architectures"] = ["KimiForCausalLM"]  # another architecture under that name: not ours to guess
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'kimi_k2' is not a DeepSeek-V3 architecture"):
+        nanoseek.load_model(model_dir)
+
+
+def test_a_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
+    cfg = nanoseek.get_preset("cpu-tiny")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    d = nanoseek.save_model(nanoseek.build_model(cfg), tmp_path / "tied")
+    rewrite(d, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))  # as some writers do
+    back = nanoseek.load_model(d)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+
+
+def test_convert_fp8_of_an_fp8_model_is_exact(model_dir, tmp_path):
+    """--fp8 quantised from weights first rounded to --dtype (bfloat16): FP8 -> FP8 moved the logits."""
+    fp8 = nanoseek.save_model(nanoseek.load_model(model_dir), tmp_path / "a", fp8=True)
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "convert", str(fp8), str(tmp_path / "b"), "--fp8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(fp8 / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    quantised = [n for n, t in a.items() if t.dtype == torch.float8_e4m3fn]
+    assert quantised and all(torch.equal(a[n].float(), b[n].float()) for n in quantised)
+    assert all(torch.equal(a[n + "_scale_inv"], b[n + "_scale_inv"]) for n in quantised)
+
+
+def test_the_cli_prints_our_warnings_as_one_line(tmp_path):
+    """The missing-MTP warning came with a path and a line of nanoseek's source under it."""
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    ours = nanoseek.save_model(nanoseek.build_model(nanoseek.get_preset("cpu-tiny")), tmp_path / "ours")
+    DeepseekV3ForCausalLM.from_pretrained(ours).save_pretrained(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "convert", str(tmp_path / "hf"), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("warning: ") and "no MTP layer" in r.stderr and r.stderr.count("\n") == 1
