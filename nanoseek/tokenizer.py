@@ -161,6 +161,18 @@ def _split_tracked(text: str) -> tuple[str, list[tuple[int, int]]]:
 
 
 # --- the tokenizer -------------------------------------------------------------------------------------------------
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(texts: Sequence[str]) -> None:
+    """A TokenizerError (a user error) for a lone UTF-16 surrogate, which the Rust tokenizer refuses with a bare
+    TypeError: a JSON "\\ud800" escape, or a non-UTF-8 byte in a command-line argument (Python's surrogateescape)."""
+    for text in texts:
+        if isinstance(text, str) and (m := _LONE_SURROGATE.search(text)) is not None:
+            raise TokenizerError(f"the text holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at character "
+                                 f"{m.start()}: not valid Unicode, cannot be tokenized") from None
+
+
 def _token_string(value) -> str | None:
     """A special token as stored in tokenizer_config.json: a string, or an AddedToken dict."""
     if isinstance(value, dict):
@@ -180,12 +192,12 @@ def _read_json(path: Path) -> dict:
 
 def _read_chat_template(path: Path, config: dict) -> str | None:
     """The directory's chat template: tokenizer_config.json, or the chat_template.jinja newer transformers write."""
+    if (path / "chat_template.jinja").is_file():  # transformers reads this file before tokenizer_config.json's
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    if template is None and (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and (path / "chat_template.json").is_file():
         template = _read_json(path / "chat_template.json").get("chat_template")
     return template
@@ -240,7 +252,8 @@ class Tokenizer:
         tj = path / "tokenizer.json"
         if not tj.is_file():
             hint = f"; a run directory's model is {path / 'model'}" if (path / "model" / "tokenizer.json").is_file() \
-                else "" if path.is_dir() else f"; {path} does not exist"
+                else "" if path.is_dir() else f"; {path} is a file, not a directory" if path.exists() \
+                else f"; {path} does not exist"
             raise TokenizerError(f"{tj}: not found (a tokenizer directory needs tokenizer.json{hint})")
         try:
             tok = HFTokenizer.from_file(str(tj))
@@ -287,7 +300,11 @@ class Tokenizer:
         # encode stalled every stream for seconds
         if len(text) > LONG_TEXT:
             return self.encode_batch([text], add_bos)[0]
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_encodable([text])
+            raise
         return [self._require(self.bos_id, "bos")] + ids if add_bos else ids
 
     @functools.cached_property
@@ -309,7 +326,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts at once (parallel in the Rust library)."""
-        encs = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        try:
+            encs = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            _check_encodable(texts)
+            raise
         head = [self._require(self.bos_id, "bos")] if add_bos else []
         return [head + e.ids for e in encs]
 
@@ -388,12 +409,21 @@ class Tokenizer:
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS.values()))
 
 
+# BPE training time grows with the square of a word's length (a 200 kB run of "-" took 24 s, 10 MB hours): a run of
+# more non-space characters than this is cut for training (no token can be that long anyway; other text is untouched)
+_LONG_RUN = re.compile(r"\S{1000}(?=\S)")
+
+
 def _without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
     """Training text with special-token strings cut out, so no merges are spent on their spellings."""
     for text in texts:
         for piece in _SPECIAL_RE.split(text):
-            if piece:
-                yield piece
+            start = 0
+            for m in _LONG_RUN.finditer(piece) if len(piece) > 1000 else ():
+                yield piece[start : m.end()]
+                start = m.end()
+            if piece[start:]:
+                yield piece[start:]
 
 
 def _new_bpe() -> HFTokenizer:
@@ -437,17 +467,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
 
 # --- CLI: nanoseek tokenizer train ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import POSITIVE_INT, SEED, bounded
+    from .cli import POSITIVE_INT, SEED, HelpFormatter, bounded
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE tokenizer and write it as an HF tokenizer directory",
+    t = sub.add_parser("train", formatter_class=HelpFormatter,
+                       help="train a byte-level BPE tokenizer and write it as an HF tokenizer directory",
                        description="Train a byte-level BPE tokenizer with DeepSeek's special tokens and R1 chat "
                                    "template; write tokenizer.json + tokenizer_config.json to --out.")
     t.add_argument("--out", required=True, help="directory to write")
     t.add_argument("--data", nargs="+", action="extend", default=[], metavar="FILE",
                    help="JSONL/Parquet files with {'text'} or {'messages'} records (repeated --data add up); "
                         "default: the task suite")
-    t.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), default=512, help="vocabulary size (default 512)")
+    t.add_argument("--vocab-size", type=bounded(int, MIN_VOCAB), default=512,
+                   help=f"vocabulary size, at least {MIN_VOCAB} (256 bytes + 6 special tokens) (default 512)")
     t.add_argument("--n-docs", type=POSITIVE_INT, default=10000, help="task-suite problems to train on without --data")
     t.add_argument("--seed", type=SEED, default=0, help="task-suite seed")
     t.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
@@ -481,7 +513,9 @@ def _training_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .checkpoint import TOKENIZER_FILES, copy_tokenizer
     from .cli import UserError
+    from .data.corpus import read_meta
 
     if args.action != "train":
         raise UserError(f"unknown action {args.action!r}")
@@ -492,8 +526,13 @@ def run(args: argparse.Namespace) -> int:
     if (Path(args.out) / "config.json").is_file():
         raise UserError(f"{args.out} is a model directory: a new tokenizer would no longer match its embeddings; "
                         "choose another --out")
-    if (Path(args.out) / "tokenizer.json").is_file() and not args.overwrite:
-        raise UserError(f"{args.out} already holds a tokenizer; pass --overwrite to replace it")
+    if "shards" in (read_meta(args.out) or {}):  # an earlier run's RUN/data
+        raise UserError(f"{args.out} holds token shards: a new tokenizer would no longer match their ids; "
+                        "choose another --out")
+    present = [n for n in TOKENIZER_FILES if (Path(args.out) / n).exists()]
+    if present and not args.overwrite:
+        raise UserError(f"{args.out} already holds tokenizer files ({', '.join(present)}); pass --overwrite to "
+                        "replace them")
     texts = _training_texts(args)
     if not texts:
         raise UserError("no training text")
@@ -502,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
     if tok.vocab_size < args.vocab_size:
         print(f"tokenizer: the text allows only {tok.vocab_size} of the {args.vocab_size} tokens asked for (every "
               "pair seen at least twice is merged); give more --data or --n-docs for more", file=sys.stderr)
+    copy_tokenizer(None, Path(args.out))  # an earlier tokenizer's files would be read beside the new one's
     tok.save(args.out)
     print(json.dumps({"out": str(args.out), "vocab_size": tok.vocab_size}))
     return 0

@@ -317,3 +317,10 @@ def test_word_problems_read_as_english(samples):
     for level in LEVELS["word"]:
         for p in generate("word", level, 3000, seed=0):
             assert not bad.search(p.question), p.question
+
+
+def test_a_level_that_is_a_digit_only_to_unicode_is_refused_by_name():
+    from nanoseek.data.tasks import parse_cells
+
+    with pytest.raises(ValueError, match="arithmetic has levels 1, 2, 3, 4"):  # int("²") raised its own error
+        parse_cells(["arithmetic:²"])

@@ -408,3 +408,71 @@ def test_cli_says_on_stderr_when_the_vocabulary_is_smaller_than_asked(tmp_path, 
     out, err = capsys.readouterr()
     got = json.loads(out.splitlines()[-1])["vocab_size"]
     assert got < 1000 and f"only {got} of the 1000 tokens" in err
+
+
+def test_cli_train_refuses_a_shard_folder(tmp_path):
+    """RUN/data holds tokenizer.json beside token shards: --overwrite replaced it, and pretrain --data then trained
+    on ids that meant other tokens."""
+    from nanoseek.cli import UserError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({"shards": ["shard_00000.bin"], "vocab_size": 512}))
+    (tmp_path / "data" / "tokenizer.json").write_text("{}")
+    module, args = cli_args("train", "--out", str(tmp_path / "data"), "--n-docs", "10", "--overwrite")
+    with pytest.raises(UserError, match="holds token shards"):
+        module.run(args)
+
+
+def test_cli_train_leaves_no_earlier_tokenizer_files_beside_the_new_one(tmp_path, capsys):
+    """transformers read a stale special_tokens_map.json / chat_template.jinja beside the new tokenizer: another eos
+    and another chat template than nanoseek's."""
+    from transformers import AutoTokenizer
+
+    from nanoseek.cli import UserError
+
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (out / "chat_template.jinja").write_text("{% for m in messages %}OTHER{{ m.content }}{% endfor %}")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts(100)))
+    module, args = cli_args("train", "--out", str(out), "--data", str(data), "--vocab-size", "300")
+    with pytest.raises(UserError, match=r"already holds tokenizer files \(.*special_tokens_map\.json"):
+        module.run(args)
+    module, args = cli_args("train", "--out", str(out), "--data", str(data), "--vocab-size", "300", "--overwrite")
+    assert module.run(args) == 0
+    ours, hf = Tokenizer.from_dir(out), AutoTokenizer.from_pretrained(out)
+    assert hf.eos_token == SPECIAL_TOKENS["eos"]
+    assert hf.apply_chat_template([Q1], tokenize=False, add_generation_prompt=True) == \
+        ours.apply_chat_template([Q1], tokenize=False)
+
+
+def test_from_dir_reads_chat_template_jinja_first_as_transformers_does(tok, hf_tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template([Q1], tokenize=False)
+    assert want == "[What is 12 + 30?]" == Tokenizer.from_dir(tmp_path).apply_chat_template([Q1], tokenize=False)
+
+
+@pytest.mark.parametrize("text", ["a\udcffb", "\ud800"])
+def test_text_that_is_not_unicode_is_a_tokenizer_error(tok, text):
+    """A non-UTF-8 byte in a command-line prompt (surrogateescape) or a JSON "\\ud800" escape: a TypeError
+    traceback from the Rust tokenizer before."""
+    with pytest.raises(TokenizerError, match="lone UTF-16 surrogate"):
+        tok.encode(text)
+    with pytest.raises(TokenizerError, match="lone UTF-16 surrogate"):
+        tok.encode_batch(["fine", text])
+
+
+def test_a_long_run_without_spaces_is_cut_for_training():
+    """BPE training time grew with the square of a run without spaces: 400 kB of "ab" took 131 s, 10 MB hours.
+    Such a run is trained on in pieces of 1000 characters; other text is left whole."""
+    from nanoseek.tokenizer import _without_special_tokens
+
+    pieces = list(_without_special_tokens(["ab" * 1250 + " tail " + "x" * 999, "short text"]))
+    assert [len(p) for p in pieces] == [1000, 1000, 500 + 6 + 999, 10] and "".join(pieces[:3]) == (
+        "ab" * 1250 + " tail " + "x" * 999)
+    trained = train_tokenizer(synthetic_texts(50) + ["ab" * 100_000], vocab_size=300)
+    assert trained.decode(trained.encode("abab cat")) == "abab cat"

@@ -371,7 +371,8 @@ def parse_cells(specs) -> list[tuple[str, int]]:
         if fam not in FAMILIES:
             raise ValueError(f"unknown task {fam!r}; choose from {', '.join(FAMILIES)} (FAMILY:LEVEL for one level), "
                              "or all")
-        if colon and (not lvl.isdigit() or int(lvl) not in LEVELS[fam]):  # "arithmetic:" names no level
+        # "arithmetic:" names no level; "²" is a digit to isdigit() and not to int()
+        if colon and (not (lvl.isascii() and lvl.isdigit()) or int(lvl) not in LEVELS[fam]):
             raise ValueError(f"task {spec!r}: {fam} has levels {', '.join(map(str, LEVELS[fam]))}")
         cells += [(fam, int(lvl))] if lvl else [(fam, level) for level in LEVELS[fam]]
     return list(dict.fromkeys(cells))
