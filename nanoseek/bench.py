@@ -220,7 +220,8 @@ def setup(args: argparse.Namespace):
     device = "cuda:0" if device == "cuda" else device
     if args.model is not None:
         if not os.path.isdir(args.model):
-            raise UserError(f"--model {args.model}: no such model directory")
+            raise UserError(f"--model {args.model}: " + ("a file, not a model directory" if os.path.exists(args.model)
+                                                          else "no such model directory"))
         cfg = read_config(args.model)
     else:
         cfg = get_preset(args.preset).replace(torch_dtype="float32")
@@ -369,8 +370,12 @@ def print_table(r: dict, name: str) -> None:
               f"| {t['tokens_per_s']:.0f} | {t['step_ms']:.1f} | {t['mfu']:.1%} | "
               f"{t['dollars_per_million_tokens']:.4f} |")
         print(f"MFU against {t['peak_flops'] / 1e12:.3g} TFLOP/s ({t['peak']})")
-    if m["gpu"] is None and (m["load_avg_1m"] or 0) >= 1 and m["threads"] >= (m["cores"] or 1):
-        print(f"\nThe machine was busy (load average {m['load_avg_1m']:.1f}): torch's {m['threads']} threads wait on "
+    load, cores = m["load_avg_1m"] or 0, m["cores"] or 1
+    if m["gpu"] is None and load >= 1 and m["threads"] >= cores:
+        print(f"\nThe machine was busy (load average {load:.1f}): torch's {m['threads']} threads wait on "
               "each other when another process takes a core, which can slow everything many times over. Rerun on "
               "a quiet machine, or with fewer --threads.")
+    elif m["gpu"] is None and load >= cores:  # fewer threads than cores, but every core was taken
+        print(f"\nThe machine was busy (load average {load:.1f} on {cores} cores): the numbers above are what was "
+              "left of it. Rerun on a quiet machine.")
     print()

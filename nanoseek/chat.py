@@ -1,7 +1,7 @@
 """`nanoseek chat --model DIR`: talk to a model in the terminal, in process (no server).
 
-Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint, on a terminal only; NO_COLOR
-turns styling off) and the answer in normal text. Earlier turns stay in the conversation without their reasoning, as
+Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint, on a terminal only; on a pipe or
+with NO_COLOR it goes between <think> tags) and the answer in normal text. Earlier turns stay in the conversation without their reasoning, as
 R1 expects; when the conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts
 over, `/exit` (or EOF, Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
 """
@@ -9,6 +9,8 @@ over, `/exit` (or EOF, Ctrl-D) quits; Ctrl-C stops an answer being generated, an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -41,26 +43,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class Printer:
-    """Writes reasoning deltas dimmed and answer deltas plain, switching style only when the section changes."""
+    """Writes reasoning deltas dimmed and answer deltas plain, switching style only when the section changes. Without
+    color (a pipe, NO_COLOR) the reasoning goes between R1's <think> tags instead, or it would read as the answer."""
 
     def __init__(self, out=sys.stdout, color: bool = True):
-        self.out, self.color, self.section = out, color, None
+        self.out, self.color, self.section, self.line_ended = out, color, None, True
+
+    def _close_reasoning(self) -> None:
+        self.out.write(RESET if self.color else ("" if self.line_ended else "\n") + "</think>")
 
     def write(self, section: str, text: str) -> None:
         if not text:
             return
-        if section != self.section and self.color:
-            self.out.write(DIM if section == "reasoning" else RESET)
-        if section == "content" and self.section == "reasoning":
-            self.out.write("\n\n")
+        if section != self.section:
+            if self.section == "reasoning":
+                self._close_reasoning()
+                self.out.write("\n\n")
+            if section == "reasoning":
+                self.out.write(DIM if self.color else "<think>\n")
         self.section = section
         self.out.write(text.translate(CONTROLS))
+        self.line_ended = text.endswith("\n")
         self.out.flush()
 
     def end(self) -> None:
-        self.out.write((RESET if self.color and self.section == "reasoning" else "") + "\n")
+        if self.section == "reasoning":
+            self._close_reasoning()
+        self.out.write("\n")
         self.out.flush()
-        self.section = None
+        self.section, self.line_ended = None, True
 
 
 class ChatSession:
@@ -75,15 +86,21 @@ class ChatSession:
         self.turns = []
 
     def _prompt(self, messages: list[dict]) -> list[int] | None:
-        """The prompt ids, dropping the oldest turns until there is room to answer; None if even one turn won't fit."""
+        """The prompt ids, dropping the oldest turns until there is room to answer (--max-tokens, or a quarter of the
+        context if less), and saying so; None if even the last message leaves no room at all."""
         tok, limit = self.rt.tokenizer, self.rt.max_model_len
+        room, dropped = min(self.max_tokens, limit // 4), 0
         while True:
             ids = tok.apply_chat_template(self.system + messages, add_generation_prompt=True)
-            if len(ids) < limit:
+            if len(ids) + room <= limit or (len(messages) <= 1 and len(ids) < limit):
+                if dropped:
+                    print(f"(the {dropped} oldest turn{'s' * (dropped > 1)} left the conversation: the context holds "
+                          f"{limit} tokens)")
                 return ids
             if len(messages) <= 1:
                 return None
             messages[:] = messages[2:] if len(messages) > 2 else messages[1:]
+            dropped += 1
 
     def reply(self, text: str, printer: Printer) -> None:
         from .engine.engine import SamplingParams
@@ -159,7 +176,13 @@ def run(args: argparse.Namespace) -> int:
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError("need --temperature >= 0 and 0 < --top-p <= 1")
     session = ChatSession(rt, temperature, top_p, args.max_tokens, args.system)
+    if args.system and len(rt.tokenizer.apply_chat_template(session.system + [{"role": "user", "content": "x"}],
+                                                             add_generation_prompt=True)) >= rt.max_model_len:
+        raise UserError(f"--system is longer than the context of {rt.max_model_len} tokens")
     printer = Printer(color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))  # no escapes into a pipe
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # (Windows has none)
+            importlib.import_module("readline")  # input() then edits lines: arrow keys move, not type escape codes
     print(f"nanoseek chat with {args.model} on {rt.engine.device}. {HELP}; Ctrl-C stops an answer.")
     while (line := _read("> ")) is not None:
         text = line.strip()

@@ -15,6 +15,7 @@ import io
 import math
 import os
 import sys
+import warnings
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -168,7 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one line, like our errors (not a path and a line of nanoseek's source under them)."""
+    if str(filename).startswith(os.path.dirname(__file__)):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
@@ -189,6 +201,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def stdout_reader_left() -> bool:
+    """Whether our stdout is a pipe whose reader has gone (`nanoseek generate ... | head -1`). If so, stdout now goes
+    to /dev/null, or the interpreter's last flush would fail with the same error."""
+    import select
+
+    try:
+        poll = select.poll()  # a pipe's writing end with no reader polls as an error (Linux, macOS)
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(event & select.POLLERR for _, event in poll.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or no stdout
+        return False
 
 
 def close_bars() -> None:
@@ -263,6 +291,8 @@ def run_verb(argv: list[str]) -> int:
                             f"{', '.join(sorted(DISTRIBUTED))}{hint}")
         return importlib.import_module(args._module).run(args) or 0
     except _user_errors() as e:
+        if isinstance(e, BrokenPipeError) and stdout_reader_left():
+            return 141  # as a command stopped by SIGPIPE (`yes | head`): quietly, the reader wanted no more
         close_bars()  # an error found mid-run (a diverged step, a full disk) goes under the bar, not onto its line
         if rank() == 0:  # every rank checks the same things: one copy of the message
             print(f"error: {e}", file=sys.stderr)

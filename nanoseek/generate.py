@@ -35,24 +35,26 @@ class Completion:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, bounded
+    from .cli import NONNEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, HelpFormatter, OneFile, bounded
     from .device import add_dtype_argument
 
     p.add_argument("--model", required=True, help="HF model directory (weights, config, tokenizer)")
     p.add_argument("prompt", nargs="*", metavar="PROMPT",
                    help="text to complete, one argument per prompt (or use --prompts); a prompt that starts with "
                         "'-' goes after '--', which ends the options: give them all before it")
-    p.add_argument("--prompts", metavar="FILE",
-                   help='prompts from a file: .jsonl with {"prompt": ...} or {"messages": [...]} (chat) records, '
-                        "else one prompt per line (blank lines skipped); '-' reads lines from standard input")
+    p.add_argument("--prompts", metavar="FILE", action=OneFile,
+                   help='prompts from a file: .jsonl (any case) with {"prompt": ...} or {"messages": [...]} (chat) '
+                        "records, else one prompt per line (blank lines skipped); '-' reads lines from standard "
+                        "input (--jsonl: records)")
+    p.add_argument("--jsonl", action="store_true", help="read --prompts as JSONL records whatever its name")
     p.add_argument("--chat", action="store_true",
                    help="render each prompt as one user message through the chat template (with the generation "
                         "prompt) and split the <think> reasoning from the answer; default: raw text completion")
     p.add_argument("--system", metavar="TEXT", help="a system message for chat prompts (needs --chat or messages)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, metavar="N",
-                   help="most new tokens per completion (256)")
+                   help="most new tokens per completion")
     p.add_argument("--temperature", type=TEMPERATURE, default=0.0, metavar="T",
-                   help="0 = greedy (default); R1 suggests 0.6")
+                   help="0 = greedy, up to 2; R1 suggests 0.6")
     p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=1.0, metavar="P",
                    help="nucleus sampling: keep the smallest set of tokens with this much probability (1 = off)")
     p.add_argument("--top-k", type=NONNEGATIVE_INT, default=0, metavar="K",
@@ -72,8 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.jsonl",
                    help="also write one JSON record per completion here (Ctrl-C keeps those that finished)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("stdout: the completion (several: one '==> prompt i <==' block each), then one JSON line:\n"
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no progress bar (shown on stderr for more than {PROGRESS_ABOVE} completions)")
+    # keep the epilog's line breaks, and the defaults cli.HelpFormatter states
+    p.formatter_class = type("RawHelpFormatter", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {})
+    p.epilog = ("stdout: the completion (several: one '==> prompt i (sample s of n): PROMPT <==' block each), then "
+                "one JSON line:\n"
                 "completions, n_prompts, samples, new_tokens, seconds, tokens_per_s (+ acceptance_rate).\n"
                 "examples:\n  nanoseek generate --model DIR 'The capital of France is' --max-new-tokens 20\n"
                 "  nanoseek generate --model DIR --chat 'What is 12 times 3?' --temperature 0.6 --samples 4\n"
@@ -86,6 +92,8 @@ def read_prompts(args: argparse.Namespace) -> list[Prompt]:
 
     if args.prompt and args.prompts:
         raise UserError("give prompts on the command line or with --prompts, not both")
+    if args.jsonl and args.prompts is None:
+        raise UserError("--jsonl reads --prompts FILE as JSONL; no --prompts was given")
     if args.prompts is None:
         if not args.prompt:
             raise UserError("no prompt: give PROMPT arguments or --prompts FILE")
@@ -98,7 +106,7 @@ def read_prompts(args: argparse.Namespace) -> list[Prompt]:
     # lines end at \n only (str.splitlines would also split at U+2028 or a form feed inside a JSON string)
     lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1)
              if line.strip()]
-    jsonl = args.prompts.endswith(".jsonl")
+    jsonl = args.jsonl or args.prompts.lower().endswith(".jsonl")
     out = [(_record(line, f"{name} line {n}", args) if jsonl else _text_prompt(line, f"{name} line {n}", args))
            for n, line in lines]
     if not out:
@@ -231,23 +239,23 @@ def _write(path: Path, prompts: list[Prompt], chat: list[bool], samples: int, do
                                ensure_ascii=False) + "\n")
 
 
-def _show(prompts: list[Prompt], completions: list[Completion], samples: int) -> None:
-    """The completions for a reader: one alone as is, several as `==> prompt i (sample s of n): … <==` blocks;
-    reasoning dimmed on a terminal (as `nanoseek chat` shows it), else between <think> tags."""
+def _show(prompts: list[Prompt], completions: dict[int, Completion], samples: int, total: int) -> None:
+    """The completions {index: completion} of `total` for a reader: one alone as is, several as `==> prompt i
+    (sample s of n): … <==` blocks; reasoning dimmed on a terminal (as `nanoseek chat` shows it), else between
+    <think> tags."""
     from .chat import Printer
 
     printer = Printer(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-    for i, c in enumerate(completions):
-        if len(completions) > 1:
+    for n, (i, c) in enumerate(sorted(completions.items())):
+        if total > 1:
             p = prompts[i // samples]
             shown = p.shown if isinstance(p.shown, str) else p.shown[-1]["content"]
             shown = " ".join(shown.split())
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             sample = f" (sample {i % samples + 1} of {samples})" if samples > 1 else ""
-            print(("\n" if i else "") + f"==> prompt {i // samples + 1}{sample}: {shown} <==", flush=True)
+            print(("\n" if n else "") + f"==> prompt {i // samples + 1}{sample}: {shown} <==", flush=True)
         if c.reasoning is not None:  # dimmed on a terminal, else in R1's tags
-            r = c.reasoning.strip("\n")
-            printer.write("reasoning", r if printer.color else f"<think>\n{r}\n</think>")
+            printer.write("reasoning", c.reasoning.strip("\n"))
         printer.write("content", c.text)
         printer.end()
 
@@ -291,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         completions = complete(engine, tok, ids, args.samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                speculative=args.speculative, stop_ids=ends, stop=args.stop, chat=chat,
-                               progress=len(ids) * args.samples > PROGRESS_ABOVE)
+                               progress=not args.no_progress and len(ids) * args.samples > PROGRESS_ABOVE)
     except Interrupted as e:  # keep what finished (unless that would replace an earlier file)
         kept = f"; they are in {out}" if out is not None and e.done and not earlier else ""
         if kept:
@@ -299,11 +307,13 @@ def run(args: argparse.Namespace) -> int:
         elif out is not None and earlier:
             kept = f" ({out} keeps what it held: they are not written)"
         print(f"\ninterrupted: {len(e.done)} of {len(ids) * args.samples} completions finished{kept}", file=sys.stderr)
+        if not kept:  # nowhere else to keep them
+            _show(prompts, e.done, args.samples, len(ids) * args.samples)
         return 130
     seconds = time.perf_counter() - start
     if out is not None:
         _write(out, prompts, chat, args.samples, dict(enumerate(completions)))
-    _show(prompts, completions, args.samples)
+    _show(prompts, dict(enumerate(completions)), args.samples, len(completions))
     new_tokens = sum(c.new_tokens for c in completions)
     summary = {"completions": [c.text for c in completions], "n_prompts": len(prompts), "samples": args.samples,
                "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / seconds, 1)}

@@ -138,6 +138,7 @@ def test_noise_is_no_decode_rate(capsys, monkeypatch):
     (["--batch-sizes", "1"], 2, "one of the arguments --model --preset is required"),
     (["--model", "no/such/dir"], 1, "no such model directory"),
     (["--model", ""], 1, "no such model directory"),
+    (["--model", sys.executable], 1, "a file, not a model directory"),
     (["--preset", "cpu-tiny", "--prompt-len", "500", "--new-tokens", "100"], 1, "does not fit the model's context"),
     (["--preset", "cpu-tiny", "--seq-len", "1000"], 1, "--seq-len 1000 does not fit"),
 ])
@@ -157,3 +158,14 @@ def test_cli_entry():
     p = subprocess.run([sys.executable, "-m", "nanoseek", "bench", "--preset", "cpu-tiny", "--batch-sizes", "0"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "batch sizes must be at least 1" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("threads, load, says", [(1, 8.0, "8.0 on 4 cores"), (4, 2.0, "torch's 4 threads wait"),
+                                                 (1, 0.5, None)])
+def test_a_busy_machine_is_named_with_fewer_threads_than_cores(capsys, monkeypatch, threads, load, says):
+    """With --threads below the core count the note was never printed, however busy the machine."""
+    real = bench.machine
+    monkeypatch.setattr(bench, "machine", lambda device: {**real(device), "cores": 4, "threads": threads,
+                                                          "load_avg_1m": load})
+    code, out, _ = run_bench(capsys, "--preset", "cpu-tiny", *TINY, "--no-train", "--no-speculative")
+    assert code == 0 and (says in out if says else "was busy" not in out)

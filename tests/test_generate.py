@@ -305,3 +305,23 @@ def test_ctrl_c_keeps_the_completions_that_finished(model, capsys, tmp_path, mon
     assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6", "--out", str(out),
                  "--overwrite"]) == 130
     assert out.read_text() == before and f"{out} keeps what it held" in capsys.readouterr().err
+    # without --out the finished completions were thrown away: they are shown on stdout
+    assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6"]) == 130
+    shown = capsys.readouterr().out
+    assert shown.startswith("==> prompt 1: Tom has 3 <==\n") and "prompt 2" not in shown
+
+
+def test_jsonl_prompts_by_any_case_or_flag_and_one_prompts_file(model, capsys, tmp_path, monkeypatch):
+    """A .JSONL file, or JSONL on stdin, was completed as raw text, its JSON lines the prompts; a second --prompts
+    silently replaced the first."""
+    record = json.dumps({"prompt": "Tom has"}) + "\n"
+    _, want = generate(capsys, model, "Tom has", "--max-new-tokens", "4")
+    (tmp_path / "P.JSONL").write_text(record)
+    _, got = generate(capsys, model, "--prompts", str(tmp_path / "P.JSONL"), "--max-new-tokens", "4")
+    assert got["completions"] == want["completions"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(record))
+    _, got = generate(capsys, model, "--prompts", "-", "--jsonl", "--max-new-tokens", "4", "--no-progress")
+    assert got["completions"] == want["completions"]
+    with pytest.raises(SystemExit):
+        main(["--model", str(model[0]), "--prompts", "a.txt", "--prompts", "b.txt"])
+    assert "--prompts takes one file" in capsys.readouterr().err

@@ -517,3 +517,15 @@ def test_pretrain_refuses_a_pipe_it_would_read_twice(capsys, tmp_path):
     os.mkfifo(tmp_path / "corpus.jsonl")
     code, err = run_cli(capsys, "pretrain", *TINY, "--out", tmp_path / "run", "--data", tmp_path / "corpus.jsonl")
     assert code == 1 and "can be read only once (a pipe?)" in err and "--tokenizer" in err
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly():
+    """`nanoseek generate ... | head -1` printed `error: [Errno 32] Broken pipe` and exited 1."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "tasks", "--out", "-", "--n", "20000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

@@ -94,7 +94,8 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: no such model directory")
+        what = "a file, not a model directory" if model_dir.exists() else "no such model directory"
+        raise UserError(f"{model_dir}: {what}")
     if max_batch_size < 1:
         raise UserError("--max-batch-size must be at least 1")
     cfg = read_config(model_dir)
