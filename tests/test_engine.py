@@ -489,3 +489,15 @@ def test_a_completion_cut_by_the_cache_row_warns(model):
     with pytest.warns(UserWarning, match="exceeds this engine's max_seq_len=16"):
         out = e.generate([list(range(1, 13))], max_new_tokens=10, stop_token_ids=())
     assert len(out[0]) == 4  # 12 prompt tokens + 4 fill the 16 positions
+
+
+def test_top_k_keeps_ties_and_top_p_one_keeps_the_tail_as_transformers_does():
+    """top-k kept exactly k tokens by rank, so which of several tied with the k-th survived depended on the sort;
+    top_p 1.0 (off) still cut the tail where the float sum reached 1 first."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0]])
+    want = TopKLogitsWarper(top_k=1)(None, logits.clone()).softmax(-1)
+    assert torch.allclose(filtered_probs(logits, top_k=1), want) and (want > 0).sum() == 3
+    big = torch.linspace(30, -30, 129280)[None]  # a long tail of tiny probabilities
+    assert bool((filtered_probs(big, top_p=1.0) > 0).all())

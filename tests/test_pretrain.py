@@ -152,3 +152,32 @@ def test_micro_batch_default_splits_the_batch_over_processes(monkeypatch):
     assert micro_batch_default(16, 16, given=True) == 16  # what the user asked for is kept (and then checked)
     monkeypatch.delenv("WORLD_SIZE")
     assert micro_batch_default(16, 32, given=False) == 16
+
+
+def test_each_mtp_depth_is_a_mean_over_its_positions_however_the_step_is_split():
+    """MTP depth k scores labels[:, k:]; every depth was weighed by depth 1's positions, so with two depths a split
+    step's loss (and gradient) was not the whole step's."""
+    from nanoseek.model.mtp import mtp_loss
+    from nanoseek.train.distributed import Dist
+    from nanoseek.train.loop import token_weights
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 7, (4, 9), generator=g)
+    labels[0, 5:] = labels[1, 2:] = -100  # supervised positions differ between rows and depths
+    logits = [torch.randn(4, 9 - k, 7, generator=g) for k in (1, 2)]
+    whole = mtp_loss(logits, labels)
+    parts = [(labels[i : i + 1], [lg[i : i + 1] for lg in logits]) for i in range(4)]
+    weights = token_weights([y for y, _ in parts], Dist(), depths=2)
+    split = sum(mtp_loss(lg, y, weights=w_mtp) for (y, lg), (_, w_mtp) in zip(parts, weights))
+    assert torch.allclose(split, whole, rtol=1e-6)
+
+
+def test_resuming_with_more_steps_says_the_schedule_stretches(tmp_path, capsys):
+    """--resume with a larger --steps recomputes the cosine schedule for the new length: the learning rate jumped
+    with no word."""
+    from test_user_errors import run_cli
+
+    args = ["pretrain", *TINY, "--out", tmp_path / "run"]
+    assert run_cli(capsys, *args, "--steps", "4")[0] == 0
+    code, err = run_cli(capsys, *args, "--steps", "8", "--resume")
+    assert code == 0 and "--steps 8 (the run's: 4) stretches its cosine schedule" in err

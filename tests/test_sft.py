@@ -192,6 +192,23 @@ def test_loss_is_the_mean_over_the_steps_tokens_however_the_batch_is_split(base_
     assert first["4"]["grad_norm"] == pytest.approx(first["1"]["grad_norm"], rel=1e-3)
 
 
+
+def test_the_router_counts_the_same_tokens_however_the_batch_is_split(base_dir):
+    """An input is real (counted in the router's loads and balance loss) if a token follows it. A row's eos was an
+    input, counted, in rows shorter than the longest of their micro-batch only: the loads depended on the split."""
+    _, tok, _ = base_dir
+    convs = [{"messages": [{"role": "user", "content": f"What is {a} + {a}?"},
+                           {"role": "assistant", "content": f"The answer is {2 * a}." + " Yes." * a}]} for a in range(4)]
+    samples = tokenized(convs, tok)
+    assert len({len(x) for x, _ in samples}) == 4  # rows of different lengths
+    loader = ChatLoader(samples, 4, 128, tok.eos_id)
+    lengths = [len(samples[i][0]) for i in loader._order()]  # (the epoch's order, before reading moves past it)
+    whole = loader.next_batch()[2]
+    one = ChatLoader(samples, 1, 128, tok.eos_id)  # the same order, a row at a time
+    split = [one.next_batch()[2] for _ in range(4)]
+    assert whole.sum(1).tolist() == [s.sum().item() for s in split] == [n - 1 for n in lengths]
+
+
 def test_rows_longer_than_the_models_context_are_refused(base_dir, tmp_path, capsys):
     base, _, _ = base_dir
     context = json.loads((base / "config.json").read_text())["max_position_embeddings"]

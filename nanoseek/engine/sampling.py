@@ -2,9 +2,9 @@
 
 `sample(logits, temperature, top_p, top_k, generator)` picks one token per row:
 - temperature 0 (per row) is greedy argmax;
-- otherwise logits / temperature, then top-k (keep the k most likely; 0 = off), then top-p / nucleus (keep the
-  smallest most-likely set whose mass reaches top_p, measured on the top-k-renormalised distribution, like
-  transformers' TopKLogitsWarper then TopPLogitsWarper; 1.0 = off), then one draw.
+- otherwise logits / temperature, then top-k (keep the k most likely and any tied with the k-th; 0 = off), then
+  top-p / nucleus (keep the smallest most-likely set whose mass reaches top_p, measured on the top-k-renormalised
+  distribution, like transformers' TopKLogitsWarper then TopPLogitsWarper; 1.0 = off), then one draw.
 Every parameter is a scalar or a per-row list/tensor of length B. The draw is inverse-CDF sampling with exactly one
 uniform number per row, taken from that row's own `torch.Generator` when a list of generators is given, so a seeded
 request samples the same tokens whatever else shares its batch. All work is tensor ops over (B, V); the only Python
@@ -39,10 +39,12 @@ def filtered_sorted(logits: torch.Tensor, temperature: Param = 1.0, top_p: Param
     rank = torch.arange(V, device=dev)[None, :]  # (1, V)
     k = _rows(top_k, B, torch.long, dev)
     k = torch.where(k > 0, k, torch.full_like(k, V))
-    probs = probs.masked_fill(rank >= k[:, None], 0.0)  # top-k
+    kth = probs.gather(1, (k - 1).clamp(max=V - 1)[:, None])  # (B, 1) the k-th largest probability
+    probs = probs.masked_fill(probs < kth, 0.0)  # top-k, keeping tokens tied with the k-th (transformers, vLLM)
     p = _rows(top_p, B, torch.float32, dev)
     mass_before = (probs.cumsum(-1) - probs) / probs.sum(-1, keepdim=True)  # renormalised over the top-k set
-    probs = probs.masked_fill((mass_before >= p[:, None]) & (rank > 0), 0.0)  # top-p; the best token always stays
+    # top-p (1 = off: the float sum reaches 1 before the tail ends); the best token always stays
+    probs = probs.masked_fill((mass_before >= p[:, None]) & (rank > 0) & (p[:, None] < 1), 0.0)
     return probs, order
 
 

@@ -45,10 +45,17 @@ class MTPLayer(DecoderLayer):
         return super().forward(x, cos, sin, positions, cache, span, mask, token_mask)
 
 
-def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean over depths of the cross-entropy of depth k's logits (B, T-k, V) against labels[:, k:] (B, T-k)."""
+def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = -100,
+             weights: list[float] | None = None) -> torch.Tensor:
+    """Mean over depths of the cross-entropy of depth k's logits (B, T-k, V) against labels[:, k:] (B, T-k), each
+    times weights[k - 1] when given (the trainer's share of the step's positions at that depth; 0 where this batch
+    has none, whose mean would be NaN)."""
     losses = []
     for k, logits in enumerate(mtp_logits, start=1):
+        if weights is not None and weights[k - 1] == 0:
+            losses.append(logits.float().sum() * 0.0)  # (in the graph: every rank's backward reaches the same weights)
+            continue
         target = labels[:, k:]
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index)
+        losses.append(ce if weights is None else ce * weights[k - 1])
     return torch.stack(losses).mean()

@@ -304,8 +304,15 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     if ignored:
         notice(f"{run}: resuming with the run's own settings; this command's differ and are not used: "
                + ", ".join(ignored))
-    if state["step"] >= restored.end:
-        notice(f"{run}: the run is already at step {state['step']} (asked to run to {restored.end}); nothing to do")
+    step, before = state["step"], state["config"]["steps"]
+    if step >= restored.end:
+        notice(f"{run}: the run is already at step {step} (asked to run to {restored.end}); nothing to do")
+    elif restored.steps != before and restored.schedule != "constant":
+        rate = lambda total: lr_at(step, total, restored.lr, restored.warmup, restored.schedule,  # noqa: E731
+                                   restored.min_lr_ratio)
+        notice(f"{run}: --steps {restored.steps} (the run's: {before}) stretches its {restored.schedule} schedule to "
+               f"the new length: the learning rate at step {step + 1} is {rate(restored.steps):.3g}, not "
+               f"{rate(before):.3g}")
     return restored, True
 
 
@@ -382,27 +389,29 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def token_weights(labels: list[torch.Tensor], d: Dist) -> list[tuple[float, float]]:
-    """Per micro-batch, (next-token, MTP) weights for its mean losses so that the step's loss is the mean over every
-    supervised position of the step, whatever its split into micro-batches and processes: n_i × world_size / N, with
-    N the positions of the whole step summed over ranks (DDP averages gradients over ranks, hence × world_size).
-    MTP counts the positions of its first depth (labels[:, 1:]). One micro-batch in one process: exactly 1.0."""
-    counts = torch.tensor([[(y != -100).sum().item(), (y[:, 1:] != -100).sum().item()] for y in labels],
-                          dtype=torch.float64)  # (micro-batches, 2); labels are still on the host
+def token_weights(labels: list[torch.Tensor], d: Dist, depths: int = 1) -> list[tuple[float, list[float]]]:
+    """Per micro-batch, (next-token, [MTP depth 1, …]) weights for its mean losses so that the step's loss is the
+    mean over every supervised position of the step, whatever its split into micro-batches and processes: n_i ×
+    world_size / N, with N the positions of the whole step summed over ranks (DDP averages gradients over ranks,
+    hence × world_size). MTP depth k counts the positions it scores (labels[:, k:]). One micro-batch in one process:
+    exactly 1.0."""
+    counts = torch.tensor([[(y[:, k:] != -100).sum().item() for k in range(depths + 1)] for y in labels],
+                          dtype=torch.float64)  # (micro-batches, 1 + depths); labels are still on the host
     totals = counts.sum(0)
     if d.world_size > 1:  # (one process: no round trip through the device)
         totals = d.all_reduce_sum_(totals.to(d.device)).cpu()
-    return [(float(n_main), float(n_mtp)) for n_main, n_mtp in (counts * d.world_size / totals.clamp(min=1)).tolist()]
+    return [(row[0], row[1:]) for row in (counts * d.world_size / totals.clamp(min=1)).tolist()]
 
 
-def lm_losses(net, model, inputs, labels, segments, use_mtp: bool, real=None):
+def lm_losses(net, model, inputs, labels, segments, use_mtp: bool, real=None, mtp_weights=None):
     """One micro-batch's forward -> (logits (B, T, V), next-token CE, MTP CE, sequence-wise balance loss) on labels
     (-100 = ignored); `net` is the model or its DDP wrapper; `real` (B, T) bool marks the tokens that are not
-    padding (None: all). The MTP and balance terms are 0 when off."""
+    padding (None: all); `mtp_weights` weigh each MTP depth's CE (token_weights). The MTP and balance terms are 0
+    when off."""
     zero = torch.zeros((), device=inputs.device)
     if use_mtp:
         logits, mtp_logits = net(inputs, return_mtp=True, segments=segments, token_mask=real)
-        l_mtp = mtp_loss(mtp_logits, labels)
+        l_mtp = mtp_loss(mtp_logits, labels, weights=mtp_weights)
     else:
         logits, l_mtp = net(inputs, segments=segments, token_mask=real), zero
     l_main = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
@@ -417,9 +426,9 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
     with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
     (inputs, labels) and state_dict()/load_state_dict(). With a `teacher` model (same vocabulary), kd_weight ·
-    KL(teacher ‖ student) on the supervised positions joins the loss (logged as kd_loss). A loader that pads may return a third tensor,
-    (B, T) bool False on padding, which then counts in no router load or balance loss. Returns the result dict on
-    rank 0."""
+    KL(teacher ‖ student) on the supervised positions joins the loss (logged as kd_loss). A loader that pads may
+    return a third tensor, (B, T) bool False on padding, which then counts in no router load or balance loss.
+    Returns the result dict on rank 0."""
     run = Path(cfg.out)
     accum = grad_accum_steps(cfg, d)
     mc = model.config
@@ -463,7 +472,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         sums = torch.zeros(4, device=d.device)  # main CE, MTP CE, balance loss, KD (kd_weight × KL)
         tokens = flops = 0.0
         batches = [loader.next_batch() for _ in range(accum)]
-        weights = token_weights([batch[1] for batch in batches], d)
+        weights = token_weights([batch[1] for batch in batches], d, len(model.mtp_layers))
         for micro, ((inputs, labels, *real), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
             inputs, labels = inputs.to(d.device), labels.to(d.device)
             real = real[0].to(d.device) if real else None
@@ -472,7 +481,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
-                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real)
+                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real, w_mtp)
                 aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
                 kd = torch.zeros((), device=d.device)
                 if distilling:
@@ -480,8 +489,8 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                         t_logits = teacher(inputs, segments=segments)
                     flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * inputs.numel()
                     kd = kd_weight * distill_kl(logits, t_logits, labels) * w_main
-                (l_main * w_main + cfg.mtp_weight * l_mtp * w_mtp + aux + kd).backward()
-            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach() * w_mtp, aux.detach(), kd.detach()])
+                (l_main * w_main + cfg.mtp_weight * l_mtp + aux + kd).backward()
+            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach(), aux.detach(), kd.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         stop_if_diverged(grad_norm, cfg, stage, step + 1)
         opt.step()

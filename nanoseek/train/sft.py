@@ -97,7 +97,9 @@ class ChatLoader:
             ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
-        real = torch.arange(T - 1)[None, :] < torch.tensor([len(x) for x, _ in rows])[:, None]
+        # an input is real if a token follows it: a row's last token (its eos) is an input only in rows shorter than
+        # the longest, so counting it made the router's loads depend on how a step is split into micro-batches
+        real = torch.arange(T - 1)[None, :] < torch.tensor([len(x) - 1 for x, _ in rows])[:, None]
         return ids[:, :-1], labels, real
 
     def state_dict(self) -> dict:
