@@ -1,9 +1,10 @@
 """`nanoseek chat --model DIR`: talk to a model in the terminal, in process (no server).
 
 Each answer streams as it is generated, the `<think>` reasoning dimmed (ANSI faint, on a terminal only; on a pipe or
-with NO_COLOR it goes between <think> tags) and the answer in normal text. Earlier turns stay in the conversation without their reasoning, as
-R1 expects; when the conversation outgrows the context the oldest turns are dropped. Commands: `/clear` starts
-over, `/exit` (or EOF, Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
+with NO_COLOR it goes between <think> tags) and the answer in normal text. Earlier turns stay in the conversation
+without their reasoning, as R1 expects; the oldest turns leave when the rest would leave the answer less than a
+quarter of the context (or --max-tokens), and the chat says so. Commands: `/clear` starts over, `/exit` (or EOF,
+Ctrl-D) quits; Ctrl-C stops an answer being generated, and quits at the prompt.
 """
 
 from __future__ import annotations

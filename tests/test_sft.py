@@ -109,8 +109,8 @@ def test_a_teachers_forward_passes_count_in_the_cost(base_dir, tmp_path):
     share = flops_per_token(cfg, 64, training=False) / flops_per_token(cfg, 64, training=True, with_mtp=True)
     assert taught == pytest.approx(alone * (1 + share), rel=0.02)  # rows near 64 tokens; was alone
     # the KD term is logged on its own (it was summed into aux_loss with the balance loss)
-    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    a, b = read("a"), read("b")
+    a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b"))
     assert "kd_loss" not in a[0] and b[0]["aux_loss"] == a[0]["aux_loss"]
     assert b[0]["kd_loss"] == 0 < b[1]["kd_loss"]  # the teacher is the student's start: apart after one step
 
@@ -198,7 +198,8 @@ def test_the_router_counts_the_same_tokens_however_the_batch_is_split(base_dir):
     input, counted, in rows shorter than the longest of their micro-batch only: the loads depended on the split."""
     _, tok, _ = base_dir
     convs = [{"messages": [{"role": "user", "content": f"What is {a} + {a}?"},
-                           {"role": "assistant", "content": f"The answer is {2 * a}." + " Yes." * a}]} for a in range(4)]
+                           {"role": "assistant", "content": f"The answer is {2 * a}." + " Yes." * a}]}
+             for a in range(4)]
     samples = tokenized(convs, tok)
     assert len({len(x) for x, _ in samples}) == 4  # rows of different lengths
     loader = ChatLoader(samples, 4, 128, tok.eos_id)

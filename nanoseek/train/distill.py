@@ -521,9 +521,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student SFT tokens per row (default 256, capped by the student's context): raise it for "
                         "long teacher traces, whose ends are otherwise cut")
     p.add_argument("--lr", type=POSITIVE, default=5e-4, help="student SFT peak learning rate (default 5e-4)")
-    p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, help="logit distillation: adds W × KL(teacher ‖ student) "
-                   "(temperature 1, over the assistant tokens, logged as kd_loss) to the student's SFT loss; needs a "
-                   "local teacher with the student's tokenizer (default 0: off)")
+    p.add_argument("--kd-weight", type=NONNEGATIVE, default=0.0, metavar="W",
+                   help="logit distillation: adds W × KL(teacher ‖ student) (temperature 1, over the assistant "
+                        "tokens, logged as kd_loss) to the student's SFT loss; needs a local teacher with the "
+                        "student's tokenizer (0: off)")
     p.add_argument("--eval-n", type=POSITIVE_INT, default=200,
                    help="held-out problems to score teacher and student on (default 200)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the problems, the sampling and the student SFT")
