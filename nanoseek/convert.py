@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import copy_tokenizer, load_model, save_model
+    from .checkpoint import copy_tokenizer, load_model, read_config, save_model
     from .cli import UserError
 
     src, dst = Path(args.input), Path(args.output)
@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst} is a file; name a model directory to write")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
-    # FP8 output: quantise from float32, not from weights already rounded to --dtype (FP8 -> FP8 is then exact)
-    model = load_model(src, dtype=torch.float32 if args.fp8 else DTYPES[args.dtype])
+    # FP8 -> FP8: quantise from float32, not from weights already rounded to --dtype (every FP8 value is then kept;
+    # a scale may move by 1 ulp). Any other input loads in --dtype: float32 would double a large model's memory.
+    fp8_in = read_config(src).quantization_config is not None
+    model = load_model(src, dtype=torch.float32 if args.fp8 and fp8_in else DTYPES[args.dtype])
     save_model(model, dst, fp8=args.fp8, dtype=DTYPES[args.dtype])
     copy_tokenizer(src, dst)  # the output's tokenizer is the input's, or none (never an overwritten model's)
     if (src / "generation_config.json").is_file():  # its stop ids and sampling defaults (serve, chat, generate read them)

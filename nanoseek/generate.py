@@ -301,13 +301,13 @@ def run(args: argparse.Namespace) -> int:
                                speculative=args.speculative, stop_ids=ends, stop=args.stop, chat=chat,
                                progress=not args.no_progress and len(ids) * args.samples > PROGRESS_ABOVE)
     except Interrupted as e:  # keep what finished (unless that would replace an earlier file)
-        kept = f"; they are in {out}" if out is not None and e.done and not earlier else ""
-        if kept:
+        written = out is not None and bool(e.done) and not earlier
+        if written:
             _write(out, prompts, chat, args.samples, e.done)
-        elif out is not None and earlier:
-            kept = f" ({out} keeps what it held: they are not written)"
-        print(f"\ninterrupted: {len(e.done)} of {len(ids) * args.samples} completions finished{kept}", file=sys.stderr)
-        if not kept:  # nowhere else to keep them
+        where = (f"; they are in {out}" if written else f" ({out} keeps what it held: they are shown here instead)"
+                 if out is not None and earlier and e.done else "")
+        print(f"\ninterrupted: {len(e.done)} of {len(ids) * args.samples} completions finished{where}", file=sys.stderr)
+        if not written:  # nowhere else to keep them
             _show(prompts, e.done, args.samples, len(ids) * args.samples)
         return 130
     seconds = time.perf_counter() - start

@@ -304,7 +304,9 @@ def test_ctrl_c_keeps_the_completions_that_finished(model, capsys, tmp_path, mon
     before = out.read_text()  # --overwrite of an earlier file, interrupted: the earlier file stays whole
     assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6", "--out", str(out),
                  "--overwrite"]) == 130
-    assert out.read_text() == before and f"{out} keeps what it held" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert out.read_text() == before and f"{out} keeps what it held: they are shown here instead" in captured.err
+    assert captured.out.startswith("==> prompt 1: Tom has 3 <==\n")
     # without --out the finished completions were thrown away: they are shown on stdout
     assert main(["--model", str(d), "Tom has 3", "What is 12", "--max-new-tokens", "6"]) == 130
     shown = capsys.readouterr().out

@@ -421,6 +421,12 @@ def test_cli_train_refuses_a_shard_folder(tmp_path):
     module, args = cli_args("train", "--out", str(tmp_path / "data"), "--n-docs", "10", "--overwrite")
     with pytest.raises(UserError, match="holds token shards"):
         module.run(args)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "meta.json").write_text("5")  # someone else's meta.json: no shards, no traceback
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts(50)))
+    module, args = cli_args("train", "--out", str(tmp_path / "mine"), "--data", str(data), "--vocab-size", "300")
+    assert module.run(args) == 0
 
 
 def test_cli_train_leaves_no_earlier_tokenizer_files_beside_the_new_one(tmp_path, capsys):

@@ -208,11 +208,12 @@ class _Fingerprint:
 
 
 def read_meta(shard_dir) -> dict | None:
-    """A shard directory's meta.json, or None if there is no complete cache there."""
+    """A shard directory's meta.json, or None if there is no complete cache there (or the file is someone else's)."""
     try:
-        return json.loads((Path(shard_dir) / META).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(shard_dir) / META).read_text())
+    except (OSError, ValueError):  # (not JSON, not UTF-8)
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def cache_complete(shard_dir) -> bool:

@@ -307,12 +307,12 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     step, before = state["step"], state["config"]["steps"]
     if step >= restored.end:
         notice(f"{run}: the run is already at step {step} (asked to run to {restored.end}); nothing to do")
-    elif restored.steps != before and restored.schedule != "constant":
-        rate = lambda total: lr_at(step, total, restored.lr, restored.warmup, restored.schedule,  # noqa: E731
-                                   restored.min_lr_ratio)
-        notice(f"{run}: --steps {restored.steps} (the run's: {before}) stretches its {restored.schedule} schedule to "
-               f"the new length: the learning rate at step {step + 1} is {rate(restored.steps):.3g}, not "
-               f"{rate(before):.3g}")
+    elif restored.steps != before:
+        new, old = (lr_at(step, n, restored.lr, restored.warmup, restored.schedule, restored.min_lr_ratio)
+                    for n in (restored.steps, before))
+        if new != old:
+            notice(f"{run}: --steps {restored.steps} (the run's: {before}) stretches its {restored.schedule} schedule "
+                   f"to the new length: the learning rate at step {step + 1} is {new:.3g}, not {old:.3g}")
     return restored, True
 
 
