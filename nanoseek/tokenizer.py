@@ -191,7 +191,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_chat_template(path: Path, config: dict) -> str | None:
-    """The directory's chat template: tokenizer_config.json, or the chat_template.jinja newer transformers write."""
+    """The directory's chat template, found where transformers looks first: chat_template.jinja (which newer
+    transformers write), else tokenizer_config.json's, else chat_template.json."""
     if (path / "chat_template.jinja").is_file():  # transformers reads this file before tokenizer_config.json's
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     template = config.get("chat_template")
