@@ -100,6 +100,9 @@ class ModelConfig:
         if isinstance(rs, dict):
             kind = rs.get("rope_type", rs.get("type", "default"))
             rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": kind}
+            if "type" not in self.rope_scaling and "rope_type" not in self.rope_scaling and set(rs) - {"type"}:
+                raise ConfigError(f"rope_scaling {self.rope_scaling!r} has no type: write \"type\": \"yarn\" (or null "
+                                  "for plain RoPE)")
             self.rope_scaling = None if kind in ("default", None) else rs
         self.validate()
 
@@ -142,13 +145,28 @@ class ModelConfig:
             need((value is None and name.startswith(("n_", "num_experts"))) or
                  (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
                  f"{name} must be a non-negative integer, got {value!r}")
+        need(self.num_key_value_heads == self.num_attention_heads and not isinstance(self.num_key_value_heads, bool),
+             f"num_key_value_heads {self.num_key_value_heads!r} must equal num_attention_heads "
+             f"{self.num_attention_heads!r} (MLA has no grouped keys; transformers would repeat them and fail)")
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                 f"{name} must be a positive integer or null, got {value!r}")
+        is_id = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)  # noqa: E731
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            need(is_id(value) or (name == "eos_token_id" and isinstance(value, list) and value
+                                  and all(v is not None and is_id(v) for v in value)),
+                 f"{name} must be a token id (a non-negative integer) or null, got {value!r}")
         for name in FLAGS:  # the string "False" (--set attention_bias=False) would count as true
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        need(all(number(v) and v > 0 for v in (self.rope_theta, self.rms_norm_eps, self.routed_scaling_factor)),
-             "rope_theta, rms_norm_eps and routed_scaling_factor must be positive numbers")
-        need(all(number(v) and v >= 0 for v in (self.initializer_range, self.aux_loss_alpha)),
-             "initializer_range and aux_loss_alpha must be non-negative numbers")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            value = getattr(self, name)
+            need(number(value) and value > 0, f"{name} must be a positive number, got {value!r}")
+        for name in ("initializer_range", "aux_loss_alpha"):
+            value = getattr(self, name)
+            need(number(value) and value >= 0, f"{name} must be a non-negative number, got {value!r}")
         need(self.quantization_config is None or isinstance(self.quantization_config, dict),
              f"quantization_config must be an object or null, got {self.quantization_config!r}")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not implemented (DeepSeek-V3 uses silu)")
@@ -181,8 +199,9 @@ class ModelConfig:
             kind = rs.get("type")
             need(kind == "yarn", f"rope_scaling type {kind!r} is not supported (yarn only)")
             if kind == "yarn":
-                need(isinstance(rs.get("factor"), (int, float)) and rs["factor"] > 0,
-                     f"rope_scaling (yarn) needs a positive number 'factor', got {rs.get('factor')!r}")
+                need(isinstance(rs.get("factor"), (int, float)) and not isinstance(rs["factor"], bool)
+                     and rs["factor"] >= 1, f"rope_scaling (yarn) needs a number 'factor' >= 1, got "
+                                            f"{rs.get('factor')!r}")
                 bad = [k for k in YARN_NUMBERS if rs.get(k) is not None and
                        (isinstance(rs[k], bool) or not isinstance(rs[k], (int, float)))]
                 need(not bad, f"rope_scaling {', '.join(bad)} must be numbers")
@@ -207,6 +226,8 @@ class ModelConfig:
         d = dict(d)
         # New-style transformers configs keep theta and scaling together in rope_parameters.
         rp = d.pop("rope_parameters", None)
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"rope_parameters must be an object or null, got {rp!r}")
         if rp:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             kind = rp.get("rope_type", rp.get("type", "default"))
@@ -251,6 +272,9 @@ class ModelConfig:
         return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes`; a new num_attention_heads brings num_key_value_heads along (MLA: always equal)."""
+        if "num_attention_heads" in changes:
+            changes.setdefault("num_key_value_heads", changes["num_attention_heads"])
         return dataclasses.replace(self, **changes)
 
 

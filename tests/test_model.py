@@ -239,3 +239,31 @@ def test_rope_type_spelling_is_yarn_as_type_is():
     (fa, ma), (fb, mb) = rope_frequencies(a), rope_frequencies(b)
     assert torch.equal(fa, fb) and ma == mb != 1.0 and a.softmax_scale == b.softmax_scale
     assert dataclasses.replace(a, rope_scaling={"rope_type": "default"}).rope_scaling is None
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"topk_group": 0}, "topk_group must be a positive integer or null"),  # 0 meant "no limit" here, 0 groups there
+    ({"n_group": 0}, "n_group must be a positive integer or null"),  # transformers divides by it
+    ({"num_key_value_heads": 2}, "num_key_value_heads 2 must equal num_attention_heads 4"),
+    ({"rope_scaling": {"factor": 2.0}}, "has no type"),  # was dropped silently: plain RoPE
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 64}}, "'factor' >= 1"),
+    ({"eos_token_id": "x"}, "eos_token_id must be a token id"),
+])
+def test_configs_transformers_would_read_otherwise_are_refused(changes, says):
+    """Each was accepted, trained and saved as a directory transformers cannot run, or runs as another model."""
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        nanoseek.get_preset("cpu-tiny").replace(**changes)
+
+
+def test_a_new_head_count_brings_the_key_value_heads_along():
+    """`--set num_attention_heads=8` left num_key_value_heads at the preset's 4, which transformers uses to repeat the
+    keys and values: its forward failed on our directory."""
+    from transformers import DeepseekV3Config
+
+    cfg = nanoseek.get_preset("cpu-tiny").replace(num_attention_heads=8)
+    assert cfg.to_hf()["num_key_value_heads"] == 8
+    assert DeepseekV3Config(**cfg.to_hf()).num_key_value_heads == 8
+    with pytest.raises(ValueError, match="rope_parameters must be an object"):
+        nanoseek.ModelConfig.from_hf({**cfg.to_hf(), "rope_parameters": "x"})

@@ -327,9 +327,9 @@ def test_set_takes_pythons_spellings_and_refuses_strings_for_flags(capsys, tmp_p
             get_preset("cpu-tiny").replace(rope_scaling=bad)
     for setting, says in (("num_experts_per_tok=0", "num_experts_per_tok must be at least 1"),
                           ("num_experts_per_tok=null", "num_experts_per_tok must be at least 1"),
-                          ("initializer_range=-1", "initializer_range and aux_loss_alpha"),
-                          ("aux_loss_alpha=abc", "initializer_range and aux_loss_alpha"),
-                          ("routed_scaling_factor=abc", "routed_scaling_factor must be positive"),
+                          ("initializer_range=-1", "initializer_range must be a non-negative number, got -1"),
+                          ("aux_loss_alpha=abc", "aux_loss_alpha must be a non-negative number, got 'abc'"),
+                          ("routed_scaling_factor=-1", "routed_scaling_factor must be a positive number, got -1"),
                           ("quantization_config=5", "quantization_config must be an object"),
                           ("n_group=8", "at least 2 experts a group")):
         code, err = run_cli(capsys, "pretrain", "--out", tmp_path / "r3", *TINY, "--set", setting)
