@@ -98,11 +98,11 @@ class ModelConfig:
         # reader misses YaRN; plain RoPE is None
         rs = self.rope_scaling
         if isinstance(rs, dict):
-            kind = rs.get("rope_type", rs.get("type", "default"))
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind is None and rs:  # a factor without its kind: dropping it would silently be plain RoPE
+                raise ConfigError(f"rope_scaling {rs!r} has no type: write \"type\": \"yarn\" (or null for plain "
+                                  "RoPE)")
             rs = {k: v for k, v in rs.items() if k != "rope_type"} | {"type": kind}
-            if "type" not in self.rope_scaling and "rope_type" not in self.rope_scaling and set(rs) - {"type"}:
-                raise ConfigError(f"rope_scaling {self.rope_scaling!r} has no type: write \"type\": \"yarn\" (or null "
-                                  "for plain RoPE)")
             self.rope_scaling = None if kind in ("default", None) else rs
         self.validate()
 
@@ -124,7 +124,7 @@ class ModelConfig:
         """1/sqrt(d_qk), times mscale² when YaRN sets mscale_all_dim (DeepSeek's long-context correction)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling or {}
-        if rs and rs.get("mscale_all_dim"):
+        if rs.get("mscale_all_dim"):
             m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
             scale *= m * m
         return scale
@@ -134,25 +134,25 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731  (True is an int to Python)
+
         for name in POSITIVE_SIZES:  # a string from --set hidden_size=abc, or a zero, would fail deep in a reshape
             value = getattr(self, name)
             if value is None and name in OPTIONAL_SIZES:
                 continue
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(whole(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
         for name in COUNTS:
             value = getattr(self, name)
-            need((value is None and name.startswith(("n_", "num_experts"))) or
-                 (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+            need((value is None and name.startswith(("n_", "num_experts"))) or (whole(value) and value >= 0),
                  f"{name} must be a non-negative integer, got {value!r}")
-        need(self.num_key_value_heads == self.num_attention_heads and not isinstance(self.num_key_value_heads, bool),
+        need(whole(self.num_key_value_heads) and self.num_key_value_heads == self.num_attention_heads,
              f"num_key_value_heads {self.num_key_value_heads!r} must equal num_attention_heads "
              f"{self.num_attention_heads!r} (MLA has no grouped keys; transformers would repeat them and fail)")
         for name in ("n_group", "topk_group"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+            need(value is None or (whole(value) and value >= 1),
                  f"{name} must be a positive integer or null, got {value!r}")
-        is_id = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)  # noqa: E731
+        is_id = lambda v: v is None or (whole(v) and v >= 0)  # noqa: E731
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             need(is_id(value) or (name == "eos_token_id" and isinstance(value, list) and value

@@ -53,7 +53,7 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, ignore_index:
     losses = []
     for k, logits in enumerate(mtp_logits, start=1):
         if weights is not None and weights[k - 1] == 0:
-            losses.append(logits.float().sum() * 0.0)  # (in the graph: every rank's backward reaches the same weights)
+            losses.append(logits.sum().float() * 0.0)  # (in the graph: every rank's backward reaches the same weights)
             continue
         target = labels[:, k:]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index)

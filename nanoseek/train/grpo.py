@@ -69,6 +69,7 @@ KL_LOG_RATIO, KL_MAX = 20.0, 10.0  # the k3 estimate's bounds (module docstring)
 TRUNCATION_WARNING = 0.2  # warn (once) when more than this share of a step's completions is cut off
 EXTRA_ROUNDS = 1 << 24  # dapo's extra rollout rounds are seeded as steps from here on
 
+
 @dataclass
 class GRPOConfig(loop.TrainConfig):
     model: str = ""

@@ -458,6 +458,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     moes = model.moe_layers()
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
     distilling = teacher is not None and kd_weight > 0
+    no_kd = torch.zeros((), device=d.device)
     bar = None
     if d.is_main and cfg.progress:
         from tqdm import tqdm
@@ -483,7 +484,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
                 logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real, w_mtp)
                 aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
-                kd = torch.zeros((), device=d.device)
+                kd = no_kd
                 if distilling:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
