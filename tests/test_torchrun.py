@@ -151,3 +151,9 @@ def test_a_cuda_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="pass --device cuda"):
         distributed.init_distributed("cuda:0")
+
+
+def test_two_processes_train_with_mtp_off(tmp_path):
+    """--mtp-weight 0 leaves the MTP module without gradients: DDP must be told, or its second step fails."""
+    nanoseek("pretrain", "--out", tmp_path / "run", "--steps", 3, "--mtp-weight", 0, *BASE, procs=2)
+    assert len(losses(tmp_path / "run")) == 3

@@ -53,8 +53,9 @@ def quantize_triton(x: torch.Tensor, pow2: bool, blockwise: bool) -> tuple[torch
     BR = 128 if blockwise else 64
     q = torch.empty(R, C, device=x.device, dtype=torch.uint8)
     s = torch.empty(-(-R // BR) if blockwise else R, C // 128, device=x.device, dtype=torch.float32)
-    _quant_kernel()[(-(-R // BR), C // 128)](x, q, s, R, C, x.stride(0), x.stride(1), BR=BR, BLOCKWISE=blockwise,
-                                             POW2=pow2, num_warps=8)
+    with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
+        _quant_kernel()[(-(-R // BR), C // 128)](x, q, s, R, C, x.stride(0), x.stride(1), BR=BR, BLOCKWISE=blockwise,
+                                                 POW2=pow2, num_warps=8)
     return q.view(torch.float8_e4m3fn), s
 
 
@@ -106,7 +107,8 @@ def gemm_triton(aq, a_s, bq, b_s, b_block, out_dtype=torch.bfloat16):
     out = torch.empty(M, N, device=aq.device, dtype=out_dtype)
     BM = BN = 128
     grid = (-(-M // BM) * -(-N // BN),)
-    _gemm_kernel()[grid](aq.view(torch.uint8), bq.view(torch.uint8), out, a_s, b_s, M, N, K, a_s.stride(0),
-                         a_s.stride(1), b_s.stride(0), b_s.stride(1), B_BLOCK=b_block, BM=BM, BN=BN, BK=128, GROUP_M=8,
-                         num_warps=8, num_stages=4)
+    with torch.cuda.device(aq.device):
+        _gemm_kernel()[grid](aq.view(torch.uint8), bq.view(torch.uint8), out, a_s, b_s, M, N, K, a_s.stride(0),
+                             a_s.stride(1), b_s.stride(0), b_s.stride(1), B_BLOCK=b_block, BM=BM, BN=BN, BK=128,
+                             GROUP_M=8, num_warps=8, num_stages=4)
     return out

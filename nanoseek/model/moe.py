@@ -158,7 +158,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)  # (E,)
+        flat_idx = indices.flatten()  # scatter_add_, not bincount: CUDA's bincount reads min/max back to the host
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))  # (E,)
         y = self.experts(flat, weights, indices, counts).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -188,7 +190,10 @@ class MoE(nn.Module):
             picks = real[..., None].expand(B, T, self.top_k).reshape(B, -1)
         f = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(1, indices_BTK.reshape(B, -1), picks)
         per_seq = (f * (E / (self.top_k * n)) * P).sum(-1)  # (B,)
-        return self.aux_alpha * (per_seq if real_BT is None else per_seq[real_BT.any(1)]).mean()
+        if real_BT is None:
+            return self.aux_alpha * per_seq.mean()
+        keep = real_BT.any(1).to(per_seq.dtype)  # a weighted mean, not a boolean index (nonzero syncs on CUDA)
+        return self.aux_alpha * (per_seq * keep).sum() / keep.sum().clamp(min=1)
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> None:

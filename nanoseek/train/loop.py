@@ -449,8 +449,10 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
     if d.world_size > 1:
         # the routing-bias buffers stay equal on every rank without syncing (each applies the all-reduced load)
         new_kwarg = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        idle_mtp = len(model.mtp_layers) > 0 and not cfg.mtp_weight > 0  # MTP modules get no gradient: DDP must know
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
+            model, find_unused_parameters=idle_mtp,
+            **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     # every rank measures its own device (or its share of the CPU's cores)
     peak_all = device_peak_flops(d.device)[0] * d.world_size
