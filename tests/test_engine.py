@@ -318,6 +318,12 @@ def test_engine_refuses_empty_batches_or_chunks(model, kw):
         Engine(model, max_seq_len=32, **kw)
 
 
+def test_engine_refuses_a_cache_past_the_models_context(model):
+    """Decoding past max_position_embeddings would go on with no word (score() refuses it)."""
+    with pytest.raises(ValueError, match="past the model's context"):
+        Engine(model, max_seq_len=model.config.max_position_embeddings + 1)
+
+
 def test_speculative_equals_greedy(model, engine):
     plain = engine.generate(PROMPTS, max_new_tokens=20)
     assert engine.generate(PROMPTS, max_new_tokens=20, speculative=True) == plain

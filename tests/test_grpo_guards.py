@@ -138,3 +138,16 @@ def test_numbers_the_question_gave_are_not_stuffing(answer):
     ("Ava had 20 apples and gave away 8. How many are left?", "It is 8, 20, -8, -20 or 12.", "12")])  # signs it gave
 def test_a_hedge_among_the_questions_numbers_is_still_stuffing(question, answer, gold):
     assert judge(f"<think>\nwork\n</think>\n\n{answer}", Problem("word", 1, question, (), gold, {})).accuracy == 0
+
+
+def test_a_budget_past_the_context_is_refused_before_training(model, tmp_path, capsys):
+    """Without --data or an evaluation, only the sample of suite prompts could catch it: the run trained until a
+    longer prompt came up, then failed with its unsaved steps lost."""
+    import json
+
+    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    args = ["grpo", "--model", str(model), "--out", str(tmp_path / "run"), *QUICK, "--max-new-tokens", str(context - 8),
+            "--tasks", "word:3", "--eval-every", "0"]
+    assert main(args) == 1
+    assert "a sample of the task's training prompts" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

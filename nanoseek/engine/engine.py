@@ -114,6 +114,9 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch_size and prefill_chunk must be >= 1, got {max_batch_size}, {prefill_chunk}")
+        if max_seq_len is not None and max_seq_len > cfg.max_position_embeddings:  # score() refuses the same
+            raise ValueError(f"max_seq_len {max_seq_len} is past the model's context of {cfg.max_position_embeddings} "
+                             "tokens (max_position_embeddings)")
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
         self.cache = LatentCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)

@@ -434,7 +434,9 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     every = (pool or []) + scored  # one prompt at a time: a --data file of a million problems is not held as tokens
     longest = check_context((prompts_for([p], tok, prompt_style(cfg))[0] for p in every), cfg.max_new_tokens, context)
     if pool is None:  # the suite's prompts: a sample of them, with a quarter to spare for longer ones
-        longest = max(longest, math.ceil(1.25 * max(map(len, sample_prompts(cfg, tok)))))
+        sampled = check_context(sample_prompts(cfg, tok), cfg.max_new_tokens, context,
+                                "a sample of the task's training prompts")  # refuse now, not at a later step
+        longest = max(longest, math.ceil(1.25 * sampled))
     if d.is_main:
         loop.make_run_dir(run)
     opt = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
