@@ -223,3 +223,35 @@ def test_a_run_stopped_early_says_so(tmp_path):
     assert "run (stopped at step 3 of 6)" in cost_table(write_report(run).read_text())
     (run / "train_state" / "state.json").write_text(json.dumps({"step": 6, "config": {"steps": 6}}))
     assert set(cost_table(write_report(run).read_text())) == {"run", "**total**"}
+
+
+def test_a_distillation_stopped_while_collecting_traces_has_a_row(tmp_path):
+    """Killed before its student's SFT, a distill stage has no metrics.jsonl, but its saved traces cost device time."""
+    stage(tmp_path, "pretrain", cost_json=cost())
+    (tmp_path / "distill").mkdir()
+    (tmp_path / "distill" / "traces_cost.json").write_text(json.dumps({"wall_s": 360.0, "flops": 2e12}))
+    rows = cost_table(write_report(tmp_path).read_text())
+    assert "| distill (interrupted collecting the teacher's traces) | 0.1000 | 2e+12 |" in "\n".join(rows.values())
+
+
+def test_a_url_teachers_wait_is_named_not_counted(tmp_path):
+    run = tmp_path / "d"
+    stage(run, "student", cost_json=cost(hours=0.25), done=False)
+    (run / "distill.json").write_text("{}")
+    parts = {"teacher_traces": {"wall_s": 900.0, "flops": None}, "student_sft": {"wall_s": 900.0, "flops": 1e15}}
+    (run / "cost.json").write_text(json.dumps({**cost(hours=0.25), "parts": parts}))
+    report = write_report(run).read_text()
+    assert "| distill | 0.2500 |" in cost_table(report)["distill"]
+    assert "the URL teacher's traces took 900 s of waiting, not counted" in report
+    assert "held-out evaluations" in report.split("## Cost")[1]  # what each row counts is said under the table
+
+
+def test_a_timer_leaves_out_what_it_excludes():
+    import time
+
+    from nanoseek.train.metrics import Timer
+
+    timer = Timer()
+    with timer.excluding():
+        time.sleep(0.2)
+    assert timer.elapsed() < 0.1

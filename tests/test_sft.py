@@ -281,3 +281,20 @@ def test_every_turn_of_a_multi_turn_chat_is_trained_as_generated(base_dir, tmp_p
     trained = [tok.decode([i for i, m in zip(*tok.chat_sample(s)) if m]) for s in samples]
     assert trained == [f"<think>\n2 + 3 = 5\n</think>\n\n5{eos}", f"<think>\n5 × 4 = 20\n</think>\n\n20{eos}",
                        f"<think>\n\n</think>\n\nYou are welcome.{eos}"]
+
+
+def test_the_cost_counts_real_tokens_not_padding(base_dir, tmp_path, monkeypatch):
+    """Rows padded to the longest of their batch: the padding is computed but is neither tokens nor model FLOPs (it
+    was 25% of an audit's FLOPs). With one FLOP per token, one epoch's FLOPs are its conversations' inputs."""
+    import nanoseek.train.loop as loop
+    from nanoseek.train.sft import SFTConfig, sft
+
+    base, tok, _ = base_dir
+    convs = [{"messages": [{"role": "user", "content": f"What is {a} + {a}?"},
+                           {"role": "assistant", "content": f"The answer is {2 * a}." + " Yes." * a}]} for a in range(8)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    monkeypatch.setattr(loop, "flops_per_token", lambda *a, **k: 1.0)
+    cost = sft(SFTConfig(model=str(base), out=str(tmp_path / "run"), data=[str(data)], steps=2, batch_size=4,
+                         micro_batch_size=4, seq_len=128, document_mask=False, progress=False, device="cpu"))["cost"]
+    assert cost["flops"] == sum(len(x) - 1 for x, _ in tokenized(convs, tok))

@@ -53,6 +53,8 @@ def stage_dirs(root: Path) -> dict[str, Path]:
     order = lambda p: (STAGES.index(p.name) if p.name in STAGES else len(STAGES), p.name)  # noqa: E731
     for p in sorted(root.iterdir(), key=order):  # distill keeps its student's training run in student/
         run = next((d for d in (p, p / "student") if (d / "metrics.jsonl").is_file()), None)
+        if run is None and (p / "traces_cost.json").is_file():
+            run = p  # a distillation stopped before its student's SFT: the teacher's traces cost device time already
         if run is not None:
             found[p.name] = run
     return found
@@ -191,6 +193,9 @@ def cost_rows(root: Path, dirs: dict[str, Path], price: float | None) -> list[di
         # parent's cost.json; a student directory reported on its own, with its own
         d = run.parent if run != root and run.name == "student" and (run.parent / "cost.json").is_file() else run
         cost = read_json(d / "cost.json")
+        traces = read_json(d / "traces_cost.json") if not cost else {}
+        if number(traces.get("wall_s")):  # no cost.json yet: what the saved traces cost, FLOPs from a local teacher
+            cost = {"device_hours": round(traces["wall_s"] / 3600, 5), "flops": traces.get("flops")}
         known = {k: v for k, v in cost.items() if number(v)}  # a damaged field is left out
         finished = (root / name / "done.json").is_file() if speedrun else "device_hours" in known
         logged = [] if finished and "device_hours" in known else read_rows(run)
@@ -200,13 +205,17 @@ def cost_rows(root: Path, dirs: dict[str, Path], price: float | None) -> list[di
         device = cost.get("device") if isinstance(cost.get("device"), str) else None
         if device and known.get("devices", 1) > 1:
             device = f"{known['devices']} × {device}"
-        note = None if finished else "interrupted" + (f" at step {logged[-1]['step']}" if logged else "")
+        note = None if finished else "interrupted" + (f" at step {logged[-1]['step']}" if logged else
+                                                      " collecting the teacher's traces" if traces else "")
         state = read_json(run / "train_state" / "state.json")  # a run stopped early (--stop-at) also wrote its cost
         step, steps = state.get("step"), (state.get("config") or {}).get("steps")
         if finished and number(step) and number(steps) and step < steps:
             note = f"stopped at step {step} of {steps}"
+        parts = cost.get("parts") if isinstance(cost.get("parts"), dict) else {}
+        tt = parts.get("teacher_traces") if isinstance(parts.get("teacher_traces"), dict) else {}
+        url_wait = tt["wall_s"] if "flops" in tt and tt["flops"] is None and number(tt.get("wall_s")) else None
         rows.append({"stage": name, "device_hours": hours, "flops": known.get("flops"), "mfu": known.get("mfu"),
-                     "price": p, "dollars": round(hours * p, 4), "device": device, "note": note})
+                     "price": p, "dollars": round(hours * p, 4), "device": device, "note": note, "url_wait_s": url_wait})
     return rows
 
 
@@ -225,6 +234,13 @@ def cost_table(rows: list[dict]) -> list[str]:
                    for p, names in prices.items())
     lines += [f"| **total** | {total_h:.4f} | | | ${total:.4f} |", "",
               f"Dollars at {at} (DeepSeek-V3: 2.788M H800 GPU-hours = $5.576M at $2).", ""]
+    lines += ["Each stage counts its training loop: GRPO's rollouts and updates, a distillation's student SFT and the "
+              "traces of a local teacher. Setup (data, tokenizer, loading), held-out evaluations and a URL teacher's time "
+              "are not counted, nor the steps an interrupted invocation ran after its last checkpoint.", ""]
+    lines += [f"{r['stage']}: the URL teacher's traces took {r['url_wait_s']:.0f} s of waiting, not counted above "
+              "(they ran on the teacher's machine)." for r in rows if r.get("url_wait_s")]
+    if any(r.get("url_wait_s") for r in rows):
+        lines.append("")
     if any(r["note"] for r in rows):
         lines += ["An interrupted stage counts only the device time it had recorded when it stopped.", ""]
     return lines

@@ -468,7 +468,8 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     timer = metrics_lib.Timer()
     row, warned = {}, False
     if start == 0 and scored and cfg.eval_every:
-        metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
+        with timer.excluding():  # held-out evaluations are not the stage's cost (nor are any other stage's)
+            metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
     for step in range(start, cfg.end):
         lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -502,7 +503,10 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
         if scored and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
-            row["eval"] = evaluate(cfg, engine, tok, scored)
+            t3 = time.perf_counter()
+            with timer.excluding():
+                row["eval"] = evaluate(cfg, engine, tok, scored)
+            row["eval_s"] = round(time.perf_counter() - t3, 2)
         metrics.log(row)
         if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL's most common silent failure: say it
             warned = True

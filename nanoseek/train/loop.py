@@ -477,11 +477,12 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         batches = [loader.next_batch() for _ in range(accum)]
         weights = token_weights([batch[1] for batch in batches], d, len(model.mtp_layers))
         for micro, ((inputs, labels, *real), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
+            n_real = int(real[0].sum()) if real else inputs.numel()  # SFT's padding is neither tokens nor model FLOPs
             inputs, labels = inputs.to(d.device), labels.to(d.device)
             real = real[0].to(d.device) if real else None
             segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
-            tokens += inputs.numel()
-            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * inputs.numel()
+            tokens += n_real
+            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * n_real
             last_micro = micro == accum - 1
             with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
                 logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real, w_mtp)
@@ -490,7 +491,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 if distilling:
                     with torch.no_grad():
                         t_logits = teacher(inputs, segments=segments)
-                    flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * inputs.numel()
+                    flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * n_real
                     kd = kd_weight * distill_kl(logits, t_logits, labels) * w_main
                 (l_main * w_main + cfg.mtp_weight * l_mtp + aux + kd).backward()
             sums += torch.stack([l_main.detach() * w_main, l_mtp.detach(), aux.detach(), kd.detach()])

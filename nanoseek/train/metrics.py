@@ -5,6 +5,7 @@ against the device's peak, dollars) that RUN/cost.json and the report's cost tab
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -95,10 +96,11 @@ def cost_summary(wall_s: float, n_devices: int, flops: float, peak: float, price
     return {
         "device": device,
         "devices": n_devices,
-        "wall_s": round(wall_s, 1),
+        "wall_s": round(wall_s, 2),
         "device_hours": round(hours, 5),
         "flops": float(f"{flops:.4g}"),
         "mfu": round(flops / max(wall_s, 1e-9) / peak, 4),
+        "peak_flops": float(f"{peak:.4g}"),  # the FLOP/s of all the devices together that MFU divides by
         "price_per_device_hour": price_per_hour,
         "dollars": round(hours * price_per_hour, 4),
     }
@@ -117,8 +119,20 @@ def run_cost(run: Path, d, wall_s: float, flops: float, price_per_hour: float) -
 
 
 class Timer:
+    """Wall-clock seconds since it was made, less the time spent inside `excluding()` (a held-out evaluation, which
+    no stage's cost counts)."""
+
     def __init__(self):
         self.start = time.perf_counter()
+        self.excluded = 0.0
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return time.perf_counter() - self.start - self.excluded
+
+    @contextlib.contextmanager
+    def excluding(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
