@@ -31,6 +31,9 @@ RECORDS = [
     ("so the probability is \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),  # nested braces: the whole box, not its 4
     ("\\boxed{1{,}234} and \\boxed{\\dfrac{1}{2}", "1,234"),  # an unclosed box is not an answer
     ("The answer is **18**.", "18"),
+    ("The answer is *18*.", "18"), ("The answer is _18_", "18"), ("The answer is `18`.", "18"),
+    ("The answer is (10 + 8) * 10.", "(10 + 8) * 10"),  # an ASCII * is multiplication: it was read as "(10 + 8) 10"
+    ("<think>\nw\n</think>\n\n3+4*5", "3+4*5"),  # was "3+45"
     ("The answer is 18, because 16 - 3 - 4 = 9 and 9 × 2 = 18.", "18"),
     ("The answer is 12 apples", "12"),
     ("The answer is 8 × 6 + 10.", "8 × 6 + 10"),  # a countdown expression stays whole
@@ -65,6 +68,7 @@ def test_answers_the_checking_audit_found_misread():
     assert check(countdown, extract_answer("<think>\nwork\n</think>\n\n(6 × 7) ÷ 3"))  # was read as its last 3
     assert check(countdown, extract_answer("<think>\nwork\n</think>\n\n**6 × 7 ÷ 3 = 14**"))
     assert not check(countdown, extract_answer("<think>\nwork\n</think>\n\n6 × 7 + 3"))
+    assert check(countdown, extract_answer("<think>\nwork\n</think>\n\n(6 * 7) / 3"))  # was read as 3
     boxed = ["\\boxed{\\$12}", "\\boxed{12 \\text{ apples}}", "\\boxed{\\text{12}}", "\\boxed{$12$}"]
     assert [check(twelve, extract_answer(t)) for t in boxed] == [True] * len(boxed)  # were "\\$12", ...
     assert check(from_record({"question": "q", "answer": "1234"}), extract_answer("\\boxed{1\\,234}"))

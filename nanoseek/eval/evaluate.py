@@ -84,8 +84,15 @@ def _bare_expression(text: str) -> str | None:
     """A last line that is only an expression, as a countdown answer may be ("(6 × 7) ÷ 3", "**6 × 7 ÷ 3 = 14**"):
     the whole expression, not its last number."""
     lines = [l for l in text.splitlines() if l.strip()]
-    line = re.sub(r"[*_`$]", "", lines[-1]).strip().rstrip(".").strip() if lines else ""
+    line = _unemphasized(lines[-1].replace("$", "")) if lines else ""
     return line if re.search(r"\d\s*[-−+×÷*/]\s*[(\d]", line) and _is_expression(line) else None
+
+
+def _unemphasized(text: str) -> str:
+    """Markdown emphasis and a final full stop dropped: `**18**`, `*18*.`, `` `6 × 7` `` -> the text inside; a `*`
+    between operands is multiplication and stays ("(10 + 8) * 10")."""
+    text = re.sub(r"\*\*|__|`", "", text).strip().rstrip(".").strip()
+    return re.sub(r"^[*_]+|[*_]+$", "", text).strip().rstrip(".").strip()
 
 
 def _is_expression(text: str) -> bool:
@@ -123,7 +130,7 @@ def _phrase_answer(phrase: str) -> str:
     because …", "18 apples", "18!") is that number, and so is a number after words that do not change it ("therefore
     42", "approximately €42"); an expression, a worded answer, a hedge ("12 or 13", "12, 13") or a bound ("not 7",
     "at most 5"), a ratio or time ("2:5") and a mixed number ("1 1/2") stay whole, which no integer answer equals."""
-    phrase = re.sub(r"[*_`]", "", phrase).strip().rstrip(".").strip()
+    phrase = _unemphasized(phrase)
     if _is_expression(phrase):
         return phrase
     number = rf"[$€£¥]?([-−]?{AMOUNT})"
