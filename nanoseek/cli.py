@@ -156,7 +156,9 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default {shown.replace('%', '%%')})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every verb's options, or (only=VERB) just that verb's: the others keep their one-line help, and their modules
+    (torch among what they import) are not imported for `nanoseek --help` or `nanoseek tasks`."""
     parser = argparse.ArgumentParser(
         prog="nanoseek",
         description="DeepSeek-V3 / R1 in one package: train, reason with GRPO, distill, evaluate, self-host.",
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if only is None or verb == only:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -271,7 +274,8 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str], verb: str) -
 
 
 def run_verb(argv: list[str]) -> int:
-    parser = build_parser()
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else "")
     if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error or --help
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             args = parse(parser, argv)

@@ -453,6 +453,18 @@ def test_the_command_line_starts_without_torch():
     assert not hasattr(nanoseek, "no_such_module")
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["tasks", "--help"], ["pretrian"]])
+def test_help_and_verbs_without_torch_do_not_import_it(argv):
+    """Only the named verb's options are built: every verb's module (four import torch) made `--help` take seconds."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, nanoseek.cli as c\ntry:\n    c.main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch, capsys):
     import gc
     import sys
