@@ -260,8 +260,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, allow_mps=False)
     if preset == "gpu" and device == "cpu":
         why = "--preset gpu is" if args.preset == "gpu" else f"{args.out} holds a --preset gpu speedrun,"
-        raise UserError(f"{why} sized for one GPU (a 195M-parameter model for 1200 steps: days on a CPU), and this "
-                        "run's device is the CPU: " + ("use --preset cpu" if args.preset == "gpu" else
+        raise UserError(f"{why} sized for one GPU (a 244M-parameter model, 127M active, for 1200 steps: days on a "
+                        "CPU), and this run's device is the CPU: " + ("use --preset cpu" if args.preset == "gpu" else
                                                        "resume it on a GPU, or choose a new --out for --preset cpu"))
     summary = speedrun(Path(args.out), preset, device, seed, progress=not args.no_progress)
     log(f"report: {Path(args.out) / 'report.md'}; serve the result with: nanoseek serve --model {summary['final_model']}")

@@ -12,8 +12,8 @@ Three families, each with difficulty levels and many phrasings (so a model learn
 The same problems feed pretraining (`to_text`), SFT in DeepSeek-R1's `<think>` format (`to_chat`), GRPO with
 verifiable rewards and evaluation (`to_gsm8k` / `from_record`, which also reads GSM8K-format JSONL); checking.py
 judges an answer.
-A problem is in the eval split iff the hash of its normalised question says so (~10%), so train and eval never
-share a problem. Pure standard library; everything is deterministic for a given seed.
+A problem is in the eval split iff the hash of its content says so (~10%: `Problem.uid`, the expression, countdown's
+numbers and target, a word problem's scenario and values, not its wording), so train and eval never share a problem. Pure standard library; everything is deterministic for a given seed.
 """
 
 from __future__ import annotations
