@@ -117,3 +117,25 @@ def test_a_build_left_under_this_processs_pid_is_stale(tok, tmp_path):
     left.mkdir()
     chat_tokens.build(iter(CHATS[:2]), tok, tmp_path / "c", "k")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+@pytest.mark.parametrize("content", ["<think>r</think>a", "\n<think>\nr\n</think>\na", "r\n</think>\n\na",
+                                     "<think>\nr\n</think>\n\na"])
+def test_reasoning_written_otherwise_is_trained_as_the_generation_prompt_starts_it(content):
+    """Inference starts the answer at `<think>\\n`: a trace written `<think>r</think>a` or as a raw completion was
+    trained as written, so the prompt's `<think>\\n` never appeared in training."""
+    from nanoseek.data.corpus import inline_reasoning
+
+    out = inline_reasoning([{"role": "user", "content": "q"}, {"role": "assistant", "content": content}])
+    assert out[1]["content"] == "<think>\nr\n</think>\n\na"
+
+
+def test_a_template_whose_prompt_is_not_where_training_starts_is_named(tok, tmp_path, capsys, monkeypatch):
+    """DeepSeek-R1's own template strips the reasoning of every assistant turn, the last too: SFT then trained the
+    answer alone, after a prompt that inference never ends with. The build says so."""
+    tokens = chat_tokens.build(iter(CHATS), tok, tmp_path / "ok", "k")
+    assert len(tokens) == len(CHATS) and "generation prompt" not in capsys.readouterr().err
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda m, **k: real(m, **k)[:-1] + [0])  # a prompt that differs
+    chat_tokens.build(iter(CHATS), tok, tmp_path / "skew", "k")
+    assert f"in {len(CHATS)} samples the chat template's generation prompt" in capsys.readouterr().err

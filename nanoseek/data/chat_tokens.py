@@ -178,11 +178,21 @@ def build(conversations: Iterable[list[dict]], tokenizer, out_dir, key: str, pro
         writer = _Writer(tmp, dtype)
         bar = tqdm(desc="sft: tokenizing", unit="conversation", file=sys.stderr, dynamic_ncols=True, leave=False,
                    disable=not progress, delay=2)  # shown only when it takes a while (a user's large --data)
+        skewed = 0  # samples whose inference prompt is not where their training tokens start
         with bar:
             for messages in conversations:
-                writer.add(*tokenizer.chat_sample(messages))
+                ids, mask = tokenizer.chat_sample(messages)
+                if messages[-1].get("role") == "assistant" and len(messages) > 1:
+                    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+                    skewed += ids[: len(prompt)] != prompt
+                writer.add(ids, mask)
                 bar.update()
         writer.close()
+        if skewed:
+            print(f"sft: in {skewed} samples the chat template's generation prompt (what inference starts from) is not "
+                  "a prefix of the trained tokens (reasoning dropped by the template, or content not in the "
+                  "<think>\\n…\\n</think>\\n\\n format): the model is trained on text it never sees at inference",
+                  file=sys.stderr)
         meta = {"version": VERSION, "dtype": dtype.name, "n": len(writer.answer_at), "tokens": writer.n_tokens,
                 "key": key, "sha256": {name: h.hexdigest() for name, h in writer.digests.items()}}
         (tmp / META).write_text(json.dumps(meta, indent=1))

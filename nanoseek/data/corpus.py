@@ -146,13 +146,22 @@ def chat_messages(messages) -> list[dict]:
 
 
 def inline_reasoning(messages: list[dict]) -> list[dict]:
-    """Assistant turns with their reasoning in a field (DeepSeek's API writes `reasoning_content`, vLLM `reasoning`)
-    as R1 trains on them: `<think>\nreasoning\n</think>\n\nanswer` in `content`."""
+    """Assistant turns as R1 trains on them, `<think>\nreasoning\n</think>\n\nanswer` in `content` (what the
+    generation prompt's `<think>\n` starts): from reasoning in a field (DeepSeek's API writes `reasoning_content`,
+    vLLM `reasoning`) or in content written otherwise (`<think>r</think>a`, a raw completion `r\n</think>\n\na`)."""
     out = []
     for m in messages:
         r = m.get("reasoning_content") or m.get("reasoning")
-        if m.get("role") == "assistant" and isinstance(r, str) and r.strip() and "</think>" not in m["content"]:
-            m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{m['content'].lstrip()}"}
+        content = m.get("content")
+        if m.get("role") == "assistant" and "</think>" in content and (
+                content.lstrip().startswith("<think>") or "<think>" not in content):
+            # `<think>r</think>a`, `\n<think>…`, or a raw completion after the prefill (`r\n</think>\n\na`): the
+            # canonical `<think>\n…\n</think>\n\n` that the generation prompt (`<think>\n`) starts
+            reasoning, answer = content.split("</think>", 1)
+            reasoning = reasoning.lstrip().removeprefix("<think>").strip()
+            m = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer.lstrip()}"}
+        elif m.get("role") == "assistant" and isinstance(r, str) and r.strip() and "</think>" not in content:
+            m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{content.lstrip()}"}
         out.append(m)
     return out
 
