@@ -13,7 +13,8 @@ The same problems feed pretraining (`to_text`), SFT in DeepSeek-R1's `<think>` f
 verifiable rewards and evaluation (`to_gsm8k` / `from_record`, which also reads GSM8K-format JSONL); checking.py
 judges an answer.
 A problem is in the eval split iff the hash of its content says so (~10%: `Problem.uid`, the expression, countdown's
-numbers and target, a word problem's scenario and values, not its wording), so train and eval never share a problem. Pure standard library; everything is deterministic for a given seed.
+numbers and target, a word problem's scenario and values, not its wording), so train and eval never share a problem.
+Pure standard library; everything is deterministic for a given seed.
 """
 
 from __future__ import annotations
