@@ -81,10 +81,12 @@ def sample(
     if not bool((t > 0).any()):
         return greedy
     probs, order = filtered_sorted(logits, temperature, top_p, top_k)
+    if probs.device.type == "mps":  # MPS has no float64 (pytorch#122602): the draw is made on the CPU
+        probs, order = probs.cpu(), order.cpu()
     cdf = probs.double().cumsum(-1)  # (B, V), flat after the last kept token
-    u = _uniforms(B, generator).to(logits.device) * cdf[:, -1]
+    u = _uniforms(B, generator).to(cdf.device) * cdf[:, -1]
     j = torch.searchsorted(cdf, u[:, None], right=True)  # first sorted index whose cdf exceeds u
     kept = (probs > 0).sum(-1, keepdim=True)
     j = torch.minimum(j, kept - 1)  # guards u rounding up to the total
-    drawn = order.gather(1, j)[:, 0]
+    drawn = order.gather(1, j)[:, 0].to(logits.device)
     return torch.where(t.to(logits.device) > 0, drawn, greedy)
