@@ -348,6 +348,12 @@ def test_eval_of_a_served_model_equals_eval_of_its_directory(server, tmp_path):
     # this model never writes </think>: both see replies cut off while reasoning, the same text, so no answer
     assert [[c.strip() for c in r["completions"]] for r in rows[0]] == [[c.strip() for c in r["completions"]] for r in rows[1]]
     assert all(c.startswith("<think>\n") and len(c) > 20 for r in rows[0] for c in r["completions"])
+    # sampled, the two draw the same tokens with the same nucleus (a URL was asked top_p 0.95, a directory 1)
+    sampled = ["--samples", "2", "--temperature", "1.0", "--top-p", "0.9"]
+    run("--model", str(d), "--out", str(tmp_path / "local_t.jsonl"), *sampled)
+    run("--model", s.url, "--served-model", str(d), "--out", str(tmp_path / "url_t.jsonl"), *sampled)
+    rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("local_t.jsonl", "url_t.jsonl")]
+    assert [[c.strip() for c in r["completions"]] for r in rows[0]] == [[c.strip() for c in r["completions"]] for r in rows[1]]
     for argv, says in (([s.url, "--prompt", "plain"], "--prompt chat only"), ([str(d), "--served-model", "x"], "URL")):
         r = run("--model", *argv)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr

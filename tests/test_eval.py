@@ -241,7 +241,7 @@ class ScriptedEngine:
     def __init__(self, tok, completions):
         self.tok, self.todo = tok, list(completions)
 
-    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids, top_p=1.0):
         return [self.tok.encode(self.todo.pop(0)) for _ in prompts]
 
 
@@ -309,7 +309,7 @@ def test_a_relation_is_not_its_right_hand_side():
 class InterruptedEngine(ScriptedEngine):
     """Ctrl-C arrives once the script runs out."""
 
-    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+    def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids, top_p=1.0):
         if len(self.todo) < len(prompts):
             raise KeyboardInterrupt
         return super().generate(prompts, max_new_tokens, temperature, seed, stop_token_ids)
@@ -378,7 +378,7 @@ def test_ctrl_c_inside_a_chunk_keeps_the_problems_whose_samples_all_finished(mod
     problems = load_problems(None, str(data), 0, 0)
 
     class MidChunk(ScriptedEngine):
-        def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids):
+        def generate(self, prompts, max_new_tokens, temperature, seed, stop_token_ids, top_p=1.0):
             done = {0: T + "The answer is 7.", 1: T + "The answer is 8.", 3: T + "36"}  # problem 2: one of two
             raise Interrupted({i: self.tok.encode(t) for i, t in done.items()})
 

@@ -228,7 +228,7 @@ def engine_for(model_dir, device: str, prompts: list[list[int]], max_new_tokens:
 
 
 def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, max_new_tokens: int = 256,
-             style: str = "chat", seed: int = 0, progress: bool = True) -> list[EvalResult]:
+             style: str = "chat", seed: int = 0, progress: bool = True, top_p: float = 1.0) -> list[EvalResult]:
     from ..cli import Interrupted, ctrl_c_ignored
     from ..serve.reasoning import starts_in_reasoning
 
@@ -247,7 +247,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
         for start in range(0, len(flat), step):
             chunk = [p for _, p in flat[start : start + step]]
             try:
-                new = engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                new = engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       seed=None if temperature == 0 else seed + start,
                                       stop_token_ids=[t for t in stop if t is not None])
             except Interrupted as e:  # the chunk's completions that had finished
@@ -451,7 +451,7 @@ def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE, OneFile
+    from ..cli import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, TEMPERATURE, OneFile, bounded
     from ..device import add_dtype_argument
     from ..train.teacher import TIMEOUT
 
@@ -475,6 +475,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K samples per problem (pass@1 is their mean; maj@K and pass@k too); needs --temperature > 0")
     p.add_argument("--temperature", type=TEMPERATURE, default=0.0,
                    help="0 = greedy (default); R1 recommends 0.6 with K > 1")
+    p.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=1.0, metavar="P",
+                   help="nucleus sampling, the same for a directory and a URL (1 = off; R1 used 0.95 with T 0.6)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256,
                    help="completion budget; a cut-off answer is usually wrong")
     p.add_argument("--prompt", choices=["chat", "plain", "r1-zero"], default="chat",
@@ -521,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError("a model behind a URL is asked through its chat endpoint: --prompt chat only")
             try:
                 client = URLTeacher(args.model, model=args.served_model, concurrency=args.concurrency,
-                                    timeout=args.timeout)
+                                    timeout=args.timeout, top_p=args.top_p)
                 results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens,
                                        args.seed, progress=not args.no_progress)
             except ConnectionError as e:
@@ -533,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
             engine = engine_for(args.model, device, prompts_for(problems, tok, args.prompt), args.max_new_tokens,
                                 args.samples, args.dtype)
             results = run_eval(engine, tok, problems, args.samples, args.temperature, args.max_new_tokens,
-                               args.prompt, args.seed, progress=not args.no_progress)
+                               args.prompt, args.seed, progress=not args.no_progress, top_p=args.top_p)
     except Interrupted as e:  # keep what finished: its rows go to --out, its scores to the summary
         if not e.done:
             raise

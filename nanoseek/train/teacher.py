@@ -109,8 +109,9 @@ class URLTeacher:
     cancelled and retries end; at most `concurrency` requests in flight are still answered, unused."""
 
     def __init__(self, url: str, model: str | None = None, concurrency: int = 8, retries: int = 5,
-                 timeout: float = TIMEOUT):
+                 timeout: float = TIMEOUT, top_p: float = 0.95):
         self.base = api_base(url)
+        self.top_p = top_p  # R1's sampling is temperature 0.6 with top-p 0.95
         self.key = os.environ.get("NANOSEEK_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.concurrency, self.retries, self.timeout = concurrency, retries, timeout
         self.answered = False  # until the server has answered once, a refused connection is a wrong URL: no retry
@@ -195,7 +196,7 @@ class URLTeacher:
 
     def ask(self, question: str, max_tokens: int, temperature: float, seed: int) -> Trace:
         body = {"model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                "temperature": temperature, "top_p": 0.95, "seed": seed}
+                "temperature": temperature, "top_p": self.top_p, "seed": seed}
         try:
             reply = self._request("/chat/completions", body)
         except (Refused, Failed) as e:
