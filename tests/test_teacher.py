@@ -154,12 +154,23 @@ def test_reply_shapes(scripted):
 @pytest.mark.parametrize("url, says", [("http://127.0.0.1:abc", "not a valid URL"), ("http://[::1", "not a valid URL"),
                                        ("http://", "no host"), ("http://127.0.0.1:8000/my api", "not a valid URL"),
                                        ("http://127.0.0.1:8000/ü", "not a valid URL"),
-                                       ("http://127.0.0.1:8000/v1?x=1", "no query string")])
+                                       ("http://127.0.0.1:8000/v1?x=1", "no query string"),
+                                       ("http://me:s3cret@127.0.0.1:8000/v1", "takes no user:password@")])
 def test_urls_no_retry_can_fix_fail_at_once(url, says):
     start = time.perf_counter()
-    with pytest.raises(ConnectionError, match=says):
+    with pytest.raises(ConnectionError, match=says) as e:
         URLTeacher(url)
     assert time.perf_counter() - start < 5  # not ~30 s of retries
+    assert "s3cret" not in str(e.value)  # it was printed twice, in a name-lookup error
+
+
+@pytest.mark.parametrize("raw", [b'{"error": "invalid key sk-abc123"}', b"<html>key sk-abc123 refused</html>"])
+def test_a_key_the_server_echoes_is_masked(raw):
+    from nanoseek.train.teacher import _reply
+
+    with pytest.raises(ConnectionError) as e:
+        _reply(raw, "http://127.0.0.1:1/v1/chat/completions", "sk-abc123")
+    assert "sk-abc123" not in str(e.value) and "***" in str(e.value)
 
 
 def test_a_cut_line_is_dropped_before_new_records_are_appended(scripted, tmp_path):

@@ -155,7 +155,7 @@ class URLTeacher:
                     raise ConnectionError(f"{url}: {e!r}") from None
             else:
                 self.answered = True
-                return _reply(raw, url)  # a reply that is not the API's will not heal: no retry
+                return _reply(raw, url, self.key)  # a reply that is not the API's will not heal: no retry
             if self._backoff(wait):
                 raise ConnectionError(f"{url}: stopped")
             delay = min(delay * 2, 30.0)
@@ -315,24 +315,28 @@ def check_url(url: str) -> None:
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError as e:
         raise ConnectionError(f"{url}: not a valid URL ({e})") from None
+    if parts.username is not None or parts.password is not None:  # not sent; said without the password
+        raise ConnectionError(f"{parts.scheme}://…@{parts.hostname}: a base URL takes no user:password@ (give the API "
+                              "key in $NANOSEEK_TEACHER_API_KEY or $OPENAI_API_KEY)")
     if parts.query or parts.fragment:
         raise ConnectionError(f"{url}: a base URL takes no query string or fragment")
     if not parts.hostname:
         raise ConnectionError(f"{url}: no host in the URL (e.g. http://127.0.0.1:8000)")
 
 
-def _reply(raw: bytes, url: str) -> dict:
+def _reply(raw: bytes, url: str, key: str | None = None) -> dict:
     """A JSON object from a server, or ConnectionError saying what came instead (an HTML login page, a bare list, a
-    gateway's `{"error": …}` with status 200)."""
+    gateway's `{"error": …}` with status 200), the API key masked should the server echo it."""
+    masked = (lambda text: text.replace(key, "***")) if key else (lambda text: text)  # noqa: E731
     try:
         reply = json.loads(raw)
     except ValueError:
-        raise ConnectionError(f"{url}: the reply is not JSON (is this the API's base URL?): "
-                              f"{raw[:120].decode(errors='replace')!r}") from None
+        raise ConnectionError(masked(f"{url}: the reply is not JSON (is this the API's base URL?): "
+                                     f"{raw[:120].decode(errors='replace')!r}")) from None
     if not isinstance(reply, dict):
-        raise ConnectionError(f"{url}: the reply is not a JSON object: {json.dumps(reply)[:120]}")
+        raise ConnectionError(masked(f"{url}: the reply is not a JSON object: {json.dumps(reply)[:120]}"))
     if "error" in reply:
-        raise ConnectionError(f"{url}: the server answered with an error: {json.dumps(reply['error'])[:300]}")
+        raise ConnectionError(masked(f"{url}: the server answered with an error: {json.dumps(reply['error'])[:300]}"))
     return reply
 
 
