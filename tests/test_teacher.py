@@ -237,8 +237,9 @@ def test_eval_gives_no_score_when_the_server_kept_failing(scripted, tmp_path, mo
     monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: self.stop.is_set())  # no waiting
     problems = trace_problems(DistillConfig(teacher=url, out=str(tmp_path), n=4))
     problems[1] = dataclasses.replace(problems[1], question="FAIL " + problems[1].question)
-    with pytest.raises(ConnectionError, match="failed on 1 of 4 requests, even after retries .*no score"):
+    with pytest.raises(ConnectionError, match="failed on 1 of 4 requests, even after retries .*scored apart") as e:
         run_eval_url(URLTeacher(url), problems, progress=False)
+    assert [r.problem for r in e.value.done] == [problems[0], *problems[2:]]  # the answered ones, for --out
     problems[1] = dataclasses.replace(problems[1], question="REFUSE " + problems[1].question)
     assert len(run_eval_url(URLTeacher(url), problems, progress=False)) == 4  # a refusal is scored as wrong
 
@@ -301,3 +302,22 @@ def test_a_run_no_teacher_answered_takes_new_settings(tmp_path):
     claim_run(tmp_path / "run", dataclasses.replace(right, teacher="http://127.0.0.1:9"))  # the same teacher
     with pytest.raises(UserError, match="other settings"):
         claim_run(tmp_path / "run", cfg)
+
+
+def test_eval_keeps_what_the_server_answered_before_it_failed(scripted, tmp_path, monkeypatch, capsys):
+    """7 of 8 answered, then one request kept failing: the run ended with no score and nothing in --out."""
+    import json
+
+    from nanoseek.cli import main
+
+    url, _ = scripted
+    monkeypatch.setattr(URLTeacher, "_backoff", lambda self, delay: self.stop.is_set())  # no waiting
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": ("FAIL " if i == 2 else "") + f"What is 2 + 2 ({i})?",
+                                        "answer": "4"}) + "\n" for i in range(4)))
+    out = tmp_path / "rows.jsonl"
+    assert main(["eval", "--model", url, "--data", str(data), "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.splitlines()[-1])
+    assert summary["n"] == 3 and summary["pass@1"] == 1.0 and "failed on 1 of 4" in summary["incomplete"]
+    assert len(out.read_text().splitlines()) == 3 and "3 of 4 problems finished" in captured.err

@@ -294,11 +294,15 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
 
         bar = tqdm(total=len(questions), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
     refused: list[str] = []  # requests the server refused (a 400: scored as wrong, as a local run's)
-    failed: list[str] = []  # requests it kept failing on (a 5xx or no reply, after retries): no score counts them
+    failed: dict[int, str] = {}  # requests it kept failing on (a 5xx or no reply, after retries): no score counts them
+
+    def answered():  # the problems whose every sample the server answered, checked
+        return finished_problems(problems, {i: t for i, t in texts.items() if i not in failed}, samples)
+
     try:
         for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
             if trace.failed:
-                failed.append(trace.error)
+                failed[i] = trace.error
                 if len(failed) >= FAILURES_BEFORE_ABORT:  # no use asking the rest
                     raise ConnectionError(f"the server failed on {len(failed)} requests, even after retries: "
                                           f"{trace.error}")
@@ -315,12 +319,15 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     except KeyboardInterrupt:  # the replies come in any order
         with ctrl_c_ignored():
             raise Interrupted(finished_problems(problems, texts, samples)) from None
+    except ConnectionError as e:  # the server stopped answering: what it had answered is kept, as after a Ctrl-C
+        raise ServerStopped(str(e), answered()) from None
     finally:  # an error is then printed on a line of its own
         if bar is not None:
             bar.close()
     if failed:  # a score that counts a server's failures as wrong answers would not be the model's
-        raise ConnectionError(f"the server failed on {len(failed)} of {len(questions)} requests, even after "
-                              f"retries (first: {failed[0]}); no score is given: rerun when it answers")
+        raise ServerStopped(f"the server failed on {len(failed)} of {len(questions)} requests, even after retries "
+                            f"(first: {next(iter(failed.values()))}); the problems it answered are scored apart",
+                            answered())
     if refused and len(refused) == len(questions):  # the settings, not the questions: as a local run's error
         raise ConnectionError(f"the server refused every request (first: {refused[0]}); is --max-new-tokens more "
                               "than its context leaves?")
@@ -328,6 +335,14 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         print(f"eval: the server refused {len(refused)} of {len(questions)} requests (first: {refused[0]}); they are "
               "scored as wrong", file=sys.stderr)
     return check_completions(problems, [texts[i] for i in range(len(questions))], samples)
+
+
+class ServerStopped(ConnectionError):
+    """A URL that stopped answering (or kept failing on some requests), carrying the problems it had answered."""
+
+    def __init__(self, message: str, done: list[EvalResult]):
+        super().__init__(message)
+        self.done = done
 
 
 def finished_problems(problems, texts: dict[int, str], samples: int) -> list[EvalResult]:
@@ -486,7 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dtype_argument(p)
     p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
                                  "summary line); an existing file is replaced only if an earlier --out wrote it. "
-                                 "Ctrl-C keeps the problems that finished: their rows, and a summary of them")
+                                 "Ctrl-C, or a URL that stops answering, keeps the problems that finished: their rows, and a "
+                                 "summary of them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -516,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.out, replace_ok=earlier_results)
     problems = load_problems(None if args.data else [args.task], args.data, args.n, args.seed)
     check_scheme(args.model, "--model")
-    interrupted = False
+    interrupted, stopped = False, None
     try:
         if is_url(args.model):
             if args.prompt != "chat":
@@ -526,6 +542,10 @@ def run(args: argparse.Namespace) -> int:
                                     timeout=args.timeout, top_p=args.top_p)
                 results = run_eval_url(client, problems, args.samples, args.temperature, args.max_new_tokens,
                                        args.seed, progress=not args.no_progress)
+            except ServerStopped as e:
+                if not e.done:
+                    raise UserError(f"{args.model}: {e}") from None
+                results, stopped = e.done, f"error: {args.model}: {e}"
             except ConnectionError as e:
                 raise UserError(f"{args.model}: {e}") from None
         else:
@@ -540,13 +560,16 @@ def run(args: argparse.Namespace) -> int:
         if not e.done:
             raise
         results, interrupted = e.done, True
+    partial = interrupted or stopped is not None
+    if partial:
         rows = f", and their rows are in {args.out}" if args.out not in (None, "-") else ""
         if earlier:  # a complete earlier result is worth more than a part of this one
             rows = f" ({args.out} keeps its earlier results: their rows are not written)"
-        print(f"\ninterrupted: {len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
+        head = f"{stopped}\n" if stopped else "interrupted: "
+        print(f"\n{head}{len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
               file=sys.stderr)
     with ctrl_c_ignored() if interrupted else contextlib.nullcontext():  # the rows a Ctrl-C kept are written whole
-        if args.out is not None and not (interrupted and earlier):
+        if args.out is not None and not (partial and earlier):
             rows = "".join(json.dumps({"question": r.problem.question, "answer": r.problem.answer, "completions":
                                        r.completions, "extracted": r.answers, "correct": r.correct}) + "\n"
                            for r in results)
@@ -554,5 +577,6 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(rows)
             else:
                 atomic.write_text(Path(args.out).resolve(), rows)  # whole or not at all, through a link
-        print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {})))
-    return 130 if interrupted else 0
+        print(json.dumps(summarize(results) | ({"interrupted": True} if interrupted else {}) |
+                         ({"incomplete": stopped} if stopped else {})))
+    return 130 if interrupted else 1 if stopped else 0
