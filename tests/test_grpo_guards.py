@@ -151,3 +151,22 @@ def test_a_budget_past_the_context_is_refused_before_training(model, tmp_path, c
     assert main(args) == 1
     assert "a sample of the task's training prompts" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_overlong_penalty_can_be_set(model, tmp_path):
+    """GRPOConfig.overlong_cache had no flag: dapo's default width could not be changed or turned off."""
+    import json
+
+    assert main(["grpo", "--model", str(model), "--out", str(tmp_path / "run"), *QUICK, "--eval-every", "0",
+                 "--overlong-cache", "4"]) == 0
+    state = json.loads((tmp_path / "run" / "train_state" / "state.json").read_text())
+    assert state["config"]["overlong_cache"] == 4
+
+
+def test_distill_refuses_more_held_out_problems_than_there_are_in_one_line():
+    """distill's copy of the held-out picker let held_out's ValueError through as a traceback (grpo's caught it)."""
+    from nanoseek.cli import UserError
+    from nanoseek.train.distill import DistillConfig, scored_problems
+
+    with pytest.raises(UserError, match="--eval-n 110000"):
+        scored_problems(DistillConfig(teacher="t", out="o", tasks=["arithmetic:1"], eval_n=110000))

@@ -421,6 +421,21 @@ def held_out(n: int, families, seed: int = 4242) -> list:
     return mixture(n, seed=seed, split="eval", families=list(families))
 
 
+def held_out_or_data(eval_data: str | None, data: str | None, n: int, families, seed: int) -> list:
+    """A training stage's held-out problems: the first n of --eval-data; none when it trains on --data without one
+    (the suite would not measure that skill); else n of the suite's eval split in `families`."""
+    from ..cli import UserError
+
+    if eval_data:
+        return load_problems(None, eval_data, n, 0, n_flag="--eval-n")
+    if data:
+        return []
+    try:
+        return held_out(n, sorted(families), seed=seed)
+    except ValueError as e:  # more problems than the families' eval split holds
+        raise UserError(f"--eval-n {n}: {e}") from None
+
+
 def load_problems(tasks_: list[str] | None, data: str | None, n: int, seed: int, split: str = "eval",
                   n_flag: str = "--n"):
     """The first n problems (0: all) of --data FILE (GSM8K-format JSONL or Parquet), saying so when the file holds

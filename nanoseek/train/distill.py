@@ -225,17 +225,12 @@ def decode_tokens_per_s(model, n_prompts: int = 8, new_tokens: int = 64, repeats
 
 
 def scored_problems(cfg: DistillConfig) -> list:
-    """What teacher and student are scored on: the first eval_n of --eval-data, else eval_n of the task suite's eval
-    split in the families being distilled (none with --data alone: the suite would not measure that skill)."""
-    from ..eval.evaluate import held_out, load_problems
-
-    if cfg.eval_data:
-        return load_problems(None, cfg.eval_data, cfg.eval_n, 0, n_flag="--eval-n")
-    if cfg.data:
-        return []
+    """What teacher and student are scored on (eval.evaluate.held_out_or_data)."""
     from ..data.tasks import parse_cells
+    from ..eval.evaluate import held_out_or_data
 
-    return held_out(cfg.eval_n, sorted({family for family, _ in parse_cells(cfg.tasks)}), seed=cfg.seed)
+    families = set() if cfg.eval_data or cfg.data else {f for f, _ in parse_cells(cfg.tasks)}
+    return held_out_or_data(cfg.eval_data, cfg.data, cfg.eval_n, families, seed=cfg.seed)
 
 
 def describe(model_dir: str, device: str, problems: list, max_new_tokens: int) -> dict:

@@ -335,19 +335,10 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist, step: int = 0)
 
 
 def eval_problems(cfg: GRPOConfig) -> list:
-    """The problems of the periodic evaluation: the first eval_n of --eval-data, or the suite's eval split of the
-    families being trained (none when training on --data without --eval-data: the suite would not say much)."""
-    from ..cli import UserError
-    from ..eval.evaluate import held_out, load_problems
+    """The problems of the periodic evaluation (eval.evaluate.held_out_or_data)."""
+    from ..eval.evaluate import held_out_or_data
 
-    if cfg.eval_data:
-        return load_problems(None, cfg.eval_data, cfg.eval_n, 0, n_flag="--eval-n")
-    if cfg.data:
-        return []
-    try:
-        return held_out(cfg.eval_n, sorted({family for family, _ in task_cells(cfg)}), seed=12345)
-    except ValueError as e:  # more problems than the families' eval split holds
-        raise UserError(f"--eval-n {cfg.eval_n}: {e}") from None
+    return held_out_or_data(cfg.eval_data, cfg.data, cfg.eval_n, {f for f, _ in task_cells(cfg)}, seed=12345)
 
 
 def sample_prompts(cfg: GRPOConfig, tok, per_cell: int = 64) -> list[list[int]]:
@@ -560,6 +551,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-eps", type=bounded(float, 0, 1, low_open=True), default=0.2,
                    help="ε, the importance ratio's clip range [1 - ε, 1 + ε] (default 0.2)")
     p.add_argument("--clip-eps-high", type=POSITIVE, help="upper clip (default ε; dapo 0.28)")
+    p.add_argument("--overlong-cache", type=NONNEGATIVE_INT, metavar="L",
+                   help="soft overlong penalty: a completion's last L tokens before --max-new-tokens cost up to 1 "
+                        "reward (default: dapo max-new-tokens // 4, else 0 = off)")
     p.add_argument("--updates-per-batch", type=POSITIVE_INT, default=2, help="μ, optimiser steps per rollout batch")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=32, help="completions per forward in the update")
     p.add_argument("--format-weight", type=NONNEGATIVE, default=0.2,
@@ -574,7 +568,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     keys = ("model", "out", "mode", "loss", "tasks", "data", "eval_data", "adaptive_tasks", "steps", "prompts_per_step",
-            "group_size", "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "updates_per_batch",
+            "group_size", "max_new_tokens", "temperature", "lr", "beta", "clip_eps", "clip_eps_high", "overlong_cache",
+            "updates_per_batch",
             "micro_batch_size", "format_weight", "eval_every", "eval_n", "seed", "save_every", "stop_at", "resume",
             "device", "price_per_hour")
     result = grpo(GRPOConfig(**{k: getattr(args, k) for k in keys}, progress=not args.no_progress))
