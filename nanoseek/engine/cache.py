@@ -33,7 +33,7 @@ class LatentCache:
         pe.scatter_(1, positions[..., None].expand_as(k_pe), k_pe.to(pe.dtype))
         return kv[:, :span], pe[:, :span]
 
-    # --- added for the engine (rows are sequence slots; nothing above changes) ---------------------------------
+    # --- rows are the engine's sequence slots ------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
         return self.kv.shape[1]

@@ -414,8 +414,8 @@ def evaluate_dir(model_dir, problems, device: str, style: str = "chat",
 
 
 def held_out(n: int, families, seed: int = 4242) -> list:
-    """n problems of the task suite's eval split, spread evenly over the families' levels: what the speedrun and
-    distill score every model on."""
+    """n problems of the task suite's eval split, spread evenly over the families' levels: the speedrun scores every
+    stage on seed 4242's (distill and GRPO's periodic evaluation draw with their own seeds)."""
     from ..data.tasks import mixture
 
     return mixture(n, seed=seed, split="eval", families=list(families))

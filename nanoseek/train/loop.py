@@ -423,7 +423,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
         kd_weight: float = 0.0) -> dict | None:
     """Run optimiser steps [start, cfg.end): loss = CE + λ·MTP CE + balance loss on labels (-100 = ignored), the
     cross-entropies a mean over every supervised position of the step (token_weights), gradient accumulation (DDP
-    synchronises on the last micro-batch), clipping, AdamW, aux-loss-free bias update
+    synchronises on the last micro-batch), clipping, AdamW or Muon, aux-loss-free bias update
     with loads summed over ranks, metrics, progress bar and checkpoints. `loader` has next_batch() ->
     (inputs, labels) and state_dict()/load_state_dict(). With a `teacher` model (same vocabulary), kd_weight ·
     KL(teacher ‖ student) on the supervised positions joins the loss (logged as kd_loss). A loader that pads may
