@@ -193,3 +193,23 @@ def test_a_full_disk_while_writing_shards_names_the_file(tmp_path):
     with pytest.raises(OSError, match=r"No space left on device.*shard-00000\.bin") as e:
         writer.add(np.arange(8))
     assert e.value.errno == 28
+
+
+def test_a_run_directory_in_use_is_refused_to_a_second_process(tmp_path):
+    """Two trainings in one --out (a command started twice) ran side by side: interleaved metrics, shared
+    checkpoint temporaries, one run's weights beside the other's tokenizer, and both said they succeeded."""
+    import subprocess
+    import sys
+
+    from nanoseek.train import runlock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(run), "--steps", "2", "--preset", "cpu-tiny",
+           "--n-docs", "200", "--no-progress"]
+    holder = runlock.releasing(lambda: [runlock.lock(run), subprocess.run(cmd, capture_output=True, text=True)])
+    _, second = holder()
+    assert second.returncode == 1 and "in use by another nanoseek process" in second.stderr
+    assert not (run / "metrics.jsonl").exists()
+    # the stage released it when it returned: the directory trains now
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from . import loop
+from . import loop, runlock
 from . import metrics as metrics_lib
 from .rewards import judge
 from .teacher import FAILURES_BEFORE_ABORT, TIMEOUT, LocalTeacher, api_base, check_scheme, is_url, make_teacher
@@ -367,6 +367,8 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     if is_url(cfg.teacher):  # 'http://h:p', 'http://h:p/' and 'http://h:p/v1' are one teacher
         what["teacher"] = api_base(cfg.teacher)
     path = run / "distill.json"
+    if run.is_dir():
+        runlock.lock(run)  # two distillations in one directory would ask for every trace twice
     if path.is_file():
         try:
             before = json.loads(path.read_text())
@@ -391,9 +393,11 @@ def claim_run(run: Path, cfg: DistillConfig) -> None:
     elif run.is_dir() and atomic.entries(run, "distill.json") and not older_run(run):  # someone's files: not replaced
         raise UserError(f"{run} is not empty and holds no distillation run; choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
+    runlock.lock(run)
     atomic.write_json(path, what)
 
 
+@runlock.releasing
 def distill(cfg: DistillConfig) -> dict:
     from ..checkpoint import read_config
     from ..cli import UserError

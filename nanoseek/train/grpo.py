@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model
 from ..flops import flops_per_token, generation_flops
-from . import loop
+from . import loop, runlock
 from .distributed import Dist, init_distributed
 from . import metrics as metrics_lib
 from .curriculum import Curriculum, task_cells
@@ -386,6 +386,7 @@ def reference_model(cfg: GRPOConfig, model, state: dict, d: Dist):
     return ref.requires_grad_(False).eval(), digest
 
 
+@runlock.releasing
 def grpo(cfg: GRPOConfig) -> dict | None:
     from ..cli import UserError
     from ..engine.engine import Engine

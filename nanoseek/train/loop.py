@@ -36,6 +36,7 @@ from ..data.corpus import SHARD_FILES
 from ..flops import flops_per_token
 from ..model.mtp import mtp_loss
 from . import muon as muon_lib
+from . import runlock
 from .distributed import Dist
 from .metrics import Metrics, Timer, device_peak_flops, run_cost, run_summary
 
@@ -253,6 +254,7 @@ def make_run_dir(run: Path) -> None:
     """The run directory, marked as one a run started in (RUN_MARKER) before anything else is written there: what
     the run writes from here on may be replaced by a new start, nothing else."""
     run.mkdir(parents=True, exist_ok=True)
+    runlock.lock(run)
     (run / RUN_MARKER).touch()
 
 
@@ -275,6 +277,8 @@ def restore_config(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file; name a run directory")
+    if run.is_dir():
+        runlock.lock(run)  # before its checkpoint is read: another process may be training there
     if not has_checkpoint(run):
         foreign = sorted(p.name for p in run.iterdir() if not leftover(p) and not p.name.startswith(".")
                          ) if run.is_dir() else []

@@ -30,7 +30,7 @@ from ..checkpoint import load_model, read_config
 from ..config import ModelConfig, get_preset
 from ..device import check_fits
 from ..model import build_model, param_counts
-from . import loop
+from . import loop, runlock
 from .distributed import Dist, init_distributed
 
 # Training defaults per preset (flags override). cpu-tiny: 6-7 minutes on 2 cores; small batches, many steps (at
@@ -291,6 +291,7 @@ def model_config(cfg: PretrainConfig, tok) -> ModelConfig:
     return mc.replace(**changes)
 
 
+@runlock.releasing
 def pretrain(cfg: PretrainConfig) -> dict | None:
     from ..cli import UserError
     from ..data.corpus import PackedLoader

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..data.chat_tokens import ChatTokens
-from . import loop
+from . import loop, runlock
 from .distributed import Dist, init_distributed
 
 IGNORE = -100
@@ -216,6 +216,7 @@ def tokenized_conversations(cfg: SFTConfig, tok, run: Path, d: Dist) -> ChatToke
     return tokens
 
 
+@runlock.releasing
 def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0) -> dict | None:
     """Fine-tune; with a `teacher` model sharing the vocabulary, add kd_weight · KL(teacher ‖ student)."""
     from ..cli import UserError
