@@ -213,3 +213,14 @@ def test_a_run_directory_in_use_is_refused_to_a_second_process(tmp_path):
     assert not (run / "metrics.jsonl").exists()
     # the stage released it when it returned: the directory trains now
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+
+
+def test_a_checkpoint_a_kill_cut_short_does_not_stay_on_disk(tmp_path):
+    """Killed while saving step 3, then resumed with another --save-every: step 3 was never saved again, and its
+    partial checkpoint (up to a model and its optimiser state) stayed in ckpt/ for good."""
+    run = tmp_path / "run"
+    pretrain(run, "--save-every", "2", "--stop-at", "2", steps=4)
+    orphan = run / "ckpt" / ".step-000003.tmp"
+    (orphan / "model").mkdir(parents=True)
+    pretrain(run, "--save-every", "2", "--resume", steps=4)
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-000002", "step-000004"]

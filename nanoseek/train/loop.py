@@ -170,6 +170,8 @@ def save_checkpoint(run: Path, model, opt, step: int, state: dict, extra_files: 
     earlier = [p for s, p in steps if s <= step]
     for old in earlier[:-KEEP_CHECKPOINTS] + [p for s, p in steps if s > step]:
         shutil.rmtree(old, ignore_errors=True)
+    for orphan in (run / "ckpt").glob(".step-*.tmp"):  # a save a kill cut short, at a step this run may never save
+        shutil.rmtree(orphan, ignore_errors=True)  # again (the run directory's lock: no other writer's)
     return final
 
 
