@@ -15,7 +15,7 @@ import functools
 import os
 from pathlib import Path
 
-_held: dict[str, int] = {}  # resolved run directory -> the open descriptor that holds its lock
+_held: dict[tuple[int, int], int] = {}  # a run directory's (device, inode) -> the open descriptor holding its lock
 
 
 def lock(run: Path) -> None:
@@ -23,14 +23,15 @@ def lock(run: Path) -> None:
     process holds it."""
     from ..cli import UserError, rank
 
-    key = str(Path(run).resolve())
+    st = os.stat(run)
+    key = (st.st_dev, st.st_ino)  # the directory itself, under whatever name or link it is reached
     if rank() != 0 or key in _held:
         return
     try:
         import fcntl
     except ImportError:  # native Windows
         return
-    fd = os.open(key, os.O_RDONLY)
+    fd = os.open(run, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
