@@ -130,6 +130,14 @@ def test_reasoning_written_otherwise_is_trained_as_the_generation_prompt_starts_
     assert out[1]["content"] == "<think>\nr\n</think>\n\na"
 
 
+def test_an_answer_that_mentions_the_closing_tag_is_not_cut_there():
+    from nanoseek.data.corpus import inline_reasoning
+
+    answer = {"role": "assistant", "content": "It writes the </think> tag, then the answer.", "reasoning_content": "r"}
+    out = inline_reasoning([{"role": "user", "content": "q"}, answer])
+    assert out[1]["content"] == "<think>\nr\n</think>\n\nIt writes the </think> tag, then the answer."
+
+
 def test_a_template_whose_prompt_is_not_where_training_starts_is_named(tok, tmp_path, capsys, monkeypatch):
     """DeepSeek-R1's own template strips the reasoning of every assistant turn, the last too: SFT then trained the
     answer alone, after a prompt that inference never ends with. The build says so."""

@@ -161,6 +161,7 @@ def test_the_overlong_penalty_can_be_set(model, tmp_path):
                  "--overlong-cache", "4"]) == 0
     state = json.loads((tmp_path / "run" / "train_state" / "state.json").read_text())
     assert state["config"]["overlong_cache"] == 4
+    assert main(["grpo", "--model", str(model), "--out", str(tmp_path / "run2"), *QUICK, "--overlong-cache", "8"]) == 1
 
 
 def test_distill_refuses_more_held_out_problems_than_there_are_in_one_line():

@@ -171,6 +171,9 @@ def test_a_key_the_server_echoes_is_masked(raw):
     with pytest.raises(ConnectionError) as e:
         _reply(raw, "http://127.0.0.1:1/v1/chat/completions", "sk-abc123")
     assert "sk-abc123" not in str(e.value) and "***" in str(e.value)
+    with pytest.raises(ConnectionError) as e:  # a short key: only what the server sent is masked, not the URL
+        _reply(b"<html>1</html>", "http://127.0.0.1:8001/v1/chat/completions", "1")
+    assert str(e.value).startswith("http://127.0.0.1:8001/v1/chat/completions: ")
 
 
 def test_a_cut_line_is_dropped_before_new_records_are_appended(scripted, tmp_path):

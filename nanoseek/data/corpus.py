@@ -153,14 +153,17 @@ def inline_reasoning(messages: list[dict]) -> list[dict]:
     for m in messages:
         r = m.get("reasoning_content") or m.get("reasoning")
         content = m.get("content")
-        if m.get("role") == "assistant" and "</think>" in content and (
-                content.lstrip().startswith("<think>") or "<think>" not in content):
+        field = isinstance(r, str) and bool(r.strip())
+        # a raw completion closes its reasoning on a line of its own (`r\n</think>\n\na`); an answer that only
+        # mentions the tag ("it writes the </think> tag"), or one beside a reasoning field, is not reasoning
+        raw = not field and "<think>" not in content and re.search(r"\n</think>\s*\n", content) is not None
+        if m.get("role") == "assistant" and "</think>" in content and (content.lstrip().startswith("<think>") or raw):
             # `<think>r</think>a`, `\n<think>…`, or a raw completion after the prefill (`r\n</think>\n\na`): the
             # canonical `<think>\n…\n</think>\n\n` that the generation prompt (`<think>\n`) starts
             reasoning, answer = content.split("</think>", 1)
             reasoning = reasoning.lstrip().removeprefix("<think>").strip()
             m = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer.lstrip()}"}
-        elif m.get("role") == "assistant" and isinstance(r, str) and r.strip() and "</think>" not in content:
+        elif m.get("role") == "assistant" and field and not content.lstrip().startswith("<think>"):
             m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{content.lstrip()}"}
         out.append(m)
     return out

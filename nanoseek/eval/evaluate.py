@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
             except ServerStopped as e:
                 if not e.done:
                     raise UserError(f"{args.model}: {e}") from None
-                results, stopped = e.done, f"error: {args.model}: {e}"
+                results, stopped = e.done, f"{args.model}: {e}"
             except ConnectionError as e:
                 raise UserError(f"{args.model}: {e}") from None
         else:
@@ -580,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
         rows = f", and their rows are in {args.out}" if args.out not in (None, "-") else ""
         if earlier:  # a complete earlier result is worth more than a part of this one
             rows = f" ({args.out} keeps its earlier results: their rows are not written)"
-        head = f"{stopped}\n" if stopped else "interrupted: "
+        head = f"error: {stopped}\n" if stopped else "interrupted: "
         print(f"\n{head}{len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
               file=sys.stderr)
     with ctrl_c_ignored() if interrupted else contextlib.nullcontext():  # the rows a Ctrl-C kept are written whole

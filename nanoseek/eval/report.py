@@ -237,7 +237,7 @@ def cost_table(rows: list[dict]) -> list[str]:
     lines += ["Each stage counts its training loop: GRPO's rollouts and updates, a distillation's student SFT and the "
               "traces of a local teacher. Setup (data, tokenizer, loading), held-out evaluations and a URL teacher's time "
               "are not counted, nor the steps an interrupted invocation ran after its last checkpoint.", ""]
-    lines += [f"{r['stage']}: the URL teacher's traces took {r['url_wait_s']:.0f} s of waiting, not counted above "
+    lines += [f"{r['stage']}: the URL teacher's traces took {r['url_wait_s']:.3g} s of waiting, not counted above "
               "(they ran on the teacher's machine)." for r in rows if r.get("url_wait_s")]
     if any(r.get("url_wait_s") for r in rows):
         lines.append("")

@@ -397,6 +397,10 @@ def grpo(cfg: GRPOConfig) -> dict | None:
         raise UserError(f"--loss must be one of {LOSSES} and --mode r1 or r1-zero")
     if not 0 < cfg.temperature <= 2:
         raise UserError(f"--temperature must be in (0, 2] (GRPO needs sampled groups), got {cfg.temperature}")
+    if cfg.overlong_cache is not None and cfg.overlong_cache >= cfg.max_new_tokens:
+        raise UserError(f"--overlong-cache {cfg.overlong_cache} must be less than --max-new-tokens "
+                        f"{cfg.max_new_tokens}: it is the last stretch before the budget (a longer one penalises "
+                        "short answers)")
     if cfg.data and cfg.adaptive_tasks:
         raise UserError("--adaptive-tasks weighs the task suite's cells; with --data the file's problems are drawn "
                         "in turn")

@@ -38,6 +38,9 @@ def lock(run: Path) -> None:
         os.close(fd)
         raise UserError(f"{run} is in use by another nanoseek process training there: wait for it to end, or choose "
                         "another --out") from None
+    except OSError:  # a filesystem without locks (ENOLCK: some network and FUSE mounts): run unlocked, as before
+        os.close(fd)
+        return
     _held[key] = fd
 
 

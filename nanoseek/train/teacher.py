@@ -327,16 +327,16 @@ def check_url(url: str) -> None:
 def _reply(raw: bytes, url: str, key: str | None = None) -> dict:
     """A JSON object from a server, or ConnectionError saying what came instead (an HTML login page, a bare list, a
     gateway's `{"error": …}` with status 200), the API key masked should the server echo it."""
-    masked = (lambda text: text.replace(key, "***")) if key else (lambda text: text)  # noqa: E731
+    masked = (lambda text: text.replace(key, "***")) if key else (lambda text: text)  # noqa: E731 (what it sent)
     try:
         reply = json.loads(raw)
     except ValueError:
-        raise ConnectionError(masked(f"{url}: the reply is not JSON (is this the API's base URL?): "
-                                     f"{raw[:120].decode(errors='replace')!r}")) from None
+        raise ConnectionError(f"{url}: the reply is not JSON (is this the API's base URL?): "
+                              f"{masked(raw.decode(errors='replace'))[:120]!r}") from None
     if not isinstance(reply, dict):
-        raise ConnectionError(masked(f"{url}: the reply is not a JSON object: {json.dumps(reply)[:120]}"))
+        raise ConnectionError(f"{url}: the reply is not a JSON object: {masked(json.dumps(reply))[:120]}")
     if "error" in reply:
-        raise ConnectionError(masked(f"{url}: the server answered with an error: {json.dumps(reply['error'])[:300]}"))
+        raise ConnectionError(f"{url}: the server answered with an error: {masked(json.dumps(reply['error']))[:300]}")
     return reply
 
 
