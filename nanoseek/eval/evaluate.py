@@ -516,8 +516,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dtype_argument(p)
     p.add_argument("--out", help="also write per-problem results (JSONL) here ('-': standard output, before the "
                                  "summary line); an existing file is replaced only if an earlier --out wrote it. "
-                                 "Ctrl-C, or a URL that stops answering, keeps the problems that finished: their rows, and a "
-                                 "summary of them")
+                                 "Ctrl-C, or a URL that stops answering, keeps the problems that finished: their "
+                                 "rows, and a summary of them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
