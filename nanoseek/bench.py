@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args, cfg, device, dtype).eval()
     counts = param_counts(model)
     kv_bpt = LatentCache.bytes_per_token(cfg, dtype.itemsize)  # latent c (R) + rope key (Dr), every main layer
-    engine_bpt = kv_bpt // cfg.num_hidden_layers * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)  # + MTP's
+    engine_bpt = LatentCache.bytes_per_token(cfg, dtype.itemsize, with_mtp=True)  # the MTP layers' too
     full_bpt = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype.itemsize
     spec_ok = args.speculative and len(model.mtp_layers) > 0
     engine = Engine(model, max_batch_size=sizes[-1], max_seq_len=min(P + N + 1, cfg.max_position_embeddings),

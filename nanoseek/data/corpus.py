@@ -151,19 +151,20 @@ def inline_reasoning(messages: list[dict]) -> list[dict]:
     vLLM `reasoning`) or in content written otherwise (`<think>r</think>a`, a raw completion `r\n</think>\n\na`)."""
     out = []
     for m in messages:
-        r = m.get("reasoning_content") or m.get("reasoning")
-        content = m.get("content")
+        if m.get("role") != "assistant":
+            out.append(m)
+            continue
+        r, content = m.get("reasoning_content") or m.get("reasoning"), m["content"]
         field = isinstance(r, str) and bool(r.strip())
+        opens = content.lstrip().startswith("<think>")
         # a raw completion closes its reasoning on a line of its own (`r\n</think>\n\na`); an answer that only
         # mentions the tag ("it writes the </think> tag"), or one beside a reasoning field, is not reasoning
         raw = not field and "<think>" not in content and re.search(r"\n</think>\s*\n", content) is not None
-        if m.get("role") == "assistant" and "</think>" in content and (content.lstrip().startswith("<think>") or raw):
-            # `<think>r</think>a`, `\n<think>…`, or a raw completion after the prefill (`r\n</think>\n\na`): the
-            # canonical `<think>\n…\n</think>\n\n` that the generation prompt (`<think>\n`) starts
+        if "</think>" in content and (opens or raw):  # `<think>r</think>a`, `\n<think>…`, or a raw completion
             reasoning, answer = content.split("</think>", 1)
             reasoning = reasoning.lstrip().removeprefix("<think>").strip()
             m = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer.lstrip()}"}
-        elif m.get("role") == "assistant" and field and not content.lstrip().startswith("<think>"):
+        elif field and not opens:
             m = {"role": "assistant", "content": f"<think>\n{r.strip()}\n</think>\n\n{content.lstrip()}"}
         out.append(m)
     return out

@@ -20,9 +20,11 @@ class LatentCache:
         self.kv, self.pe = self.data.split([R, Dr], dim=-1)  # views: (L, B, S, R), (L, B, S, Dr)
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-        """Cache bytes one token costs across the main model's layers."""
-        return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
+    def bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, with_mtp: bool = False) -> int:
+        """Cache bytes one token costs across the main model's layers (with_mtp: and the MTP layers', as the
+        engine's cache holds them)."""
+        layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
+        return layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
 
     def update(self, layer: int, positions: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor, span: int):
         """Write c (B, T, R) and k_pe (B, T, Dr) at positions (B, T) of rows [0, B); return rows [0, B) of the

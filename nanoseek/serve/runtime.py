@@ -88,6 +88,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     from ..checkpoint import read_config
     from ..cli import UserError
     from ..device import has_cxx, inference_dtype, resolve_device
+    from ..engine.cache import LatentCache
     from ..engine.engine import Engine
     from ..tokenizer import Tokenizer
 
@@ -113,8 +114,7 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
     except (RuntimeError, MemoryError) as e:  # the KV cache holds max_batch_size rows of max_model_len positions
         if "alloc" not in str(e) and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
             raise
-        layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # the engine caches the MTP layers' too
-        per_token = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * inference_dtype(dtype, device).itemsize
+        per_token = LatentCache.bytes_per_token(cfg, inference_dtype(dtype, device).itemsize, with_mtp=True)
         gib = per_token * max_batch_size * max_model_len / 2**30
         raise UserError(f"no memory for the KV cache of --max-batch-size {max_batch_size} × --max-model-len "
                         f"{max_model_len} ({gib:.3g} GiB): lower either") from None

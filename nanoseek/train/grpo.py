@@ -499,10 +499,10 @@ def grpo(cfg: GRPOConfig) -> dict | None:
             row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
         if scored and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
             model.eval()
-            t3 = time.perf_counter()
+            before = timer.excluded
             with timer.excluding():
                 row["eval"] = evaluate(cfg, engine, tok, scored)
-            row["eval_s"] = round(time.perf_counter() - t3, 2)
+            row["eval_s"] = round(timer.excluded - before, 2)
         metrics.log(row)
         if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL's most common silent failure: say it
             warned = True

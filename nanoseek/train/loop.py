@@ -452,19 +452,18 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
             raise UserError(f"{run}: the training data is not what the run was trained on ({e}); resume with the "
                             "data it started with, or start a new run") from None
     ddp = model
+    use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
     if d.world_size > 1:
         # the routing-bias buffers stay equal on every rank without syncing (each applies the all-reduced load)
         new_kwarg = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        idle_mtp = len(model.mtp_layers) > 0 and not cfg.mtp_weight > 0  # MTP modules get no gradient: DDP must know
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=idle_mtp,
+        ddp = torch.nn.parallel.DistributedDataParallel(  # MTP modules left out of the loss get no gradient: say so
+            model, find_unused_parameters=len(model.mtp_layers) > 0 and not use_mtp,
             **({"forward_sync_buffers": False} if new_kwarg else {"broadcast_buffers": False}))
     metrics = Metrics(run / "metrics.jsonl", start if resuming else None, enabled=d.is_main)
     # every rank measures its own device (or its share of the CPU's cores)
     peak_all = device_peak_flops(d.device)[0] * d.world_size
     autocast = mixed_precision(d.device)
     moes = model.moe_layers()
-    use_mtp = cfg.mtp_weight > 0 and len(model.mtp_layers) > 0
     distilling = teacher is not None and kd_weight > 0
     no_kd = torch.zeros((), device=d.device)
     bar = None
