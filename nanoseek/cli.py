@@ -163,6 +163,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="nanoseek",
         description="DeepSeek-V3 / R1 in one package: train, reason with GRPO, distill, evaluate, self-host.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=HelpFormatter)

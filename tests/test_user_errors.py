@@ -453,7 +453,7 @@ def test_the_command_line_starts_without_torch():
     assert not hasattr(nanoseek, "no_such_module")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["tasks", "--help"], ["pretrian"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["tasks", "--help"], ["pretrian"]])
 def test_help_and_verbs_without_torch_do_not_import_it(argv):
     """Only the named verb's options are built: every verb's module (four import torch) made `--help` take seconds."""
     import subprocess
@@ -463,6 +463,18 @@ def test_help_and_verbs_without_torch_do_not_import_it(argv):
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_version_is_the_package_s(capsys):
+    from importlib.metadata import version
+
+    import nanoseek
+    from nanoseek.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"nanoseek {nanoseek.__version__}\n"
+    assert version("nanoseek") == nanoseek.__version__  # pyproject reads it from there
 
 
 def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch, capsys):
