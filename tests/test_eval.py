@@ -129,6 +129,21 @@ def test_answers_the_numbers_audit_found_misread():
         gold("Two and three make five.\nSo five.")
 
 
+def test_digits_and_minus_signs_of_other_scripts():
+    """A dash that stands for a minus was dropped ('–21' scored right for a gold of 21) and digits of other scripts
+    were extracted but never equal to anything ('答案是 ２１' scored wrong for 21)."""
+    gold = lambda a: from_record({"question": "q", "answer": a})  # noqa: E731
+    for text in ("The answer is –21.", "Answer: －21", "\\boxed{－21}", "so x = ‐21", "The answer is ﹣21."):
+        answer = extract_answer(text)
+        assert check(gold("-21"), answer) and not check(gold("21"), answer), text
+    for text in ("答案是 ２１", "\\boxed{２１}", "The answer is ٢١.", "21"):
+        assert check(gold("21"), extract_answer(text)) and check(gold("２１"), extract_answer(text)), text
+    assert extract_answer("The total — 21") == "21"  # an em dash is punctuation
+    countdown = generate("countdown", 1, 1, seed=0)[0]
+    wide = countdown.answer.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
+    assert check(countdown, wide) and check(countdown, countdown.answer)
+
+
 def test_a_url_reply_is_scored_as_the_same_local_completion():
     """A reply cut off right after </think> (content "", not null) has no answer, as locally; so has one that ended
     inside the reasoning (content null), as a local completion that never closed </think>."""

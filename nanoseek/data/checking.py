@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import unicodedata
 from collections import Counter
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -20,11 +21,24 @@ if TYPE_CHECKING:
     from .tasks import Problem
 
 
+# the dashes a writer (or a model that read them) puts for a minus: hyphen, non-breaking hyphen, figure dash, en dash,
+# small and full-width hyphen-minus; not the em dash, which is punctuation ("the answer — 21")
+_DASHES = str.maketrans(dict.fromkeys("\u2010\u2011\u2012\u2013\ufe63\uff0d", "-"))
+
+
+def plain_digits(text: str) -> str:
+    """Digits of any script as ASCII ('４２', '٤٢' -> '42') and a dash that stands for a minus as '-' ('–21', '－21'):
+    read as written, '答案是 ２１' was never equal to 21 and 'The answer is –21' was 21."""
+    if text.isascii():
+        return text
+    return re.sub(r"\d", lambda m: str(unicodedata.digit(m[0])), text.translate(_DASHES))
+
+
 def as_number(text) -> Fraction | None:
     """'1,234', '1 234', '+7', '42.0', '-3', '- 3', '5.', '-$5' -> a number; anything else ('7 8', '12,34') -> None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
-    s = re.sub(r"^([-+]?)\s*\\?[$€£¥]\s*", r"\1", text.strip().replace("−", "-"))  # "-$5", "$ 5", "\\$5"
+    s = re.sub(r"^([-+]?)\s*\\?[$€£¥]\s*", r"\1", plain_digits(text).strip().replace("−", "-"))  # "-$5", "$ 5", "\\$5"
     s = re.sub(r"^([-+])\s+", r"\1", s).removeprefix("+").removesuffix(".")  # "- 3"
     s = re.sub(r"[\u00a0\u2009\u202f]", " ", s)  # no-break and thin spaces
     for sep in ",", " ":  # thousands separators: "1,234" and "1 234", not "12,34" or "7 8"
@@ -62,7 +76,7 @@ def eval_expression(text: str, used: list[int] | None = None, whole: bool = Fals
 
     for latex, op in (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/")):  # \boxed{(3 + 4) \times 5}
         text = text.replace(latex, op)
-    return walk(ast.parse(text.translate(_ASCII).strip(), mode="eval").body)
+    return walk(ast.parse(plain_digits(text).translate(_ASCII).strip(), mode="eval").body)
 
 
 def _check_countdown(meta: dict, predicted: str) -> bool:
@@ -86,13 +100,13 @@ def check(problem: Problem, predicted: str) -> bool:
     try:
         if problem.family == "countdown":
             return _check_countdown(problem.meta, predicted)
-        predicted = result_of(predicted)
-        got, want = as_number(predicted), as_number(problem.answer)
+        predicted, gold = result_of(plain_digits(predicted)), plain_digits(problem.answer)
+        got, want = as_number(predicted), as_number(gold)
         from .tasks import FAMILIES  # (tasks imports this module)
 
         if problem.family in FAMILIES or (got is not None and want is not None):
             return got is not None and got == want  # the suite's answers are integers: "8 + 3" is not "11"
-        return math_equal(problem.answer, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
+        return math_equal(gold, predicted)  # free-form answers of imported data (\frac{1}{2}, sets, ...)
     except Exception:  # garbage in, False out (RecursionError, ValueError, KeyError, ...)
         return False
 

@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.checking import plain_digits
+
 NUMBER = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"  # −: the Unicode minus; commas only as thousands separators
 AMOUNT = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # unsigned, and a comma only in a whole "1,234": not "12, 13"
 EXPRESSION = r"[\d\s,.+\-−×÷*/()]+"  # a number or a countdown expression
@@ -48,6 +50,7 @@ def extract_answer(text: str) -> str | None:
         text = text.rsplit("</think>", 1)[1]
     elif "<think>" in text:
         return None
+    text = plain_digits(text)
     text = re.sub(r"([-−])\s*([$€£¥])", r"\2\1", text)  # "-$5" is "$-5": the sign stays with the number
     boxed = _last_boxed(text)
     if boxed is not None:
