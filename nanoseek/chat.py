@@ -19,8 +19,9 @@ import sys
 from .serve import COMPILE_HELP
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-# control characters a model might emit (escape sequences could restyle or rewrite the terminal); \t and \n stay
-CONTROLS = {c: None for c in [*range(0x20), 0x7F] if chr(c) not in "\t\n"}
+# control characters a model might emit (escape sequences could restyle or rewrite the terminal; C1's U+009B and
+# U+009D start them too); \t and \n stay
+CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n"}
 HELP = "commands: /clear (start over), /exit (quit)"
 
 
@@ -130,7 +131,8 @@ class ChatSession:
         elif reason == "length":  # the server says finish_reason "length"; here, in words
             print(f"(cut off at {params.max_new_tokens} tokens: "
                   + ("--max-tokens" if params.max_new_tokens == self.max_tokens else "the context is full") + ")")
-        self.turns = messages + [{"role": "assistant", "content": dec.content_text}]  # what was shown stays
+        shown = dec.content.text[: dec.content.sent]  # not the first bytes of a character Ctrl-C cut off
+        self.turns = messages + [{"role": "assistant", "content": shown}]  # what was shown stays
 
     def _stream(self, rid: int, dec, printer: Printer) -> str | None:
         """Step the engine, printing deltas, until the answer ends (its finish reason: "stop" or "length") or Ctrl-C
@@ -155,11 +157,26 @@ class ChatSession:
 
 
 def _read(prompt: str) -> str | None:
+    """The next line typed, "" for one that is not UTF-8 text (said so), None to quit (EOF, Ctrl-C)."""
     try:
-        return input(prompt)
+        line = input(prompt)
+        line.encode()  # stdin reads undecodable bytes as lone surrogates (see `terminal_text`)
+        return line
     except (EOFError, KeyboardInterrupt):
         print()
         return None
+    except UnicodeError:
+        print("(that line is not UTF-8 text: type it again)")
+        return ""
+
+
+def terminal_text(typed: bool = True) -> None:
+    """Text the terminal's encoding cannot show (a CJK answer on an ASCII locale) goes out as '?', not a
+    UnicodeEncodeError; with `typed`, undecodable bytes typed in come in as lone surrogates, not a UnicodeDecodeError
+    that ends the chat."""
+    for stream, errors in [(sys.stdout, "replace")] + [(sys.stdin, "surrogateescape")] * typed:
+        with contextlib.suppress(AttributeError, ValueError):  # not a TextIOWrapper (a test's StringIO)
+            stream.reconfigure(errors=errors)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system and len(rt.tokenizer.apply_chat_template(session.system + [{"role": "user", "content": "x"}],
                                                              add_generation_prompt=True)) >= rt.max_model_len:
         raise UserError(f"--system is longer than the context of {rt.max_model_len} tokens")
+    terminal_text()
     printer = Printer(color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))  # no escapes into a pipe
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):  # (Windows has none)

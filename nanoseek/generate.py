@@ -243,8 +243,9 @@ def _show(prompts: list[Prompt], completions: dict[int, Completion], samples: in
     """The completions {index: completion} of `total` for a reader: one alone as is, several as `==> prompt i
     (sample s of n): … <==` blocks; reasoning dimmed on a terminal (as `nanoseek chat` shows it), else between
     <think> tags."""
-    from .chat import Printer
+    from .chat import Printer, terminal_text
 
+    terminal_text(typed=False)
     printer = Printer(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     for n, (i, c) in enumerate(sorted(completions.items())):
         if total > 1:

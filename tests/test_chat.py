@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +73,51 @@ def test_a_system_prompt_longer_than_the_context_is_refused_at_start(model_dir):
                                                    "--max-model-len", "64", "--system", "word " * 100]
     r = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1 and "--system is longer than the context of 64 tokens" in r.stderr
+
+
+def test_a_thinking_budget_never_cuts_a_character():
+    """A budget that ran out inside a multi-byte character closed the reasoning there: it ended in U+FFFD and the
+    model went on from invalid bytes. </think> now waits for the character to end."""
+    from test_serve import tiny_texts
+
+    from nanoseek.serve.reasoning import SectionTracker
+    from nanoseek.serve.runtime import Job
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(tiny_texts(), vocab_size=400)
+    ids = tok.encode("思a思")
+    assert len(ids) == 7 and tok.decode(ids[:1]).endswith("\ufffd")  # a byte a token: the tokenizer never saw 思
+    for budget, forced_after in ((1, 3), (2, 3), (3, 3), (4, 4), (5, 7)):
+        tracker = SectionTracker(tok.think_id, tok.end_think_id, in_reasoning=True, tokenizer=tok)
+        job = Job([], None, None, budget=budget, tracker=tracker)
+        over = []
+        for t in ids:
+            tracker.feed(t)
+            over.append(job.over_budget())
+        assert over.index(True) + 1 == forced_after, budget
+        assert not tok.decode(ids[:forced_after]).endswith("\ufffd")
+    invalid = [ids[1]] * 4  # continuation bytes that start no character: waiting would never end
+    tracker = SectionTracker(tok.think_id, tok.end_think_id, in_reasoning=True, tokenizer=tok)
+    job = Job([], None, None, budget=1, tracker=tracker)
+    assert [tracker.feed(t) and job.over_budget() for t in invalid] == [False, False, False, True]
+
+
+def test_chat_survives_a_line_that_is_not_utf8_and_a_terminal_that_is_ascii(model_dir):
+    cmd = verb_command("chat", "nanoseek.chat") + ["--model", str(model_dir), "--max-tokens", "4", "--device", "cpu",
+                                                   "--no-compile"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"}  # a strict UTF-8 locale
+    r = subprocess.run(cmd, input=b"caf\xe9 \xff\nhi\n/exit\n", capture_output=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr  # was a UnicodeDecodeError traceback, the conversation lost
+    assert b"not UTF-8 text" in r.stdout and r.stdout.count(b"(cut off at 4 tokens") == 1
+    show = "from nanoseek.chat import terminal_text; terminal_text(); print('\u601d ok')"
+    r = subprocess.run([sys.executable, "-c", show], capture_output=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert (r.returncode, r.stdout) == (0, b"? ok\n"), r.stderr  # was a UnicodeEncodeError
+
+
+def test_chat_printer_drops_c1_controls():
+    from nanoseek.chat import Printer
+
+    out = io.StringIO()
+    Printer(out, color=False).write("content", "a\x9b2Jb\x9d0;title\x07c\u00e9")
+    assert out.getvalue() == "a2Jb0;titlecé"

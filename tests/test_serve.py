@@ -218,11 +218,14 @@ def test_thinking_budget_forces_end_of_reasoning(client):
     budget = 7
     full = ask(client, max_tokens=30, extra_body={"thinking_token_budget": budget})
     msg = full.choices[0].message
-    assert full.usage.completion_tokens_details.reasoning_tokens == budget
+    n = full.usage.completion_tokens_details.reasoning_tokens
     assert msg.reasoning_content == msg.reasoning and msg.reasoning_content
+    # the budget, and more only to finish a character (this random model writes byte tokens that end inside one)
+    assert n == budget or budget < n <= budget + 3 and tokens_end_inside_a_character(client, budget)
+    assert not msg.reasoning_content.endswith("\ufffd")
     assert msg.content and "</think>" not in msg.content and "<think>" not in msg.content
     assert not msg.content[0].isspace()  # the forced "\n\n" after </think> is not part of the answer
-    ungated = ask(client, max_tokens=budget)  # the same greedy reasoning, cut by length instead
+    ungated = ask(client, max_tokens=n)  # the same greedy reasoning, cut by length instead
     assert ungated.choices[0].message.reasoning_content == msg.reasoning_content
     # streamed: reasoning deltas first, then content, same text
     _, reasoning, content, finish, _, _ = collect_stream(
@@ -234,7 +237,13 @@ def test_thinking_budget_forces_end_of_reasoning(client):
     assert zero.usage.completion_tokens_details.reasoning_tokens == 0
     # budget 1: exactly one reasoning token, even though it is the first token the engine emits
     one = ask(client, max_tokens=10, extra_body={"thinking_token_budget": 1})
-    assert one.usage.completion_tokens_details.reasoning_tokens == 1
+    n = one.usage.completion_tokens_details.reasoning_tokens
+    assert n == 1 or 1 < n <= 4 and tokens_end_inside_a_character(client, 1)
+
+
+def tokens_end_inside_a_character(client, n: int) -> bool:
+    """Whether the first n greedy reasoning tokens of `ask`'s prompt end inside a multi-byte character."""
+    return ask(client, max_tokens=n).choices[0].message.reasoning_content.endswith("\ufffd")
 
 
 def test_stop_strings_cut_the_answer(server, client):

@@ -62,7 +62,7 @@ class Generation:
                                                    end_ids=rt.stop_ids))
             tracker = None
             if budget is not None and think is not None and end_think is not None:
-                tracker = SectionTracker(think, end_think, in_reasoning, rt.stop_ids)
+                tracker = SectionTracker(think, end_think, in_reasoning, rt.stop_ids, rt.tokenizer)
             self.jobs.append(Job(prompt, p, partial(self._deliver, loop, i), budget, tracker, force))
         self.finish_reasons: list[str | None] = [None] * len(self.jobs)
         # log-probabilities per choice and section not handed out in an event yet

@@ -41,13 +41,21 @@ class SectionTracker:
     token). The first `<think>` the model emits opens the reasoning; `</think>` closes it."""
 
     def __init__(self, think_id: int | None, end_think_id: int | None, in_reasoning: bool = False,
-                 end_ids: Iterable[int] = ()):
+                 end_ids: Iterable[int] = (), tokenizer=None):
         self.think_id, self.end_think_id = think_id, end_think_id
         self.splits = think_id is not None and end_think_id is not None
         self.in_reasoning = self.opened = bool(in_reasoning and self.splits)
         self.closed = False
         self.end_ids = frozenset(end_ids)
         self.reasoning_tokens = 0
+        self.tokenizer = tokenizer  # given: `mid_character` is kept
+        self._partial: list[int] = []  # reasoning ids since it last ended on a whole character
+
+    @property
+    def mid_character(self) -> bool:
+        """Whether the reasoning ends inside a multi-byte character (a byte-level token holds part of one): a budget
+        that closed it there would leave a U+FFFD in it and invalid bytes in the model's context."""
+        return bool(self._partial)
 
     def feed(self, tok: int) -> str:
         if tok in self.end_ids:
@@ -57,6 +65,11 @@ class SectionTracker:
                 self.in_reasoning, self.closed = False, True
                 return "tag"
             self.reasoning_tokens += 1
+            if self.tokenizer is not None:
+                self._partial.append(tok)
+                # a character is at most 4 bytes, so 4 ids that end in none hold invalid bytes: stop waiting
+                if len(self._partial) == 4 or not self.tokenizer.decode(self._partial).endswith(REPLACEMENT):
+                    self._partial = []
             return "reasoning"
         if self.splits and tok == self.think_id and not self.opened:
             self.in_reasoning = self.opened = True

@@ -143,7 +143,7 @@ class Job:
     def over_budget(self) -> bool:
         t = self.tracker
         return (self.budget is not None and not self.forced and t is not None and t.in_reasoning
-                and t.reasoning_tokens >= self.budget)
+                and t.reasoning_tokens >= self.budget and not t.mid_character)
 
 
 class EngineWorker:

@@ -156,6 +156,7 @@ class _Sampling(_Body):
 class ChatRequest(_Sampling):
     messages: list[Message]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # reasoning tokens before </think> is forced (up to 3 more where the budget ends inside a multi-byte character)
     thinking_token_budget: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None  # {"thinking": false} turns the <think> prefill off
     continue_final_message: Any = None  # vLLM's prefill of the last assistant message: not supported
