@@ -4,6 +4,7 @@ the command's last stdout line."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -11,7 +12,8 @@ from conftest import tiny_model_dir
 from nanoseek.data.checking import check
 from nanoseek.data.tasks import Problem, from_record, generate
 from nanoseek.cli import Interrupted, main
-from nanoseek.eval.evaluate import EvalResult, extract_answer, load_problems, majority, run_eval, summarize
+from nanoseek.eval.answers import extract_answer
+from nanoseek.eval.evaluate import EvalResult, load_problems, majority, run_eval, summarize
 
 RECORDS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7", "level": 1},
@@ -291,6 +293,28 @@ def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
         assert row["correct"] == [a is not None and check(problem, a) for a in row["extracted"]]
     assert summary["pass@1"] == pytest.approx(sum(sum(r["correct"]) / 2 for r in rows) / 3, abs=1e-4)
     assert summary["pass@2"] == pytest.approx(sum(any(r["correct"]) for r in rows) / 3, abs=1e-4)
+
+
+def test_a_full_disk_at_the_end_keeps_the_summary(model_dir, tmp_path, capsys, monkeypatch):
+    """--out that cannot be written at the end (a full disk) lost the whole evaluation: no summary, one error."""
+    import errno
+
+    from nanoseek import atomic
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    d, _, data = model_dir
+    monkeypatch.setattr(atomic, "write_text", full)
+    rc = main(["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "4", "--out", str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and json.loads(out.strip().splitlines()[-1])["n"] == 3
+    assert "could not be written (No space left on device); the summary above scores the evaluation" in err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # (root may write anywhere)
+        rc = main(["eval", "--model", str(d), "--data", str(data), "--out", str(locked / "r")])
+        assert rc == 1 and "is not writable" in capsys.readouterr().err  # before the evaluation, not after it
 
 
 @pytest.mark.parametrize("args, message", [

@@ -447,7 +447,7 @@ def from_record(rec: dict) -> Problem:
     steps = tuple(l for l in body.split("\n") if l.strip()) if sep else ()
     final = (final if sep else str(answer)).strip()
     if not sep and "\n" in final:  # a worked solution: its answer is boxed, or it cannot be checked
-        from ..eval.evaluate import extract_answer
+        from ..eval.answers import extract_answer
 
         steps, final = tuple(l for l in final.split("\n") if l.strip()), "\\boxed{" in final and extract_answer(final)
         if not final:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ..data.checking import eval_expression
-from ..eval.evaluate import AMOUNT, NUMBER, extract_answer
+from ..eval.answers import AMOUNT, NUMBER, extract_answer
 
 THINK, END_THINK = "<think>", "</think>"
 MAX_ANSWER_NUMBERS = 2  # "The answer is 42." has one; "12 or 13 or 14" is stuffing (a gold "(1, 2, 3)" allows 3)
