@@ -36,6 +36,9 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# Verbs that run without torch; the others import it (with their module) before any handler exists for a Ctrl-C
+WITHOUT_TORCH = {"tasks", "tokenizer"}
+
 # Verbs that train data-parallel under `torchrun --nproc_per_node=N`; the others refuse to run as N copies of
 # themselves (which would ask a teacher N times, or write one file from N processes)
 DISTRIBUTED = {"pretrain", "sft", "grpo"}
@@ -47,6 +50,37 @@ GIVEN: set[str] | None = None
 
 class UserError(Exception):
     """A mistake in the user's input; printed as `error: <message>`."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm, Kubernetes, `docker stop`, `timeout`), raised where a Ctrl-C's KeyboardInterrupt is: every verb
+    keeps what it keeps on Ctrl-C (finished rows, traces, a training checkpoint), then exits 143."""
+
+
+TERMINATED = False  # a SIGTERM came: exit 143, not 130
+
+
+def _terminate(signum, frame) -> None:
+    global TERMINATED
+    TERMINATED = True
+    raise Terminated
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While torch and the verb's module load: a Ctrl-C inside a C extension's import (numpy's) could leave it half
+    initialised, a traceback or a Ctrl-C lost; blocked until then, it arrives as a plain KeyboardInterrupt after."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield  # (Windows)
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -66,11 +100,12 @@ def ctrl_c_ignored():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
@@ -188,18 +223,23 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     warnings.formatwarning = _format_warning
+    if argv is None:  # the command itself (not a test calling main)
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
+    except KeyboardInterrupt as e:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
         close_bars()
-        if rank() == 0:
-            print("\ninterrupted", file=sys.stderr)  # on a line of its own, not after a progress bar
-        code = 130
-    if argv is None:  # the command itself: its work is done, and a late Ctrl-C would only be a traceback from teardown
-        import signal
-
+        if rank() == 0:  # on a line of its own, not after a progress bar
+            print(f"\n{getattr(e, 'message', 'terminated' if TERMINATED else 'interrupted')}", file=sys.stderr)
+        code = 128 + getattr(e, "signum", signal.SIGINT)  # a training run's Stopped says which signal stopped it
+    if TERMINATED and code == 130:  # a verb that kept its partial results on SIGTERM as on Ctrl-C
+        code = 143
+    if argv is None:  # its work is done, and a late Ctrl-C or SIGTERM would only be a traceback from teardown
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     distributed = sys.modules.get("nanoseek.train.distributed")
     if distributed is not None and distributed.STARTED_PROCESS_GROUP:
         # Under torchrun, gloo's worker threads outlive destroy_process_group (torch 2.13) and, torn down with the
@@ -280,7 +320,10 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str], verb: str) -
 
 def run_verb(argv: list[str]) -> int:
     verb = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(verb if verb in VERBS else "")
+    with signals_deferred():
+        parser = build_parser(verb if verb in VERBS else "")
+        if verb in VERBS and verb not in WITHOUT_TORCH and "--help" not in argv and "-h" not in argv:
+            importlib.import_module("torch")
     if rank() > 0:  # under torchrun every rank parses the same argv: rank 0 alone prints a usage error or --help
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             args = parse(parser, argv)

@@ -71,6 +71,34 @@ def test_local_teacher_resumed_traces_match_an_uninterrupted_run(server, tmp_pat
     assert len({r["reasoning"] + r["answer"] for r in whole}) > 6  # sampled: the two samples of a problem differ
 
 
+def test_ctrl_c_keeps_the_local_teacher_s_finished_traces_of_the_chunk(server, tmp_path, monkeypatch):
+    """The traces of a chunk that had finished when Ctrl-C came were thrown away (96 of 1024 in an audit)."""
+    from nanoseek.cli import Interrupted
+    from nanoseek.engine.engine import Engine
+    from nanoseek.train.teacher import LocalTeacher
+
+    _, d = server
+    cfg = DistillConfig(teacher=str(d), out=str(tmp_path), n=6, max_tokens=12, progress=False)
+    problems = trace_problems(cfg)
+    teacher = LocalTeacher(str(d), rows=4)
+    whole = collect_traces(cfg, teacher, problems, tmp_path / "whole.jsonl")
+    generate = Engine.generate
+
+    def ctrl_c_after_two(self, prompts, **kw):  # rows 1 and 3 of the first chunk had finished
+        outs = generate(self, prompts, **kw)
+        raise Interrupted({1: outs[1], 3: outs[3]})
+
+    monkeypatch.setattr(Engine, "generate", ctrl_c_after_two)
+    path = tmp_path / "cut.jsonl"
+    flops = teacher.flops
+    with pytest.raises(KeyboardInterrupt):
+        collect_traces(cfg, teacher, problems, path)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [whole[1], whole[3]] and teacher.flops > flops
+    monkeypatch.setattr(Engine, "generate", generate)
+    assert collect_traces(cfg, teacher, problems, path) == whole  # the rerun asks the other four
+
+
 def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
     s, d = server
     monkeypatch.delenv("NANOSEEK_TEACHER_API_KEY", raising=False)

@@ -380,6 +380,30 @@ def test_ctrl_c_keeps_the_problems_that_finished(model_dir, tmp_path, capsys, mo
     assert out.read_text() == complete and "keeps its earlier results" in capsys.readouterr().err
 
 
+def test_sigterm_keeps_the_problems_that_finished_as_ctrl_c_does(model_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM (Slurm, Kubernetes, `timeout`) killed the evaluation with every finished row."""
+    import signal
+
+    import nanoseek.cli as cli
+    import nanoseek.eval.evaluate as evaluate
+
+    class Terminated(ScriptedEngine):
+        def generate(self, prompts, *a, **kw):
+            if len(self.todo) < len(prompts):
+                cli._terminate(signal.SIGTERM, None)  # the handler `nanoseek` installs
+            return super().generate(prompts, *a, **kw)
+
+    d, tok, data = model_dir
+    monkeypatch.setattr(cli, "TERMINATED", False)
+    script = [T + "The answer is 7.", T + "The answer is 8.", T + "36", T + "35"]
+    monkeypatch.setattr(evaluate, "engine_for", lambda *a: Terminated(tok, script))
+    out = tmp_path / "rows.jsonl"
+    rc = main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.6",
+               "--out", str(out), "--no-progress"])
+    assert rc == 143 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_ctrl_c_during_a_url_evaluation_keeps_the_problems_whose_replies_all_came():
     from nanoseek.eval.evaluate import run_eval_url
     from nanoseek.train.teacher import Trace

@@ -385,6 +385,25 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
 
     assert metrics("whole") == metrics("parts") and len(metrics("whole")) == 4
 
+    import signal
+
+    from nanoseek.train.stopping import Stopped
+
+    collect = grpo_module.collect
+
+    def sigterm_in_step_2(cfg, engine, tok, step, *rest):  # (Slurm's preemption, `timeout`, `docker stop`)
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return collect(cfg, engine, tok, step, *rest)
+
+    monkeypatch.setattr(grpo_module, "collect", sigterm_in_step_2)
+    with pytest.raises(Stopped, match="grpo: stopped at step 2, its checkpoint saved") as stopped:
+        grpo(GRPOConfig(out=str(tmp_path / "signalled"), **{**common, "save_every": 100}))
+    assert stopped.value.signum == signal.SIGTERM and len(metrics("signalled")) == 2
+    monkeypatch.setattr(grpo_module, "collect", collect)
+    grpo(GRPOConfig(out=str(tmp_path / "signalled"), resume=True, **common))
+    assert all(torch.equal(whole[k], weights("signalled")[k]) for k in whole)
+
     from safetensors.torch import save_file
 
     from nanoseek.cli import UserError

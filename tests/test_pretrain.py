@@ -99,6 +99,51 @@ def test_kill_9_then_resume_is_bit_identical(full_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_its_step_and_the_resumed_run_is_bit_identical(full_run, tmp_path, sig, code):
+    """Ctrl-C, or the SIGTERM of Slurm, Kubernetes, `docker stop` or `timeout`, ended the run at once: every step
+    since the last checkpoint was lost (the speedrun's pretraining saves every 500). Now the step under way ends, a
+    checkpoint is saved, and the exit status says which signal it was."""
+    full, _ = full_run
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", "24", "--save-every", "100", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((m := out / "metrics.jsonl").is_file() and len(m.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    step = json.loads((out / "train_state" / "state.json").read_text())["step"]
+    assert proc.returncode == code and 5 <= step < 24 and len(metrics(out)) == step, err[-2000:]
+    assert f"pretrain: stopped at step {step}, its checkpoint saved in {out}: continue with --resume" in err
+    assert "Traceback" not in err
+    pretrain(out, "--resume")
+    a, b = weights(full), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(full)]
+
+
+def test_a_signal_during_the_last_step_still_stops_and_a_second_ctrl_c_stops_at_once():
+    from nanoseek.train.stopping import StopOnSignal
+
+    with pytest.raises(KeyboardInterrupt):  # the run ended (and saved) anyway: a speedrun must not go on
+        with StopOnSignal("x") as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested == 1.0
+    with pytest.raises(KeyboardInterrupt):
+        with StopOnSignal("x"):
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("the second Ctrl-C did not stop at once")
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with StopOnSignal("x", world_size=2):  # under torchrun the launcher forwards the terminal's Ctrl-C: two
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            reached = True  # the step still ends, and its checkpoint is saved
+    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_refuses_to_overwrite_a_run(full_run):
     out, _ = full_run
     r = pretrain(out, check=False)

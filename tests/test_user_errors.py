@@ -477,6 +477,21 @@ def test_version_is_the_package_s(capsys):
     assert version("nanoseek") == nanoseek.__version__  # pyproject reads it from there
 
 
+def test_a_ctrl_c_while_modules_load_waits_until_they_have():
+    """A Ctrl-C inside numpy's import (torch imports it) printed a traceback or was lost; now it is held until the
+    imports end, then raised where the CLI handles it."""
+    import signal
+
+    from nanoseek.cli import signals_deferred
+
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            reached = True
+    assert reached
+
+
 def test_interrupted_is_the_last_line_not_a_progress_bar_drawn_again(monkeypatch, capsys):
     import gc
     import sys

@@ -63,6 +63,7 @@ from .distributed import Dist, init_distributed
 from . import metrics as metrics_lib
 from .curriculum import Curriculum, task_cells
 from .rewards import false_steps, judge
+from .stopping import StopOnSignal
 
 LOSSES = ("grpo", "dr_grpo", "dapo")
 KL_LOG_RATIO, KL_MAX = 20.0, 10.0  # the k3 estimate's bounds (module docstring)
@@ -466,56 +467,64 @@ def grpo(cfg: GRPOConfig) -> dict | None:
     if start == 0 and scored and cfg.eval_every:
         with timer.excluding():  # held-out evaluations are not the stage's cost (nor are any other stage's)
             metrics.log({"step": 0, "eval": evaluate(cfg, engine, tok, scored)})
-    for step in range(start, cfg.end):
-        lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        model.eval()
-        batch, seen = collect(cfg, engine, tok, step, curriculum, d)
-        t1 = time.perf_counter()
-        model.train()
-        trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
-        stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may drop every group
-        if not trainable:
-            loop.notice(f"grpo: step {step + 1}: every group's rewards were equal, also after 3 more rollout rounds: "
-                        "no update (the problems are all solved or all failed; see --tasks / --data)")
-        t2 = time.perf_counter()
-        flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
-                                                device=d.device)).item() + stats.pop("flops", 0.0)
-        # every rank sampled as many completions: the means of the ranks' means are the batch's
-        reward, acc, fmt, length, truncated, false_rate = d.all_reduce_mean(torch.tensor(
-            [seen.rewards.mean().item(), seen.accuracy.mean().item(), seen.fmt.mean().item(), seen.lengths.mean().item(),
-             seen.truncated, seen.false_rate], dtype=torch.float64, device=d.device)).tolist()
-        row = {
-            "step": step + 1, "reward": round(reward, 4), "accuracy": round(acc, 4), "format_rate": round(fmt, 4),
-            "response_length": round(length, 2), "truncated": round(truncated, 4),
-            "groups_dropped": int(d.all_reduce_sum_(torch.tensor(batch.n_groups_dropped, device=d.device)).item()),
-            "false_steps": round(false_rate, 4),
-            **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
-            "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "wall_s": round(prior_wall + timer.elapsed(), 2),
-        }
-        if cfg.adaptive_tasks:
-            row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
-        if scored and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+    with StopOnSignal("grpo", d.world_size) as stop:  # a Ctrl-C or SIGTERM: finish the step, save, stop
+        for step in range(start, cfg.end):
+            lr = loop.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
             model.eval()
-            before = timer.excluded
-            with timer.excluding():
-                row["eval"] = evaluate(cfg, engine, tok, scored)
-            row["eval_s"] = round(timer.excluded - before, 2)
-        metrics.log(row)
-        if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL's most common silent failure: say it
-            warned = True
-            (bar.write if bar is not None else print)(
-                f"grpo: {truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens {cfg.max_new_tokens}; a "
-                "cut-off completion fails the format check and earns no reward: raise --max-new-tokens", file=sys.stderr)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", len=f"{row['response_length']:.0f}")
-        if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.end) and d.is_main:
-            loop.save_checkpoint(run, model, opt, step + 1, {"data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(),
-                                                               "flops": flops, "config": dataclasses.asdict(cfg),
-                                                               "reference_sha256": ref_digest}, extra)
+            batch, seen = collect(cfg, engine, tok, step, curriculum, d)
+            t1 = time.perf_counter()
+            model.train()
+            trainable = d.all_reduce_sum_(torch.tensor(float(batch.rewards.numel()), device=d.device)).item()
+            stats = update(cfg, model, ref, opt, batch, d, step + 1) if trainable else {}  # dapo may drop every group
+            if not trainable:
+                loop.notice(f"grpo: step {step + 1}: every group's rewards were equal, also after 3 more rollout "
+                            "rounds: no update (the problems are all solved or all failed; see --tasks / --data)")
+            t2 = time.perf_counter()
+            flops += d.all_reduce_sum_(torch.tensor(rollout_flops(model.config, seen), dtype=torch.float64,
+                                                    device=d.device)).item() + stats.pop("flops", 0.0)
+            # every rank sampled as many completions: the means of the ranks' means are the batch's
+            reward, acc, fmt, length, truncated, false_rate, stopping = d.all_reduce_mean(torch.tensor(
+                [seen.rewards.mean().item(), seen.accuracy.mean().item(), seen.fmt.mean().item(),
+                 seen.lengths.mean().item(), seen.truncated, seen.false_rate, stop.requested],
+                dtype=torch.float64, device=d.device)).tolist()
+            row = {
+                "step": step + 1, "reward": round(reward, 4), "accuracy": round(acc, 4), "format_rate": round(fmt, 4),
+                "response_length": round(length, 2), "truncated": round(truncated, 4),
+                "groups_dropped": int(d.all_reduce_sum_(torch.tensor(batch.n_groups_dropped, device=d.device)).item()),
+                "false_steps": round(false_rate, 4),
+                **{k: round(v, 5) for k, v in stats.items()}, "lr": lr,
+                "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2),
+                "wall_s": round(prior_wall + timer.elapsed(), 2),
+            }
+            if cfg.adaptive_tasks:
+                row["cell_accuracy"] = {k: round(v, 3) for k, v in curriculum.accuracy.items()}
+            if scored and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.end):
+                model.eval()
+                before = timer.excluded
+                with timer.excluding():
+                    row["eval"] = evaluate(cfg, engine, tok, scored)
+                row["eval_s"] = round(timer.excluded - before, 2)
+            metrics.log(row)
+            if truncated > TRUNCATION_WARNING and not warned and d.is_main:  # RL's most common silent failure: say it
+                warned = True
+                (bar.write if bar is not None else print)(
+                    f"grpo: {truncated:.0%} of step {step + 1}'s completions hit --max-new-tokens "
+                    f"{cfg.max_new_tokens}; a cut-off completion fails the format check and earns no reward: raise "
+                    "--max-new-tokens", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                                len=f"{row['response_length']:.0f}")
+            if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.end or stopping) and d.is_main:
+                loop.save_checkpoint(run, model, opt, step + 1, {
+                    "data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(), "flops": flops,
+                    "config": dataclasses.asdict(cfg), "reference_sha256": ref_digest}, extra)
+            if stopping and step + 1 < cfg.end:
+                d.barrier()
+                raise stop.stopped(step + 1, run)
     if bar is not None:
         bar.close()
     d.close()

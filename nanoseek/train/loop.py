@@ -39,6 +39,7 @@ from . import muon as muon_lib
 from . import runlock
 from .distributed import Dist
 from .metrics import Metrics, Timer, device_peak_flops, run_cost, run_summary
+from .stopping import StopOnSignal
 
 KEEP_CHECKPOINTS = 2
 
@@ -472,67 +473,75 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
 
         bar = tqdm(total=cfg.end, initial=start, desc=stage, unit="step", dynamic_ncols=True, file=sys.stderr)
     timer, last, total_flops = Timer(), {}, 0.0
-    for step in range(start, cfg.end):
-        t0 = timer.elapsed()
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        sums = torch.zeros(4, device=d.device)  # main CE, MTP CE, balance loss, KD (kd_weight × KL)
-        tokens = flops = 0.0
-        batches = [loader.next_batch() for _ in range(accum)]
-        weights = token_weights([batch[1] for batch in batches], d, len(model.mtp_layers))
-        for micro, ((inputs, labels, *real), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
-            n_real = int(real[0].sum()) if real else inputs.numel()  # SFT's padding is neither tokens nor model FLOPs
-            inputs, labels = inputs.to(d.device), labels.to(d.device)
-            real = real[0].to(d.device) if real else None
-            segments = (inputs == mc.bos_token_id).cumsum(1) if cfg.document_mask and mc.bos_token_id is not None else None
-            tokens += n_real
-            flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * n_real
-            last_micro = micro == accum - 1
-            with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
-                logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real, w_mtp)
-                aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
-                kd = no_kd
+    with StopOnSignal(stage, d.world_size) as stop:  # a Ctrl-C or SIGTERM: finish the step, save, stop
+        for step in range(start, cfg.end):
+            t0 = timer.elapsed()
+            lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            sums = torch.zeros(4, device=d.device)  # main CE, MTP CE, balance loss, KD (kd_weight × KL)
+            tokens = flops = 0.0
+            batches = [loader.next_batch() for _ in range(accum)]
+            weights = token_weights([batch[1] for batch in batches], d, len(model.mtp_layers))
+            for micro, ((inputs, labels, *real), (w_main, w_mtp)) in enumerate(zip(batches, weights)):
+                # SFT's padding is neither tokens nor model FLOPs
+                n_real = int(real[0].sum()) if real else inputs.numel()
+                inputs, labels = inputs.to(d.device), labels.to(d.device)
+                real = real[0].to(d.device) if real else None
+                segments = ((inputs == mc.bos_token_id).cumsum(1)
+                            if cfg.document_mask and mc.bos_token_id is not None else None)
+                tokens += n_real
+                flops += flops_per_token(mc, inputs.shape[1], training=True, with_mtp=use_mtp) * n_real
+                last_micro = micro == accum - 1
+                with (ddp.no_sync() if d.world_size > 1 and not last_micro else torch.enable_grad()), autocast:
+                    logits, l_main, l_mtp, aux = lm_losses(ddp, model, inputs, labels, segments, use_mtp, real, w_mtp)
+                    aux = aux / accum  # the balance loss is a mean over sequences: each micro-batch's counts alike
+                    kd = no_kd
+                    if distilling:
+                        with torch.no_grad():
+                            t_logits = teacher(inputs, segments=segments)
+                        flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * n_real
+                        kd = kd_weight * distill_kl(logits, t_logits, labels) * w_main
+                    (l_main * w_main + cfg.mtp_weight * l_mtp + aux + kd).backward()
+                sums += torch.stack([l_main.detach() * w_main, l_mtp.detach(), aux.detach(), kd.detach()])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            stop_if_diverged(grad_norm, cfg, stage, step + 1)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loads = [d.all_reduce_sum_(m.load.clone()) if m.load is not None else None for m in moes]
+            model.update_routing_bias(cfg.bias_gamma, loads)
+            sums, stopping = d.all_reduce_mean(torch.cat([sums, sums.new_tensor([stop.requested])])).split([4, 1])
+            dt = timer.elapsed() - t0
+            tokens, flops = tokens * d.world_size, flops * d.world_size
+            total_flops += flops
+            if step % cfg.log_every == 0 or step == cfg.end - 1:
+                main_l, mtp_l, aux_l, kd_l = sums.tolist()
+                imbalance = [round((l.max() / l.mean()).item(), 3)
+                             for l in loads[: len(moes) - len(model.mtp_layers)] if l is not None]
+                last = {
+                    "step": step + 1, "loss": round(main_l, 5), "mtp_loss": round(mtp_l, 5),
+                    "aux_loss": round(aux_l, 7), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+                    "tokens_per_s": round(tokens / dt, 1),
+                    "mfu": round(flops / dt / peak_all, 4), "expert_imbalance": imbalance,
+                    "wall_s": round(prior_wall + timer.elapsed(), 2),
+                }
                 if distilling:
-                    with torch.no_grad():
-                        t_logits = teacher(inputs, segments=segments)
-                    flops += flops_per_token(teacher.config, inputs.shape[1], training=False) * n_real
-                    kd = kd_weight * distill_kl(logits, t_logits, labels) * w_main
-                (l_main * w_main + cfg.mtp_weight * l_mtp + aux + kd).backward()
-            sums += torch.stack([l_main.detach() * w_main, l_mtp.detach(), aux.detach(), kd.detach()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        stop_if_diverged(grad_norm, cfg, stage, step + 1)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loads = [d.all_reduce_sum_(m.load.clone()) if m.load is not None else None for m in moes]
-        model.update_routing_bias(cfg.bias_gamma, loads)
-        sums = d.all_reduce_mean(sums)
-        dt = timer.elapsed() - t0
-        tokens, flops = tokens * d.world_size, flops * d.world_size
-        total_flops += flops
-        if step % cfg.log_every == 0 or step == cfg.end - 1:
-            main_l, mtp_l, aux_l, kd_l = sums.tolist()
-            imbalance = [round((l.max() / l.mean()).item(), 3) for l in loads[: len(moes) - len(model.mtp_layers)] if l is not None]
-            last = {
-                "step": step + 1, "loss": round(main_l, 5), "mtp_loss": round(mtp_l, 5), "aux_loss": round(aux_l, 7),
-                "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens / dt, 1),
-                "mfu": round(flops / dt / peak_all, 4), "expert_imbalance": imbalance,
-                "wall_s": round(prior_wall + timer.elapsed(), 2),
-            }
-            if distilling:
-                last["kd_loss"] = round(kd_l, 7)
-            metrics.log(last)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums[0].item():.3f}", tok_s=f"{tokens / dt:.0f}")
-        done = step + 1
-        if done % cfg.save_every == 0 or done == cfg.end:
-            if d.is_main:
-                state = {"data": loader.state_dict(), "wall_s": prior_wall + timer.elapsed(),
-                         "flops": prior_flops + total_flops,
-                         "config": dataclasses.asdict(cfg)}
-                save_checkpoint(run, model, opt, done, state, extra_files)
-            d.barrier()
+                    last["kd_loss"] = round(kd_l, 7)
+                metrics.log(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums[0].item():.3f}", tok_s=f"{tokens / dt:.0f}")
+            done = step + 1
+            stopping = stopping.item() > 0  # some rank was asked to stop
+            if done % cfg.save_every == 0 or done == cfg.end or stopping:
+                if d.is_main:
+                    state = {"data": loader.state_dict(), "wall_s": prior_wall + timer.elapsed(),
+                             "flops": prior_flops + total_flops,
+                             "config": dataclasses.asdict(cfg)}
+                    save_checkpoint(run, model, opt, done, state, extra_files)
+                d.barrier()
+            if stopping and done < cfg.end:
+                raise stop.stopped(done, run)
     if bar is not None:
         bar.close()
     del ddp  # DDP's reducer holds the process group: free it first, then end the group on every rank together

@@ -77,6 +77,7 @@ class LocalTeacher:
     def traces(self, questions: list[str], max_tokens: int, temperature: float, seeds: list[int]
                ) -> Iterator[tuple[int, Trace]]:
         """(index into questions, trace) for each question, question i sampled with seeds[i]."""
+        from ..cli import Interrupted
         from ..engine.engine import Engine
         from ..eval.evaluate import check_context
         from ..flops import generation_flops
@@ -89,14 +90,20 @@ class LocalTeacher:
         step = 2 * engine.max_batch_size  # traces are yielded (and saved) per chunk
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
-            outs = engine.generate(chunk, max_new_tokens=max_tokens, temperature=temperature,
-                                   seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])
-            self.flops += sum(generation_flops(self.model.config, len(p), [len(o)]) for p, o in zip(chunk, outs))
-            for i, out in enumerate(outs):
+            interrupted = None
+            try:
+                outs = dict(enumerate(engine.generate(chunk, max_new_tokens=max_tokens, temperature=temperature,
+                                                      seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])))
+            except Interrupted as e:  # Ctrl-C: the chunk's traces that had finished are still handed out (and saved)
+                outs, interrupted = e.done, e
+            self.flops += sum(generation_flops(self.model.config, len(chunk[i]), [len(o)]) for i, o in outs.items())
+            for i, out in outs.items():
                 finished = bool(out) and out[-1] == self.tok.eos_id
                 text = self.tok.decode(out[:-1] if finished else out)
                 reasoning, answer = split_reasoning(text, prefilled=True)
                 yield start + i, Trace(reasoning, answer, finished)
+            if interrupted is not None:
+                raise interrupted
 
 
 class URLTeacher:
