@@ -126,6 +126,31 @@ def test_checkpoints_and_links_survive_a_kill_and_leftovers(tmp_path, monkeypatc
     assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 3
 
 
+def test_a_save_on_a_full_disk_keeps_the_last_checkpoint_and_no_half_copy(tmp_path, monkeypatch):
+    """The error was safetensors' own ("Error while serializing: I/O error") and the half-written .step-N.tmp stayed,
+    keeping the disk full."""
+    from safetensors import SafetensorError
+
+    from nanoseek.cli import UserError
+    from nanoseek.config import get_preset
+    from nanoseek.model import build_model
+
+    model = build_model(get_preset("cpu-tiny"))
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    loop.save_checkpoint(run, model, opt, 2, {"data": {}})
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(loop, "save_file", full)
+    with pytest.raises(UserError, match=r"could not save the checkpoint of step 4 in .*ckpt \(Error while "
+                       r"serializing.*\); .*checkpoint of step-000002 is kept: continue with --resume"):
+        loop.save_checkpoint(run, model, opt, 4, {"data": {}})
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-000002"]
+    assert json.loads((run / "train_state" / "state.json").read_text())["step"] == 2
+
+
 def test_a_kill_while_metrics_are_trimmed_loses_no_history(tmp_path, monkeypatch):
     import nanoseek.atomic as atomic
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import atomic
@@ -146,16 +147,24 @@ def save_checkpoint(run: Path, model, opt, step: int, state: dict, extra_files: 
     final = run / "ckpt" / name
     tmp = run / "ckpt" / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp / "model")
-    for f in extra_files:
-        shutil.copy2(f, tmp / "model" / Path(f).name)
-    (tmp / "train_state").mkdir(parents=True)
-    opt_t, opt_meta = _optimizer_tensors(opt)
-    save_file(opt_t, str(tmp / "train_state" / "optimizer.safetensors"))
-    rng_t, rng_meta = rng_state()
-    save_file(rng_t, str(tmp / "train_state" / "rng.safetensors"))
-    state = {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
-    (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=1))
+    try:
+        save_model(model, tmp / "model")
+        for f in extra_files:
+            shutil.copy2(f, tmp / "model" / Path(f).name)
+        (tmp / "train_state").mkdir(parents=True)
+        opt_t, opt_meta = _optimizer_tensors(opt)
+        save_file(opt_t, str(tmp / "train_state" / "optimizer.safetensors"))
+        rng_t, rng_meta = rng_state()
+        save_file(rng_t, str(tmp / "train_state" / "rng.safetensors"))
+        state = {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
+        (tmp / "train_state" / "state.json").write_text(json.dumps(state, indent=1))
+    except (OSError, SafetensorError) as e:  # a full disk: say what is kept, and leave no half-written copy behind
+        from ..cli import UserError
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = (f"{run}'s checkpoint of {os.readlink(run / 'current').removeprefix('ckpt/')} is kept: continue with "
+                "--resume" if (run / "current").is_symlink() else "no earlier checkpoint was saved")
+        raise UserError(f"could not save the checkpoint of step {step} in {run / 'ckpt'} ({e}); {kept}") from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for sub in ("model", "train_state"):  # before the switch: once `current` exists, the run resumes through them
