@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import atomic
 from ..train.metrics import read_metrics
 
 
@@ -296,7 +297,7 @@ def write_report(root: Path, price: float | None = None) -> Path:
         for png in plot_training(name, read_rows(d), root):
             lines += [f"![{png}]({png})", ""]
     out = root / "report.md"
-    out.write_text("\n".join(lines))
+    atomic.write_text(out, "\n".join(lines))  # a full disk leaves the last report whole, not cut short
     return out
 
 
