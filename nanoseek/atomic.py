@@ -22,6 +22,10 @@ def write_text(path, text: str) -> None:
         if path.is_file():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename not in (None, str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # the file the user named, not our temporary one
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -163,6 +163,18 @@ def output_file(text: str, replace_ok=None, overwrite: bool = False):
     return path
 
 
+def writable_dir(text: str, option: str) -> None:
+    """A directory a command will write: one that exists must be writable, else the nearest folder above it that
+    does. Checked before the work, which would be lost (a tokenizer trained, a model loaded)."""
+    from pathlib import Path
+
+    path = Path(text)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {text}: the directory {path} is not writable")
+
+
 POSITIVE_INT, NONNEGATIVE_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 TEMPERATURE = bounded(float, 0, 2)

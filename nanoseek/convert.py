@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import copy_tokenizer, load_model, read_config, save_model
-    from .cli import UserError
+    from .cli import UserError, writable_dir
 
     src, dst = Path(args.input), Path(args.output)
     if dst.resolve() == src.resolve():
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst} is a file; name a model directory to write")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise UserError(f"{dst} is not empty; pass --overwrite to replace the model in it, or choose a new directory")
+    writable_dir(args.output, "output")
     # FP8 -> FP8: quantise from float32, not from weights already rounded to --dtype (every FP8 value is then kept;
     # a scale may move by 1 ulp). Any other input loads in --dtype: float32 would double a large model's memory.
     fp8_in = read_config(src).quantization_config is not None

@@ -515,7 +515,7 @@ def _training_texts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import TOKENIZER_FILES, copy_tokenizer
-    from .cli import UserError
+    from .cli import UserError, writable_dir
     from .data.corpus import read_meta
 
     if args.action != "train":
@@ -534,10 +534,11 @@ def run(args: argparse.Namespace) -> int:
     if present and not args.overwrite:
         raise UserError(f"{args.out} already holds tokenizer files ({', '.join(present)}); pass --overwrite to "
                         "replace them")
+    writable_dir(args.out, "--out")
     texts = _training_texts(args)
     if not texts:
         raise UserError("no training text")
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after training
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(texts, vocab_size=args.vocab_size, show_progress=True)
     if tok.vocab_size < args.vocab_size:
         print(f"tokenizer: the text allows only {tok.vocab_size} of the {args.vocab_size} tokens asked for (every "

@@ -568,3 +568,25 @@ def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly():
     p.stdout.close()  # the reader is gone before the first line is written
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_an_out_we_cannot_write_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """`tokenizer train` trained, and `convert` loaded the whole model, before finding they could not write --out;
+    the error then named our temporary file, not the user's."""
+    import os
+    from pathlib import Path
+
+    from nanoseek import atomic
+    from nanoseek.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw))  # (root)
+    for argv in (["tokenizer", "train", "--out", str(locked / "tok")], ["convert", str(tmp_path), str(locked / "m")]):
+        assert main(argv) == 1
+        assert f"the directory {locked} is not writable" in capsys.readouterr().err
+    target = tmp_path / "gone" / "report.md"
+    with pytest.raises(FileNotFoundError) as e:
+        atomic.write_text(target, "x")
+    assert e.value.filename == str(target) and ".tmp" not in str(e.value)
