@@ -26,9 +26,13 @@ def tiny(**kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("q_lora_rank", [96, None])
-def test_absorbed_equals_naive_attention(q_lora_rank):
-    model = tiny(q_lora_rank=q_lora_rank)
+YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "mscale": 1, "mscale_all_dim": 1}
+
+
+@pytest.mark.parametrize("q_lora_rank, rope_scaling", [(96, None), (None, None), (96, YARN)])
+def test_absorbed_equals_naive_attention(q_lora_rank, rope_scaling):
+    """With YaRN (V3's config) the softmax scale is no longer 1/sqrt(d): the absorbed (decode) path must use it too."""
+    model = tiny(q_lora_rank=q_lora_rank, rope_scaling=rope_scaling)
     attn = model.main_layers[1].self_attn
     x = torch.randn(2, 12, model.config.hidden_size)
     cos, sin = model.rotary(torch.arange(12).expand(2, 12))
@@ -162,6 +166,10 @@ def test_aux_free_bias_update_and_float32_bias():
     expected = before + 0.001 * torch.sign(load.mean() - load)
     assert torch.equal(moe.gate.e_score_correction_bias, expected) and moe.load is None
     assert load.sum().item() == 2 * 16 * model.config.num_experts_per_tok
+    model(torch.randint(0, 512, (2, 16)))
+    model(torch.randint(0, 512, (2, 16)))  # micro-batches of one step: their loads add up until the update
+    assert moe.load.sum().item() == 2 * 2 * 16 * model.config.num_experts_per_tok
+    model.update_routing_bias(0.0)
     assert not any(b.requires_grad for b in model.buffers())
     model.to(torch.bfloat16)
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
@@ -174,6 +182,11 @@ def test_sequence_balance_loss_by_hand():
     idx = torch.tensor([[2, 0, 0, 1]])  # top-2 per token
     # f = E/(K·T)·counts = 8/4·[2,1,1,0,...]; P = mean_t s/sum s = [0.35, 0.35, 0.3, 0...]
     expected = 0.5 * (2 * 2 * 0.35 + 2 * 1 * 0.35 + 2 * 1 * 0.3)
+    assert math.isclose(moe._sequence_balance_loss(scores, idx).item(), expected, rel_tol=1e-6)
+    # sigmoid scores do not sum to 1: each token's are normalised first (sums 1.6 and 2.2)
+    scores = torch.tensor([[[0.4, 0.2, 0.6] + [0.08] * 5, [0.5, 0.5] + [0.2] * 6]])
+    p = (scores[0, 0] / 1.6 + scores[0, 1] / 2.2) / 2
+    expected = 0.5 * 2 * (2 * p[0] + p[1] + p[2]).item()
     assert math.isclose(moe._sequence_balance_loss(scores, idx).item(), expected, rel_tol=1e-6)
 
 
@@ -201,6 +214,36 @@ def test_padding_counts_in_no_router_load_or_balance_loss():
     model.update_routing_bias(0.0)
     model(batch, return_mtp=True)  # unmarked, the padding counts
     assert not all(torch.equal(m.load, a + b) for m, a, b in zip(model.moe_layers(), *loads))
+
+
+def test_mtp_depth_k_reads_the_embedding_of_the_token_k_ahead_first():
+    """DeepSeek-V3 §2.2: depth k at position i combines h_i^(k-1) with Emb(t_(i+k)), and DeepSeek's weights (as vLLM
+    and SGLang load them) take eh_proj's input as [enorm(embedding); hnorm(hidden)]. transformers has no MTP to
+    compare with: a model trained here from scratch works with either, DeepSeek's checkpoints with one only."""
+    model = tiny()
+    layer = model.mtp_layers[0]
+    seen = {}
+    layer.eh_proj.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
+    torch.manual_seed(2)
+    ids = torch.randint(3, 512, (1, 10))
+
+    def depth_1(ids):
+        with torch.no_grad():
+            return model(ids, return_mtp=True)[1][0]  # (1, T-1, V)
+
+    base = depth_1(ids)
+    D = model.config.hidden_size
+    with torch.no_grad():
+        assert torch.allclose(seen["x"][..., :D], layer.enorm(model.model.embed_tokens(ids[:, 1:])))
+    changed = ids.clone()
+    changed[0, 5] = 3 if ids[0, 5] != 3 else 4
+    moved = (depth_1(changed) - base).abs().amax(-1)[0]  # (T-1,)
+    assert moved[4] > 1e-3 and moved[:4].max() < 1e-6  # position 4 reads token 5; earlier ones see nothing of it
+
+
+def test_mtp_loss_is_the_mean_over_depths():
+    uniform = [torch.zeros(1, 5 - k, 7) for k in (1, 2)]  # two depths, 7 classes, every logit equal
+    assert math.isclose(mtp_loss(uniform, torch.randint(0, 7, (1, 5))).item(), math.log(7), rel_tol=1e-6)
 
 
 def test_mtp_and_main_loss_fall():
