@@ -260,6 +260,20 @@ def test_filter_keeps_only_verified_unique_traces():
     assert msg[0]["content"] == p.question and msg[1]["content"].startswith("<think>\nadd\n</think>\n\n")
 
 
+def test_logit_distillation_is_kl_of_the_student_from_the_teacher():
+    """KL(teacher ‖ student) = Σ p_t (log p_t − log p_s), the mean over supervised positions (the reverse KL, the
+    student's own mass, is another objective: mode seeking)."""
+    import torch
+
+    from nanoseek.train.loop import distill_kl
+
+    student = torch.tensor([[[2.0, 0, 0], [0, 0, 9]]])  # (B=1, T=2, V=3); position 1 is not supervised
+    teacher = torch.tensor([[[0.0, 1, 0], [9, 0, 0]]])
+    p_t, log_s = teacher[0, 0].softmax(-1), student[0, 0].log_softmax(-1)
+    expected = (p_t * (p_t.log() - log_s)).sum().item()
+    assert distill_kl(student, teacher, torch.tensor([[5, -100]])).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_split_reasoning():
     assert split_reasoning("<think>r</think> a") == ("r", "a")
     assert split_reasoning("r</think>a", prefilled=True) == ("r", "a")

@@ -231,7 +231,9 @@ def test_training_mode_is_restored(model, kw):
 
 def test_prefix_sharing_equals_no_sharing(model):
     """Also: prefill in chunks of 3 positions gives the same tokens as one forward per prompt batch."""
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    # the longest prompt repeated too, as GRPO's G copies of one prompt are (a shared prefix one position short
+    # passed when the copies were shorter than the batch's longest)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[2]]
     results, prefill = {}, {}
     for share, chunk in ((True, 512), (False, 512), ("chunked", 3)):
         e = Engine(model, max_batch_size=8, max_seq_len=96, prefill_chunk=chunk)
@@ -361,6 +363,8 @@ def test_sampling(engine):
         engine.generate(PROMPTS, max_new_tokens=10)
 
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(3, 1)
+    cooled = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2  # temperature 0.5 squares the probabilities, renormalised
+    assert torch.allclose(filtered_probs(logits[:1], temperature=0.5)[0], cooled / cooled.sum())
     p = filtered_probs(logits, temperature=1.0, top_p=[0.7, 0.85, 1.0])
     assert (p > 0).tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
     assert torch.allclose(p[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))

@@ -131,6 +131,10 @@ def test_answers_the_numbers_audit_found_misread():
         gold("Two and three make five.\nSo five.")
 
 
+def test_the_answer_follows_the_last_end_of_reasoning():
+    assert extract_answer("<think>x</think> The answer is 5.</think> 7") == "7"
+
+
 def test_digits_and_minus_signs_of_other_scripts():
     """A dash that stands for a minus was dropped ('–21' scored right for a gold of 21) and digits of other scripts
     were extracted but never equal to anything ('答案是 ２１' scored wrong for 21)."""

@@ -114,6 +114,7 @@ def test_rewards_on_crafted_completions(problem):
         f"<think>\nx\n</think><think>\ny\n</think>\n\n{ans}",  # repeated tags
         f"<think>\nx\n</think>\n\n{ans} </think>",  # tag inside the answer
         f"</think><think>\nx\n\n{ans}",  # wrong order
+        f"<think>\nx\n</think>\n{ans}</think>\n\nThe answer is {ans}.",  # a second </think> (the last one splits)
         "<think>\n" + "same line\n" * 10 + f"</think>\n\n{ans}",  # degenerate repetition
     ]
     for text in malformed:
@@ -132,6 +133,15 @@ def test_rewards_on_crafted_completions(problem):
     for text, g in latex:  # working in LaTeX or with a percent is working too (they scored 0)
         assert judge(f"<think>\nhmm\n</think>\n\n{text}", gold(g)).accuracy == 1, text
     assert judge("<think>\nhmm\n</think>\n\nThe answer is -$5.", gold("5")).accuracy == 0  # the sign counts
+
+
+def test_dapo_defaults_clip_higher_and_a_soft_overlong_penalty():
+    from nanoseek.train.grpo import GRPOConfig
+
+    dapo, grpo = GRPOConfig(out="x", loss="dapo", max_new_tokens=256), GRPOConfig(out="x", max_new_tokens=256)
+    assert (dapo.eps_high, dapo.overlong_width) == (0.28, 64) and (grpo.eps_high, grpo.overlong_width) == (0.2, 0)
+    given = GRPOConfig(out="x", loss="dapo", clip_eps_high=0.3, overlong_cache=0)
+    assert (given.eps_high, given.overlong_width) == (0.3, 0)
 
 
 def test_overlong_penalty():
@@ -319,6 +329,8 @@ def test_false_steps_finds_the_false_facts_and_only_those():
     # the wrong sum, the wrong remainder, the wrong difference and the wrong product; not the answer after </think>,
     # a division by zero, or a fact inside a sentence
     assert [text[a:b] for a, b in false_steps(text)] == ["13", "1, remainder 7", "3", "21"]
+    even = "<think>\n14 ÷ 7 = 1, remainder 7\n</think>\n2"  # a remainder as large as the divisor is no remainder
+    assert [even[a:b] for a, b in false_steps(even)] == ["1, remainder 7"]
     # every worked solution of the task suite states only true facts
     checked = 0
     for family, levels in LEVELS.items():

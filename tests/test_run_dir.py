@@ -4,6 +4,7 @@ token shards went missing or were cut short, and checkpoints and metrics across 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -249,3 +250,15 @@ def test_a_checkpoint_a_kill_cut_short_does_not_stay_on_disk(tmp_path):
     (orphan / "model").mkdir(parents=True)
     pretrain(run, "--save-every", "2", "--resume", steps=4)
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_learning_rate_schedules_by_hand():
+    from nanoseek.train.loop import lr_at
+
+    steps = (0, 9, 10, 55, 79, 80, 90, 99)
+    last_cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90))
+    cosine = [lr_at(s, 100, 1.0, 10) for s in steps]
+    assert cosine[:4] == pytest.approx([0.1, 1.0, 1.0, 0.55]) and cosine[-1] == pytest.approx(last_cosine)
+    # WSD: stable until the last 20 steps, then down to the floor, which its last step reaches (it stopped at 0.145)
+    assert [lr_at(s, 100, 1.0, 10, "wsd") for s in steps] == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0, 0.955, 0.505, 0.1])
+    assert [lr_at(s, 100, 2.0, 10, "constant") for s in (0, 10, 99)] == pytest.approx([0.2, 2.0, 2.0])

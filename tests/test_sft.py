@@ -115,6 +115,32 @@ def test_a_teachers_forward_passes_count_in_the_cost(base_dir, tmp_path):
     assert b[0]["kd_loss"] == 0 < b[1]["kd_loss"]  # the teacher is the student's start: apart after one step
 
 
+def test_gradients_reach_the_optimiser_clipped_to_clip(base_dir, tmp_path, monkeypatch):
+    import nanoseek.train.loop as loop
+    from nanoseek.train.sft import SFTConfig, sft
+
+    base, _, data = base_dir
+    norms, make = [], loop.make_optimizer
+
+    def spied(model, *a, **kw):
+        opt = make(model, *a, **kw)
+        step = opt.step
+
+        def step_and_record(*sa, **skw):
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                               if p.grad is not None])).item())
+            return step(*sa, **skw)
+
+        opt.step = step_and_record
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", spied)
+    sft(SFTConfig(out=str(tmp_path / "s"), model=str(base), data=[str(data)], steps=2, batch_size=4,
+                  micro_batch_size=4, seq_len=64, clip=0.05, progress=False, device="cpu"))
+    logged = [json.loads(line)["grad_norm"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert min(logged) > 0.05 and norms == pytest.approx([0.05, 0.05], rel=1e-4)  # the log shows the norm before
+
+
 def test_a_resume_refuses_edited_data(base_dir, tmp_path):
     """The --data file changed since the run started: resuming would silently train on other conversations."""
     base, _, data = base_dir
@@ -190,6 +216,7 @@ def test_loss_is_the_mean_over_the_steps_tokens_however_the_batch_is_split(base_
         first[micro] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["4"]["loss"] == pytest.approx(first["1"]["loss"], abs=2e-5)
     assert first["4"]["grad_norm"] == pytest.approx(first["1"]["grad_norm"], rel=1e-3)
+    assert first["4"]["aux_loss"] == pytest.approx(first["1"]["aux_loss"], rel=1e-5)  # a mean over sequences too
 
 
 

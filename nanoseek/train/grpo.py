@@ -100,6 +100,20 @@ class GRPOConfig(loop.TrainConfig):
     eval_n: int = 100
     save_every: int = 20
 
+    @property
+    def eps_high(self) -> float:
+        """ε_high: as given, else dapo's 0.28 (clip-higher), else ε_low."""
+        if self.clip_eps_high is not None:
+            return self.clip_eps_high
+        return 0.28 if self.loss == "dapo" else self.clip_eps
+
+    @property
+    def overlong_width(self) -> int:
+        """The soft overlong penalty's width in tokens: as given, else dapo's max_new_tokens // 4, else 0 (off)."""
+        if self.overlong_cache is not None:
+            return self.overlong_cache
+        return self.max_new_tokens // 4 if self.loss == "dapo" else 0
+
 
 # --- the math (pure functions, tested by hand) -----------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, loss: str) -> torch.Tensor:
@@ -192,12 +206,12 @@ def rollout(cfg: GRPOConfig, engine, tok, problems, step: int, curriculum: Curri
     outs = engine.generate(flat, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
                            stop_token_ids=[tok.eos_id])
     prefix = "<think>\n" if cfg.mode == "r1" else ""  # the chat template prefilled it
-    overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
     judged, seqs, masks, n_false = [], [], [], 0
     for i, out in enumerate(outs):
         finished = bool(out) and out[-1] == tok.eos_id
         text = prefix + tok.decode(out[:-1] if finished else out)
-        judged.append(judge(text, mine[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens, overlong))
+        judged.append(judge(text, mine[i // G], finished, cfg.format_weight, len(out), cfg.max_new_tokens,
+                            cfg.overlong_width))
         seqs.append(flat[i] + out)
         masks.append([0] * len(flat[i]) + [1] * len(out))
         n_false += bool(false_steps(text))
@@ -285,7 +299,6 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist, step: int = 0)
     T = cfg.temperature  # the loss scores the distribution the rollouts were sampled from
     total = lambda x: d.all_reduce_sum_(torch.tensor(float(x), dtype=torch.float64, device=device)).item()  # noqa: E731
     n_seqs, n_tokens = int(total(r.ids.shape[0])), max(1.0, total(r.mask[:, 1:].sum().item()))
-    eps_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else (0.28 if cfg.loss == "dapo" else cfg.clip_eps)
     # Without a KL term a completion whose advantage is 0 (its group's rewards all equal) adds exactly 0 to the
     # gradient, so it is not run at all; the normalisers above stay those of the whole batch, and one completion is
     # kept if none has signal, so the optimiser still steps (momentum, weight decay) as it would have.
@@ -316,7 +329,7 @@ def update(cfg: GRPOConfig, model, ref, opt, r: Rollout, d: Dist, step: int = 0)
             logp, ent = completion_logprobs(model, ids, mask, with_entropy=True, temperature=T)
             old_lp = old[k] if old[k] is not None else logp.detach()
             loss, st = policy_loss(logp, old_lp, ref_lp[k], adv[c].to(device), mask[:, 1:], cfg.loss, cfg.clip_eps,
-                                   eps_high, cfg.beta, n_seqs, n_tokens, cfg.max_new_tokens)
+                                   cfg.eps_high, cfg.beta, n_seqs, n_tokens, cfg.max_new_tokens)
             loss.backward()
             stats["kl"] += st["kl"] / n_trained_tokens / cfg.updates_per_batch
             stats["clipped"] += st["clipped"] / n_trained_tokens / cfg.updates_per_batch

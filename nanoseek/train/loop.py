@@ -86,7 +86,8 @@ def mixed_precision(device) -> torch.autocast:
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
           decay_frac: float = 0.2) -> float:
-    """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, linear decay over the last decay_frac)."""
+    """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, then a linear decay over the last
+    decay_frac of the steps whose last step is at min_ratio·peak)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
@@ -95,7 +96,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosi
         decay_start = int(total * (1 - decay_frac))
         if step < decay_start:
             return peak
-        frac = (step - decay_start) / max(1, total - decay_start)
+        frac = (step + 1 - decay_start) / max(1, total - decay_start)
         return peak * (1 - (1 - min_ratio) * frac)
     frac = (step - warmup) / max(1, total - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
