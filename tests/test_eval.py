@@ -281,6 +281,22 @@ def test_run_eval_reads_and_checks_each_sample(model_dir):
     assert (s["pass@1"], s["maj@2"], s["pass@2"]) == (0.5, 1.0, 1.0)
 
 
+def test_a_problem_s_samples_do_not_depend_on_the_others_evaluated(model_dir):
+    """Samples were seeded by their position in the run: one problem sampled other completions at --n 20 and --n 40,
+    or in a --data file's other order."""
+    from nanoseek.eval.evaluate import engine_for, prompts_for
+
+    d, tok, data = model_dir
+    problems = load_problems(None, str(data), 0, 0)
+    engine = engine_for(d, "cpu", prompts_for(problems, tok, "chat"), 8, 2)
+    kw = dict(samples=2, temperature=1.0, max_new_tokens=8, progress=False, seed=5)
+    every = run_eval(engine, tok, problems, **kw)
+    two = run_eval(engine, tok, problems[::-1][:2], **kw)
+    assert [r.completions for r in two] == [r.completions for r in every[::-1][:2]]
+    assert all(r.completions[0] != r.completions[1] for r in every)  # a problem's samples still differ
+    assert run_eval(engine, tok, problems, **{**kw, "seed": 6})[0].completions != every[0].completions
+
+
 def test_command_on_gsm8k_data(model_dir, tmp_path, capsys):
     d, _, data = model_dir
     out = tmp_path / "rows.jsonl"

@@ -21,7 +21,9 @@ finishes with reason "stop" when it emits one of its stop tokens — the stop to
 transformers does with eos — or "length" after max_new_tokens tokens (or when the cache row is full).
 
 Choosing a token: forced tokens (`force_next`) first, else `sampling.sample` with the request's own temperature /
-top-p / top-k and its own seeded generator (so a seeded request's tokens do not depend on its batch-mates).
+top-p / top-k and its own seeded generator (so a seeded request's tokens do not depend on its batch-mates; in
+float32, that is: in bfloat16 the batch's shape can move a logit by a rounding step, which at a near tie of MoE
+routing or of two tokens changes the pick).
 
 Log-probabilities (`SamplingParams.logprobs = k`): the event's `logprob` is `(log p(token), [(id, log p), ...] of the k
 likeliest tokens)` under the model's own distribution, log_softmax of the raw logits (before temperature, top-k and

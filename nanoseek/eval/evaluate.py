@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import sys
@@ -117,6 +118,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
     stop = [tok.eos_id] if style == "chat" else [tok.eos_id, tok.bos_id]
     thought = "<think>\n" if prompts and starts_in_reasoning(prompts[0], tok) else ""  # the template's prefill
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
+    seeds = sample_seeds(problems, samples, seed)
     outs: dict[int, list[int]] = {}  # sample index (problem-major) -> its new tokens
     bar = None
     if progress:
@@ -129,7 +131,7 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
             chunk = [p for _, p in flat[start : start + step]]
             try:
                 new = engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      seed=None if temperature == 0 else seed + start,
+                                      seed=None if temperature == 0 else seeds[start : start + step],
                                       stop_token_ids=[t for t in stop if t is not None])
             except Interrupted as e:  # the chunk's completions that had finished
                 outs.update({start + i: o for i, o in e.done.items()})
@@ -145,6 +147,14 @@ def run_eval(engine, tok, problems, samples: int = 1, temperature: float = 0.0, 
         if bar is not None:
             bar.close()
     return check_completions(problems, [thought + completion_text(tok, outs[k]) for k in range(len(flat))], samples)
+
+
+def sample_seeds(problems, samples: int, seed: int) -> list[int]:
+    """The sampling seed of each (problem, sample), problem-major: a hash of --seed, the question and the sample's
+    number, so a problem's samples are the same whichever others are evaluated beside it (`--n`, a --data file's
+    order). Below 2**63, as servers take."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}\n{s}\n{p.question}".encode()).digest()[:7], "big")
+            for p in problems for s in range(samples)]
 
 
 def completion_text(tok, ids: list[int]) -> str:
@@ -163,7 +173,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
     which sends the requests concurrently with retries); the server applies its own chat template, and each reply
     is scored as `<think>\nreasoning\n</think>\n\nanswer` (without the closing tag if it ended inside the reasoning:
     `content` null, as nanoseek serve and vLLM send it).
-    Sample i of the whole run is asked with seed + i."""
+    Each sample is asked with the seed `sample_seeds` gives it, as run_eval draws it."""
     from ..cli import Interrupted, ctrl_c_ignored
     from ..train.teacher import FAILURES_BEFORE_ABORT
 
@@ -181,7 +191,7 @@ def run_eval_url(client, problems, samples: int = 1, temperature: float = 0.0, m
         return finished_problems(problems, {i: t for i, t in texts.items() if i not in failed}, samples)
 
     try:
-        for i, trace in client.traces(questions, max_new_tokens, temperature, [seed + i for i in range(len(questions))]):
+        for i, trace in client.traces(questions, max_new_tokens, temperature, sample_seeds(problems, samples, seed)):
             if trace.failed:
                 failed[i] = trace.error
                 if len(failed) >= FAILURES_BEFORE_ABORT:  # no use asking the rest
