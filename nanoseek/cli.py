@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         code = run_verb(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt as e:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)
         close_bars()
-        if rank() == 0:  # on a line of its own, not after a progress bar
-            print(f"\n{getattr(e, 'message', 'terminated' if TERMINATED else 'interrupted')}", file=sys.stderr)
+        if rank() == 0:  # on a line of its own, not after a progress bar (a Stopped run's notice ended that line)
+            print(getattr(e, "message", "\n" + ("terminated" if TERMINATED else "interrupted")), file=sys.stderr)
         code = 128 + getattr(e, "signum", signal.SIGINT)  # a training run's Stopped says which signal stopped it
     if TERMINATED and code == 130:  # a verb that kept its partial results on SIGTERM as on Ctrl-C
         code = 143

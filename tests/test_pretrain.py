@@ -106,10 +106,11 @@ def test_a_signal_saves_its_step_and_the_resumed_run_is_bit_identical(full_run, 
     checkpoint is saved, and the exit status says which signal it was."""
     full, _ = full_run
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", "24", "--save-every", "100", *TINY]
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", "24", "--save-every", "100",
+           *TINY]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((m := out / "metrics.jsonl").is_file() and len(m.read_text().splitlines()) >= 5):
+    deadline, m = time.time() + 300, out / "metrics.jsonl"
+    while time.time() < deadline and not (m.is_file() and len(m.read_text().splitlines()) >= 5):
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)

@@ -38,7 +38,8 @@ def as_number(text) -> Fraction | None:
     """'1,234', '1 234', '+7', '42.0', '-3', '- 3', '5.', '-$5' -> a number; anything else ('7 8', '12,34') -> None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
-    s = re.sub(r"^([-+]?)\s*\\?[$€£¥]\s*", r"\1", plain_digits(text).strip().replace("−", "-"))  # "-$5", "$ 5", "\\$5"
+    s = plain_digits(text).strip().replace("−", "-")
+    s = re.sub(r"^([-+]?)\s*\\?[$€£¥]\s*", r"\1", s)  # "-$5", "$ 5", "\\$5"
     s = re.sub(r"^([-+])\s+", r"\1", s).removeprefix("+").removesuffix(".")  # "- 3"
     s = re.sub(r"[\u00a0\u2009\u202f]", " ", s)  # no-break and thin spaces
     for sep in ",", " ":  # thousands separators: "1,234" and "1 234", not "12,34" or "7 8"

@@ -93,7 +93,8 @@ class LocalTeacher:
             interrupted = None
             try:
                 outs = dict(enumerate(engine.generate(chunk, max_new_tokens=max_tokens, temperature=temperature,
-                                                      seed=seeds[start : start + step], stop_token_ids=[self.tok.eos_id])))
+                                                      seed=seeds[start : start + step],
+                                                      stop_token_ids=[self.tok.eos_id])))
             except Interrupted as e:  # Ctrl-C: the chunk's traces that had finished are still handed out (and saved)
                 outs, interrupted = e.done, e
             self.flops += sum(generation_flops(self.model.config, len(chunk[i]), [len(o)]) for i, o in outs.items())
