@@ -86,8 +86,8 @@ def mixed_precision(device) -> torch.autocast:
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
           decay_frac: float = 0.2) -> float:
-    """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, then a linear decay over the last
-    decay_frac of the steps whose last step is at min_ratio·peak)."""
+    """Linear warmup, then cosine to min_ratio·peak, or WSD (warmup, stable, then linear down to min_ratio·peak over
+    the last decay_frac of the steps, reached at the last one)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
