@@ -4,6 +4,7 @@ write fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,8 @@ def write_text(path, text: str) -> None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from None  # the file the user named, not our temporary one
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only disk refuses even this: its error is the one above)
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path, obj, indent: int = 1) -> None:

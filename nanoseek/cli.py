@@ -152,8 +152,9 @@ def output_file(text: str, replace_ok=None, overwrite: bool = False):
         raise UserError(f"--out {text} is a directory; name a file")
     if not path.parent.is_dir():
         raise UserError(f"--out {text}: there is no directory {path.parent}")
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # found now, not when the work is done and would be lost
-        raise UserError(f"--out {text}: the directory {path.parent} is not writable")
+    where = path.resolve().parent  # (through a link: where the file is written)
+    if not os.access(where, os.W_OK | os.X_OK):  # found now, not when the work is done and would be lost
+        raise UserError(f"--out {text}: the directory {where} is not writable")
     if path.exists() or path.is_symlink():
         if not path.is_file():
             raise UserError(f"--out {text} is not a regular file")

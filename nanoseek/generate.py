@@ -320,5 +320,5 @@ def run(args: argparse.Namespace) -> int:
                "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / seconds, 1)}
     if args.speculative:
         summary["acceptance_rate"] = round(engine.acceptance_rate, 4)
-    print(json.dumps(summary, ensure_ascii=False))
+    print(json.dumps(summary))  # \u escapes: read whole on any terminal encoding (the text above may show '?')
     return 0

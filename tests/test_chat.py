@@ -96,6 +96,10 @@ def test_a_thinking_budget_never_cuts_a_character():
             over.append(job.over_budget())
         assert over.index(True) + 1 == forced_after, budget
         assert not tok.decode(ids[:forced_after]).endswith("\ufffd")
+    written = tok.encode("\ufffd中")  # a U+FFFD the model wrote, then a character: whole after the 6th byte
+    tracker = SectionTracker(tok.think_id, tok.end_think_id, in_reasoning=True, tokenizer=tok)
+    job = Job([], None, None, budget=4, tracker=tracker)
+    assert len(written) == 6 and [tracker.feed(t) and job.over_budget() for t in written].index(True) == 5
     invalid = [ids[1]] * 4  # continuation bytes that start no character: waiting would never end
     tracker = SectionTracker(tok.think_id, tok.end_think_id, in_reasoning=True, tokenizer=tok)
     job = Job([], None, None, budget=1, tracker=tracker)

@@ -145,6 +145,9 @@ def test_digits_and_minus_signs_of_other_scripts():
     for text in ("答案是 ２１", "\\boxed{２１}", "The answer is ٢١.", "21"):
         assert check(gold("21"), extract_answer(text)) and check(gold("２１"), extract_answer(text)), text
     assert extract_answer("The total — 21") == "21"  # an em dash is punctuation
+    for text, last in (("It takes 3–5 hours.", "5"), ("The score was 7–5", "5"), ("From 2023–2024", "2024")):
+        assert extract_answer(text) == last, text  # a range, not a negative number
+    assert not check(gold("-2"), extract_answer("\\boxed{3–5}"))
     countdown = generate("countdown", 1, 1, seed=0)[0]
     wide = countdown.answer.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
     assert check(countdown, wide) and check(countdown, countdown.answer)

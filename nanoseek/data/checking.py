@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from .tasks import Problem
 
 
-# the dashes a writer (or a model that read them) puts for a minus: hyphen, non-breaking hyphen, figure dash, en dash,
-# small and full-width hyphen-minus; not the em dash, which is punctuation ("the answer — 21")
-_DASHES = str.maketrans(dict.fromkeys("\u2010\u2011\u2012\u2013\ufe63\uff0d", "-"))
+# a dash a writer (or a model that read them) puts for a minus: hyphen, non-breaking hyphen, figure dash, en dash,
+# small and full-width hyphen-minus, before a number and not after one ("3–5 hours", "2023–2024" are ranges); not the
+# em dash, which is punctuation ("the answer — 21")
+_SIGN_DASH = r"(?<![0-9A-Za-z)\]])[\u2010\u2011\u2012\u2013\ufe63\uff0d](?=\s*[0-9$€£¥])"
 
 
 def plain_digits(text: str) -> str:
@@ -31,7 +32,8 @@ def plain_digits(text: str) -> str:
     read as written, '答案是 ２１' was never equal to 21 and 'The answer is –21' was 21."""
     if text.isascii():
         return text
-    return re.sub(r"\d", lambda m: str(unicodedata.digit(m[0])), text.translate(_DASHES))
+    text = re.sub(r"(?![0-9])\d", lambda m: str(unicodedata.digit(m[0])), text)
+    return re.sub(_SIGN_DASH, "-", text)
 
 
 def as_number(text) -> Fraction | None:

@@ -48,14 +48,15 @@ class SectionTracker:
         self.closed = False
         self.end_ids = frozenset(end_ids)
         self.reasoning_tokens = 0
-        self.tokenizer = tokenizer  # given: `mid_character` is kept
-        self._partial: list[int] = []  # reasoning ids since it last ended on a whole character
+        self.tokenizer = tokenizer  # given: `mid_character` can be asked
+        self._recent: list[int] = []  # the last 4 reasoning ids: a character's bytes (at most 4) are among them
 
     @property
     def mid_character(self) -> bool:
         """Whether the reasoning ends inside a multi-byte character (a byte-level token holds part of one): a budget
-        that closed it there would leave a U+FFFD in it and invalid bytes in the model's context."""
-        return bool(self._partial)
+        that closed it there would leave a U+FFFD in it and invalid bytes in the model's context. (Also True after
+        bytes that start no character, or a U+FFFD the model wrote: the budget waits only a few tokens for it.)"""
+        return self.tokenizer is not None and self.tokenizer.decode(self._recent).endswith(REPLACEMENT)
 
     def feed(self, tok: int) -> str:
         if tok in self.end_ids:
@@ -66,10 +67,7 @@ class SectionTracker:
                 return "tag"
             self.reasoning_tokens += 1
             if self.tokenizer is not None:
-                self._partial.append(tok)
-                # a character is at most 4 bytes, so 4 ids that end in none hold invalid bytes: stop waiting
-                if len(self._partial) == 4 or not self.tokenizer.decode(self._partial).endswith(REPLACEMENT):
-                    self._partial = []
+                self._recent = [*self._recent[-3:], tok]
             return "reasoning"
         if self.splits and tok == self.think_id and not self.opened:
             self.in_reasoning = self.opened = True

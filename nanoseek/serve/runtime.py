@@ -126,6 +126,10 @@ def load_runtime(model_dir, device: str = "auto", max_model_len: int | None = No
                    stop_ids(model_dir, cfg, tokenizer))
 
 
+# tokens a thinking budget waits past its end for the reasoning to finish a character (UTF-8: at most 4 bytes)
+CHARACTER_GRACE = 3
+
+
 @dataclass(eq=False)
 class Job:
     """One engine request. `sink` is called on the worker thread; it must only hand the item over (quickly)."""
@@ -143,7 +147,8 @@ class Job:
     def over_budget(self) -> bool:
         t = self.tracker
         return (self.budget is not None and not self.forced and t is not None and t.in_reasoning
-                and t.reasoning_tokens >= self.budget and not t.mid_character)
+                and t.reasoning_tokens >= self.budget
+                and (not t.mid_character or t.reasoning_tokens >= self.budget + CHARACTER_GRACE))
 
 
 class EngineWorker:
