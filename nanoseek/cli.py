@@ -36,8 +36,8 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-# Verbs that run without torch; the others import it (with their module) before any handler exists for a Ctrl-C
-WITHOUT_TORCH = {"tasks", "tokenizer"}
+# Verbs that run without torch; the others import it (with their module) while a Ctrl-C waits (`signals_deferred`)
+WITHOUT_TORCH = {"tasks"}
 
 # Verbs that train data-parallel under `torchrun --nproc_per_node=N`; the others refuse to run as N copies of
 # themselves (which would ask a teacher N times, or write one file from N processes)
@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     warnings.formatwarning = _format_warning
-    if argv is None:  # the command itself (not a test calling main)
-        signal.signal(signal.SIGTERM, _terminate)
+    if argv is None and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # the command (not a test), and
+        signal.signal(signal.SIGTERM, _terminate)  # not told to ignore it
     try:
         code = run_verb(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt as e:  # while a verb runs or its module loads (torchrun forwards its own Ctrl-C)

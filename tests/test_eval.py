@@ -423,7 +423,9 @@ def test_sigterm_keeps_the_problems_that_finished_as_ctrl_c_does(model_dir, tmp_
     out = tmp_path / "rows.jsonl"
     rc = main(["eval", "--model", str(d), "--data", str(data), "--samples", "2", "--temperature", "0.6",
                "--out", str(out), "--no-progress"])
-    assert rc == 143 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
+    captured = capsys.readouterr()
+    assert rc == 143 and json.loads(captured.out.strip().splitlines()[-1])["n"] == 2
+    assert "terminated: 2 of 3 problems finished" in captured.err
     assert len(out.read_text().splitlines()) == 2
 
 

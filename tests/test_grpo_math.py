@@ -415,6 +415,17 @@ def test_grpo_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path, mon
     monkeypatch.setattr(grpo_module, "collect", collect)
     grpo(GRPOConfig(out=str(tmp_path / "signalled"), resume=True, **common))
     assert all(torch.equal(whole[k], weights("signalled")[k]) for k in whole)
+    log = grpo_module.metrics_lib.Metrics.log
+
+    def sigterm_while_step_2_is_logged(self, row):  # after the step's all-reduce: it still stops after this step
+        log(self, row)
+        if row.get("step") == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(grpo_module.metrics_lib.Metrics, "log", sigterm_while_step_2_is_logged)
+    with pytest.raises(Stopped, match="grpo: stopped at step 2"):
+        grpo(GRPOConfig(out=str(tmp_path / "late"), **{**common, "save_every": 100}))
+    monkeypatch.setattr(grpo_module.metrics_lib.Metrics, "log", log)
 
     from safetensors.torch import save_file
 

@@ -127,8 +127,8 @@ def test_a_signal_saves_its_step_and_the_resumed_run_is_bit_identical(full_run, 
 def test_a_signal_during_the_last_step_still_stops_and_a_second_ctrl_c_stops_at_once():
     from nanoseek.train.stopping import StopOnSignal
 
-    with pytest.raises(KeyboardInterrupt):  # the run ended (and saved) anyway: a speedrun must not go on
-        with StopOnSignal("x") as stop:
+    with pytest.raises(KeyboardInterrupt, match="x: stopped after its last step, which is saved"):
+        with StopOnSignal("x") as stop:  # the run ended (and saved) anyway: a speedrun must not go on
             signal.raise_signal(signal.SIGINT)
             assert stop.requested == 1.0
     with pytest.raises(KeyboardInterrupt):
@@ -142,7 +142,15 @@ def test_a_signal_during_the_last_step_still_stops_and_a_second_ctrl_c_stops_at_
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
             reached = True  # the step still ends, and its checkpoint is saved
-    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert reached
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a parent's `cmd &` in a script: ignored, and it stays so
+    try:
+        with StopOnSignal("x") as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested == 0.0
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_refuses_to_overwrite_a_run(full_run):

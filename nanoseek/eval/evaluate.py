@@ -423,7 +423,7 @@ def earlier_results(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import atomic
+    from .. import atomic, cli
     from ..cli import Interrupted, UserError, ctrl_c_ignored, output_file
     from ..device import resolve_device
     from ..tokenizer import Tokenizer
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
         rows = f", and their rows are in {args.out}" if args.out not in (None, "-") else ""
         if earlier:  # a complete earlier result is worth more than a part of this one
             rows = f" ({args.out} keeps its earlier results: their rows are not written)"
-        head = f"error: {stopped}\n" if stopped else "interrupted: "
+        head = f"error: {stopped}\n" if stopped else "terminated: " if cli.TERMINATED else "interrupted: "
         print(f"\n{head}{len(results)} of {len(problems)} problems finished; the summary scores those{rows}",
               file=sys.stderr)
     with ctrl_c_ignored() if interrupted else contextlib.nullcontext():  # the rows a Ctrl-C kept are written whole

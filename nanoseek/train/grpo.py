@@ -531,6 +531,7 @@ def grpo(cfg: GRPOConfig) -> dict | None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
                                 len=f"{row['response_length']:.0f}")
+            stopping = stop.agreed(stopping)
             if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.end or stopping) and d.is_main:
                 loop.save_checkpoint(run, model, opt, step + 1, {
                     "data": curriculum.state_dict(), "wall_s": prior_wall + timer.elapsed(), "flops": flops,

@@ -542,7 +542,7 @@ def fit(cfg: TrainConfig, model, loader, d: Dist, resuming: bool, stage: str, ex
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums[0].item():.3f}", tok_s=f"{tokens / dt:.0f}")
             done = step + 1
-            stopping = stopping.item() > 0  # some rank was asked to stop
+            stopping = stop.agreed(stopping.item())
             if done % cfg.save_every == 0 or done == cfg.end or stopping:
                 if d.is_main:
                     state = {"data": loader.state_dict(), "wall_s": prior_wall + timer.elapsed(),

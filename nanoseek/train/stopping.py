@@ -32,14 +32,17 @@ class StopOnSignal:
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # (signal handlers live on the main thread)
-            self._before = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:  # a signal the parent ignores (`cmd &` in a script)
+                    self._before[s] = signal.signal(s, self._handle)  # stays ignored
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         for s, handler in self._before.items():
             signal.signal(s, handler)
         if self.signum is not None and exc_type is None:  # asked during the last step: the run is done and saved,
-            signal.raise_signal(self.signum)  # and the command still stops (a speedrun does not start its next stage)
+            # and the command still stops (a speedrun does not start its next stage)
+            raise Stopped(f"{self.stage}: stopped after its last step, which is saved", self.signum)
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -59,6 +62,11 @@ class StopOnSignal:
     def requested(self) -> float:
         """1.0 once this process was asked to stop, else 0.0: a value for the step's all-reduce (mean > 0: stop)."""
         return float(self.signum is not None)
+
+    def agreed(self, reduced: float) -> bool:
+        """Whether the run stops after this step, given the step's all-reduced `requested`. One process also heeds a
+        signal that came after the reduce (during an evaluation or the logging): it waited a whole step otherwise."""
+        return reduced > 0 or (self.world_size == 1 and self.signum is not None)
 
     def stopped(self, step: int, run) -> Stopped:
         return Stopped(f"{self.stage}: stopped at step {step}, its checkpoint saved in {run}: continue with --resume",
