@@ -66,3 +66,13 @@ def hf_dir(tmp_path):
         return d, model
 
     return make
+
+
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler during the test (a CI runner may start the tests with SIGINT ignored)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -108,7 +108,8 @@ def test_a_signal_saves_its_step_and_the_resumed_run_is_bit_identical(full_run, 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--out", str(out), "--steps", "24", "--save-every", "100",
            *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # (a CI runner may
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # ignore Ctrl-C)
     deadline, m = time.time() + 300, out / "metrics.jsonl"
     while time.time() < deadline and not (m.is_file() and len(m.read_text().splitlines()) >= 5):
         time.sleep(0.05)
@@ -124,7 +125,7 @@ def test_a_signal_saves_its_step_and_the_resumed_run_is_bit_identical(full_run, 
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(full)]
 
 
-def test_a_signal_during_the_last_step_still_stops_and_a_second_ctrl_c_stops_at_once():
+def test_a_signal_during_the_last_step_still_stops_and_a_second_ctrl_c_stops_at_once(ctrl_c):
     from nanoseek.train.stopping import StopOnSignal
 
     with pytest.raises(KeyboardInterrupt, match="x: stopped after its last step, which is saved"):

@@ -477,7 +477,7 @@ def test_version_is_the_package_s(capsys):
     assert version("nanoseek") == nanoseek.__version__  # pyproject reads it from there
 
 
-def test_a_ctrl_c_while_modules_load_waits_until_they_have():
+def test_a_ctrl_c_while_modules_load_waits_until_they_have(ctrl_c):
     """A Ctrl-C inside numpy's import (torch imports it) printed a traceback or was lost; now it is held until the
     imports end, then raised where the CLI handles it."""
     import signal
