@@ -221,7 +221,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import SEED
 
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", metavar="{cpu,gpu}",
-                   help="cpu (2 cores: 12-16 min measured, 20 at most; the default) or gpu (one GPU; meant for ~10 "
+                   help="cpu (2 cores: 12-17 min measured, 20 at most; the default) or gpu (one GPU; meant for ~10 "
                         "min on an H100, not yet timed on one). A rerun in the same --out resumes with that run's "
                         "preset and seed")
     p.add_argument("--out", default="speedrun", help="directory for every stage's run (default ./speedrun)")
