@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_grpo_math import sevens, untrained_model_dir
+from test_grpo_runs import sevens, untrained_model_dir
 from test_pretrain import pretrain
 
 

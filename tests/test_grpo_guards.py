@@ -10,7 +10,7 @@ import torch
 from nanoseek.cli import main
 from nanoseek.data.tasks import Problem
 from nanoseek.train.rewards import judge
-from test_grpo_math import untrained_model_dir
+from test_grpo_runs import untrained_model_dir
 
 QUICK = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--no-progress"]
 

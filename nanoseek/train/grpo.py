@@ -101,18 +101,12 @@ class GRPOConfig(loop.TrainConfig):
     save_every: int = 20
 
     @property
-    def eps_high(self) -> float:
-        """ε_high: as given, else dapo's 0.28 (clip-higher), else ε_low."""
-        if self.clip_eps_high is not None:
-            return self.clip_eps_high
-        return 0.28 if self.loss == "dapo" else self.clip_eps
+    def eps_high(self) -> float:  # as given, else dapo's clip-higher 0.28, else ε_low
+        return self.clip_eps_high if self.clip_eps_high is not None else 0.28 if self.loss == "dapo" else self.clip_eps
 
     @property
-    def overlong_width(self) -> int:
-        """The soft overlong penalty's width in tokens: as given, else dapo's max_new_tokens // 4, else 0 (off)."""
-        if self.overlong_cache is not None:
-            return self.overlong_cache
-        return self.max_new_tokens // 4 if self.loss == "dapo" else 0
+    def overlong_width(self) -> int:  # the soft overlong penalty's tokens: as given, else dapo's max_new // 4, else 0
+        return self.overlong_cache if self.overlong_cache is not None else self.max_new_tokens // 4 * (self.loss == "dapo")
 
 
 # --- the math (pure functions, tested by hand) -----------------------------------------------------------------------
